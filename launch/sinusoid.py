@@ -1,0 +1,54 @@
+"""Sinusoid regression with MAML (Finn et al. 2017, section 5.1).
+
+Examples:
+  python launch/sinusoid.py --preset=demo --logdir=runs/demo
+  python launch/sinusoid.py --logdir=runs/paper            # 70k iterations
+  python launch/sinusoid.py --logdir=runs/paper --eval_only
+"""
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from maml_tf.training import sinusoid
+
+_PRESET = flags.DEFINE_enum("preset", "paper", sorted(sinusoid.PRESETS),
+                            "Named configuration; other flags override it.")
+_LOGDIR = flags.DEFINE_string("logdir", "runs/sinusoid",
+                              "Output folder: checkpoints, TensorBoard, "
+                              "results.json, sinusoid.png.")
+_ITERATIONS = flags.DEFINE_integer("iterations", None, "Meta-iterations.")
+_META_BATCH = flags.DEFINE_integer("meta_batch", None, "Tasks per meta-batch.")
+_K = flags.DEFINE_integer("k_shot", None, "Support points per task (K).")
+_INNER_LR = flags.DEFINE_float("inner_lr", None, "Inner step size alpha.")
+_INNER_STEPS = flags.DEFINE_integer("inner_steps", None,
+                                    "Inner steps during meta-training.")
+_META_LR = flags.DEFINE_float("meta_lr", None, "Adam step size beta.")
+_FIRST_ORDER = flags.DEFINE_bool("first_order", None,
+                                 "First-order MAML (no second derivatives).")
+_SEED = flags.DEFINE_integer("seed", None, "Random seed.")
+_RESUME = flags.DEFINE_bool("resume", None,
+                            "Continue from the newest checkpoint in logdir.")
+_EVAL_ONLY = flags.DEFINE_bool("eval_only", None,
+                               "Only evaluate the checkpoint in logdir.")
+_BASELINE = flags.DEFINE_bool("baseline", None,
+                              "Also train/evaluate the pretrained baseline.")
+_EVAL_TASKS = flags.DEFINE_integer("eval_tasks", None,
+                                   "Fresh tasks per evaluation.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)
+  config = sinusoid.make_config(
+      _PRESET.value, iterations=_ITERATIONS.value, meta_batch=_META_BATCH.value,
+      k_shot=_K.value, inner_lr=_INNER_LR.value, inner_steps=_INNER_STEPS.value,
+      meta_lr=_META_LR.value, first_order=_FIRST_ORDER.value, seed=_SEED.value,
+      resume=_RESUME.value, eval_only=_EVAL_ONLY.value,
+      baseline=_BASELINE.value, eval_tasks=_EVAL_TASKS.value)
+  sinusoid.train_and_evaluate(config, _LOGDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

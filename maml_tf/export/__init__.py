@@ -1,0 +1,3 @@
+"""Shipping adapted models."""
+
+from maml_tf.export.saved_model import export_adapted

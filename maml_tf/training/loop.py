@@ -1,0 +1,191 @@
+"""The meta-training loop: checkpoints that resume, progress, summaries.
+
+Every experiment family calls :func:`meta_train` with a :class:`maml_tf.MAML`
+(or any object with ``train_step_tensors``, ``model`` and ``meta_optimizer``)
+and a function that returns the meta-batch for an iteration number. Batches
+are drawn as a pure function of the iteration number, so a resumed run sees
+the same tasks as an uninterrupted one and ends with identical weights.
+
+Files under ``workdir``:
+  ``checkpoints/``   tf.train checkpoints (model, meta-optimizer, step).
+  ``tensorboard/``   scalar summaries.
+  ``train_log.jsonl`` one JSON object per logged iteration / evaluation.
+"""
+
+import json
+import os
+import signal
+import sys
+import time
+from typing import Callable, Dict, Optional
+
+import numpy as np
+import tensorflow as tf
+
+
+def format_duration(seconds: float) -> str:
+  seconds = max(0, int(seconds))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+class _StopRequest:
+  """Turns SIGTERM into a graceful stop (checkpoint, then return)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:   # not in the main thread
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+    return False
+
+
+def make_checkpoint(learner, workdir: str, max_to_keep: int = 3,
+                    **extra) -> tuple:
+  """``(checkpoint, manager, step_variable)`` for a learner under workdir."""
+  step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+  ckpt = tf.train.Checkpoint(model=learner.model,
+                             meta_optimizer=learner.meta_optimizer,
+                             step=step, **extra)
+  manager = tf.train.CheckpointManager(
+      ckpt, os.path.join(workdir, "checkpoints"), max_to_keep=max_to_keep)
+  return ckpt, manager, step
+
+
+def restore_latest(ckpt, manager, log=print) -> bool:
+  """Restores the newest checkpoint if there is one; True when restored."""
+  if not manager.latest_checkpoint:
+    return False
+  try:
+    ckpt.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+  except (tf.errors.OpError, AssertionError, ValueError) as e:
+    raise RuntimeError(
+        f"could not restore checkpoint {manager.latest_checkpoint} ({e}); it "
+        "belongs to a different model or configuration, or is corrupt. Use "
+        "another workdir or start afresh (resume=False).") from e
+  log(f"resumed from {manager.latest_checkpoint}")
+  return True
+
+
+class JsonlLog:
+  """Appends one JSON object per line; readable with ``pandas.read_json(lines=True)``."""
+
+  def __init__(self, path: str):
+    self.path = path
+
+  def write(self, record: Dict):
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+
+
+def meta_train(learner, batch_for_step: Callable[[int], object],
+               iterations: int, workdir: str, *, log_every: int = 100,
+               checkpoint_every: int = 1000, resume: bool = True,
+               eval_fn: Optional[Callable[[int], Dict[str, float]]] = None,
+               eval_every: int = 0, log: Callable[[str], None] = print,
+               extra_checkpoint: Optional[Dict] = None) -> int:
+  """Runs meta-training up to ``iterations`` meta-steps; returns the last step.
+
+  Arguments:
+    learner: a :class:`maml_tf.MAML`.
+    batch_for_step: ``f(iteration) -> TaskBatch`` (pure in the iteration, so
+      resuming reproduces the uninterrupted run).
+    iterations: total meta-iterations (a resumed run continues up to it).
+    workdir: where checkpoints, summaries and the log go.
+    log_every: iterations between progress lines and summaries.
+    checkpoint_every: iterations between checkpoints (and one at the end).
+    resume: continue from the newest checkpoint in ``workdir`` if any.
+    eval_fn: optional ``f(step) -> {name: float}`` run every ``eval_every``.
+    eval_every: iterations between evaluations (0: never during training).
+    log: where progress lines go.
+    extra_checkpoint: more trackables to save (e.g. a learned step size).
+
+  Example:
+    >>> meta_train(maml, lambda i: sample(i), 1000, "/tmp/run")
+  """
+  if iterations < 0:
+    raise ValueError(f"iterations must be >= 0, got {iterations}")
+  os.makedirs(workdir, exist_ok=True)
+  ckpt, manager, step = make_checkpoint(learner, workdir,
+                                        **(extra_checkpoint or {}))
+  if resume:
+    restore_latest(ckpt, manager, log)
+  elif manager.latest_checkpoint:
+    log(f"resume=False: ignoring and overwriting {manager.latest_checkpoint}")
+  writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+  jsonl = JsonlLog(os.path.join(workdir, "train_log.jsonl"))
+  start = int(step.numpy())
+  if start >= iterations:
+    log(f"already trained {start} >= {iterations} iterations")
+    return start
+  log(f"meta-training iterations {start} -> {iterations}")
+  pending = []
+  t_window, done_window = time.perf_counter(), 0
+  t_start = time.perf_counter()
+  it = start
+  with _StopRequest() as stop:
+    try:
+      for it in range(start, iterations):
+        pending.append(learner.train_step_tensors(batch_for_step(it)))
+        step.assign(it + 1)
+        done_window += 1
+        last = it + 1 == iterations
+        if (it + 1) % log_every == 0 or last:
+          means = {k: float(np.mean([p[k].numpy() for p in pending]))
+                   for k in pending[0]}
+          pending.clear()
+          now = time.perf_counter()
+          rate = done_window / max(now - t_window, 1e-9)
+          t_window, done_window = now, 0
+          eta = (iterations - it - 1) / max(rate, 1e-9)
+          log(f"step {it + 1}/{iterations} "
+              + " ".join(f"{k} {v:.4g}" for k, v in means.items())
+              + f" | {rate:.1f} it/s, elapsed "
+              f"{format_duration(now - t_start)}, left {format_duration(eta)}")
+          with writer.as_default(step=it + 1):
+            for k, v in means.items():
+              tf.summary.scalar(f"train/{k}", v)
+            tf.summary.scalar("train/iterations_per_second", rate)
+          jsonl.write({"step": it + 1, "kind": "train", **means,
+                       "iterations_per_second": rate})
+        if eval_fn is not None and eval_every and (
+            (it + 1) % eval_every == 0 or last):
+          scores = eval_fn(it + 1)
+          log(f"eval @ {it + 1}: "
+              + " ".join(f"{k} {v:.4g}" for k, v in scores.items()))
+          with writer.as_default(step=it + 1):
+            for k, v in scores.items():
+              tf.summary.scalar(f"eval/{k}", v)
+          jsonl.write({"step": it + 1, "kind": "eval", **scores})
+        if (it + 1) % checkpoint_every == 0 or last:
+          manager.save(checkpoint_number=it + 1)
+        if stop.requested:
+          manager.save(checkpoint_number=it + 1)
+          log(f"SIGTERM: saved a checkpoint at step {it + 1} and stopped")
+          return it + 1
+    except KeyboardInterrupt:
+      done = int(step.numpy())
+      manager.save(checkpoint_number=done)
+      log(f"interrupted: saved a checkpoint at step {done}")
+      raise
+    except FloatingPointError as e:
+      log(f"stopped at iteration {it + 1}: {e}")
+      writer.flush()
+      raise
+    finally:
+      writer.flush()
+  sys.stdout.flush()
+  return int(step.numpy())

@@ -1,0 +1,22 @@
+"""Summary statistics for evaluation over many tasks."""
+
+import math
+from typing import Dict
+
+import numpy as np
+
+
+def mean_ci95(values) -> Dict[str, float]:
+  """Mean and the half-width of its 95% normal confidence interval.
+
+  Example:
+    >>> mean_ci95([1.0, 2.0, 3.0])["mean"]
+    2.0
+  """
+  values = np.asarray(values, dtype=np.float64).ravel()
+  if values.size == 0:
+    raise ValueError("mean_ci95 needs at least one value")
+  std = values.std(ddof=1) if values.size > 1 else 0.0
+  return {"mean": float(values.mean()),
+          "ci95": float(1.96 * std / math.sqrt(values.size)),
+          "n": int(values.size)}

@@ -1,0 +1,180 @@
+"""The public MAML API: updates, adapt, evaluate, vectorisation, bad input."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from maml_tf import MAML, TaskBatch
+from maml_tf.core import functional
+from maml_tf.models.mlp import mlp
+from maml_tf.tasks import sinusoid
+
+
+def _batch(seed=0, tasks=8, k=5, q=7):
+  return sinusoid.sample_batch(tasks, k, q, np.random.default_rng(seed))[0]
+
+
+def _weights(model):
+  return [v.numpy().copy() for v in model.variables]
+
+
+def test_train_step_applies_the_meta_gradient_with_the_meta_optimizer():
+  maml = MAML(mlp(1, 1, hidden=(8,)), "mse", inner_lr=0.05,
+              meta_optimizer=keras.optimizers.SGD(0.1))
+  batch = _batch()
+  with tf.GradientTape() as tape:
+    loss = maml.meta_loss(batch)
+  grads = tape.gradient(loss, maml.model.trainable_variables)
+  before = [v.numpy().copy() for v in maml.model.trainable_variables]
+  metrics = maml.train_step(batch)
+  assert set(metrics) == {"loss_before", "loss_after"}
+  assert all(isinstance(v, float) for v in metrics.values())
+  assert metrics["loss_after"] == pytest.approx(float(loss), rel=1e-5)
+  for b, v, g in zip(before, maml.model.trainable_variables, grads):
+    np.testing.assert_allclose(v.numpy(), b - 0.1 * g.numpy(), atol=1e-6)
+  assert max(np.abs(g.numpy()).max() for g in grads) > 1e-3
+
+
+def test_train_step_compiles_once_for_batches_of_one_shape():
+  maml = MAML(mlp(1, 1, hidden=(8,)), "mse")
+  for seed in range(3):
+    maml.train_step(_batch(seed))
+  (fn,) = [f for k, f in maml._compiled.items() if k[0] == "train"]  # pylint: disable=protected-access
+  assert fn.experimental_get_tracing_count() == 1
+
+
+def test_vectorised_and_fallback_paths_agree():
+  results = []
+  for vectorize in (True, False):
+    keras.utils.set_random_seed(3)
+    maml = MAML(mlp(1, 1, hidden=(16, 16)), "mse", inner_lr=0.05,
+                inner_steps=2, vectorize=vectorize)
+    metrics = [maml.train_step(_batch(s)) for s in range(3)]
+    ev = maml.evaluate(_batch(9), steps=(0, 1, 3))
+    results.append((metrics, _weights(maml.model), ev["loss"]))
+    assert maml.vectorize is vectorize
+  (m1, w1, e1), (m2, w2, e2) = results
+  for a, b in zip(m1, m2):
+    for k in a:
+      assert a[k] == pytest.approx(b[k], rel=1e-5)
+  for a, b in zip(w1, w2):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+  np.testing.assert_allclose(e1, e2, rtol=1e-5)
+
+
+def test_auto_vectorize_falls_back_for_per_task_conv_filters():
+  model = keras.Sequential([keras.Input((6, 6, 1)),
+                            keras.layers.Conv2D(2, 3), keras.layers.Flatten(),
+                            keras.layers.Dense(3)])
+  maml = MAML(model, keras.losses.SparseCategoricalCrossentropy(
+      from_logits=True), inner_lr=0.1)
+  rng = np.random.default_rng(0)
+  batch = TaskBatch(rng.normal(size=(2, 3, 6, 6, 1)).astype("f4"),
+                    np.array([[0, 1, 2]] * 2, np.int32),
+                    rng.normal(size=(2, 3, 6, 6, 1)).astype("f4"),
+                    np.array([[0, 1, 2]] * 2, np.int32))
+  with pytest.warns(UserWarning, match="could not vectorise"):
+    metrics = maml.train_step(batch)
+  assert not maml.vectorize
+  assert set(metrics) == {"loss_before", "loss_after", "accuracy_before",
+                          "accuracy_after"}
+  assert 0.0 <= metrics["accuracy_after"] <= 1.0
+
+
+def test_adapt_leaves_meta_model_untouched_and_fits_support():
+  model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(16),
+                            keras.layers.BatchNormalization(),
+                            keras.layers.Activation("relu"),
+                            keras.layers.Dense(1)])
+  maml = MAML(model, "mse", inner_lr=0.05)
+  batch = _batch(1)
+  before = _weights(model)
+  adapted = maml.adapt(batch.support_x[0], batch.support_y[0], steps=20)
+  for a, b in zip(before, _weights(model)):
+    np.testing.assert_array_equal(a, b)
+  assert adapted is not model
+  mse = lambda m: float(np.mean((np.asarray(m(batch.support_x[0],
+                                                training=True))
+                                 - batch.support_y[0]) ** 2))
+  assert mse(adapted) < 0.7 * mse(model)
+  # BatchNorm: inference mode on the support set reproduces the predictions
+  # the adapted weights made with batch statistics during adaptation.
+  np.testing.assert_allclose(adapted(batch.support_x[0], training=False),
+                             adapted(batch.support_x[0], training=True),
+                             atol=1e-4)
+
+
+def test_adapt_with_zero_steps_is_a_copy():
+  maml = MAML(mlp(1, 1, hidden=(8,)), "mse")
+  x = _batch().support_x[0]
+  np.testing.assert_allclose(maml.adapt(x, np.zeros_like(x), steps=0)(x),
+                             maml.model(x), atol=1e-6)
+
+
+def test_evaluate_reports_each_requested_step_and_improves_after_training():
+  keras.utils.set_random_seed(0)
+  maml = MAML(mlp(1, 1), "mse", inner_lr=0.01)
+  test = sinusoid.sample_batch(200, 10, 50, np.random.default_rng(123))[0]
+  before = maml.evaluate(test, steps=(0, 1))
+  for i in range(1500):
+    maml.train_step_tensors(sinusoid.sample_batch(
+        25, 10, 10, np.random.default_rng([7, i]))[0])
+  after = maml.evaluate(test, steps=(0, 1, 5), per_task=True)
+  assert after["loss"].shape == (3, 200)
+  post = after["loss"].mean(axis=1)
+  assert post[1] < 0.5 * before["loss"][1], (before, post)
+  assert post[1] < post[0]          # one step helps after meta-training
+
+
+@pytest.mark.parametrize("field,shape,match", [
+    ("support_y", (4, 6, 1), "support_x has 5 examples.*support_y has 6"),
+    ("query_x", (4, 7, 2), "support and query inputs disagree"),
+    ("query_y", (3, 7, 1), "number of tasks"),
+])
+def test_mismatched_batch_shapes_name_the_cause(field, shape, match):
+  maml = MAML(mlp(1, 1, hidden=(4,)), "mse")
+  batch = _batch(tasks=4)._replace(**{field: np.zeros(shape, np.float32)})
+  with pytest.raises(ValueError, match=match):
+    maml.train_step(batch)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"inner_steps": 0}, "inner_steps must be an integer >= 1"),
+    ({"inner_lr": float("nan")}, "inner_lr"),
+    ({"vectorize": "sometimes"}, "vectorize"),
+])
+def test_bad_constructor_arguments(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    MAML(mlp(1, 1, hidden=(4,)), "mse", **kwargs)
+
+
+def test_unbuilt_model_is_rejected_with_advice():
+  with pytest.raises(ValueError, match="no trainable weights yet"):
+    MAML(keras.Sequential([keras.layers.Dense(1)]), "mse")
+
+
+def test_nan_loss_raises_and_leaves_weights_unchanged():
+  maml = MAML(mlp(1, 1, hidden=(4,)), "mse")
+  batch = _batch()
+  bad = batch._replace(query_y=np.full_like(batch.query_y, np.nan))
+  before = _weights(maml.model)
+  with pytest.raises(FloatingPointError, match="meta-loss.*NaN"):
+    maml.train_step(bad)
+  for a, b in zip(before, _weights(maml.model)):
+    np.testing.assert_array_equal(a, b)
+  maml.train_step(batch)   # still usable afterwards
+
+
+def test_functional_call_does_not_write_variables():
+  model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4),
+                            keras.layers.BatchNormalization()])
+  params, state = functional.read_weights(model)
+  before = _weights(model)
+  out, new_state = functional.functional_call(
+      model, [p * 2 for p in params], state,
+      np.random.default_rng(0).normal(size=(5, 3)).astype("f4"))
+  assert out.shape == (5, 4)
+  assert not np.allclose(new_state[0], state[0])   # moving mean moved...
+  for a, b in zip(before, _weights(model)):         # ...but only functionally
+    np.testing.assert_array_equal(a, b)

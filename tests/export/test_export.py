@@ -1,0 +1,75 @@
+"""Adapted models round-trip through SavedModel."""
+
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from maml_tf import MAML
+from maml_tf.export import export_adapted
+from maml_tf.tasks import sinusoid
+
+
+def _bn_classifier():
+  return keras.Sequential([
+      keras.Input((8, 8, 1)),
+      keras.layers.Conv2D(4, 3, strides=2, padding="same"),
+      keras.layers.BatchNormalization(), keras.layers.Activation("relu"),
+      keras.layers.Flatten(), keras.layers.Dense(3)])
+
+
+def test_saved_model_serve_equals_adapted_model(tmp_path):
+  maml = MAML(keras.Sequential([keras.Input((1,)), keras.layers.Dense(16,
+              activation="relu"), keras.layers.Dense(1)]), "mse",
+              inner_lr=0.05)
+  batch = sinusoid.sample_batch(1, 10, 30, np.random.default_rng(0))[0]
+  adapted = maml.adapt(batch.support_x[0], batch.support_y[0], steps=3)
+  path = export_adapted(adapted, str(tmp_path / "adapted"),
+                        verify_with=batch.query_x[0])
+  loaded = tf.saved_model.load(path)
+  got = loaded.serve(tf.constant(batch.query_x[0])).numpy()
+  np.testing.assert_allclose(got, adapted(batch.query_x[0]), atol=1e-5)
+  assert not np.allclose(got, maml.model(batch.query_x[0]), atol=1e-3)
+
+
+def test_saved_model_with_batchnorm_loads_without_maml_tf(tmp_path):
+  maml = MAML(_bn_classifier(), keras.losses.SparseCategoricalCrossentropy(
+      from_logits=True), inner_lr=0.2)
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(9, 8, 8, 1)).astype("f4")
+  y = np.repeat(np.arange(3), 3).astype("i4")
+  adapted = maml.adapt(x, y, steps=5)
+  path = str(tmp_path / "bn")
+  export_adapted(adapted, path)
+  np.save(tmp_path / "x.npy", x)
+  code = (
+      "import sys, numpy as np, tensorflow as tf\n"
+      f"m = tf.saved_model.load({path!r})\n"
+      f"np.save({str(tmp_path / 'y.npy')!r}, m.serve(np.load("
+      f"{str(tmp_path / 'x.npy')!r})).numpy())\n"
+      "assert 'maml_tf' not in sys.modules\n")
+  subprocess.run([sys.executable, "-c", code], check=True)
+  np.testing.assert_allclose(np.load(tmp_path / "y.npy"),
+                             adapted(x, training=False), atol=1e-5)
+  # Inference mode uses the support statistics: same as during adaptation.
+  np.testing.assert_allclose(adapted(x, training=False),
+                             adapted(x, training=True), atol=1e-4)
+
+
+def test_subclassed_model_signature_comes_from_its_build_shape(tmp_path):
+  class Net(keras.Model):
+    def __init__(self, **kw):
+      super().__init__(**kw)
+      self.d = keras.layers.Dense(2)
+
+    def call(self, x):
+      return self.d(x)
+  net = Net()
+  net(np.zeros((1, 3), "f4"))
+  path = export_adapted(net, str(tmp_path / "n"))   # build shape is known
+  loaded = tf.saved_model.load(path)
+  out = loaded.serve(tf.ones((4, 3)))
+  np.testing.assert_allclose(out, net(tf.ones((4, 3))), atol=1e-6)
