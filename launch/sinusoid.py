@@ -33,6 +33,9 @@ _EVAL_ONLY = flags.DEFINE_bool("eval_only", None,
                                "Only evaluate the checkpoint in logdir.")
 _BASELINE = flags.DEFINE_bool("baseline", None,
                               "Also train/evaluate the pretrained baseline.")
+_INIT = flags.DEFINE_enum("init", None, ["glorot", "finn"],
+                          "Weight initialisation: Keras' Glorot or the "
+                          "paper code's N(0, 0.01).")
 _EVAL_TASKS = flags.DEFINE_integer("eval_tasks", None,
                                    "Fresh tasks per evaluation.")
 
@@ -46,7 +49,8 @@ def main(argv):
       k_shot=_K.value, inner_lr=_INNER_LR.value, inner_steps=_INNER_STEPS.value,
       meta_lr=_META_LR.value, first_order=_FIRST_ORDER.value, seed=_SEED.value,
       resume=_RESUME.value, eval_only=_EVAL_ONLY.value,
-      baseline=_BASELINE.value, eval_tasks=_EVAL_TASKS.value)
+      baseline=_BASELINE.value, eval_tasks=_EVAL_TASKS.value,
+      init=_INIT.value)
   sinusoid.train_and_evaluate(config, _LOGDIR.value)
 
 

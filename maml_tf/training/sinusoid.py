@@ -34,6 +34,7 @@ class SinusoidConfig:
   meta_lr: float = 1e-3
   first_order: bool = False
   hidden: Tuple[int, ...] = (40, 40)
+  init: str = "glorot"              # or "finn": N(0, 0.01) truncated, as his code
   seed: int = 0
   # Evaluation (Table 2): fresh tasks, shots, step counts, query points.
   eval_tasks: int = 600
@@ -61,6 +62,8 @@ class SinusoidConfig:
       if not np.isfinite(getattr(self, name)) or getattr(self, name) < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got "
                          f"{getattr(self, name)}")
+    if self.init not in ("glorot", "finn"):
+      raise ValueError(f"init must be 'glorot' or 'finn', got {self.init!r}")
     if not self.eval_shots or min(self.eval_shots) < 1:
       raise ValueError(f"eval_shots must be >= 1, got {self.eval_shots}")
     if not self.eval_steps or min(self.eval_steps) < 0:
@@ -99,7 +102,8 @@ def _rng(seed: int, *stream: int) -> np.random.Generator:
 
 def build_maml(config: SinusoidConfig) -> MAML:
   keras.utils.set_random_seed(config.seed)
-  model = mlp(1, 1, hidden=config.hidden, name="sinusoid_maml")
+  model = mlp(1, 1, hidden=config.hidden, name="sinusoid_maml",
+              init=config.init)
   return MAML(model, keras.losses.MeanSquaredError(), inner_lr=config.inner_lr,
               inner_steps=config.inner_steps, first_order=config.first_order,
               meta_optimizer=keras.optimizers.Adam(config.meta_lr))
@@ -114,7 +118,8 @@ def pretrain_baseline(config: SinusoidConfig, workdir: str,
   fine-tuned and evaluated by exactly the same code as MAML.
   """
   keras.utils.set_random_seed(config.seed + 1)
-  model = mlp(1, 1, hidden=config.hidden, name="sinusoid_pretrained")
+  model = mlp(1, 1, hidden=config.hidden, name="sinusoid_pretrained",
+              init=config.init)
   learner = MAML(model, keras.losses.MeanSquaredError(),
                  inner_lr=config.inner_lr,
                  meta_optimizer=keras.optimizers.Adam(config.meta_lr))
@@ -221,7 +226,7 @@ def train_and_evaluate(config: SinusoidConfig, workdir: str,
   baseline = None
   if config.baseline:
     if config.eval_only:
-      baseline = MAML(mlp(1, 1, hidden=config.hidden), "mse",
+      baseline = MAML(mlp(1, 1, hidden=config.hidden, init=config.init), "mse",
                       inner_lr=config.inner_lr)
       bckpt, bmanager, _ = loop.make_checkpoint(
           baseline, os.path.join(workdir, "pretrained"))

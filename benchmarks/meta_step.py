@@ -1,0 +1,154 @@
+"""Meta-step benchmark: seconds per meta-iteration, GFLOP/s, peak memory.
+
+  python -m benchmarks.meta_step --workload sinusoid --iters 200 --warmup 20
+  python -m benchmarks.meta_step --workload omniglot_5w1s --iters 5 --warmup 2
+
+Prints one JSON line: workload, median seconds per meta-iteration,
+meta-iterations per second, peak RSS, GFLOP per iteration (counted by TF's
+profiler on the compiled step's graph), achieved GFLOP/s, the machine's matmul
+GFLOP/s measured in the same run, and their ratio. Batches are random tensors
+of the workload's shapes (the input pipeline is measured separately), built
+once so that the timing is of the meta-step alone.
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # pylint: disable=g-import-not-at-top
+import numpy as np  # pylint: disable=g-import-not-at-top
+import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+from maml_tf import MAML, TaskBatch  # pylint: disable=g-import-not-at-top
+from maml_tf.models import mlp as mlp_lib  # pylint: disable=g-import-not-at-top
+from maml_tf.tasks import sinusoid  # pylint: disable=g-import-not-at-top
+
+# name: (input shape, way, shot, query per class, meta-batch, inner lr,
+#        inner steps, network)
+WORKLOADS = {
+    "sinusoid": None,
+    "omniglot_5w1s": ((28, 28, 1), 5, 1, 15, 32, 0.4, 1, "omniglot"),
+    "omniglot_20w1s": ((28, 28, 1), 20, 1, 15, 16, 0.1, 5, "omniglot"),
+    "miniimagenet_5w1s": ((84, 84, 3), 5, 1, 15, 4, 0.01, 5, "miniimagenet"),
+}
+
+
+def matmul_gflops(n: int = 1024, repeats: int = 20) -> float:
+  """The machine's float32 matmul rate through TensorFlow."""
+  a = tf.random.normal((n, n))
+  b = tf.random.normal((n, n))
+  f = tf.function(lambda a, b: tf.matmul(a, b))
+  f(a, b).numpy()
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(a, b).numpy()
+    times.append(time.perf_counter() - t)
+  return 2 * n ** 3 / statistics.median(times) / 1e9
+
+
+def count_gflop(concrete_function) -> float:
+  """Float operations of a concrete function's graph (TF profiler)."""
+  from tensorflow.python.profiler import model_analyzer  # pylint: disable=g-import-not-at-top
+  from tensorflow.python.profiler import option_builder  # pylint: disable=g-import-not-at-top
+  opts = (option_builder.ProfileOptionBuilder(
+      option_builder.ProfileOptionBuilder.float_operation())
+          .with_empty_output().build())
+  graph = concrete_function.graph
+  flops = model_analyzer.profile(graph, options=opts).total_float_ops
+  # Function bodies (while loops of map_fn, vectorised subgraphs) are not
+  # always walked by the profiler: add their graphs' counts too.
+  for f in graph._functions.values():  # pylint: disable=protected-access
+    try:
+      sub = model_analyzer.profile(f.graph, options=opts).total_float_ops
+      flops += sub
+    except Exception:  # pylint: disable=broad-except
+      pass
+  return flops / 1e9
+
+
+def build(workload: str, first_order: bool, vectorize):
+  rng = np.random.default_rng(0)
+  keras.utils.set_random_seed(0)
+  if workload == "sinusoid":
+    model = mlp_lib.mlp(1, 1)
+    learner = MAML(model, "mse", inner_lr=0.01, first_order=first_order,
+                   vectorize=vectorize)
+    batch = sinusoid.sample_batch(25, 10, 10, rng)[0]
+    return learner, batch
+  from maml_tf.models import paper_nets  # pylint: disable=g-import-not-at-top
+  shape, way, shot, query, tasks, lr, steps, net = WORKLOADS[workload]
+  model = (paper_nets.omniglot_conv(way) if net == "omniglot"
+           else paper_nets.miniimagenet_conv(way))
+  learner = MAML(model, keras.losses.SparseCategoricalCrossentropy(
+      from_logits=True), inner_lr=lr, inner_steps=steps,
+                 first_order=first_order, vectorize=vectorize)
+  labels = lambda n: np.tile(np.repeat(np.arange(way), n), (tasks, 1))
+  batch = TaskBatch(
+      rng.random((tasks, way * shot) + shape, dtype=np.float32),
+      labels(shot).astype(np.int32),
+      rng.random((tasks, way * query) + shape, dtype=np.float32),
+      labels(query).astype(np.int32))
+  return learner, batch
+
+
+def run(workload: str, iters: int, warmup: int, first_order: bool = False,
+        vectorize="auto") -> dict:
+  learner, batch = build(workload, first_order, vectorize)
+  batch = learner._prepare(batch)  # pylint: disable=protected-access
+  t0 = time.perf_counter()
+  learner.train_step(batch)                       # trace + first run
+  compile_s = time.perf_counter() - t0
+  for _ in range(warmup):
+    learner.train_step(batch)
+  times = []
+  for _ in range(iters):
+    t = time.perf_counter()
+    out = learner.train_step_tensors(batch)
+    float(out["loss_after"])                      # wait for the result
+    times.append(time.perf_counter() - t)
+  median = statistics.median(times)
+  fn = [f for k, f in learner._compiled.items() if k[0] == "train"][0]  # pylint: disable=protected-access
+  try:
+    gflop = count_gflop(fn.get_concrete_function(batch))
+  except Exception:  # pylint: disable=broad-except
+    gflop = float("nan")
+  mm = matmul_gflops()
+  achieved = gflop / median if gflop == gflop else float("nan")
+  return {
+      "workload": workload, "first_order": first_order,
+      "execution": getattr(learner, "execution",
+                           "vectorized_map" if learner.vectorize else "map_fn"),
+      "median_s_per_iter": median, "iters_per_s": 1.0 / median,
+      "compile_s": compile_s,
+      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+      "gflop_per_iter": gflop, "achieved_gflops": achieved,
+      "matmul_gflops": mm, "ratio_to_matmul": achieved / mm,
+      "iters": iters, "machine": f"{platform.machine()} {os.cpu_count()} cpus",
+      "tensorflow": tf.__version__, "keras": keras.__version__,
+      "date": time.strftime("%Y-%m-%d"),
+  }
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--workload", choices=sorted(WORKLOADS), required=True)
+  parser.add_argument("--iters", type=int, default=20)
+  parser.add_argument("--warmup", type=int, default=3)
+  parser.add_argument("--first_order", action="store_true")
+  parser.add_argument("--vectorize", choices=["auto", "true", "false"],
+                      default="auto")
+  args = parser.parse_args()
+  vec = {"auto": "auto", "true": True, "false": False}[args.vectorize]
+  print(json.dumps(run(args.workload, args.iters, args.warmup,
+                       args.first_order, vec)))
+
+
+if __name__ == "__main__":
+  main()
