@@ -7,7 +7,7 @@ import numpy as np
 
 
 def mean_ci95(values) -> Dict[str, float]:
-  """Mean and the half-width of its 95% normal confidence interval.
+  """Mean, the half-width of its 95% normal confidence interval, and median.
 
   Example:
     >>> mean_ci95([1.0, 2.0, 3.0])["mean"]
@@ -19,4 +19,5 @@ def mean_ci95(values) -> Dict[str, float]:
   std = values.std(ddof=1) if values.size > 1 else 0.0
   return {"mean": float(values.mean()),
           "ci95": float(1.96 * std / math.sqrt(values.size)),
+          "median": float(np.median(values)),
           "n": int(values.size)}
