@@ -32,10 +32,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from maml_tf.core import fast_weights
 from maml_tf.core import functional
 from maml_tf.core.task_batch import TaskBatch, validate_task_batch
 
 LossFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
+EXECUTIONS = ("batched", "vectorized_map", "map_fn")
 
 
 def inner_update(params: Sequence[tf.Tensor], grads: Sequence[tf.Tensor],
@@ -137,9 +139,16 @@ class MAML:
     meta_optimizer: a Keras optimizer for the outer step; default Adam(1e-3).
     accuracy: report accuracy; ``None`` (auto) does so when labels are
       integers (classification with logits).
-    vectorize: ``"auto"`` runs all tasks of a meta-batch as one vectorised
-      computation (``tf.vectorized_map``) and falls back to ``tf.map_fn`` if
-      the model cannot be vectorised; ``True``/``False`` force either.
+    vectorize: how the tasks of a meta-batch are run. ``"auto"`` (default)
+      picks the fastest that the model allows: ``"batched"`` (task-batched
+      fast-weights kernels, :mod:`maml_tf.core.fast_weights`: every layer is
+      one op over all tasks; models of supported Keras layers), else
+      ``"vectorized_map"`` (``tf.vectorized_map`` of the per-task function),
+      else ``"map_fn"`` (one task after another). All give the same numbers.
+      ``True``/``False`` mean ``"vectorized_map"``/``"map_fn"``.
+    conv_impl: convolution kernel of the batched path: ``"auto"`` (grouped
+      convolution on GPU, patches + batched matmul on CPU), ``"patches"``,
+      ``"grouped"`` or ``"map"``.
 
   Example:
     >>> model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(40,
@@ -154,7 +163,8 @@ class MAML:
                inner_steps: int = 1, first_order: bool = False,
                meta_optimizer: Optional[keras.optimizers.Optimizer] = None,
                accuracy: Optional[bool] = None,
-               vectorize: Union[str, bool] = "auto"):
+               vectorize: Union[str, bool] = "auto",
+               conv_impl: str = "auto"):
     self.model = functional.ensure_built(model)
     self.loss_fn = _as_loss_fn(loss)
     if not isinstance(inner_steps, (int, np.integer)) or inner_steps < 1:
@@ -162,16 +172,19 @@ class MAML:
     inner_lr = float(inner_lr)
     if not math.isfinite(inner_lr) or inner_lr < 0:
       raise ValueError(f"inner_lr must be a finite number >= 0, got {inner_lr}")
-    if vectorize not in ("auto", True, False):
-      raise ValueError(f"vectorize must be 'auto', True or False, got {vectorize!r}")
+    if vectorize not in ("auto", True, False) + EXECUTIONS:
+      raise ValueError(f"vectorize must be 'auto', True, False or one of "
+                       f"{EXECUTIONS}, got {vectorize!r}")
     self.inner_lr = inner_lr
     self.inner_steps = int(inner_steps)
     self.first_order = bool(first_order)
     self.accuracy = accuracy
     self.meta_optimizer = meta_optimizer or keras.optimizers.Adam(1e-3)
     self.meta_optimizer.build(self.model.trainable_variables)
-    self._vectorize_mode = vectorize
-    self.vectorize = vectorize is not False
+    self._vectorize_mode = {True: "vectorized_map", False: "map_fn"}.get(
+        vectorize, vectorize)
+    self._batched = None
+    self.execution = self._resolve_execution(conv_impl)
     self._compiled = {}
     # Moving statistics of BatchNorm layers: the only state train_step writes.
     bn_ids = set()
@@ -186,6 +199,23 @@ class MAML:
         self._state_kinds.append("first")   # RNG seeds: advance them
       else:
         self._state_kinds.append("keep")    # frozen weights: never written
+
+  @property
+  def vectorize(self) -> bool:
+    """True unless the tasks run one after another (``tf.map_fn``)."""
+    return self.execution != "map_fn"
+
+  def _resolve_execution(self, conv_impl: str) -> str:
+    mode = self._vectorize_mode
+    if mode in ("auto", "batched"):
+      try:
+        self._batched = fast_weights.compile_batched(self.model, conv_impl)
+        return "batched"
+      except fast_weights.Unsupported as e:
+        if mode == "batched":
+          raise ValueError(f"vectorize='batched' is not possible: {e}") from e
+        return "vectorized_map"
+    return mode
 
   # ------------------------------------------------------------------ inputs
   def _prepare(self, batch) -> TaskBatch:
@@ -234,7 +264,7 @@ class MAML:
 
   def _map_tasks(self, fn, batch: TaskBatch):
     elems = tuple(batch)
-    if self.vectorize:
+    if self.execution == "vectorized_map":
       return tf.vectorized_map(fn, elems, fallback_to_while_loop=False)
     spec = tf.nest.map_structure(
         lambda t: tf.TensorSpec(t.shape, t.dtype),
@@ -242,8 +272,48 @@ class MAML:
     return tf.map_fn(fn, elems, fn_output_signature=spec)
 
   def _run_tasks(self, plan: _Plan, params, state, batch, with_acc):
+    if self.execution == "batched":
+      return self._run_tasks_batched(plan, params, state, batch, with_acc)
     return self._map_tasks(self._task_metrics(plan, params, state, with_acc),
                            batch)
+
+  def _per_task(self, fn, y, pred):
+    """``[T]`` values of a per-task reduction such as the loss."""
+    return tf.vectorized_map(lambda a: fn(a[0], a[1]), (y, pred))
+
+  def _run_tasks_batched(self, plan: _Plan, params, state, batch, with_acc):
+    """All tasks at once through the task-batched fast-weights model."""
+    sx, sy, qx, qy = batch
+    num_tasks = sx.shape[0] if sx.shape[0] is not None else tf.shape(sx)[0]
+    tile = lambda v: tf.tile(v[None], [num_tasks] + [1] * v.shape.rank)
+    state = [tile(v) for v in state]
+    losses, accs = {}, {}
+
+    def score(step, fast):
+      if step in plan.record_steps:
+        pred, _ = self._batched(fast, state, qx, training=True)
+        losses[step] = self._per_task(self.loss_fn, qy, pred)
+        if with_acc:
+          accs[step] = self._per_task(sparse_accuracy, qy, pred)
+
+    score(0, params)                    # shared weights: plain kernels
+    fast = [tile(p) for p in params]
+    for step in range(max(plan.record_steps)):
+      with tf.GradientTape(watch_accessed_variables=False) as tape:
+        tape.watch(fast)
+        pred, state = self._batched(fast, state, sx, training=True)
+        loss = tf.reduce_sum(self._per_task(self.loss_fn, sy, pred))
+      grads = tape.gradient(loss, fast,
+                            unconnected_gradients=tf.UnconnectedGradients.ZERO)
+      if plan.first_order:
+        grads = [tf.stop_gradient(g) for g in grads]
+      fast = inner_update(fast, grads, plan.inner_lr)
+      score(step + 1, fast)
+    out = {"loss": tf.stack([losses[s] for s in plan.record_steps], axis=1),
+           "state": state}
+    if with_acc:
+      out["accuracy"] = tf.stack([accs[s] for s in plan.record_steps], axis=1)
+    return out
 
   def _new_state(self, state, task_states):
     new = []
@@ -262,7 +332,7 @@ class MAML:
     if key in self._compiled:
       return self._compiled[key]
     fn = tf.function(make(), reduce_retracing=reduce_retracing)
-    if self._vectorize_mode == "auto" and self.vectorize:
+    if self.execution == "vectorized_map":     # fall back if pfor cannot
       try:
         fn.get_concrete_function(batch)
       except (ValueError, NotImplementedError, TypeError,
@@ -271,7 +341,7 @@ class MAML:
             f"maml_tf: could not vectorise model {self.model.name!r} over "
             f"tasks ({type(e).__name__}: {_root_cause(e)}); using tf.map_fn, "
             "which gives the same numbers more slowly.")
-        self.vectorize = False
+        self.execution = "map_fn"
         self._compiled.clear()
         fn = tf.function(make(), reduce_retracing=reduce_retracing)
     self._compiled[key] = fn

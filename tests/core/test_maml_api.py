@@ -54,6 +54,7 @@ def test_vectorised_and_fallback_paths_agree():
     ev = maml.evaluate(_batch(9), steps=(0, 1, 3))
     results.append((metrics, _weights(maml.model), ev["loss"]))
     assert maml.vectorize is vectorize
+    assert maml.execution == ("vectorized_map" if vectorize else "map_fn")
   (m1, w1, e1), (m2, w2, e2) = results
   for a, b in zip(m1, m2):
     for k in a:
@@ -63,12 +64,12 @@ def test_vectorised_and_fallback_paths_agree():
   np.testing.assert_allclose(e1, e2, rtol=1e-5)
 
 
-def test_auto_vectorize_falls_back_for_per_task_conv_filters():
+def test_vectorized_map_falls_back_to_map_fn_for_per_task_conv_filters():
   model = keras.Sequential([keras.Input((6, 6, 1)),
                             keras.layers.Conv2D(2, 3), keras.layers.Flatten(),
                             keras.layers.Dense(3)])
   maml = MAML(model, keras.losses.SparseCategoricalCrossentropy(
-      from_logits=True), inner_lr=0.1)
+      from_logits=True), inner_lr=0.1, vectorize=True)
   rng = np.random.default_rng(0)
   batch = TaskBatch(rng.normal(size=(2, 3, 6, 6, 1)).astype("f4"),
                     np.array([[0, 1, 2]] * 2, np.int32),
@@ -76,7 +77,7 @@ def test_auto_vectorize_falls_back_for_per_task_conv_filters():
                     np.array([[0, 1, 2]] * 2, np.int32))
   with pytest.warns(UserWarning, match="could not vectorise"):
     metrics = maml.train_step(batch)
-  assert not maml.vectorize
+  assert maml.execution == "map_fn"
   assert set(metrics) == {"loss_before", "loss_after", "accuracy_before",
                           "accuracy_after"}
   assert 0.0 <= metrics["accuracy_after"] <= 1.0
@@ -178,3 +179,52 @@ def test_functional_call_does_not_write_variables():
   assert not np.allclose(new_state[0], state[0])   # moving mean moved...
   for a, b in zip(before, _weights(model)):         # ...but only functionally
     np.testing.assert_array_equal(a, b)
+
+
+def _conv_bn_f64():
+  f = "float64"
+  return keras.Sequential([
+      keras.Input((7, 7, 1), dtype=f),
+      keras.layers.Conv2D(3, 3, strides=2, padding="same", dtype=f),
+      keras.layers.BatchNormalization(dtype=f),
+      keras.layers.Activation("relu", dtype=f),
+      keras.layers.Conv2D(3, 3, padding="same", dtype=f),
+      keras.layers.BatchNormalization(dtype=f),
+      keras.layers.Activation("relu", dtype=f),
+      keras.layers.MaxPooling2D(2, dtype=f),
+      keras.layers.Flatten(dtype=f), keras.layers.Dense(3, dtype=f)])
+
+
+def test_batched_fast_weights_equal_the_per_task_loop_for_a_conv_bn_net():
+  rng = np.random.default_rng(5)
+  batch = TaskBatch(rng.normal(size=(3, 6, 7, 7, 1)),
+                    np.tile(np.repeat(np.arange(3), 2), (3, 1)).astype("i4"),
+                    rng.normal(size=(3, 9, 7, 7, 1)),
+                    np.tile(np.repeat(np.arange(3), 3), (3, 1)).astype("i4"))
+  runs = {}
+  for mode in ("batched", "map_fn"):
+    keras.utils.set_random_seed(11)
+    maml = MAML(_conv_bn_f64(), keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True, dtype="float64"), inner_lr=0.1, inner_steps=2,
+                meta_optimizer=keras.optimizers.SGD(0.05), vectorize=mode)
+    assert maml.execution == mode
+    metrics = [maml.train_step(batch) for _ in range(2)]
+    ev = maml.evaluate(batch, steps=(0, 1, 3), per_task=True)
+    runs[mode] = (metrics, _weights(maml.model), ev)
+  (m1, w1, e1), (m2, w2, e2) = runs["batched"], runs["map_fn"]
+  for a, b in zip(m1, m2):
+    for k in a:
+      assert a[k] == pytest.approx(b[k], rel=1e-9, abs=1e-9)
+  for a, b in zip(w1, w2):   # BatchNorm moving statistics included
+    np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+  np.testing.assert_allclose(e1["loss"], e2["loss"], rtol=1e-9)
+  np.testing.assert_allclose(e1["accuracy"], e2["accuracy"])
+
+
+def test_auto_execution_prefers_batched_and_falls_back_for_other_layers():
+  assert MAML(mlp(1, 1, hidden=(4,)), "mse").execution == "batched"
+  gru = keras.Sequential([keras.Input((3, 2)), keras.layers.GRU(4),
+                          keras.layers.Dense(1)])
+  assert MAML(gru, "mse").execution in ("vectorized_map", "map_fn")
+  with pytest.raises(ValueError, match="GRU"):
+    MAML(gru, "mse", vectorize="batched")

@@ -102,20 +102,24 @@ CASES = {
 }
 
 
-def _maml(name, steps, first_order=False):
+def _maml(name, steps, first_order=False, vectorize="auto"):
   build, kind = CASES[name]
   loss = (keras.losses.MeanSquaredError(dtype=F64) if kind == "regression"
           else keras.losses.SparseCategoricalCrossentropy(from_logits=True,
                                                           dtype=F64))
   return MAML(build(), loss, inner_lr=0.3, inner_steps=steps,
-              first_order=first_order), kind
+              first_order=first_order, vectorize=vectorize), kind
 
 
+@pytest.mark.parametrize("execution", ["batched", "vectorized_map"])
 @pytest.mark.parametrize("steps", [1, 3])
 @pytest.mark.parametrize("name", list(CASES))
-def test_second_order_meta_gradient_matches_finite_differences(name, steps):
+def test_second_order_meta_gradient_matches_finite_differences(name, steps,
+                                                                execution):
+  """Both the task-batched kernels and Keras' own layers (generic path)."""
   rng = np.random.default_rng(0)
-  maml, kind = _maml(name, steps)
+  maml, kind = _maml(name, steps, vectorize=execution)
+  assert maml.execution in (execution, "map_fn")
   batch = (_regression_batch(rng) if kind == "regression"
            else _classification_batch(rng))
   analytic = _flat_grad(maml, batch)
@@ -128,7 +132,7 @@ def test_finite_difference_check_detects_tf_moments_second_order_bug(monkeypatch
   import contextlib  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(functional, "exact_moments", contextlib.nullcontext)
   rng = np.random.default_rng(0)
-  maml, _ = _maml("batchnorm", 1)
+  maml, _ = _maml("batchnorm", 1, vectorize="vectorized_map")
   batch = _regression_batch(rng)
   err = _rel_err(_flat_grad(maml, batch), _finite_difference(maml, batch))
   assert err > 1e-3   # the check has teeth: the stock gradient is off

@@ -1,0 +1,767 @@
+"""Task-batched fast weights: all T tasks of a meta-batch as one batched op.
+
+MAML evaluates one network at T different sets of weights (one per task).
+``tf.vectorized_map`` cannot vectorise a ``Conv2D`` whose filter differs per
+task ("Input 'filter' of op 'Conv2D' expected to be loop invariant"), so the
+learner falls back to ``tf.map_fn``, which runs the tasks one after another.
+This module compiles a Keras model into a :class:`BatchedModel`: a pure
+function of ``(params, state, x)`` in which every tensor carries a leading
+task axis and every layer is one task-batched kernel:
+
+* Dense: one batched matmul ``[T, M, D] x [T, D, K]``.
+* Conv2D, selectable with ``conv_impl``:
+
+  - ``'patches'`` (CPU default): pad as TF's 'same' does, take the kh*kw
+    shifted strided slices, concatenate them along channels and run one
+    batched matmul ``[T, N*H'*W', kh*kw*C] x [T, kh*kw*C, F]``. Strided
+    slices, concat and matmul have exact derivatives of every order.
+  - ``'grouped'`` (GPU default): fold the tasks into channels, input
+    ``[N, H, W, T*C]`` and filter ``[kh, kw, C, T*F]``, so that
+    ``tf.nn.conv2d`` runs a grouped convolution with T groups (cuDNN). TF's
+    CPU kernels (oneDNN) run it too, with first and second derivatives; it
+    is just slower there (see the numbers below).
+  - ``'map'``: one ``tf.nn.conv2d`` per task, unrolled when T is static
+    (``tf.map_fn`` otherwise).
+  - ``'auto'``: ``'grouped'`` when a GPU is visible, else ``'patches'``.
+
+* BatchNormalization / LayerNormalization: per-task moments over every axis
+  but the task and channel axes, computed as ``mean`` then
+  ``mean((x - mean)^2)`` with no ``stop_gradient``, so second derivatives are
+  exact (see :mod:`maml_tf.core.functional`).
+* Pooling, Flatten, activations, Add, Concatenate: no per-task weights; the
+  task and example axes are merged and TF's own ops run once (pooling keeps
+  TF's exact tie-breaking, so derivatives equal Keras' too).
+
+Every parameter may also be given *without* the task axis (shape
+``var.shape``): it is then shared by all tasks and the layer uses the plain
+(unbatched) kernel, e.g. ``tf.nn.conv2d`` on ``[T*N, H, W, C]``. The gradient
+with respect to a shared parameter is the sum over tasks.
+
+Benchmark (this repo's CPU machine, 2 shared cores, TF 2.21 CPU wheel,
+float32): one Omniglot meta-gradient -- the paper's conv net (4 x [Conv2D 64
+3x3 stride 2 'same', BatchNorm, ReLU], Flatten, Dense(5)) on 28x28x1, T=32
+tasks, 5 support and 75 query images per task, one inner SGD step (alpha
+0.4), second order, gradient of the mean query cross-entropy w.r.t. theta, in
+a ``tf.function``, median of 5 after warm-up:
+
+  BENCHMARK_TABLE
+
+Arguments and semantics: see :func:`compile_batched` and
+:class:`BatchedModel`.
+
+Example:
+  >>> batched = compile_batched(model)
+  >>> params = [tf.tile(v[None], [T] + [1] * len(v.shape))
+  ...           for v in model.trainable_variables]
+  >>> state = [tf.tile(v[None], [T] + [1] * len(v.shape))
+  ...          for v in model.non_trainable_variables]
+  >>> y, new_state = batched(params, state, x)    # x: [T, N, *input_shape]
+"""
+
+import math
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import keras
+import tensorflow as tf
+
+CONV_IMPLS = ("auto", "patches", "grouped", "map")
+
+
+class Unsupported(Exception):
+  """A layer or configuration that :func:`compile_batched` cannot batch.
+
+  The message names the layer and says why; callers fall back to a per-task
+  loop (``tf.map_fn`` over :func:`maml_tf.core.functional.functional_call`).
+  """
+
+
+def _unsupported(layer, why: str) -> Unsupported:
+  return Unsupported(
+      f"maml_tf.fast_weights cannot batch layer {layer.name!r} "
+      f"({type(layer).__name__}): {why}")
+
+
+# ------------------------------------------------------------------ context
+class _Context:
+  """The values one call of a :class:`BatchedModel` works on."""
+
+  def __init__(self, params, state, shapes, training, num_tasks):
+    self.values = {"p": list(params), "s": list(state)}
+    self.shapes = shapes               # {"p": [var shapes], "s": [...]}
+    self.training = training
+    self.num_tasks = num_tasks         # int, or a scalar tensor
+
+  def read(self, ref) -> Tuple[tf.Tensor, bool]:
+    """``(value, per_task)`` of a variable reference ``(kind, index)``."""
+    kind, index = ref
+    value = self.values[kind][index]
+    rank = len(self.shapes[kind][index])
+    if value.shape.rank == rank + 1:
+      return value, True
+    if value.shape.rank == rank:
+      return value, False
+    raise ValueError(
+        f"fast_weights: {'params' if kind == 'p' else 'state'}[{index}] has "
+        f"shape {value.shape}; expected [T, *{tuple(self.shapes[kind][index])}]"
+        f" (per task) or {tuple(self.shapes[kind][index])} (shared)")
+
+  def write(self, ref, value):
+    kind, index = ref
+    self.values[kind][index] = value
+
+
+def _per_task_vector(value, per_task: bool, rank: int):
+  """Broadcasts a per-channel vector against a ``[T, N, ..., C]`` tensor."""
+  if not per_task:
+    return value
+  return tf.reshape(value, tf.concat(
+      [tf.shape(value)[:1], tf.ones([rank - 2], tf.int32),
+       tf.shape(value)[1:]], 0))
+
+
+def _merge_task_axis(x):
+  """``[T, N, ...] -> [T*N, ...]`` and the function that undoes it."""
+  shape = tf.shape(x)
+  merged = tf.reshape(x, tf.concat([[-1], shape[2:]], 0))
+
+  def split(y):
+    return tf.reshape(y, tf.concat([shape[:2], tf.shape(y)[1:]], 0))
+  return merged, split
+
+
+def _static_or_dynamic(x, axis):
+  dim = x.shape[axis]
+  return dim if dim is not None else tf.shape(x)[axis]
+
+
+# ------------------------------------------------------------------ kernels
+def batched_dense(x, kernel, per_task: bool):
+  """``x [T, N, ..., D] @ kernel`` where kernel is ``[T, D, K]`` or ``[D, K]``.
+
+  Arguments:
+    x: inputs with task axis first.
+    kernel: per-task ``[T, D, K]`` (``per_task=True``) or shared ``[D, K]``.
+    per_task: whether ``kernel`` has the task axis.
+
+  Example:
+    >>> batched_dense(tf.ones((3, 4, 2)), tf.ones((3, 2, 5)), True).shape
+    TensorShape([3, 4, 5])
+  """
+  if not per_task:
+    return tf.matmul(x, kernel) if x.shape.rank == 2 else tf.tensordot(
+        x, kernel, axes=[[x.shape.rank - 1], [0]])
+  if x.shape.rank == 3:
+    return tf.matmul(x, kernel)
+  shape = tf.shape(x)
+  flat = tf.reshape(x, tf.stack([shape[0], -1, shape[-1]]))
+  out = tf.matmul(flat, kernel)
+  return tf.reshape(out, tf.concat([shape[:-1], tf.shape(kernel)[-1:]], 0))
+
+
+def _same_padding(size: int, k: int, s: int) -> Tuple[int, int, int]:
+  """TF 'SAME': output size and (before, after) padding of one spatial axis."""
+  out = -(-size // s)
+  total = max((out - 1) * s + k - size, 0)
+  return out, total // 2, total - total // 2
+
+
+def _conv_geometry(h, w, kh, kw, sh, sw, padding):
+  if padding == "same":
+    oh, top, bottom = _same_padding(h, kh, sh)
+    ow, left, right = _same_padding(w, kw, sw)
+    return oh, ow, [[top, bottom], [left, right]]
+  oh, ow = (h - kh) // sh + 1, (w - kw) // sw + 1
+  return oh, ow, [[0, 0], [0, 0]]
+
+
+def conv2d_patches(x, kernel, strides, padding):
+  """Task-batched conv2d as patch extraction + one batched matmul.
+
+  The ``kh*kw*C`` patches of every output pixel are extracted from the
+  ``[T*N, H, W, C]`` inputs with ``tf.image.extract_patches`` (TF's own
+  'SAME'/'VALID' geometry; depth ordered as ``(row, col, channel)``, the
+  order of a reshaped ``[kh, kw, C, F]`` kernel), then one batched matmul
+  ``[T, N*H'*W', kh*kw*C] x [T, kh*kw*C, F]`` applies each task's filter.
+  Patch extraction, its gradient (a sparse scatter) and matmul are linear
+  ops, so derivatives of every order are exact.
+
+  Arguments:
+    x: ``[T, N, H, W, C]`` (H, W, C static).
+    kernel: ``[T, kh, kw, C, F]``.
+    strides: ``(sh, sw)``.
+    padding: ``'same'`` or ``'valid'`` (TF conventions).
+
+  Returns:
+    ``[T, N, H', W', F]``.
+
+  Example:
+    >>> conv2d_patches(tf.ones((2, 3, 7, 7, 1)), tf.ones((2, 3, 3, 1, 4)),
+    ...                (2, 2), "same").shape
+    TensorShape([2, 3, 4, 4, 4])
+  """
+  _, _, h, w, c = x.shape
+  kh, kw = int(kernel.shape[1]), int(kernel.shape[2])
+  sh, sw = strides
+  t = _static_or_dynamic(x, 0)
+  n = _static_or_dynamic(x, 1)
+  merged = tf.reshape(x, [-1, h, w, c])
+  if kh == kw == 1:   # no padding either way; a strided subsample
+    patches = merged[:, ::sh, ::sw, :]
+  else:
+    patches = tf.image.extract_patches(
+        merged, sizes=[1, kh, kw, 1], strides=[1, sh, sw, 1],
+        rates=[1, 1, 1, 1], padding=padding.upper())
+  oh, ow = patches.shape[1], patches.shape[2]
+  k = kh * kw * c
+  flat = tf.reshape(patches, [t, -1, k])
+  out = tf.matmul(flat, tf.reshape(kernel, [t, k, -1]))
+  return tf.reshape(out, [t, n, oh, ow, -1])
+
+
+def conv2d_slices(x, kernel, strides, padding):
+  """As :func:`conv2d_patches`, with patches from kh*kw strided slices.
+
+  Pads as TF's 'SAME' does (more at the bottom/right when the total is odd),
+  takes the kh*kw shifted strided slices and concatenates them along
+  channels. Exact, but TF's CPU ``StridedSlice``/``StridedSliceGrad`` kernels
+  are slow on 5-D tensors (about 15x slower than ``'map'`` on the Omniglot
+  benchmark), so it is kept for reference and tests only.
+
+  Example:
+    >>> conv2d_slices(tf.ones((2, 3, 7, 7, 1)), tf.ones((2, 3, 3, 1, 4)),
+    ...               (2, 2), "same").shape
+    TensorShape([2, 3, 4, 4, 4])
+  """
+  _, _, h, w, c = x.shape
+  kh, kw = int(kernel.shape[1]), int(kernel.shape[2])
+  sh, sw = strides
+  oh, ow, pads = _conv_geometry(h, w, kh, kw, sh, sw, padding)
+  if any(p for pair in pads for p in pair):
+    x = tf.pad(x, [[0, 0], [0, 0]] + pads + [[0, 0]])
+  patches = tf.concat(
+      [x[:, :, i:i + (oh - 1) * sh + 1:sh, j:j + (ow - 1) * sw + 1:sw, :]
+       for i in range(kh) for j in range(kw)], axis=-1)
+  t = _static_or_dynamic(x, 0)
+  n = _static_or_dynamic(x, 1)
+  k = kh * kw * c
+  out = tf.matmul(tf.reshape(patches, [t, -1, k]),
+                  tf.reshape(kernel, [t, k, -1]))
+  return tf.reshape(out, [t, n, oh, ow, -1])
+
+
+def conv2d_grouped(x, kernel, strides, padding):
+  """Task-batched conv2d as one grouped convolution (tasks as groups).
+
+  Input ``[T, N, H, W, C]`` becomes ``[N, H, W, T*C]`` and the filter
+  ``[T, kh, kw, C, F]`` becomes ``[kh, kw, C, T*F]``; ``tf.nn.conv2d`` then
+  convolves channel group ``t`` with filters ``t*F .. t*F+F-1``.
+
+  Arguments:
+    x: ``[T, N, H, W, C]``.
+    kernel: ``[T, kh, kw, C, F]`` (T static).
+    strides: ``(sh, sw)``.
+    padding: ``'same'`` or ``'valid'``.
+
+  Example:
+    >>> conv2d_grouped(tf.ones((2, 3, 7, 7, 1)), tf.ones((2, 3, 3, 1, 4)),
+    ...                (1, 1), "valid").shape
+    TensorShape([2, 3, 5, 5, 4])
+  """
+  t, _, h, w, c = x.shape
+  _, kh, kw, _, f = kernel.shape
+  folded = tf.reshape(tf.transpose(x, [1, 2, 3, 0, 4]), [-1, h, w, t * c])
+  filt = tf.reshape(tf.transpose(kernel, [1, 2, 3, 0, 4]), [kh, kw, c, t * f])
+  y = tf.nn.conv2d(folded, filt, strides=list(strides),
+                   padding=padding.upper())
+  oh, ow = y.shape[1], y.shape[2]
+  y = tf.reshape(y, [-1, oh, ow, t, f])
+  return tf.transpose(y, [3, 0, 1, 2, 4])
+
+
+def conv2d_map(x, kernel, strides, padding):
+  """Task-batched conv2d as one ``tf.nn.conv2d`` per task.
+
+  Unrolled over a static task axis (TF may run the T convolutions in
+  parallel); ``tf.map_fn`` when T is unknown.
+
+  Example:
+    >>> conv2d_map(tf.ones((2, 3, 7, 7, 1)), tf.ones((2, 3, 3, 1, 4)),
+    ...            (1, 1), "same").shape
+    TensorShape([2, 3, 7, 7, 4])
+  """
+  def one(args):
+    xt, kt = args
+    return tf.nn.conv2d(xt, kt, strides=list(strides), padding=padding.upper())
+  if x.shape[0] is not None:
+    return tf.stack([one(a) for a in zip(tf.unstack(x), tf.unstack(kernel))])
+  return tf.map_fn(one, (x, kernel), fn_output_signature=x.dtype)
+
+
+_CONV_KERNELS = {"patches": conv2d_patches, "grouped": conv2d_grouped,
+                 "map": conv2d_map}
+
+
+def resolve_conv_impl(conv_impl: str) -> str:
+  """Maps ``'auto'`` to ``'grouped'`` (GPU visible) or ``'patches'``."""
+  if conv_impl not in CONV_IMPLS:
+    raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}")
+  if conv_impl == "auto":
+    return "grouped" if tf.config.list_physical_devices("GPU") else "patches"
+  return conv_impl
+
+
+# ---------------------------------------------------------------- layer ops
+class _Op:
+  """One compiled layer: ``op(ctx, inputs) -> output`` (inputs: a list)."""
+
+  def __init__(self, layer):
+    self.layer = layer
+
+  def __call__(self, ctx: _Context, inputs: list):
+    raise NotImplementedError
+
+
+class _Identity(_Op):
+
+  def __call__(self, ctx, inputs):
+    return inputs[0]
+
+
+class _Dropout(_Op):
+
+  def __call__(self, ctx, inputs):
+    if ctx.training and self.layer.rate > 0:
+      raise _unsupported(self.layer, f"dropout with rate {self.layer.rate} in "
+                         "training mode (use rate 0 or training=False)")
+    return inputs[0]
+
+
+class _Elementwise(_Op):
+  """Activation-like layers without weights: the layer's own ``call``."""
+
+  def __call__(self, ctx, inputs):
+    return self.layer.call(inputs[0])
+
+
+class _Dense(_Op):
+
+  def __init__(self, layer, kernel_ref, bias_ref):
+    super().__init__(layer)
+    self.kernel_ref, self.bias_ref = kernel_ref, bias_ref
+
+  def __call__(self, ctx, inputs):
+    x = inputs[0]
+    kernel, per_task = ctx.read(self.kernel_ref)
+    y = batched_dense(x, kernel, per_task)
+    if self.bias_ref is not None:
+      bias, per_task = ctx.read(self.bias_ref)
+      y = y + _per_task_vector(bias, per_task, y.shape.rank)
+    if self.layer.activation is not None:
+      y = self.layer.activation(y)
+    return y
+
+
+class _Conv2D(_Op):
+
+  def __init__(self, layer, kernel_ref, bias_ref, impl):
+    super().__init__(layer)
+    self.kernel_ref, self.bias_ref = kernel_ref, bias_ref
+    self.impl = impl
+    self.strides = tuple(int(s) for s in layer.strides)
+    self.padding = layer.padding
+
+  def __call__(self, ctx, inputs):
+    x = inputs[0]
+    if x.shape.rank != 5 or None in x.shape[2:]:
+      raise _unsupported(self.layer, f"needs inputs [T, N, H, W, C] with static "
+                         f"H, W, C; got {x.shape}")
+    kernel, per_task = ctx.read(self.kernel_ref)
+    if per_task:
+      y = _CONV_KERNELS[self.impl](x, kernel, self.strides, self.padding)
+    else:
+      merged, split = _merge_task_axis(x)
+      y = split(tf.nn.conv2d(merged, kernel, strides=list(self.strides),
+                             padding=self.padding.upper()))
+    if self.bias_ref is not None:
+      bias, per_task = ctx.read(self.bias_ref)
+      y = y + _per_task_vector(bias, per_task, 5)
+    if self.layer.activation is not None:
+      y = self.layer.activation(y)
+    return y
+
+
+def _exact_moments(x, axes):
+  mean = tf.reduce_mean(x, axis=axes, keepdims=True)
+  variance = tf.reduce_mean(tf.square(x - mean), axis=axes, keepdims=True)
+  return mean, variance
+
+
+def _normalize(x, mean, variance, gamma, beta, epsilon):
+  """The formula of ``tf.nn.batch_normalization`` (as Keras uses it)."""
+  inv = tf.math.rsqrt(variance + epsilon)
+  if gamma is not None:
+    inv = inv * gamma
+  shift = beta - mean * inv if beta is not None else -mean * inv
+  return x * inv + shift
+
+
+class _BatchNorm(_Op):
+
+  def __init__(self, layer, refs):
+    super().__init__(layer)
+    self.gamma_ref, self.beta_ref, self.mean_ref, self.var_ref = refs
+
+  def _vector(self, ctx, ref, rank):
+    if ref is None:
+      return None
+    value, per_task = ctx.read(ref)
+    return _per_task_vector(value, per_task, rank)
+
+  def __call__(self, ctx, inputs):
+    x = inputs[0]
+    rank = x.shape.rank
+    layer = self.layer
+    gamma = self._vector(ctx, self.gamma_ref, rank)
+    beta = self._vector(ctx, self.beta_ref, rank)
+    if ctx.training and layer.trainable:
+      mean, variance = _exact_moments(x, list(range(1, rank - 1)))
+      squeeze = list(range(1, rank - 1))
+      for ref, stat in ((self.mean_ref, mean), (self.var_ref, variance)):
+        moving, _ = ctx.read(ref)
+        ctx.write(ref, moving * layer.momentum
+                  + tf.squeeze(stat, squeeze) * (1.0 - layer.momentum))
+    else:
+      mean = self._vector(ctx, self.mean_ref, rank)
+      variance = self._vector(ctx, self.var_ref, rank)
+    return _normalize(x, mean, variance, gamma, beta, layer.epsilon)
+
+
+class _LayerNorm(_Op):
+
+  def __init__(self, layer, gamma_ref, beta_ref):
+    super().__init__(layer)
+    self.gamma_ref, self.beta_ref = gamma_ref, beta_ref
+
+  def __call__(self, ctx, inputs):
+    x = inputs[0]
+    rank = x.shape.rank
+    vectors = []
+    for ref in (self.gamma_ref, self.beta_ref):
+      if ref is None:
+        vectors.append(None)
+      else:
+        value, per_task = ctx.read(ref)
+        vectors.append(_per_task_vector(value, per_task, rank))
+    mean, variance = _exact_moments(x, [rank - 1])
+    return _normalize(x, mean, variance, vectors[0], vectors[1],
+                      self.layer.epsilon)
+
+
+class _Pool2D(_Op):
+
+  def __call__(self, ctx, inputs):
+    x = inputs[0]
+    if x.shape.rank != 5:
+      raise _unsupported(self.layer, f"needs inputs [T, N, H, W, C], got "
+                         f"{x.shape}")
+    merged, split = _merge_task_axis(x)
+    pool = (tf.nn.max_pool2d
+            if isinstance(self.layer, keras.layers.MaxPooling2D)
+            else tf.nn.avg_pool2d)
+    return split(pool(merged, ksize=list(self.layer.pool_size),
+                      strides=list(self.layer.strides),
+                      padding=self.layer.padding.upper()))
+
+
+class _Flatten(_Op):
+
+  def __call__(self, ctx, inputs):
+    x = inputs[0]
+    features = x.shape[2:]
+    if None in features:
+      shape = tf.shape(x)
+      return tf.reshape(x, tf.concat([shape[:2], [-1]], 0))
+    size = int(math.prod(features))
+    return tf.reshape(x, tf.concat([tf.shape(x)[:2], [size]], 0))
+
+
+class _Add(_Op):
+
+  def __call__(self, ctx, inputs):
+    y = inputs[0]
+    for x in inputs[1:]:
+      y = y + x
+    return y
+
+
+class _Concatenate(_Op):
+
+  def __call__(self, ctx, inputs):
+    axis = self.layer.axis
+    return tf.concat(inputs, axis=axis if axis < 0 else axis + 1)
+
+
+class _Program(_Op):
+  """A nested (or the top-level) model as a sequence of compiled steps.
+
+  ``steps`` holds ``(op, input_ids, output_id)``; tensor ids index a dict of
+  values that starts with the model's input.
+  """
+
+  def __init__(self, layer, input_id, steps, output_id):
+    super().__init__(layer)
+    self.input_id, self.steps, self.output_id = input_id, steps, output_id
+
+  def __call__(self, ctx, inputs):
+    values = {self.input_id: inputs[0]}
+    for op, input_ids, output_id in self.steps:
+      values[output_id] = op(ctx, [values[i] for i in input_ids])
+    return values[self.output_id]
+
+
+# ---------------------------------------------------------------- compiler
+_ELEMENTWISE = (keras.layers.Activation, keras.layers.ReLU,
+                keras.layers.LeakyReLU, keras.layers.ELU)
+
+
+class _Compiler:
+  """Maps a Keras model's layers to :class:`_Op` objects."""
+
+  def __init__(self, model, conv_impl):
+    self.conv_impl = conv_impl
+    self.refs = {}
+    for i, v in enumerate(model.trainable_variables):
+      self.refs[id(v)] = ("p", i)
+    for i, v in enumerate(model.non_trainable_variables):
+      self.refs[id(v)] = ("s", i)
+
+  def ref(self, layer, variable):
+    if variable is None:
+      return None
+    try:
+      return self.refs[id(variable)]
+    except KeyError:
+      raise _unsupported(layer, f"its variable {variable.path!r} is not among "
+                         "the model's variables") from None
+
+  def check_common(self, layer):
+    policy = layer.dtype_policy
+    if policy.compute_dtype != policy.variable_dtype:
+      raise _unsupported(layer, f"mixed precision policy {policy.name!r} "
+                         "(compute and variable dtypes differ)")
+    if getattr(layer, "quantization_mode", None):
+      raise _unsupported(layer, f"quantized ({layer.quantization_mode})")
+    if getattr(layer, "lora_enabled", False):
+      raise _unsupported(layer, "LoRA is enabled")
+    if getattr(layer, "data_format", "channels_last") != "channels_last":
+      raise _unsupported(layer, f"data_format={layer.data_format!r}; only "
+                         "'channels_last' is supported")
+
+  def compile_layer(self, layer) -> _Op:
+    kind = type(layer)
+    if isinstance(layer, keras.Model):
+      return self.compile_model(layer)
+    self.check_common(layer)
+    if kind is keras.layers.InputLayer:
+      return _Identity(layer)
+    if kind is keras.layers.Dense:
+      return _Dense(layer, self.ref(layer, layer.kernel),
+                    self.ref(layer, layer.bias))
+    if kind is keras.layers.Conv2D:
+      if tuple(layer.dilation_rate) != (1, 1):
+        raise _unsupported(layer, f"dilation_rate={layer.dilation_rate}; only "
+                           "(1, 1) is supported")
+      if layer.groups != 1:
+        raise _unsupported(layer, f"groups={layer.groups}; only 1 is supported")
+      if layer.padding not in ("same", "valid"):
+        raise _unsupported(layer, f"padding={layer.padding!r}")
+      return _Conv2D(layer, self.ref(layer, layer.kernel),
+                     self.ref(layer, layer.bias), self.conv_impl)
+    if kind is keras.layers.BatchNormalization:
+      rank = len(layer._reduction_axes) + 1  # pylint: disable=protected-access
+      if layer.axis not in (-1, rank - 1):
+        raise _unsupported(layer, f"axis={layer.axis}; only the last (channel)"
+                           " axis is supported")
+      if layer.renorm:
+        raise _unsupported(layer, "renorm=True")
+      if layer.synchronized:
+        raise _unsupported(layer, "synchronized=True")
+      return _BatchNorm(layer, [self.ref(layer, v) for v in (
+          layer.gamma, layer.beta, layer.moving_mean, layer.moving_variance)])
+    if kind is keras.layers.LayerNormalization:
+      axis = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
+      last = len(layer.input.shape) - 1 if _has_input(layer) else None
+      if list(axis) not in ([-1], [last]):
+        raise _unsupported(layer, f"axis={layer.axis}; only the last axis is "
+                           "supported")
+      if layer.rms_scaling:
+        raise _unsupported(layer, "rms_scaling=True")
+      return _LayerNorm(layer, self.ref(layer, layer.gamma),
+                        self.ref(layer, layer.beta))
+    if kind in (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D):
+      if layer.padding not in ("same", "valid"):
+        raise _unsupported(layer, f"padding={layer.padding!r}")
+      return _Pool2D(layer)
+    if kind is keras.layers.Flatten:
+      return _Flatten(layer)
+    if kind in _ELEMENTWISE:
+      return _Elementwise(layer)
+    if kind is keras.layers.Softmax:
+      if layer.axis != -1:
+        raise _unsupported(layer, f"axis={layer.axis}; only -1 is supported")
+      return _Elementwise(layer)
+    if kind is keras.layers.Dropout:
+      return _Dropout(layer)
+    if kind is keras.layers.Add:
+      return _Add(layer)
+    if kind is keras.layers.Concatenate:
+      if layer.axis == 0:
+        raise _unsupported(layer, "concatenation along the batch axis")
+      return _Concatenate(layer)
+    raise _unsupported(layer, "this layer type is not supported (supported: "
+                       "InputLayer, Dense, Conv2D, BatchNormalization, "
+                       "LayerNormalization, MaxPooling2D, AveragePooling2D, "
+                       "Flatten, Activation, ReLU, LeakyReLU, ELU, Softmax, "
+                       "Dropout, Add, Concatenate and nested Sequential/"
+                       "functional models)")
+
+  def compile_model(self, model) -> _Program:
+    if isinstance(model, keras.Sequential):
+      steps = []
+      for i, layer in enumerate(model.layers):
+        steps.append((self.compile_layer(layer), [i], i + 1))
+      return _Program(model, 0, steps, len(steps))
+    nodes_by_depth = getattr(model, "_nodes_by_depth", None)
+    if nodes_by_depth is None or not hasattr(model, "outputs"):
+      raise Unsupported(
+          f"maml_tf.fast_weights cannot batch model {model.name!r} "
+          f"({type(model).__name__}): subclassed models have no layer graph; "
+          "use keras.Sequential or the functional API")
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+      raise Unsupported(
+          f"maml_tf.fast_weights cannot batch model {model.name!r}: it has "
+          f"{len(model.inputs)} inputs and {len(model.outputs)} outputs; only "
+          "single-input single-output models are supported")
+    steps = []
+    for depth in sorted(nodes_by_depth, reverse=True):
+      for node in nodes_by_depth[depth]:
+        op = node.operation
+        if op is None or node.is_input:
+          continue
+        kwargs = {k: v for k, v in node.arguments.kwargs.items()
+                  if v is not None}
+        if kwargs:
+          raise _unsupported(op, f"called with keyword arguments "
+                             f"{sorted(kwargs)} (masks, training flags)")
+        if len(node.outputs) != 1:
+          raise _unsupported(op, "layers with several outputs")
+        steps.append((self.compile_layer(op),
+                      [id(t) for t in node.input_tensors],
+                      id(node.outputs[0])))
+    return _Program(model, id(model.inputs[0]), steps, id(model.outputs[0]))
+
+
+def _has_input(layer) -> bool:
+  try:
+    return layer.input is not None
+  except (AttributeError, ValueError):
+    return False
+
+
+# ------------------------------------------------------------------ public
+class BatchedModel:
+  """A Keras model compiled to task-batched kernels (pure, stateless).
+
+  Create with :func:`compile_batched`. Calling it never reads or writes the
+  model's variables.
+
+  Arguments (of ``__call__``):
+    params: tensors aligned with ``model.trainable_variables``, each
+      ``[T, *var.shape]`` (one value per task) or ``var.shape`` (shared by
+      all tasks).
+    state: tensors aligned with ``model.non_trainable_variables``, each
+      ``[T, *var.shape]`` or ``var.shape``.
+    x: inputs ``[T, N, *input_shape]``.
+    training: ``True`` normalises BatchNorm with each task's batch statistics
+      and updates its moving statistics; ``False`` uses the moving statistics.
+
+  Returns:
+    ``(y, new_state)``: ``y`` is ``[T, N, *output_shape]``; ``new_state`` is
+    a list aligned with ``state`` (updated BatchNorm moving statistics are
+    ``[T, ...]``; untouched entries are passed through as given).
+
+  Example:
+    >>> batched = compile_batched(model)
+    >>> y, new_state = batched(params, state, x, training=True)
+  """
+
+  def __init__(self, model: keras.Model, program: _Program, conv_impl: str):
+    self.model = model
+    self.conv_impl = conv_impl
+    self._program = program
+    self._shapes = {
+        "p": [tuple(v.shape) for v in model.trainable_variables],
+        "s": [tuple(v.shape) for v in model.non_trainable_variables]}
+    self._dtype = model.trainable_variables[0].dtype if (
+        model.trainable_variables) else keras.config.floatx()
+
+  def __call__(self, params: Sequence[tf.Tensor], state: Sequence[tf.Tensor],
+               x, training: bool = True) -> Tuple[tf.Tensor, List[tf.Tensor]]:
+    if len(params) != len(self._shapes["p"]):
+      raise ValueError(f"expected {len(self._shapes['p'])} params (one per "
+                       f"trainable variable), got {len(params)}")
+    if len(state) != len(self._shapes["s"]):
+      raise ValueError(f"expected {len(self._shapes['s'])} state tensors (one "
+                       f"per non-trainable variable), got {len(state)}")
+    x = tf.convert_to_tensor(x)
+    if x.dtype.is_floating and x.dtype != self._dtype:
+      x = tf.cast(x, self._dtype)
+    if x.shape.rank is None or x.shape.rank < 2:
+      raise ValueError(f"x must be [T, N, *input_shape], got shape {x.shape}")
+    params = [tf.convert_to_tensor(p) for p in params]
+    state = [tf.convert_to_tensor(s) for s in state]
+    ctx = _Context(params, state, self._shapes, bool(training),
+                   _static_or_dynamic(x, 0))
+    y = self._program(ctx, [x])
+    return y, ctx.values["s"]
+
+
+def compile_batched(model: keras.Model, conv_impl: str = "auto") -> BatchedModel:
+  """Compiles ``model`` into a :class:`BatchedModel` running all tasks at once.
+
+  Arguments:
+    model: a built ``keras.Sequential`` or functional ``keras.Model`` (nested
+      Sequential/functional models are fine) made of supported layers:
+      InputLayer, Dense, Conv2D (channels_last, dilation 1, groups 1, 'same'
+      or 'valid'), BatchNormalization and LayerNormalization (last axis),
+      MaxPooling2D, AveragePooling2D, Flatten, Activation, ReLU, LeakyReLU,
+      ELU, Softmax (last axis), Dropout (rate 0 or inference), Add and
+      Concatenate.
+    conv_impl: ``'auto'``, ``'patches'``, ``'grouped'`` or ``'map'`` (see the
+      module docstring).
+
+  Returns:
+    a :class:`BatchedModel`; ``batched(params, state, x, training)`` equals,
+    task by task, ``functional_call(model, params[t], state[t], x[t],
+    training)`` (outputs and new state), derivatives of every order included.
+
+  Raises:
+    Unsupported: naming the first layer (or configuration) it cannot batch.
+
+  Example:
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    >>> batched = compile_batched(model)
+    >>> y, _ = batched([tf.ones((3, 4, 2)), tf.zeros((3, 2))], [],
+    ...                tf.ones((3, 5, 4)))
+    >>> y.shape
+    TensorShape([3, 5, 2])
+  """
+  if not isinstance(model, keras.Model):
+    raise TypeError(f"compile_batched needs a keras.Model, got "
+                    f"{type(model).__name__}")
+  if not model.built:
+    raise ValueError(f"model {model.name!r} is not built; give it an "
+                     "keras.Input or call it once")
+  impl = resolve_conv_impl(conv_impl)
+  program = _Compiler(model, impl).compile_model(model)
+  return BatchedModel(model, program, impl)
