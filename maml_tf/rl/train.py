@@ -1,0 +1,352 @@
+"""Meta-training and evaluation of the paper's RL comparisons (§5.3, Fig. 5).
+
+``train_and_evaluate(config, workdir)`` runs one method:
+
+* ``maml``: MAML-TRPO (one REINFORCE inner step, TRPO meta-step);
+* ``pretrained``: one policy trained with TRPO on the mixture of tasks
+  (no inner step during training), then fine-tuned at test time;
+* ``random``: no training, fine-tuning from a random initialisation;
+* ``oracle``: TRPO with the task parameters appended to the observation.
+
+Evaluation: ``eval_tasks`` (40) fixed test tasks, ``fast_batch_size``
+episodes per task, mean undiscounted return after 0, 1, 2, 3 REINFORCE steps
+(step size ``fast_lr`` for the first, ``fast_lr / 2`` after, as the paper;
+the oracle is evaluated without fine-tuning, a constant line as in Fig. 5).
+
+Outputs in ``workdir``: ``results.json``, TensorBoard summaries
+(``tf.summary``), checkpoints (``ckpt/``, resumed when ``resume=True``) and
+``returns.png``: return vs number of gradient steps for this run and every
+sibling run (``workdir/../*/results.json`` of the same environment), like the
+paper's Figure 5.
+
+Example:
+  >>> config = RLConfig(env="navigation", algorithm="maml", iterations=100)
+  >>> results = train_and_evaluate(config, "runs/rl/navigation/maml")
+  >>> results["eval"]["returns"]          # [R_0, R_1, R_2, R_3]
+"""
+
+import dataclasses
+import glob
+import json
+import os
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import tensorflow as tf
+
+from maml_tf.rl import envs
+from maml_tf.rl.baseline import process_trajectories
+from maml_tf.rl.maml_trpo import MAMLTRPO
+from maml_tf.rl.policy import build_gaussian_mlp_policy
+from maml_tf.rl.sampler import make_sampler
+
+ALGORITHMS = ("maml", "pretrained", "random", "oracle")
+
+
+@dataclasses.dataclass
+class RLConfig:
+  """Hyper-parameters of a meta-RL run (defaults: the paper's).
+
+  Attributes:
+    env: short name (``navigation``, ``cheetah_vel``, ``cheetah_dir``,
+      ``ant_vel``, ``ant_dir``) or registered id.
+    algorithm: one of ``maml``, ``pretrained``, ``random``, ``oracle``.
+    iterations: meta-iterations (TRPO steps).
+    meta_batch: tasks per iteration (None: 20 for navigation, 40 otherwise).
+    fast_batch_size: episodes per task per sampling round.
+    fast_lr: inner step size alpha.
+    max_kl: TRPO trust region.
+    horizon: episode length (None: 100 navigation, 200 locomotion).
+    gamma, gae_lambda: discount and GAE lambda.
+    first_order: first-order MAML.
+    hvp_method: ``gauss_newton`` or ``exact`` (see ``MAMLTRPO``).
+    cg_iters, cg_damping, ls_max_steps, ls_backtrack_ratio: TRPO.
+    hidden_sizes: policy MLP.
+    num_workers: sampler processes for MuJoCo (0: in-process).
+    eval_tasks: number of test tasks.
+    eval_grad_steps: evaluate after 0..eval_grad_steps steps.
+    eval_every: also evaluate every this many iterations (0: only at end).
+    checkpoint_every: save a checkpoint every this many iterations.
+    resume: restore the latest checkpoint of ``workdir``.
+    seed: seeds the policy, task and noise generators.
+  """
+  env: str = "navigation"
+  algorithm: str = "maml"
+  iterations: int = 100
+  meta_batch: Optional[int] = None
+  fast_batch_size: int = 20
+  fast_lr: float = 0.1
+  max_kl: float = 0.01
+  horizon: Optional[int] = None
+  gamma: float = 0.99
+  gae_lambda: float = 1.0
+  first_order: bool = False
+  hvp_method: str = "gauss_newton"
+  cg_iters: int = 10
+  cg_damping: float = 1e-5
+  ls_max_steps: int = 15
+  ls_backtrack_ratio: float = 0.8
+  hidden_sizes: Tuple[int, ...] = (100, 100)
+  num_workers: int = 2
+  eval_tasks: int = 40
+  eval_grad_steps: int = 3
+  eval_every: int = 0
+  checkpoint_every: int = 10
+  resume: bool = True
+  seed: int = 0
+
+  def __post_init__(self):
+    self.env = envs.resolve_env_id(self.env)
+    if self.algorithm not in ALGORITHMS:
+      raise ValueError(f"algorithm must be one of {ALGORITHMS}; got "
+                       f"{self.algorithm!r}")
+    if self.meta_batch is None:
+      self.meta_batch = 20 if self.env == "maml_tf/Navigation2D-v0" else 40
+    if self.horizon is None:
+      self.horizon = envs.default_horizon(self.env)
+    self.hidden_sizes = tuple(int(h) for h in self.hidden_sizes)
+    for name in ("iterations", "eval_grad_steps"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
+    for name in ("meta_batch", "fast_batch_size", "horizon", "eval_tasks"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+
+  @property
+  def eval_lrs(self) -> List[float]:
+    """Step sizes of the evaluation's gradient steps (alpha, alpha/2, ...).
+
+    The oracle is not fine-tuned (step size 0: the paper plots it as a
+    constant); REINFORCE steps on its near-deterministic policy diverge.
+    """
+    if self.algorithm == "oracle":
+      return [0.0] * self.eval_grad_steps
+    return ([self.fast_lr] + [self.fast_lr / 2] * (self.eval_grad_steps - 1)
+            )[:self.eval_grad_steps]
+
+
+def evaluate_adaptation(learner: MAMLTRPO, sampler, tasks: Sequence[Dict],
+                        episodes: int, lrs: Sequence[float],
+                        rng: np.random.Generator, gamma: float = 0.99,
+                        gae_lambda: float = 1.0) -> Dict:
+  """Mean return on ``tasks`` after 0, 1, ..., ``len(lrs)`` REINFORCE steps.
+
+  Arguments:
+    learner: holds the policy's current (meta-)weights.
+    sampler: a sampler (see ``maml_tf.rl.sampler``).
+    tasks: test tasks.
+    episodes: episodes per task per step.
+    lrs: one step size per gradient step.
+    rng: noise generator.
+
+  Returns:
+    ``{"returns": [...], "stderr": [...], "per_task": [[...], ...]}``: mean
+    over tasks and episodes, standard error over tasks, per-task means.
+
+  Example:
+    >>> evaluate_adaptation(learner, sampler, tasks, 20, [0.1, 0.05, 0.05], rng)
+  """
+  stacked = learner.stacked_params(len(tasks))
+  returns, stderr, per_task = [], [], []
+  for step in range(len(lrs) + 1):
+    batch = sampler.sample(tasks, episodes, learner.policy_fn(stacked), rng)
+    task_returns = batch.returns.mean(axis=1)
+    returns.append(float(task_returns.mean()))
+    stderr.append(float(task_returns.std() / np.sqrt(len(tasks))))
+    per_task.append(task_returns.tolist())
+    if step < len(lrs):
+      data = learner.make_data(batch, process_trajectories(batch, gamma,
+                                                           gae_lambda))
+      stacked = learner.adapt(stacked, data, lrs[step])
+  return {"returns": returns, "stderr": stderr, "per_task": per_task}
+
+
+def plot_returns(results: Dict[str, Dict], path: str, title: str = "") -> str:
+  """Return vs number of gradient steps per method (like the paper's Fig. 5).
+
+  Arguments:
+    results: ``{method: {"returns": [...], "stderr": [...]}}``.
+    path: output PNG.
+    title: plot title.
+
+  Example:
+    >>> plot_returns({"maml": {"returns": [-40, -12, -4, -3]}}, "fig5.png")
+  """
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  styles = {"maml": ("MAML (ours)", "tab:red"),
+            "pretrained": ("pretrained", "tab:blue"),
+            "random": ("random", "tab:green"),
+            "oracle": ("oracle", "gray")}
+  fig, ax = plt.subplots(figsize=(4.5, 3.5))
+  for method, res in sorted(results.items()):
+    label, color = styles.get(method, (method, None))
+    y = np.asarray(res["returns"])
+    x = np.arange(len(y))
+    style = "--" if method == "oracle" else "-"
+    ax.plot(x, y, style, marker="o", label=label, color=color)
+    if res.get("stderr"):
+      se = np.asarray(res["stderr"])
+      ax.fill_between(x, y - se, y + se, alpha=0.2, color=color)
+  ax.set_xlabel("number of gradient steps")
+  ax.set_ylabel("average return")
+  ax.set_xticks(range(max(len(r["returns"]) for r in results.values())))
+  ax.set_title(title)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+def _sibling_results(workdir: str, env_id: str) -> Dict[str, Dict]:
+  out = {}
+  parent = os.path.dirname(os.path.abspath(workdir))
+  for path in sorted(glob.glob(os.path.join(parent, "*", "results.json"))):
+    try:
+      with open(path) as f:
+        res = json.load(f)
+    except (OSError, ValueError):
+      continue
+    if res.get("config", {}).get("env") == env_id and "eval" in res:
+      out[res["config"]["algorithm"]] = res["eval"]
+  return out
+
+
+def train_and_evaluate(config: RLConfig, workdir: str) -> Dict:
+  """Trains ``config.algorithm`` and evaluates fast adaptation.
+
+  Arguments:
+    config: an :class:`RLConfig`.
+    workdir: output directory (created); checkpoints resume from it.
+
+  Returns:
+    the contents of ``workdir/results.json``: ``config``, ``eval``
+    (``returns`` after 0..3 steps, ``stderr``), ``train`` (per-iteration
+    pre/post-update returns), ``iterations_per_second``, ``seconds``.
+
+  Example:
+    >>> train_and_evaluate(RLConfig(env="navigation", iterations=5), "/tmp/nav")
+  """
+  os.makedirs(workdir, exist_ok=True)
+  start_time = time.time()
+  tf.random.set_seed(config.seed)
+  oracle = config.algorithm == "oracle"
+  sampler = make_sampler(config.env, horizon=config.horizon, oracle=oracle,
+                         num_workers=config.num_workers)
+  try:
+    policy = build_gaussian_mlp_policy(sampler.obs_dim, sampler.act_dim,
+                                       config.hidden_sizes, seed=config.seed)
+    learner = MAMLTRPO(policy, fast_lr=config.fast_lr, max_kl=config.max_kl,
+                       cg_iters=config.cg_iters, cg_damping=config.cg_damping,
+                       ls_max_steps=config.ls_max_steps,
+                       ls_backtrack_ratio=config.ls_backtrack_ratio,
+                       first_order=config.first_order,
+                       hvp_method=config.hvp_method)
+    step = tf.Variable(0, dtype=tf.int64, name="step")
+    ckpt = tf.train.Checkpoint(step=step, policy=policy)
+    manager = tf.train.CheckpointManager(
+        ckpt, os.path.join(workdir, "ckpt"), max_to_keep=2, step_counter=step,
+        checkpoint_interval=max(config.checkpoint_every, 1))
+    history = []
+    history_path = os.path.join(workdir, "train_history.json")
+    if config.resume and manager.latest_checkpoint:
+      ckpt.restore(manager.latest_checkpoint)
+      if os.path.exists(history_path):
+        with open(history_path) as f:
+          history = [h for h in json.load(f) if h["iteration"] < int(step)]
+      print(f"[rl] resumed {config.algorithm} from {manager.latest_checkpoint} "
+            f"at iteration {int(step)}", flush=True)
+    writer = tf.summary.create_file_writer(os.path.join(workdir, "tb"))
+    eval_tasks = sampler.sample_tasks(
+        config.eval_tasks, np.random.default_rng([config.seed, 999_999]))
+    iterations = 0 if config.algorithm == "random" else config.iterations
+    train_start, first = time.time(), int(step)
+    while int(step) < iterations:
+      it = int(step)
+      rng = np.random.default_rng([config.seed, it])
+      stats = _train_iteration(config, learner, sampler, rng)
+      step.assign_add(1)
+      done = int(step) - first
+      rate = done / (time.time() - train_start)
+      stats.update(iteration=it, iterations_per_second=rate)
+      history.append(stats)
+      with writer.as_default(step=it):
+        for key, value in stats.items():
+          if key != "iteration":
+            tf.summary.scalar(f"train/{key}", value)
+      post = stats.get("post_return")
+      print(f"[rl] {config.algorithm} {it + 1}/{iterations} "
+            f"pre {stats['pre_return']:.2f}"
+            + (f" post {post:.2f}" if post is not None else "")
+            + f" kl {stats['kl']:.4f} ls {int(stats['ls_steps'])} "
+            f"{rate:.2f} it/s", flush=True)
+      if config.eval_every and int(step) % config.eval_every == 0:
+        ev = evaluate_adaptation(
+            learner, sampler, eval_tasks, config.fast_batch_size,
+            config.eval_lrs, np.random.default_rng([config.seed, 10 ** 6, it]),
+            config.gamma, config.gae_lambda)
+        with writer.as_default(step=it):
+          for k, r in enumerate(ev["returns"]):
+            tf.summary.scalar(f"eval/return_after_{k}_steps", r)
+      if manager.save(checkpoint_number=step) is not None:
+        with open(history_path, "w") as f:
+          json.dump(history, f)
+    manager.save(checkpoint_number=step, check_interval=False)
+    with open(history_path, "w") as f:
+      json.dump(history, f)
+    ev = evaluate_adaptation(learner, sampler, eval_tasks,
+                             config.fast_batch_size, config.eval_lrs,
+                             np.random.default_rng([config.seed, 10 ** 6]),
+                             config.gamma, config.gae_lambda)
+    with writer.as_default(step=int(step)):
+      for k, r in enumerate(ev["returns"]):
+        tf.summary.scalar(f"eval/return_after_{k}_steps", r)
+    writer.flush()
+    rates = [h["iterations_per_second"] for h in history[-1:]]
+    results = {
+        "config": dataclasses.asdict(config),
+        "eval": {"returns": ev["returns"], "stderr": ev["stderr"],
+                 "lrs": config.eval_lrs},
+        "train": [{k: h[k] for k in ("iteration", "pre_return", "post_return")
+                   if k in h} for h in history],
+        "iterations_per_second": rates[0] if rates else None,
+        "seconds": time.time() - start_time,
+        "tracing_counts": learner.tracing_counts(),
+    }
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump(results, f, indent=1)
+    print(f"[rl] {config.algorithm} eval returns after 0..{config.eval_grad_steps}"
+          f" steps: " + " ".join(f"{r:.2f}" for r in ev["returns"]), flush=True)
+    plot_returns(_sibling_results(workdir, config.env),
+                 os.path.join(workdir, "returns.png"),
+                 title=config.env.split("/")[-1])
+    return results
+  finally:
+    sampler.close()
+
+
+def _train_iteration(config: RLConfig, learner: MAMLTRPO, sampler,
+                     rng: np.random.Generator) -> Dict[str, float]:
+  """Samples a meta-batch and takes one TRPO (meta-)step."""
+  tasks = sampler.sample_tasks(config.meta_batch, rng)
+  stacked = learner.stacked_params(config.meta_batch)
+  pre = sampler.sample(tasks, config.fast_batch_size,
+                       learner.policy_fn(stacked), rng)
+  pre_data = learner.make_data(
+      pre, process_trajectories(pre, config.gamma, config.gae_lambda))
+  out = {"pre_return": float(pre.returns.mean())}
+  if config.algorithm == "maml":
+    adapted = learner.adapt(stacked, pre_data)
+    post = sampler.sample(tasks, config.fast_batch_size,
+                          learner.policy_fn(adapted), rng)
+    post_data = learner.make_data(
+        post, process_trajectories(post, config.gamma, config.gae_lambda))
+    out["post_return"] = float(post.returns.mean())
+    stats = learner.meta_step([pre_data], post_data)
+  else:
+    stats = learner.meta_step([], pre_data)
+  out.update(stats)
+  return out

@@ -1,0 +1,173 @@
+"""Conjugate gradient, baseline, Hessian-vector products and a short run."""
+
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import maml_tf.rl as rl
+from maml_tf.rl import optim
+from maml_tf.rl.baseline import (baseline_features, discounted_returns,
+                                 fit_linear_baseline, gae_advantages,
+                                 normalize_advantages, process_trajectories)
+from maml_tf.rl.maml_trpo import MAMLTRPO
+from maml_tf.rl.policy import build_gaussian_mlp_policy
+from maml_tf.rl.sampler import NavigationSampler
+
+
+def test_conjugate_gradient_solves_spd_system():
+  rng = np.random.default_rng(0)
+  m = rng.standard_normal((12, 12))
+  a = tf.constant(m @ m.T + 12 * np.eye(12))
+  b = tf.constant(rng.standard_normal(12))
+  x = optim.conjugate_gradient(lambda v: tf.linalg.matvec(a, v), b, iters=12)
+  np.testing.assert_allclose(x.numpy(), np.linalg.solve(a.numpy(), b.numpy()),
+                             rtol=1e-4, atol=1e-6)
+  # compiled: a fixed unrolled graph; early convergence leaves x unchanged.
+  cg = tf.function(lambda b: optim.conjugate_gradient(
+      lambda v: tf.linalg.matvec(a, v), b, iters=30))
+  np.testing.assert_allclose(cg(b).numpy(), x.numpy(), rtol=1e-6, atol=1e-8)
+
+
+def test_flatten_roundtrip():
+  ts = [tf.ones((2, 3)), tf.zeros((4,))]
+  back = optim.unflatten(optim.flatten(ts), ts)
+  assert [t.shape for t in back] == [(2, 3), (4,)]
+
+
+def test_discounted_returns_and_gae():
+  r = np.array([[1.0, 1.0, 1.0, 0.0]])
+  mask = np.array([[1.0, 1.0, 1.0, 0.0]])
+  np.testing.assert_allclose(discounted_returns(r, mask, 0.5)[0],
+                             [1.75, 1.5, 1.0, 0.0])
+  values = np.array([[0.5, 0.2, 0.1, 0.0]])
+  adv = gae_advantages(r, values, mask, 0.5, 1.0)
+  np.testing.assert_allclose(adv[0], [1.25, 1.3, 0.9, 0.0])   # R - V
+  adv0 = gae_advantages(r, values, mask, 0.5, 0.0)             # TD errors
+  np.testing.assert_allclose(adv0[0], [1 + 0.1 - 0.5, 1 + 0.05 - 0.2, 0.9, 0])
+  norm = normalize_advantages(np.arange(6.).reshape(1, 2, 3), np.ones((1, 2, 3)))
+  assert abs(norm.mean()) < 1e-9 and abs(norm.std() - 1) < 1e-6
+
+
+def test_linear_baseline_recovers_linear_target():
+  rng = np.random.default_rng(0)
+  obs = rng.uniform(-2, 2, (3, 10, 20, 4))
+  mask = np.ones((3, 10, 20))
+  mask[:, :, 15:] = 0
+  feats = baseline_features(obs)
+  w = rng.standard_normal((3, feats.shape[-1]))
+  w[:, 8:11] = 0.0   # t/100 powers are tiny: the ridge term shrinks them
+  target = np.einsum("tnhf,tf->tnh", feats, w) * mask
+  values, coeffs = fit_linear_baseline(obs, target, mask)
+  np.testing.assert_allclose(values, target, atol=1e-3)
+  np.testing.assert_allclose(coeffs[:, :8], w[:, :8], atol=1e-3)
+  # degenerate features (constant obs): the ridge term keeps it finite.
+  values, _ = fit_linear_baseline(np.zeros_like(obs), target, mask)
+  assert np.all(np.isfinite(values))
+
+
+def _small_problem(first_order=False, tasks=3):
+  sampler = NavigationSampler(horizon=10)
+  policy = build_gaussian_mlp_policy(2, 2, hidden_sizes=(8, 8),
+                                     dtype="float64", seed=3)
+  rng = np.random.default_rng(5)
+  for w in policy.trainable_variables:   # off the ReLU kinks at obs = 0
+    w.assign(w + 0.3 * rng.standard_normal(w.shape))
+  learner = MAMLTRPO(policy, fast_lr=0.5, first_order=first_order)
+  tasks = sampler.sample_tasks(tasks, rng)
+  stacked = learner.stacked_params(len(tasks))
+  pre = sampler.sample(tasks, 4, learner.policy_fn(stacked), rng)
+  pre = learner.make_data(pre, process_trajectories(pre))
+  post = sampler.sample(tasks, 4, learner.policy_fn(learner.adapt(stacked, pre)),
+                        rng)
+  post = learner.make_data(post, process_trajectories(post))
+  return learner, pre, post
+
+
+def _kl_grad_fn(learner, pre, post, old_mean, old_log_std):
+  @tf.function
+  def kl_grad(theta):
+    with tf.GradientTape() as tape:
+      tape.watch(theta)
+      _, kl, _, _ = learner._objectives(theta, [pre], post, old_mean,  # pylint: disable=protected-access
+                                        old_log_std)
+    return optim.flatten(tape.gradient(kl, theta))
+  return kl_grad
+
+
+def test_hvp_through_adaptation_matches_finite_differences():
+  """H v of the meta-KL (second order, float64) vs differences of grad KL."""
+  learner, pre, post = _small_problem()
+  theta = learner.params()
+  _, mean0, log_std0 = learner._post_log_prob(theta, [pre], post)  # pylint: disable=protected-access
+  kl_grad = _kl_grad_fn(learner, pre, post, mean0, log_std0)
+  rng = np.random.default_rng(1)
+  v = [tf.constant(rng.standard_normal(p.shape)) for p in theta]
+  eps = 1e-5
+  fd = (kl_grad([p + eps * u for p, u in zip(theta, v)])
+        - kl_grad([p - eps * u for p, u in zip(theta, v)])) / (2 * eps)
+  assert float(tf.norm(kl_grad(theta))) < 1e-10    # KL is minimal at theta
+  for method in ("gauss_newton", "exact"):
+    hv = optim.flatten(learner.hessian_vector_product(theta, [pre], post, v,
+                                                      method))
+    np.testing.assert_allclose(hv.numpy(), fd.numpy(), rtol=1e-5, atol=1e-8)
+
+
+def test_first_order_hvp_ignores_adaptation_jacobian():
+  so, pre, post = _small_problem(False)
+  fo = MAMLTRPO(so.policy, fast_lr=0.5, first_order=True)
+  v = [tf.ones_like(p) for p in so.params()]
+  hv_so = optim.flatten(so.hessian_vector_product(so.params(), [pre], post, v))
+  hv_fo = optim.flatten(fo.hessian_vector_product(fo.params(), [pre], post, v))
+  assert float(tf.norm(hv_so - hv_fo)) > 1e-3 * float(tf.norm(hv_fo))
+  # first order: H = average Fisher at the adapted weights, i.e. the same
+  # product with every task's adapted weights held fixed (no pre batches).
+  stacked = so.adapted_from_theta(so.params(), [pre])
+  t = stacked[0].shape[0]
+  fisher = 0
+  for i in range(t):
+    one = tuple(x[i:i + 1] for x in post)
+    hv = fo.hessian_vector_product([p[i] for p in stacked], [], one, v)
+    fisher += optim.flatten(hv) / t
+  np.testing.assert_allclose(hv_fo.numpy(), fisher.numpy(), rtol=1e-6,
+                             atol=1e-10)
+
+
+def test_meta_step_respects_trust_region_and_does_not_retrace():
+  learner, pre, post = _small_problem()
+  for _ in range(2):
+    stats = learner.meta_step([pre], post)
+    assert stats["accepted"] == 1.0
+    assert stats["kl"] <= learner.max_kl
+    assert stats["surrogate_after"] < stats["surrogate_before"]
+  assert max(learner.tracing_counts().values()) == 1
+
+
+def test_config_validation():
+  with pytest.raises(ValueError, match="algorithm"):
+    rl.RLConfig(algorithm="sgd")
+  with pytest.raises(ValueError, match="unknown environment"):
+    rl.RLConfig(env="pong")
+  c = rl.RLConfig(env="cheetah_dir")
+  assert c.meta_batch == 40 and c.horizon == 200
+  assert rl.RLConfig(fast_lr=0.1).eval_lrs == [0.1, 0.05, 0.05]
+
+
+def test_short_navigation_run_improves_after_adaptation(tmp_path):
+  """A few MAML iterations: post-update beats pre-update; outputs written."""
+  config = rl.RLConfig(env="navigation", iterations=6, meta_batch=10,
+                       fast_batch_size=10, eval_tasks=10, eval_grad_steps=1,
+                       hidden_sizes=(32, 32), checkpoint_every=3, seed=1)
+  results = rl.train_and_evaluate(config, str(tmp_path / "maml"))
+  pre, post = results["eval"]["returns"]
+  assert post > pre + 2.0, results["eval"]
+  assert max(results["tracing_counts"].values()) <= 2   # train + eval shapes
+  for name in ("results.json", "returns.png", "train_history.json"):
+    assert (tmp_path / "maml" / name).exists()
+  assert json.loads((tmp_path / "maml" / "results.json").read_text())
+  # resume: nothing left to train, same evaluation.
+  again = rl.train_and_evaluate(config, str(tmp_path / "maml"))
+  assert len(again["train"]) == 6
+  np.testing.assert_allclose(again["eval"]["returns"], results["eval"]["returns"],
+                             rtol=1e-4)
