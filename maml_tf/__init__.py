@@ -2,3 +2,4 @@
 
 from maml_tf.core.task_batch import TaskBatch
 from maml_tf.core.maml import MAML, adapt_params, inner_update
+from maml_tf.core.reptile import Reptile

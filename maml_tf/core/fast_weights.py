@@ -11,18 +11,23 @@ task axis and every layer is one task-batched kernel:
 * Dense: one batched matmul ``[T, M, D] x [T, D, K]``.
 * Conv2D, selectable with ``conv_impl``:
 
-  - ``'patches'`` (CPU default): pad as TF's 'same' does, take the kh*kw
-    shifted strided slices, concatenate them along channels and run one
-    batched matmul ``[T, N*H'*W', kh*kw*C] x [T, kh*kw*C, F]``. Strided
-    slices, concat and matmul have exact derivatives of every order.
+  - ``'map'`` (CPU default): one ``tf.nn.conv2d`` per task, unrolled over a
+    static task axis (``tf.map_fn`` when T is unknown). oneDNN's per-task
+    convolutions beat every patch-based formulation measured on CPU (below).
+  - ``'patches'``: ``tf.image.extract_patches`` on ``[T*N, H, W, C]`` (TF's
+    own 'SAME'/'VALID' geometry), then one batched matmul
+    ``[T, N*H'*W', kh*kw*C] x [T, kh*kw*C, F]``. Linear ops only, exact
+    derivatives of every order. (:func:`conv2d_slices` is the same with
+    patches built from kh*kw strided slices; exact but slow on CPU.)
   - ``'grouped'`` (GPU default): fold the tasks into channels, input
     ``[N, H, W, T*C]`` and filter ``[kh, kw, C, T*F]``, so that
-    ``tf.nn.conv2d`` runs a grouped convolution with T groups (cuDNN). TF's
-    CPU kernels (oneDNN) run it too, with first and second derivatives; it
-    is just slower there (see the numbers below).
-  - ``'map'``: one ``tf.nn.conv2d`` per task, unrolled when T is static
-    (``tf.map_fn`` otherwise).
-  - ``'auto'``: ``'grouped'`` when a GPU is visible, else ``'patches'``.
+    ``tf.nn.conv2d`` runs one grouped convolution with T groups (cuDNN).
+    TF's CPU kernels run the forward pass (tested) but have NO gradient for
+    grouped convolutions ("Gradients for grouped convolutions are not
+    supported on CPU"), so on CPU it serves inference only. Its GPU
+    gradients (first and second order) were not verified in this session:
+    no GPU was available; run ``test_second_order_gradients`` on a GPU.
+  - ``'auto'``: ``'grouped'`` when a GPU is visible, else ``'map'``.
 
 * BatchNormalization / LayerNormalization: per-task moments over every axis
   but the task and channel axes, computed as ``mean`` then
@@ -37,14 +42,48 @@ Every parameter may also be given *without* the task axis (shape
 (unbatched) kernel, e.g. ``tf.nn.conv2d`` on ``[T*N, H, W, C]``. The gradient
 with respect to a shared parameter is the sum over tasks.
 
-Benchmark (this repo's CPU machine, 2 shared cores, TF 2.21 CPU wheel,
-float32): one Omniglot meta-gradient -- the paper's conv net (4 x [Conv2D 64
-3x3 stride 2 'same', BatchNorm, ReLU], Flatten, Dense(5)) on 28x28x1, T=32
-tasks, 5 support and 75 query images per task, one inner SGD step (alpha
-0.4), second order, gradient of the mean query cross-entropy w.r.t. theta, in
-a ``tf.function``, median of 5 after warm-up:
+Benchmark (CPU machine of this repo: 2 cores shared with other jobs, load
+average ~5 during the runs, TF 2.21 CPU wheel with oneDNN, float32): one
+Omniglot meta-gradient -- the paper's conv net (4 x [Conv2D 64 3x3 stride 2
+'same', BatchNorm, ReLU], Flatten, Dense(5)) on 28x28x1, T=32 tasks, 5
+support and 75 query images per task, one inner SGD step (alpha 0.4), second
+order, gradient of the mean query cross-entropy w.r.t. theta, in a
+``tf.function``; median of 7 after warm-up, seconds per iteration (wall /
+process CPU time; wall times of repeated runs in brackets):
 
-  BENCHMARK_TABLE
+  ==========================================  ==============  =============
+  implementation                              wall / CPU (s)  other runs
+  ==========================================  ==============  =============
+  tf.map_fn of functional_call (fallback)     0.67 / 0.68     0.62 - 1.03
+  batched, conv_impl='map'                    0.77 / 0.76     0.71 - 1.05
+  batched, conv_impl='patches'                1.16 / 0.84     0.94 - 2.14
+  batched, patches from 9 strided slices      9.9             (first try)
+  batched, conv_impl='grouped'                n/a: no CPU gradient kernel
+  MAML.train_step, vectorize=False (whole     1.19 / 1.33
+  step: metrics, Adam, check_numerics)
+  ==========================================  ==============  =============
+
+All are below the 1.6 s goal on this machine, and on CPU batching gives no
+speed-up: the convolutions dominate (in a traced profile of 'map',
+Conv2D + its two backprop kernels are ~2/3 of op time) and oneDNN already
+runs each task's convolution efficiently, so the win of this module is on
+GPUs (one grouped kernel instead of T sequential ones) and in removing the
+``tf.map_fn`` loop. The paper's MLP (``omniglot_mlp``, same batch) takes
+0.069 s with ``tf.map_fn`` and 0.070 s batched (0.046 s CPU time).
+
+What was tried for the patches path (profiled with a traced session): the
+first version (pad + 9 strided slices + concat + batched matmul) spent ~80%
+of op time in TF's 5-D ``StridedSlice``/``StridedSliceGrad`` CPU kernels and
+only ~3% in the matmuls. A micro-benchmark of one 14x14x64 -> 7x7x64 layer
+(second derivative of a scalar through it, T=32, N=75) gave: per-task
+conv2d 0.70 s, ``extract_patches`` 1.81 s, depthwise conv with an identity
+filter as patch extractor 2.16 s, unit-stride slices of a space-to-depth
+(phase) reshape 4.2 s (3.5 s with the phases transposed first), strided
+slices 12.7 s. ``'patches'`` therefore uses ``extract_patches`` and ``'auto'``
+picks ``'map'`` on CPU. Not tried: NCHW inside (oneDNN picks its own layout),
+a 2-D matmul for parameters shared at step 0 (the inner gradient needs
+per-task parameters anyway; shared parameters are supported and use the
+plain unbatched kernels).
 
 Arguments and semantics: see :func:`compile_batched` and
 :class:`BatchedModel`.
@@ -59,7 +98,7 @@ Example:
 """
 
 import math
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import keras
 import tensorflow as tf
@@ -85,11 +124,10 @@ def _unsupported(layer, why: str) -> Unsupported:
 class _Context:
   """The values one call of a :class:`BatchedModel` works on."""
 
-  def __init__(self, params, state, shapes, training, num_tasks):
+  def __init__(self, params, state, shapes, training):
     self.values = {"p": list(params), "s": list(state)}
     self.shapes = shapes               # {"p": [var shapes], "s": [...]}
     self.training = training
-    self.num_tasks = num_tasks         # int, or a scalar tensor
 
   def read(self, ref) -> Tuple[tf.Tensor, bool]:
     """``(value, per_task)`` of a variable reference ``(kind, index)``."""
@@ -114,24 +152,30 @@ def _per_task_vector(value, per_task: bool, rank: int):
   """Broadcasts a per-channel vector against a ``[T, N, ..., C]`` tensor."""
   if not per_task:
     return value
-  return tf.reshape(value, tf.concat(
-      [tf.shape(value)[:1], tf.ones([rank - 2], tf.int32),
-       tf.shape(value)[1:]], 0))
+  return tf.reshape(value, [-1] + [1] * (rank - 2) + _dims(value)[1:])
+
+
+def _dims(x) -> list:
+  """The shape of ``x`` as a list: static ints where known, else scalars."""
+  static = x.shape.as_list()
+  if None not in static:
+    return static
+  dynamic = tf.shape(x)
+  return [d if d is not None else dynamic[i] for i, d in enumerate(static)]
 
 
 def _merge_task_axis(x):
   """``[T, N, ...] -> [T*N, ...]`` and the function that undoes it."""
-  shape = tf.shape(x)
-  merged = tf.reshape(x, tf.concat([[-1], shape[2:]], 0))
+  dims = _dims(x)
+  merged = tf.reshape(x, [-1] + dims[2:])
 
   def split(y):
-    return tf.reshape(y, tf.concat([shape[:2], tf.shape(y)[1:]], 0))
+    return tf.reshape(y, dims[:2] + _dims(y)[1:])
   return merged, split
 
 
 def _static_or_dynamic(x, axis):
-  dim = x.shape[axis]
-  return dim if dim is not None else tf.shape(x)[axis]
+  return _dims(x)[axis]
 
 
 # ------------------------------------------------------------------ kernels
@@ -152,10 +196,9 @@ def batched_dense(x, kernel, per_task: bool):
         x, kernel, axes=[[x.shape.rank - 1], [0]])
   if x.shape.rank == 3:
     return tf.matmul(x, kernel)
-  shape = tf.shape(x)
-  flat = tf.reshape(x, tf.stack([shape[0], -1, shape[-1]]))
-  out = tf.matmul(flat, kernel)
-  return tf.reshape(out, tf.concat([shape[:-1], tf.shape(kernel)[-1:]], 0))
+  dims = _dims(x)
+  out = tf.matmul(tf.reshape(x, [dims[0], -1, dims[-1]]), kernel)
+  return tf.reshape(out, dims[:-1] + _dims(kernel)[-1:])
 
 
 def _same_padding(size: int, k: int, s: int) -> Tuple[int, int, int]:
@@ -258,7 +301,7 @@ def conv2d_grouped(x, kernel, strides, padding):
 
   Arguments:
     x: ``[T, N, H, W, C]``.
-    kernel: ``[T, kh, kw, C, F]`` (T static).
+    kernel: ``[T, kh, kw, C, F]`` (T static; :func:`conv2d_map` otherwise).
     strides: ``(sh, sw)``.
     padding: ``'same'`` or ``'valid'``.
 
@@ -269,6 +312,8 @@ def conv2d_grouped(x, kernel, strides, padding):
   """
   t, _, h, w, c = x.shape
   _, kh, kw, _, f = kernel.shape
+  if t is None:   # the folded channel count must be static
+    return conv2d_map(x, kernel, strides, padding)
   folded = tf.reshape(tf.transpose(x, [1, 2, 3, 0, 4]), [-1, h, w, t * c])
   filt = tf.reshape(tf.transpose(kernel, [1, 2, 3, 0, 4]), [kh, kw, c, t * f])
   y = tf.nn.conv2d(folded, filt, strides=list(strides),
@@ -302,11 +347,11 @@ _CONV_KERNELS = {"patches": conv2d_patches, "grouped": conv2d_grouped,
 
 
 def resolve_conv_impl(conv_impl: str) -> str:
-  """Maps ``'auto'`` to ``'grouped'`` (GPU visible) or ``'patches'``."""
+  """Maps ``'auto'`` to ``'grouped'`` (GPU visible) or ``'map'`` (CPU)."""
   if conv_impl not in CONV_IMPLS:
     raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}")
   if conv_impl == "auto":
-    return "grouped" if tf.config.list_physical_devices("GPU") else "patches"
+    return "grouped" if tf.config.list_physical_devices("GPU") else "map"
   return conv_impl
 
 
@@ -324,15 +369,6 @@ class _Op:
 class _Identity(_Op):
 
   def __call__(self, ctx, inputs):
-    return inputs[0]
-
-
-class _Dropout(_Op):
-
-  def __call__(self, ctx, inputs):
-    if ctx.training and self.layer.rate > 0:
-      raise _unsupported(self.layer, f"dropout with rate {self.layer.rate} in "
-                         "training mode (use rate 0 or training=False)")
     return inputs[0]
 
 
@@ -478,11 +514,8 @@ class _Flatten(_Op):
   def __call__(self, ctx, inputs):
     x = inputs[0]
     features = x.shape[2:]
-    if None in features:
-      shape = tf.shape(x)
-      return tf.reshape(x, tf.concat([shape[:2], [-1]], 0))
-    size = int(math.prod(features))
-    return tf.reshape(x, tf.concat([tf.shape(x)[:2], [size]], 0))
+    size = -1 if None in features else int(math.prod(features))
+    return tf.reshape(x, _dims(x)[:2] + [size])
 
 
 class _Add(_Op):
@@ -611,7 +644,12 @@ class _Compiler:
         raise _unsupported(layer, f"axis={layer.axis}; only -1 is supported")
       return _Elementwise(layer)
     if kind is keras.layers.Dropout:
-      return _Dropout(layer)
+      # Raised here, not at call time, so that callers can fall back before
+      # tracing (MAML always runs in training mode).
+      if layer.rate > 0:
+        raise _unsupported(layer, f"dropout with rate {layer.rate} (random "
+                           "per-task masks are not supported; only rate 0)")
+      return _Identity(layer)
     if kind is keras.layers.Add:
       return _Add(layer)
     if kind is keras.layers.Concatenate:
@@ -720,8 +758,7 @@ class BatchedModel:
       raise ValueError(f"x must be [T, N, *input_shape], got shape {x.shape}")
     params = [tf.convert_to_tensor(p) for p in params]
     state = [tf.convert_to_tensor(s) for s in state]
-    ctx = _Context(params, state, self._shapes, bool(training),
-                   _static_or_dynamic(x, 0))
+    ctx = _Context(params, state, self._shapes, bool(training))
     y = self._program(ctx, [x])
     return y, ctx.values["s"]
 
@@ -735,7 +772,7 @@ def compile_batched(model: keras.Model, conv_impl: str = "auto") -> BatchedModel
       InputLayer, Dense, Conv2D (channels_last, dilation 1, groups 1, 'same'
       or 'valid'), BatchNormalization and LayerNormalization (last axis),
       MaxPooling2D, AveragePooling2D, Flatten, Activation, ReLU, LeakyReLU,
-      ELU, Softmax (last axis), Dropout (rate 0 or inference), Add and
+      ELU, Softmax (last axis), Dropout (rate 0 only), Add and
       Concatenate.
     conv_impl: ``'auto'``, ``'patches'``, ``'grouped'`` or ``'map'`` (see the
       module docstring).

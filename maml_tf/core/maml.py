@@ -46,17 +46,21 @@ def inner_update(params: Sequence[tf.Tensor], grads: Sequence[tf.Tensor],
 
   Arguments:
     params: current fast weights.
-    grads: their gradients, same structure.
-    inner_lr: a scalar step size, or one per parameter (Meta-SGD style).
+    grads: their gradients, same structure (``None`` leaves a weight as is).
+    inner_lr: a scalar step size, or one per parameter (Meta-SGD style:
+      scalars or tensors shaped like the parameter).
   """
-  if isinstance(inner_lr, (list, tuple)):
-    return [p - lr * g for p, g, lr in zip(params, grads, inner_lr)]
-  return [p - inner_lr * g for p, g in zip(params, grads)]
+  lrs = (list(inner_lr) if isinstance(inner_lr, (list, tuple))
+         else [inner_lr] * len(params))
+  return [p if g is None else p - lr * g
+          for p, g, lr in zip(params, grads, lrs)]
 
 
 def adapt_params(model: keras.Model, loss_fn: LossFn, params, state, x, y,
                  inner_lr, steps: int, first_order: bool = False,
-                 on_step: Optional[Callable[[int, list, list], None]] = None):
+                 on_step: Optional[Callable[[int, list, list], None]] = None,
+                 adapt_mask: Optional[Sequence[bool]] = None,
+                 forward: Optional[Callable] = None):
   """Runs ``steps`` inner gradient steps from ``params`` on ``(x, y)`` (pure).
 
   Arguments:
@@ -65,12 +69,18 @@ def adapt_params(model: keras.Model, loss_fn: LossFn, params, state, x, y,
     params: starting weights, ordered as ``model.trainable_variables``.
     state: non-trainable state, ordered as ``model.non_trainable_variables``.
     x, y: the support set of one task.
-    inner_lr: step size (scalar or one per parameter).
+    inner_lr: step size: a scalar, one per parameter, or a function
+      ``step -> either`` (per-step step sizes, MAML++).
     steps: number of gradient steps, >= 0.
     first_order: drop the second-order terms (``stop_gradient`` on the
       inner gradients).
     on_step: optional ``f(step, fast_params, state)`` called after each step
       (used by evaluation to score the query set along the way).
+    adapt_mask: one bool per parameter; ``False`` keeps that parameter fixed
+      in the inner loop (ANIL adapts only the head).
+    forward: ``f(params, state, x) -> (y_pred, state)``; default
+      ``functional_call(model, ..., training=True)``. The task-batched path
+      passes its batched model here.
 
   Returns:
     ``(fast_params, state)``.
@@ -79,17 +89,23 @@ def adapt_params(model: keras.Model, loss_fn: LossFn, params, state, x, y,
     >>> params, state = functional.read_weights(model)
     >>> fast, state = adapt_params(model, mse, params, state, x, y, 0.01, 1)
   """
+  if forward is None:
+    forward = lambda p, s, x: functional.functional_call(model, p, s, x, True)
+  mask = list(adapt_mask) if adapt_mask is not None else [True] * len(params)
   fast = list(params)
   for step in range(steps):
+    watched = [f for f, m in zip(fast, mask) if m]
     with tf.GradientTape(watch_accessed_variables=False) as tape:
-      tape.watch(fast)
-      pred, state = functional.functional_call(model, fast, state, x, True)
+      tape.watch(watched)
+      pred, state = forward(fast, state, x)
       loss = loss_fn(y, pred)
-    grads = tape.gradient(loss, fast,
-                          unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    grads = iter(tape.gradient(
+        loss, watched, unconnected_gradients=tf.UnconnectedGradients.ZERO))
+    grads = [next(grads) if m else None for m in mask]
     if first_order:
-      grads = [tf.stop_gradient(g) for g in grads]
-    fast = inner_update(fast, grads, inner_lr)
+      grads = [None if g is None else tf.stop_gradient(g) for g in grads]
+    fast = inner_update(fast, grads,
+                        inner_lr(step) if callable(inner_lr) else inner_lr)
     if on_step is not None:
       on_step(step + 1, fast, state)
   return fast, state
@@ -117,23 +133,49 @@ def _as_loss_fn(loss) -> LossFn:
   return loss_fn
 
 
+def multi_step_loss_weights(iteration, num_steps: int, anneal_iterations: int):
+  """MAML++ multi-step loss weights (Antoniou et al. 2019), a ``[num_steps]`` tensor.
+
+  Uniform at iteration 0; the weights of the intermediate steps decay
+  linearly to ``0.03 / num_steps`` over ``anneal_iterations`` while the last
+  step's weight grows, so training ends on the plain MAML objective.
+  """
+  n = float(num_steps)
+  it = tf.cast(iteration, tf.float32)
+  decay = 1.0 / n / max(anneal_iterations, 1)
+  floor = 0.03 / n
+  nonfinal = tf.maximum(1.0 / n - it * decay, floor)
+  final = tf.minimum(1.0 / n + it * (n - 1) * decay, 1.0 - (n - 1) * floor)
+  return tf.concat([tf.fill([num_steps - 1], nonfinal), [final]], 0)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Plan:
   """What one compiled task pass computes."""
   record_steps: Tuple[int, ...]   # query metrics after these step counts
-  inner_lr: float
+  inner_lr: Optional[float]       # None: the learner's own (maybe learned)
   first_order: bool
+
+
+INNER_LR_MODES = (None, "scalar", "per_parameter", "per_layer_per_step")
 
 
 class MAML:
   """Model-Agnostic Meta-Learning for any built Keras 3 model.
+
+  The same class runs the gradient-based family (see ``docs`` in README):
+  first-order MAML (``first_order=True``), Meta-SGD
+  (``learn_inner_lr="per_parameter"``), ANIL (``adapt="head"``), MAML++
+  (``learn_inner_lr="per_layer_per_step"``, ``multi_step_loss_iterations``,
+  ``first_order_until``, a cosine-decayed meta learning rate) and, in
+  :class:`maml_tf.core.reptile.Reptile`, Reptile.
 
   Arguments:
     model: a built Keras 3 model (Sequential, functional or subclassed). Its
       trainable variables are the meta-parameters theta.
     loss: a Keras loss (object or name) or a callable
       ``(y_true, y_pred) -> scalar``.
-    inner_lr: the inner step size alpha.
+    inner_lr: the inner step size alpha (the initial value when learned).
     inner_steps: inner gradient steps during meta-training (>= 1).
     first_order: drop the second-order terms of the meta-gradient (FOMAML).
     meta_optimizer: a Keras optimizer for the outer step; default Adam(1e-3).
@@ -147,8 +189,22 @@ class MAML:
       else ``"map_fn"`` (one task after another). All give the same numbers.
       ``True``/``False`` mean ``"vectorized_map"``/``"map_fn"``.
     conv_impl: convolution kernel of the batched path: ``"auto"`` (grouped
-      convolution on GPU, patches + batched matmul on CPU), ``"patches"``,
+      convolution on GPU, one convolution per task on CPU, where TF has no
+      grouped-convolution gradient), ``"patches"``,
       ``"grouped"`` or ``"map"``.
+    learn_inner_lr: meta-learn the inner step sizes: ``None`` (fixed),
+      ``"scalar"`` (one alpha), ``"per_parameter"`` (Meta-SGD: an alpha per
+      weight) or ``"per_layer_per_step"`` (MAML++ LSLR: an alpha per weight
+      tensor and inner step).
+    adapt: which parameters the inner loop adapts: ``"all"`` (MAML),
+      ``"head"`` (ANIL: the last layer that has weights), a list of layer
+      names, or a predicate ``f(variable) -> bool``. The others stay at
+      theta for every task but are still meta-learned.
+    multi_step_loss_iterations: MAML++ multi-step loss: the meta-loss is a
+      weighted sum of the query losses after every inner step, annealed to
+      the last step's alone over this many iterations (0: off).
+    first_order_until: MAML++ derivative-order annealing: first-order
+      meta-gradients for the first this-many iterations, then second order.
 
   Example:
     >>> model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(40,
@@ -164,7 +220,11 @@ class MAML:
                meta_optimizer: Optional[keras.optimizers.Optimizer] = None,
                accuracy: Optional[bool] = None,
                vectorize: Union[str, bool] = "auto",
-               conv_impl: str = "auto"):
+               conv_impl: str = "auto",
+               learn_inner_lr: Optional[str] = None,
+               adapt: Union[str, Sequence[str], Callable] = "all",
+               multi_step_loss_iterations: int = 0,
+               first_order_until: int = 0):
     self.model = functional.ensure_built(model)
     self.loss_fn = _as_loss_fn(loss)
     if not isinstance(inner_steps, (int, np.integer)) or inner_steps < 1:
@@ -175,12 +235,25 @@ class MAML:
     if vectorize not in ("auto", True, False) + EXECUTIONS:
       raise ValueError(f"vectorize must be 'auto', True, False or one of "
                        f"{EXECUTIONS}, got {vectorize!r}")
+    if learn_inner_lr not in INNER_LR_MODES:
+      raise ValueError(f"learn_inner_lr must be one of {INNER_LR_MODES}, got "
+                       f"{learn_inner_lr!r}")
+    for name, value in (("multi_step_loss_iterations",
+                         multi_step_loss_iterations),
+                        ("first_order_until", first_order_until)):
+      if int(value) < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
     self.inner_lr = inner_lr
     self.inner_steps = int(inner_steps)
     self.first_order = bool(first_order)
     self.accuracy = accuracy
+    self.learn_inner_lr = learn_inner_lr
+    self.multi_step_loss_iterations = int(multi_step_loss_iterations)
+    self.first_order_until = int(first_order_until)
+    self.adapt_mask = _adapt_mask(self.model, adapt)
+    self.inner_lr_variables = self._make_inner_lr_variables()
     self.meta_optimizer = meta_optimizer or keras.optimizers.Adam(1e-3)
-    self.meta_optimizer.build(self.model.trainable_variables)
+    self.meta_optimizer.build(self.meta_variables)
     self._vectorize_mode = {True: "vectorized_map", False: "map_fn"}.get(
         vectorize, vectorize)
     self._batched = None
@@ -199,6 +272,48 @@ class MAML:
         self._state_kinds.append("first")   # RNG seeds: advance them
       else:
         self._state_kinds.append("keep")    # frozen weights: never written
+
+  # ------------------------------------------------------- meta-parameters
+  def _make_inner_lr_variables(self) -> list:
+    mode = self.learn_inner_lr
+    if mode is None:
+      return []
+    dtype = self.model.trainable_variables[0].dtype
+    if mode == "scalar":
+      shapes = [()]
+    elif mode == "per_parameter":
+      shapes = [tuple(v.shape) for v in self.model.trainable_variables]
+    else:
+      shapes = [(self.inner_steps,)] * len(self.model.trainable_variables)
+    return [keras.Variable(np.full(shape, self.inner_lr), dtype=dtype,
+                           name=f"inner_lr_{i}")
+            for i, shape in enumerate(shapes)]
+
+  @property
+  def meta_variables(self) -> list:
+    """Everything the outer step updates: the model's trainable variables,
+    then the learned inner step sizes (if any)."""
+    return list(self.model.trainable_variables) + list(self.inner_lr_variables)
+
+  def checkpoint_items(self) -> Dict[str, object]:
+    """Trackables a checkpoint must hold to resume this learner."""
+    items = {"model": self.model, "meta_optimizer": self.meta_optimizer}
+    if self.inner_lr_variables:
+      items["inner_lr"] = {str(i): v for i, v in
+                           enumerate(self.inner_lr_variables)}
+    return items
+
+  def _lr_schedule(self, plan: _Plan, lrs: Sequence[tf.Tensor]):
+    """``step -> step size(s)`` for the inner loop."""
+    if plan.inner_lr is not None or not lrs:
+      value = self.inner_lr if plan.inner_lr is None else plan.inner_lr
+      return lambda step: value
+    if self.learn_inner_lr == "scalar":
+      return lambda step: lrs[0]
+    if self.learn_inner_lr == "per_parameter":
+      return lambda step: list(lrs)
+    last = self.inner_steps - 1
+    return lambda step: [lr[min(step, last)] for lr in lrs]
 
   @property
   def vectorize(self) -> bool:
@@ -235,30 +350,44 @@ class MAML:
     return batch.support_y.dtype.is_integer
 
   # --------------------------------------------------------------- the core
-  def _task_metrics(self, plan: _Plan, params, state, with_acc: bool):
-    """Per-task function: query loss (and accuracy) after each recorded step."""
-    record = set(plan.record_steps)
-    last = max(plan.record_steps)
+  def _run_tasks(self, plan: _Plan, params, state, batch, with_acc,
+                 lrs=(), return_fast=False):
+    """Adapts every task and scores its query set after each recorded step.
 
+    Returns ``{"loss": [T, S], "accuracy": [T, S], "state": [T, ...] list,
+    "fast": [T, ...] list (if return_fast)}``.
+    """
+    lr_of = self._lr_schedule(plan, lrs)
+    if self.execution == "batched":
+      return self._run_tasks_batched(plan, params, state, batch, with_acc,
+                                     lr_of, return_fast)
+    return self._map_tasks(
+        self._task_fn(plan, params, state, with_acc, lr_of, return_fast), batch)
+
+  def _task_fn(self, plan, params, state, with_acc, lr_of, return_fast):
+    """The per-task function of the generic (mapped) paths."""
     def run(task):
       sx, sy, qx, qy = task
       losses, accs = {}, {}
 
       def score(step, fast, st):
-        if step in record:
+        if step in plan.record_steps:
           pred, _ = functional.functional_call(self.model, fast, st, qx, True)
           losses[step] = self.loss_fn(qy, pred)
           if with_acc:
             accs[step] = sparse_accuracy(qy, pred)
 
       score(0, params, state)
-      _, final_state = adapt_params(self.model, self.loss_fn, params, state,
-                                    sx, sy, plan.inner_lr, last,
-                                    plan.first_order, on_step=score)
-      out = {"loss": tf.stack([losses[s] for s in plan.record_steps])}
+      fast, final_state = adapt_params(
+          self.model, self.loss_fn, params, state, sx, sy, lr_of,
+          max(plan.record_steps), plan.first_order, on_step=score,
+          adapt_mask=self.adapt_mask)
+      out = {"loss": tf.stack([losses[s] for s in plan.record_steps]),
+             "state": final_state}
       if with_acc:
         out["accuracy"] = tf.stack([accs[s] for s in plan.record_steps])
-      out["state"] = final_state
+      if return_fast:
+        out["fast"] = fast
       return out
     return run
 
@@ -271,17 +400,12 @@ class MAML:
         fn(tuple(t[0] for t in elems)))  # traced once to learn the output spec
     return tf.map_fn(fn, elems, fn_output_signature=spec)
 
-  def _run_tasks(self, plan: _Plan, params, state, batch, with_acc):
-    if self.execution == "batched":
-      return self._run_tasks_batched(plan, params, state, batch, with_acc)
-    return self._map_tasks(self._task_metrics(plan, params, state, with_acc),
-                           batch)
-
   def _per_task(self, fn, y, pred):
     """``[T]`` values of a per-task reduction such as the loss."""
     return tf.vectorized_map(lambda a: fn(a[0], a[1]), (y, pred))
 
-  def _run_tasks_batched(self, plan: _Plan, params, state, batch, with_acc):
+  def _run_tasks_batched(self, plan, params, state, batch, with_acc, lr_of,
+                         return_fast):
     """All tasks at once through the task-batched fast-weights model."""
     sx, sy, qx, qy = batch
     num_tasks = sx.shape[0] if sx.shape[0] is not None else tf.shape(sx)[0]
@@ -289,30 +413,29 @@ class MAML:
     state = [tile(v) for v in state]
     losses, accs = {}, {}
 
-    def score(step, fast):
+    def score(step, fast, st):
       if step in plan.record_steps:
-        pred, _ = self._batched(fast, state, qx, training=True)
+        pred, _ = self._batched(fast, st, qx, training=True)
         losses[step] = self._per_task(self.loss_fn, qy, pred)
         if with_acc:
           accs[step] = self._per_task(sparse_accuracy, qy, pred)
 
-    score(0, params)                    # shared weights: plain kernels
-    fast = [tile(p) for p in params]
-    for step in range(max(plan.record_steps)):
-      with tf.GradientTape(watch_accessed_variables=False) as tape:
-        tape.watch(fast)
-        pred, state = self._batched(fast, state, sx, training=True)
-        loss = tf.reduce_sum(self._per_task(self.loss_fn, sy, pred))
-      grads = tape.gradient(loss, fast,
-                            unconnected_gradients=tf.UnconnectedGradients.ZERO)
-      if plan.first_order:
-        grads = [tf.stop_gradient(g) for g in grads]
-      fast = inner_update(fast, grads, plan.inner_lr)
-      score(step + 1, fast)
+    score(0, params, state)          # shared weights: plain kernels
+    # Adapted weights get a task axis; the others stay shared (cheaper).
+    fast = [tile(p) if m else p for p, m in zip(params, self.adapt_mask)]
+    fast, state = adapt_params(
+        self.model,
+        lambda y, pred: tf.reduce_sum(self._per_task(self.loss_fn, y, pred)),
+        fast, state, sx, sy, lr_of, max(plan.record_steps), plan.first_order,
+        on_step=score, adapt_mask=self.adapt_mask,
+        forward=lambda p, s, x: self._batched(p, s, x, training=True))
     out = {"loss": tf.stack([losses[s] for s in plan.record_steps], axis=1),
            "state": state}
     if with_acc:
       out["accuracy"] = tf.stack([accs[s] for s in plan.record_steps], axis=1)
+    if return_fast:
+      out["fast"] = [f if m else tile(f)
+                     for f, m in zip(fast, self.adapt_mask)]
     return out
 
   def _new_state(self, state, task_states):
@@ -326,13 +449,20 @@ class MAML:
         new.append(old)
     return new
 
+  def _write_state(self, state, task_states):
+    for var, kind, value in zip(self.model.non_trainable_variables,
+                                self._state_kinds,
+                                self._new_state(state, task_states)):
+      if kind != "keep":
+        var.assign(value)
+
   # --------------------------------------------------------- compiled steps
   def _compile(self, key, make, batch, reduce_retracing=False):
-    """A tf.function per key; resolves vectorize='auto' on the first trace."""
+    """A tf.function per key; falls back to map_fn if pfor cannot trace."""
     if key in self._compiled:
       return self._compiled[key]
     fn = tf.function(make(), reduce_retracing=reduce_retracing)
-    if self.execution == "vectorized_map":     # fall back if pfor cannot
+    if self.execution == "vectorized_map":
       try:
         fn.get_concrete_function(batch)
       except (ValueError, NotImplementedError, TypeError,
@@ -347,57 +477,80 @@ class MAML:
     self._compiled[key] = fn
     return fn
 
-  def _train_plan(self):
-    return _Plan((0, self.inner_steps), self.inner_lr, self.first_order)
+  def _train_plan(self, first_order: bool) -> _Plan:
+    if self.multi_step_loss_iterations:
+      steps = tuple(range(self.inner_steps + 1))
+    else:
+      steps = (0, self.inner_steps)
+    return _Plan(steps, None, first_order)
+
+  def _read_meta(self):
+    params, state = functional.read_weights(self.model)
+    lrs = [tf.convert_to_tensor(v) for v in self.inner_lr_variables]
+    return params, state, lrs
+
+  def _objective(self, out):
+    """The meta-loss from per-task query losses ``[T, S]``."""
+    if not self.multi_step_loss_iterations:
+      return tf.reduce_mean(out["loss"][:, -1])
+    weights = multi_step_loss_weights(self.meta_optimizer.iterations,
+                                      self.inner_steps,
+                                      self.multi_step_loss_iterations)
+    per_step = tf.reduce_mean(out["loss"][:, 1:], axis=0)
+    return tf.reduce_sum(tf.cast(weights, per_step.dtype) * per_step)
 
   def _make_meta_loss(self):
-    plan = self._train_plan()
+    plan = self._train_plan(self.first_order)
 
     def meta_loss(batch):
-      params, state = functional.read_weights(self.model)
-      out = self._run_tasks(plan, params, state, batch, False)
-      return tf.reduce_mean(out["loss"][:, -1])
+      params, state, lrs = self._read_meta()
+      return self._objective(self._run_tasks(plan, params, state, batch,
+                                             False, lrs))
     return meta_loss
 
-  def _make_train_step(self, with_acc: bool):
-    plan = self._train_plan()
-    variables = self.model.trainable_variables
-    state_vars = self.model.non_trainable_variables
+  def _metrics(self, out, loss, with_acc):
+    metrics = {"loss_before": tf.reduce_mean(out["loss"][:, 0]),
+               "loss_after": tf.reduce_mean(out["loss"][:, -1])}
+    if self.multi_step_loss_iterations:
+      metrics["meta_loss"] = loss
+    if with_acc:
+      metrics["accuracy_before"] = tf.reduce_mean(out["accuracy"][:, 0])
+      metrics["accuracy_after"] = tf.reduce_mean(out["accuracy"][:, -1])
+    return metrics
+
+  def _apply(self, grads):
+    """Checks the meta-gradient is finite, then takes the outer step."""
+    variables = self.meta_variables
+    grads = [tf.debugging.check_numerics(
+        g, f"maml_tf: the meta-gradient of {v.path} is NaN or Inf")
+             for g, v in zip(grads, variables)]
+    self.meta_optimizer.apply_gradients(zip(grads, variables))
+
+  def _make_train_step(self, with_acc: bool, first_order: bool):
+    plan = self._train_plan(first_order)
 
     def train_step(batch):
-      params, state = functional.read_weights(self.model)
+      params, state, lrs = self._read_meta()
       with tf.GradientTape(watch_accessed_variables=False) as tape:
-        tape.watch(params)
-        out = self._run_tasks(plan, params, state, batch, with_acc)
-        loss = tf.reduce_mean(out["loss"][:, -1])
+        tape.watch(params + lrs)
+        out = self._run_tasks(plan, params, state, batch, with_acc, lrs)
         # Inside the tape: a check outside it would cut the gradient path.
         loss = tf.debugging.check_numerics(
-            loss, "maml_tf: the meta-loss (query loss after adaptation) is "
-            "NaN or Inf")
-      grads = tape.gradient(loss, params,
-                            unconnected_gradients=tf.UnconnectedGradients.ZERO)
-      grads = [tf.debugging.check_numerics(
-          g, f"maml_tf: the meta-gradient of {v.path} is NaN or Inf")
-               for g, v in zip(grads, variables)]
-      self.meta_optimizer.apply_gradients(zip(grads, variables))
-      for var, kind, value in zip(state_vars, self._state_kinds,
-                                  self._new_state(state, out["state"])):
-        if kind != "keep":
-          var.assign(value)
-      metrics = {"loss_before": tf.reduce_mean(out["loss"][:, 0]),
-                 "loss_after": loss}
-      if with_acc:
-        metrics["accuracy_before"] = tf.reduce_mean(out["accuracy"][:, 0])
-        metrics["accuracy_after"] = tf.reduce_mean(out["accuracy"][:, -1])
-      return metrics
+            self._objective(out), "maml_tf: the meta-loss (query loss after "
+            "adaptation) is NaN or Inf")
+      self._apply(tape.gradient(
+          loss, params + lrs,
+          unconnected_gradients=tf.UnconnectedGradients.ZERO))
+      self._write_state(state, out["state"])
+      return self._metrics(out, loss, with_acc)
     return train_step
 
   def _make_evaluate(self, steps, inner_lr, with_acc):
     plan = _Plan(tuple(steps), inner_lr, True)
 
     def evaluate(batch):
-      params, state = functional.read_weights(self.model)
-      out = self._run_tasks(plan, params, state, batch, with_acc)
+      params, state, lrs = self._read_meta()
+      out = self._run_tasks(plan, params, state, batch, with_acc, lrs)
       out.pop("state")
       return out
     return evaluate
@@ -406,8 +559,9 @@ class MAML:
   def meta_loss(self, batch: TaskBatch) -> tf.Tensor:
     """Mean query loss after ``inner_steps`` adaptation steps (a scalar).
 
-    Differentiable with respect to ``model.trainable_variables``, including
-    the second-order terms unless ``first_order=True``. Writes nothing.
+    Differentiable with respect to ``model.trainable_variables`` (and the
+    learned step sizes), including the second-order terms unless
+    ``first_order=True``. Writes nothing.
 
     Example:
       >>> with tf.GradientTape() as tape:
@@ -417,12 +571,20 @@ class MAML:
     batch = self._prepare(batch)
     return self._compile("meta_loss", self._make_meta_loss, batch)(batch)
 
+  def _first_order_now(self) -> bool:
+    if self.first_order:
+      return True
+    return (self.first_order_until > 0 and
+            int(self.meta_optimizer.iterations.numpy()) < self.first_order_until)
+
   def train_step_tensors(self, batch: TaskBatch) -> Dict[str, tf.Tensor]:
     """As :meth:`train_step` but returns tensors (no host synchronisation)."""
     batch = self._prepare(batch)
     with_acc = self._wants_accuracy(batch)
-    fn = self._compile(("train", with_acc),
-                       lambda: self._make_train_step(with_acc), batch)
+    first_order = self._first_order_now()
+    fn = self._compile(("train", with_acc, first_order),
+                       lambda: self._make_train_step(with_acc, first_order),
+                       batch)
     try:
       return fn(batch)
     except tf.errors.InvalidArgumentError as e:
@@ -452,7 +614,8 @@ class MAML:
     Arguments:
       batch: tasks to adapt to (support) and score on (query).
       steps: step counts to report, e.g. ``(0, 1, 5, 10)``.
-      inner_lr: step size for this evaluation; default ``self.inner_lr``.
+      inner_lr: step size for this evaluation; default the learner's own
+        (``self.inner_lr``, or the learned step sizes).
       per_task: return ``[len(steps), T]`` arrays instead of task means.
 
     Returns:
@@ -461,7 +624,7 @@ class MAML:
     steps = tuple(int(s) for s in steps)
     if not steps or min(steps) < 0:
       raise ValueError(f"steps must be non-negative integers, got {steps}")
-    inner_lr = self.inner_lr if inner_lr is None else float(inner_lr)
+    inner_lr = None if inner_lr is None else float(inner_lr)
     batch = self._prepare(batch)
     with_acc = self._wants_accuracy(batch)
     ordered = tuple(sorted(set(steps)))
@@ -486,7 +649,7 @@ class MAML:
     Arguments:
       support_x, support_y: the task's support set ``[K, ...]`` (no task axis).
       steps: inner steps; default ``inner_steps``.
-      inner_lr: step size; default ``self.inner_lr``.
+      inner_lr: step size; default the learner's own (fixed or learned).
       batchnorm_statistics: ``"support"`` sets the adapted model's BatchNorm
         moving statistics to the support set's batch statistics under the
         adapted weights, so it predicts per example in inference mode;
@@ -502,7 +665,6 @@ class MAML:
     steps = self.inner_steps if steps is None else int(steps)
     if steps < 0:
       raise ValueError(f"steps must be >= 0, got {steps}")
-    inner_lr = self.inner_lr if inner_lr is None else float(inner_lr)
     x = tf.convert_to_tensor(support_x)
     y = tf.convert_to_tensor(support_y)
     if x.shape[0] != y.shape[0]:
@@ -513,13 +675,45 @@ class MAML:
       x = tf.cast(x, dtype)
     if y.dtype.is_floating:
       y = tf.cast(y, dtype)
-    params, state = functional.read_weights(self.model)
+    params, state, lrs = self._read_meta()
+    plan = _Plan((steps,), None if inner_lr is None else float(inner_lr), True)
     fast, _ = adapt_params(self.model, self.loss_fn, params, state, x, y,
-                           inner_lr, steps)
+                           self._lr_schedule(plan, lrs), steps,
+                           adapt_mask=self.adapt_mask)
     adapted = clone_with_weights(self.model, fast, state)
     if batchnorm_statistics == "support":
       refresh_batchnorm_statistics(adapted, x)
     return adapted
+
+
+def _adapt_mask(model: keras.Model, adapt) -> list:
+  """One bool per trainable variable: does the inner loop adapt it?"""
+  variables = model.trainable_variables
+  if adapt == "all":
+    return [True] * len(variables)
+  if adapt == "head":
+    layers = [l for l in model._flatten_layers(include_self=False)  # pylint: disable=protected-access
+              if l.trainable_weights]
+    head = {id(v) for v in layers[-1].trainable_weights}
+    mask = [id(v) in head for v in variables]
+  elif callable(adapt):
+    mask = [bool(adapt(v)) for v in variables]
+  elif isinstance(adapt, (list, tuple)):
+    names = set(adapt)
+    layers = {l.name: l for l in model._flatten_layers(include_self=False)}  # pylint: disable=protected-access
+    missing = names - set(layers)
+    if missing:
+      raise ValueError(f"adapt names layers that model {model.name!r} does not "
+                       f"have: {sorted(missing)}; it has {sorted(layers)}")
+    chosen = {id(v) for n in names for v in layers[n].trainable_weights}
+    mask = [id(v) in chosen for v in variables]
+  else:
+    raise ValueError("adapt must be 'all', 'head', a list of layer names or a "
+                     f"predicate, got {adapt!r}")
+  if not any(mask):
+    raise ValueError(f"adapt={adapt!r} selects no trainable variable of "
+                     f"model {model.name!r}")
+  return mask
 
 
 def _root_cause(error: Exception) -> str:

@@ -57,9 +57,10 @@ def make_checkpoint(learner, workdir: str, max_to_keep: int = 3,
                     **extra) -> tuple:
   """``(checkpoint, manager, step_variable)`` for a learner under workdir."""
   step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
-  ckpt = tf.train.Checkpoint(model=learner.model,
-                             meta_optimizer=learner.meta_optimizer,
-                             step=step, **extra)
+  items = (learner.checkpoint_items() if hasattr(learner, "checkpoint_items")
+           else {"model": learner.model,
+                 "meta_optimizer": learner.meta_optimizer})
+  ckpt = tf.train.Checkpoint(step=step, **items, **extra)
   manager = tf.train.CheckpointManager(
       ckpt, os.path.join(workdir, "checkpoints"), max_to_keep=max_to_keep)
   return ckpt, manager, step

@@ -1,0 +1,140 @@
+"""The MAML family on one core: Meta-SGD, ANIL, MAML++ pieces, Reptile."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from maml_tf import MAML, Reptile, TaskBatch, adapt_params
+from maml_tf.core import functional
+from maml_tf.core.maml import multi_step_loss_weights
+
+F64 = "float64"
+
+
+def _mlp64():
+  return keras.Sequential([
+      keras.Input((2,), dtype=F64),
+      keras.layers.Dense(5, activation="tanh", dtype=F64, name="body"),
+      keras.layers.Dense(1, dtype=F64, name="head")])
+
+
+def _batch(seed=0, tasks=3, k=4, q=5):
+  rng = np.random.default_rng(seed)
+  sx, qx = rng.normal(size=(tasks, k, 2)), rng.normal(size=(tasks, q, 2))
+  w = rng.normal(size=(tasks, 2, 1))
+  return TaskBatch(sx, np.sin(sx @ w), qx, np.sin(qx @ w))
+
+
+def _mse64():
+  return keras.losses.MeanSquaredError(dtype=F64)
+
+
+def _grads(maml, batch, variables):
+  with tf.GradientTape() as tape:
+    loss = maml.meta_loss(batch)
+  return [g.numpy() for g in tape.gradient(loss, variables)]
+
+
+def _fd(maml, batch, var, eps=1e-6):
+  base = var.numpy()
+  flat = base.ravel()
+  out = []
+  for i in range(flat.size):
+    vals = []
+    for sign in (1, -1):
+      pert = flat.copy()
+      pert[i] += sign * eps
+      var.assign(pert.reshape(base.shape))
+      vals.append(float(maml.meta_loss(batch)))
+    out.append((vals[0] - vals[1]) / (2 * eps))
+  var.assign(base)
+  return np.asarray(out).reshape(base.shape)
+
+
+@pytest.mark.parametrize("mode", ["scalar", "per_parameter",
+                                  "per_layer_per_step"])
+def test_learned_inner_lr_gradients_match_finite_differences(mode):
+  maml = MAML(_mlp64(), _mse64(), inner_lr=0.2, inner_steps=2,
+              learn_inner_lr=mode)
+  batch = _batch()
+  lrs = maml.inner_lr_variables
+  if mode == "per_parameter":
+    assert [tuple(v.shape) for v in lrs] == [
+        tuple(v.shape) for v in maml.model.trainable_variables]
+  elif mode == "per_layer_per_step":
+    assert all(tuple(v.shape) == (2,) for v in lrs)
+  analytic = _grads(maml, batch, lrs)
+  for var, g in zip(lrs, analytic):
+    np.testing.assert_allclose(g, _fd(maml, batch, var), rtol=1e-5,
+                               atol=1e-9)
+  before = [v.numpy().copy() for v in lrs]
+  maml.train_step(batch)
+  assert any(not np.allclose(b, v.numpy()) for b, v in zip(before, lrs))
+
+
+def test_anil_adapts_only_the_head_and_its_meta_gradient_is_exact():
+  maml = MAML(_mlp64(), _mse64(), inner_lr=0.3, inner_steps=2, adapt="head")
+  assert maml.adapt_mask == [False, False, True, True]
+  batch = _batch(1)
+  adapted = maml.adapt(batch.support_x[0], batch.support_y[0])
+  for a, b, m in zip(adapted.trainable_variables,
+                     maml.model.trainable_variables, maml.adapt_mask):
+    assert np.allclose(a.numpy(), b.numpy()) != m
+  variables = maml.model.trainable_variables
+  analytic = _grads(maml, batch, variables)
+  for var, g in zip(variables, analytic):
+    np.testing.assert_allclose(g, _fd(maml, batch, var), rtol=1e-5,
+                               atol=1e-9)
+  same = MAML(_mlp64(), _mse64(), inner_lr=0.3, inner_steps=2,
+              adapt=["head"], vectorize="map_fn")
+  same.model.set_weights(maml.model.get_weights())
+  for a, b in zip(_grads(same, batch, same.model.trainable_variables),
+                  analytic):
+    np.testing.assert_allclose(a, b, rtol=1e-10)
+  with pytest.raises(ValueError, match="does not have"):
+    MAML(_mlp64(), _mse64(), adapt=["nope"])
+
+
+def test_multi_step_loss_weights_anneal_to_the_last_step():
+  w0 = multi_step_loss_weights(0, 5, 100).numpy()
+  np.testing.assert_allclose(w0, np.full(5, 0.2), rtol=1e-6)
+  w_end = multi_step_loss_weights(1000, 5, 100).numpy()
+  np.testing.assert_allclose(w_end[:4], 0.03 / 5, rtol=1e-6)
+  assert w_end[-1] == pytest.approx(1 - 4 * 0.03 / 5)
+  maml = MAML(_mlp64(), _mse64(), inner_lr=0.2, inner_steps=3,
+              multi_step_loss_iterations=50)
+  metrics = maml.train_step(_batch())
+  assert "meta_loss" in metrics
+  assert metrics["meta_loss"] != pytest.approx(metrics["loss_after"])
+
+
+def test_first_order_until_switches_to_second_order():
+  maml = MAML(_mlp64(), _mse64(), inner_lr=0.2, first_order_until=2,
+              meta_optimizer=keras.optimizers.SGD(0.01))
+  for _ in range(3):
+    maml.train_step(_batch())
+  orders = sorted(k[2] for k in maml._compiled if k[0] == "train")  # pylint: disable=protected-access
+  assert orders == [False, True]
+
+
+def test_reptile_step_moves_theta_toward_the_adapted_weights():
+  keras.utils.set_random_seed(0)
+  reptile = Reptile(_mlp64(), _mse64(), inner_lr=0.1, inner_steps=3,
+                    outer_step_size=0.5)
+  batch = _batch(2)
+  params, state = functional.read_weights(reptile.model)
+  adapted = []
+  for t in range(batch.num_tasks):
+    fast, _ = adapt_params(reptile.model, reptile.loss_fn, params, state,
+                           tf.constant(batch.support_x[t]),
+                           tf.constant(batch.support_y[t]), 0.1, 3)
+    adapted.append([f.numpy() for f in fast])
+  metrics = reptile.train_step(batch)
+  for i, (p, v) in enumerate(zip(params, reptile.model.trainable_variables)):
+    mean = np.mean([a[i] for a in adapted], axis=0)
+    np.testing.assert_allclose(v.numpy(), p.numpy() + 0.5 * (mean - p.numpy()),
+                               rtol=1e-10, atol=1e-12)
+  assert metrics["loss_after"] < metrics["loss_before"]
+  with pytest.raises(NotImplementedError):
+    reptile.meta_loss(batch)

@@ -1,0 +1,344 @@
+"""Task-batched fast weights against a per-task functional_call loop."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from maml_tf.core import fast_weights
+from maml_tf.core.fast_weights import Unsupported, compile_batched
+from maml_tf.core.functional import functional_call
+
+T = 3
+CONV_IMPLS = ("patches", "grouped", "map")
+L = keras.layers
+
+
+# ------------------------------------------------------------------ models
+def _omniglot(dtype, size=9):
+  """The Omniglot net in miniature: strided 'same' convs on odd sizes."""
+  return keras.Sequential([
+      keras.Input((size, size, 1), dtype=dtype),
+      L.Conv2D(4, 3, strides=2, padding="same", dtype=dtype),
+      L.BatchNormalization(dtype=dtype),
+      L.ReLU(dtype=dtype),
+      L.Conv2D(4, 3, strides=2, padding="same", dtype=dtype),
+      L.BatchNormalization(dtype=dtype),
+      L.ReLU(dtype=dtype),
+      L.Flatten(dtype=dtype),
+      L.Dense(3, dtype=dtype)], name="omniglot_mini")
+
+
+def _miniimagenet(dtype):
+  return keras.Sequential([
+      keras.Input((8, 8, 3), dtype=dtype),
+      L.Conv2D(4, 3, padding="same", dtype=dtype),
+      L.BatchNormalization(dtype=dtype),
+      L.ReLU(dtype=dtype),
+      L.MaxPooling2D(2, dtype=dtype),
+      L.Flatten(dtype=dtype),
+      L.Dense(3, dtype=dtype)], name="miniimagenet_mini")
+
+
+def _mlp_layernorm(dtype):
+  return keras.Sequential([
+      keras.Input((5,), dtype=dtype),
+      L.Dense(8, dtype=dtype),
+      L.LayerNormalization(dtype=dtype),
+      L.Activation("tanh", dtype=dtype),
+      L.Dropout(0.0, dtype=dtype),
+      L.Dense(3, dtype=dtype)], name="mlp_layernorm")
+
+
+def _skip(dtype):
+  """Functional: Add skip connection, Concatenate, 'same' average pooling."""
+  inp = keras.Input((5, 5, 2), dtype=dtype)
+  a = L.Conv2D(3, 3, padding="same", activation="relu", dtype=dtype)(inp)
+  b = L.Conv2D(3, 1, dtype=dtype)(a)
+  b = L.BatchNormalization(center=False, dtype=dtype)(b)
+  c = L.Add(dtype=dtype)([a, b])
+  d = L.Concatenate(dtype=dtype)([c, inp])
+  e = L.AveragePooling2D(2, padding="same", dtype=dtype)(d)
+  f = L.Flatten(dtype=dtype)(e)
+  out = L.Dense(3, activation="tanh", dtype=dtype)(f)
+  return keras.Model(inp, out, name="skip")
+
+
+def _odd(dtype):
+  """'valid' convolution with a non-square kernel, 'same' max-pooling."""
+  return keras.Sequential([
+      keras.Input((7, 7, 2), dtype=dtype),
+      L.Conv2D(3, (3, 2), strides=2, padding="valid", dtype=dtype),
+      L.BatchNormalization(scale=False, dtype=dtype),
+      L.Activation("elu", dtype=dtype),
+      L.MaxPooling2D(2, padding="same", dtype=dtype),
+      L.Flatten(dtype=dtype),
+      L.Dense(3, dtype=dtype)], name="odd")
+
+
+def _sequence(dtype):
+  """Dense on ``[N, S, D]`` inputs (extra middle axis)."""
+  return keras.Sequential([
+      keras.Input((4, 5), dtype=dtype),
+      L.Dense(6, activation="relu", dtype=dtype),
+      L.LayerNormalization(center=False, dtype=dtype),
+      L.Flatten(dtype=dtype),
+      L.Dense(3, use_bias=False, dtype=dtype)], name="sequence")
+
+
+MODELS = {"sequence": _sequence, "omniglot": _omniglot, "miniimagenet": _miniimagenet,
+          "mlp_layernorm": _mlp_layernorm, "skip": _skip, "odd": _odd}
+CONV_MODELS = ("omniglot", "miniimagenet", "skip", "odd")
+
+
+def _cases():
+  for name in MODELS:
+    for impl in (CONV_IMPLS if name in CONV_MODELS else ("patches",)):
+      yield name, impl
+
+
+# ------------------------------------------------------------------ helpers
+def _per_task(model, rng, dtype):
+  """Different params and state per task: tiled weights, perturbed."""
+  def perturb(v, positive=False):
+    base = np.asarray(v.numpy(), dtype)
+    noise = 0.3 * rng.normal(size=(T,) + base.shape)
+    out = base[None] + noise
+    return tf.constant(np.abs(out) + 0.1 if positive else out, dtype)
+  params = [perturb(v) for v in model.trainable_variables]
+  state = [perturb(v, "variance" in v.path) for v in model.non_trainable_variables]
+  return params, state
+
+
+def _inputs(model, rng, dtype, n=4):
+  shape = tuple(model.inputs[0].shape[1:])
+  return tf.constant(rng.normal(size=(T, n) + shape), dtype)
+
+
+def _loop(model, params, state, x, training):
+  ys, states = [], []
+  for t in range(T):
+    y, s = functional_call(model, [p[t] for p in params],
+                           [s[t] for s in state], x[t], training)
+    ys.append(y)
+    states.append(s)
+  return tf.stack(ys), [tf.stack(s) for s in zip(*states)]
+
+
+# --------------------------------------------------------------- 1. values
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("float64", 1e-10)])
+@pytest.mark.parametrize("name,impl", list(_cases()))
+def test_matches_per_task_loop(name, impl, dtype, tol):
+  rng = np.random.default_rng(0)
+  model = MODELS[name](dtype)
+  params, state = _per_task(model, rng, dtype)
+  x = _inputs(model, rng, dtype)
+  batched = compile_batched(model, conv_impl=impl)
+  for training in (True, False):
+    y, new_state = batched(params, state, x, training=training)
+    y_ref, state_ref = _loop(model, params, state, x, training)
+    assert y.shape == y_ref.shape
+    np.testing.assert_allclose(y, y_ref, rtol=tol, atol=tol)
+    assert len(new_state) == len(state_ref)
+    for a, b in zip(new_state, state_ref):
+      np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
+    if not training:
+      for a, b in zip(new_state, state):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_shared_params_equal_tiled():
+  rng = np.random.default_rng(1)
+  model = _omniglot("float64")
+  x = _inputs(model, rng, "float64")
+  shared = [v.value for v in model.trainable_variables]
+  state = [v.value for v in model.non_trainable_variables]
+  tiled = [tf.tile(p[None], [T] + [1] * p.shape.rank) for p in shared]
+  batched = compile_batched(model, conv_impl="patches")
+  with tf.GradientTape(persistent=True) as tape:
+    tape.watch(shared + tiled)
+    y_shared, s_shared = batched(shared, state, x)
+    y_tiled, s_tiled = batched(tiled, state, x)
+    loss_shared = tf.reduce_sum(tf.sin(y_shared))
+    loss_tiled = tf.reduce_sum(tf.sin(y_tiled))
+  np.testing.assert_allclose(y_shared, y_tiled, rtol=1e-10, atol=1e-10)
+  for a, b in zip(s_shared, s_tiled):
+    np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10)
+  g_shared = tape.gradient(loss_shared, shared)
+  g_tiled = tape.gradient(loss_tiled, tiled)
+  for a, b in zip(g_shared, g_tiled):
+    np.testing.assert_allclose(a, tf.reduce_sum(b, 0), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("impl", ["map", "patches"])
+def test_unknown_task_and_example_counts(impl):
+  rng = np.random.default_rng(4)
+  model = _omniglot("float64")
+  params, state = _per_task(model, rng, "float64")
+  x = _inputs(model, rng, "float64")
+  batched = compile_batched(model, conv_impl=impl)
+  spec = lambda t: tf.TensorSpec([None] + t.shape[1:], t.dtype)
+  fn = tf.function(lambda p, s, x: batched(p, s, x), input_signature=[
+      [spec(p) for p in params], [spec(v) for v in state],
+      tf.TensorSpec([None, None, 9, 9, 1], tf.float64)])
+  y, new_state = fn(params, state, x)
+  y_ref, state_ref = _loop(model, params, state, x, True)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-10, atol=1e-10)
+  for a, b in zip(new_state, state_ref):
+    np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10)
+
+
+# ------------------------------------------------------------ 2. gradients
+def _ce(y, logits):
+  """Per-task mean cross-entropy: ``[T, N]`` labels -> ``[T]``."""
+  return tf.reduce_mean(
+      tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits), axis=-1)
+
+
+def _meta_loss_batched(batched, theta, state, sx, sy, qx, qy, alpha=0.5):
+  """sum_t query loss after one inner SGD step, all tasks batched."""
+  fast = [tf.tile(p[None], [T] + [1] * p.shape.rank) for p in theta]
+  with tf.GradientTape() as inner:
+    inner.watch(fast)
+    pred, st = batched(fast, state, sx)
+    support = tf.reduce_sum(_ce(sy, pred))
+  grads = inner.gradient(support, fast)
+  fast = [p - alpha * g for p, g in zip(fast, grads)]
+  pred, _ = batched(fast, st, qx)
+  return tf.reduce_sum(_ce(qy, pred))
+
+
+def _meta_loss_loop(model, theta, state, sx, sy, qx, qy, alpha=0.5):
+  total = 0.0
+  for t in range(T):
+    with tf.GradientTape() as inner:
+      inner.watch(theta)
+      pred, st = functional_call(model, theta, [s[t] for s in state], sx[t])
+      support = _ce(sy[t][None], pred[None])[0]
+    grads = inner.gradient(support, theta)
+    fast = [p - alpha * g for p, g in zip(theta, grads)]
+    pred, _ = functional_call(model, fast, st, qx[t])
+    total += _ce(qy[t][None], pred[None])[0]
+  return total
+
+
+@pytest.mark.parametrize("name,impl", [
+    ("omniglot", "patches"), ("omniglot", "grouped"),
+    ("miniimagenet", "patches"), ("mlp_layernorm", "patches"),
+    ("skip", "patches"), ("odd", "map")])
+def test_second_order_gradients(name, impl):
+  if impl == "grouped" and not tf.config.list_physical_devices("GPU"):
+    pytest.skip("TF has no gradient for grouped convolutions on CPU")
+  rng = np.random.default_rng(2)
+  dtype = "float64"
+  model = MODELS[name](dtype)
+  theta = [tf.constant(v.numpy()) for v in model.trainable_variables]
+  _, state = _per_task(model, rng, dtype)
+  sx, qx = _inputs(model, rng, dtype, 5), _inputs(model, rng, dtype, 6)
+  sy = tf.constant(rng.integers(0, 3, size=(T, 5)))
+  qy = tf.constant(rng.integers(0, 3, size=(T, 6)))
+  batched = compile_batched(model, conv_impl=impl)
+
+  def loss_b(th):
+    return _meta_loss_batched(batched, th, state, sx, sy, qx, qy)
+
+  with tf.GradientTape() as tape:
+    tape.watch(theta)
+    lb = loss_b(theta)
+  gb = tape.gradient(lb, theta)
+  with tf.GradientTape() as tape:
+    tape.watch(theta)
+    ll = _meta_loss_loop(model, theta, state, sx, sy, qx, qy)
+  gl = tape.gradient(ll, theta)
+  np.testing.assert_allclose(lb, ll, rtol=1e-10)
+  for a, b in zip(gb, gl):
+    np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-11)
+
+  if name in ("omniglot", "skip"):   # central finite differences
+    eps = 1e-5
+    for _ in range(2):
+      d = [tf.constant(rng.normal(size=p.shape)) for p in theta]
+      plus = loss_b([p + eps * v for p, v in zip(theta, d)])
+      minus = loss_b([p - eps * v for p, v in zip(theta, d)])
+      fd = float((plus - minus) / (2 * eps))
+      an = float(sum(tf.reduce_sum(g * v) for g, v in zip(gb, d)))
+      assert abs(fd - an) <= 1e-5 * max(abs(an), 1e-3), (fd, an)
+
+
+# ---------------------------------------------------------- 3. unsupported
+@pytest.mark.parametrize("make,name,why", [
+    (lambda: keras.Sequential([keras.Input((4, 2)), L.LSTM(3, name="rnn")]),
+     "rnn", "not supported"),
+    (lambda: keras.Sequential([keras.Input((4,)),
+                               L.Lambda(lambda x: 2 * x, name="double")]),
+     "double", "not supported"),
+    (lambda: keras.Sequential([keras.Input((6, 6, 1)),
+                               L.Conv2D(2, 3, dilation_rate=2, name="dil")]),
+     "dil", "dilation"),
+    (lambda: keras.Sequential([keras.Input((6, 6, 2)),
+                               L.Conv2D(2, 3, groups=2, name="grp")]),
+     "grp", "groups"),
+    (lambda: keras.Sequential([keras.Input((4,)), L.Dense(
+        2, dtype="mixed_float16", name="half")]), "half", "mixed precision"),
+    (lambda: keras.Sequential([keras.Input((4, 5, 5)), L.MaxPooling2D(
+        2, data_format="channels_first", name="cf")]), "cf", "channels_last"),
+    (lambda: keras.Sequential([keras.Input((4, 3)), L.BatchNormalization(
+        axis=1, name="bn1")]), "bn1", "axis"),
+])
+def test_unsupported_layers_are_named(make, name, why):
+  with pytest.raises(Unsupported, match=why) as info:
+    compile_batched(make())
+  assert repr(name) in str(info.value)
+
+
+def test_dropout_with_positive_rate_is_unsupported():
+  model = keras.Sequential([keras.Input((4,)), L.Dense(3),
+                            L.Dropout(0.5, name="drop")])
+  with pytest.raises(Unsupported, match="'drop'.*rate 0.5"):
+    compile_batched(model)
+
+
+def test_subclassed_model_is_unsupported():
+  class Net(keras.Model):
+
+    def __init__(self):
+      super().__init__()
+      self.dense = L.Dense(2)
+
+    def call(self, x):
+      return self.dense(x)
+  net = Net()
+  net(tf.ones((1, 3)))
+  with pytest.raises(Unsupported, match="subclassed"):
+    compile_batched(net)
+
+
+def test_auto_conv_impl():
+  expected = "grouped" if tf.config.list_physical_devices("GPU") else "map"
+  assert compile_batched(_odd("float32")).conv_impl == expected
+
+
+def test_bad_conv_impl():
+  with pytest.raises(ValueError, match="conv_impl"):
+    compile_batched(_mlp_layernorm("float32"), conv_impl="fft")
+
+
+# ---------------------------------------------------------- 4. odd shapes
+@pytest.mark.parametrize("size,kernel,stride,padding", [
+    (7, 3, 2, "same"), (7, 3, 2, "valid"), (8, 3, 2, "same"),
+    (6, 2, 1, "same"), (5, 4, 3, "same"), (5, 1, 2, "valid"),
+    (5, 1, 2, "same")])
+@pytest.mark.parametrize("impl", CONV_IMPLS + ("slices",))
+def test_conv_kernels_match_tf(size, kernel, stride, padding, impl):
+  rng = np.random.default_rng(3)
+  x = tf.constant(rng.normal(size=(T, 2, size, size, 3)))
+  w = tf.constant(rng.normal(size=(T, kernel, kernel, 3, 4)))
+  fn = {"patches": fast_weights.conv2d_patches,
+        "grouped": fast_weights.conv2d_grouped,
+        "map": fast_weights.conv2d_map,
+        "slices": fast_weights.conv2d_slices}[impl]
+  y = fn(x, w, (stride, stride), padding)
+  ref = tf.stack([tf.nn.conv2d(x[t], w[t], stride, padding.upper())
+                  for t in range(T)])
+  assert y.shape == ref.shape
+  np.testing.assert_allclose(y, ref, rtol=1e-10, atol=1e-10)
