@@ -10,6 +10,8 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from maml_tf.training import loop
+
 from maml_tf.training import sinusoid
 
 _PRESET = flags.DEFINE_enum("preset", "paper", sorted(sinusoid.PRESETS),
@@ -51,7 +53,8 @@ def main(argv):
       resume=_RESUME.value, eval_only=_EVAL_ONLY.value,
       baseline=_BASELINE.value, eval_tasks=_EVAL_TASKS.value,
       init=_INIT.value)
-  sinusoid.train_and_evaluate(config, _LOGDIR.value)
+  loop.exit_if_interrupted(
+      sinusoid.train_and_evaluate, config, _LOGDIR.value)
 
 
 if __name__ == "__main__":

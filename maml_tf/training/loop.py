@@ -23,6 +23,30 @@ import numpy as np
 import tensorflow as tf
 
 
+class Interrupted(KeyboardInterrupt):
+  """Raised by :func:`meta_train` on SIGTERM/SIGINT after it saved a checkpoint.
+
+  A subclass of ``KeyboardInterrupt``, so that code which is not training
+  (evaluation, plotting) is skipped; launchers turn it into exit status 143.
+  """
+
+  def __init__(self, step: int):
+    super().__init__(f"interrupted at step {step}; checkpoint saved")
+    self.step = step
+
+
+def exit_if_interrupted(fn: Callable, *args, **kwargs):
+  """Runs ``fn``; on :class:`Interrupted` prints how to resume and exits 143.
+
+  For launchers: a stopped run must not look like a crash.
+  """
+  try:
+    return fn(*args, **kwargs)
+  except Interrupted as e:
+    print(f"{e}; run the same command again to resume", flush=True)
+    sys.exit(143)
+
+
 def format_duration(seconds: float) -> str:
   seconds = max(0, int(seconds))
   h, rem = divmod(seconds, 3600)
@@ -174,14 +198,17 @@ def meta_train(learner, batch_for_step: Callable[[int], object],
         if (it + 1) % checkpoint_every == 0 or last:
           manager.save(checkpoint_number=it + 1)
         if stop.requested:
-          manager.save(checkpoint_number=it + 1)
+          if (it + 1) % checkpoint_every and not last:
+            manager.save(checkpoint_number=it + 1)
           log(f"SIGTERM: saved a checkpoint at step {it + 1} and stopped")
-          return it + 1
+          raise Interrupted(it + 1)
+    except Interrupted:
+      raise
     except KeyboardInterrupt:
       done = int(step.numpy())
       manager.save(checkpoint_number=done)
       log(f"interrupted: saved a checkpoint at step {done}")
-      raise
+      raise Interrupted(done) from None
     except FloatingPointError as e:
       log(f"stopped at iteration {it + 1}: {e}")
       writer.flush()

@@ -100,6 +100,8 @@ def test_sigterm_checkpoints_and_resume_continues(tmp_path):
     assert time.time() < deadline, "launcher printed no progress"
   rest = proc.communicate(timeout=60)[0]
   assert "SIGTERM: saved a checkpoint at step" in rest
+  assert proc.returncode == 143
+  assert "MSE on fresh tasks" not in rest   # no evaluation after a stop
   saved_step = int(rest.split("saved a checkpoint at step ")[1].split()[0])
   assert saved_step >= 200
   result = _run_launcher("--preset=smoke", f"--iterations={saved_step + 100}",

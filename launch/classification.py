@@ -1,0 +1,102 @@
+"""Few-shot classification with MAML (Finn et al. 2017, section 5.2).
+
+The preset decides every setting; flags given on the command line override it.
+
+Examples:
+  python launch/classification.py --preset=omniglot_5w1s \
+      --data_dir=/data/omniglot --logdir=runs/omniglot_5w1s
+  python launch/classification.py --preset=miniimagenet_5w1s \
+      --data_dir=/data/miniimagenet --logdir=runs/mini_5w1s
+  python launch/classification.py --preset=omniglot_5w1s \
+      --logdir=runs/omniglot_5w1s --eval_only        # test the checkpoint
+  python launch/classification.py --preset=smoke --logdir=/tmp/smoke
+
+Omniglot is read from --data_dir, else $MAML_TF_OMNIGLOT_DIR; MiniImagenet
+from --data_dir, else $MAML_TF_MINIIMAGENET_DIR. A run killed (or sent
+SIGTERM) resumes from its newest checkpoint in --logdir when started again.
+"""
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from maml_tf.training import loop
+
+from maml_tf.training import classification
+
+_PRESET = flags.DEFINE_enum("preset", "omniglot_5w1s",
+                            sorted(classification.PRESETS),
+                            "Named configuration; other flags override it.")
+_LOGDIR = flags.DEFINE_string(
+    "logdir", None, "Output folder: checkpoints, TensorBoard, results.json, "
+    "plots, adapted_savedmodel/. Default runs/<preset>.")
+_DATASET = flags.DEFINE_enum("dataset", None, list(classification.DATASETS),
+                             "Data set.")
+_DATA_DIR = flags.DEFINE_string(
+    "data_dir", None, "Data folder (default: $MAML_TF_OMNIGLOT_DIR or "
+    "$MAML_TF_MINIIMAGENET_DIR).")
+_NETWORK = flags.DEFINE_enum("network", None, list(classification.NETWORKS),
+                             "conv (4-block CNN) or mlp (Omniglot only).")
+_WAY = flags.DEFINE_integer("way", None, "Classes per task (N).")
+_SHOT = flags.DEFINE_integer("shot", None, "Support examples per class (K).")
+_QUERY = flags.DEFINE_integer("query", None,
+                              "Query examples per class at val/test time.")
+_TRAIN_QUERY = flags.DEFINE_integer(
+    "train_query", None, "Query examples per class during meta-training.")
+_INNER_LR = flags.DEFINE_float("inner_lr", None, "Inner step size alpha.")
+_INNER_STEPS = flags.DEFINE_integer("inner_steps", None,
+                                    "Inner steps during meta-training.")
+_EVAL_INNER_STEPS = flags.DEFINE_integer(
+    "eval_inner_steps", None, "Inner steps at val/test time (accuracy is "
+    "reported after each of 0..eval_inner_steps).")
+_META_BATCH = flags.DEFINE_integer("meta_batch", None, "Tasks per meta-batch.")
+_META_LR = flags.DEFINE_float("meta_lr", None, "Adam step size beta.")
+_ITERATIONS = flags.DEFINE_integer("iterations", None, "Meta-iterations.")
+_FIRST_ORDER = flags.DEFINE_bool("first_order", None,
+                                 "First-order MAML (no second derivatives).")
+_SEED = flags.DEFINE_integer("seed", None,
+                             "Seed of the weights and the training tasks.")
+_RESUME = flags.DEFINE_bool("resume", None,
+                            "Continue from the newest checkpoint in logdir.")
+_EVAL_ONLY = flags.DEFINE_bool("eval_only", None,
+                               "Only evaluate the checkpoint in logdir.")
+_EVAL_TASKS = flags.DEFINE_integer("eval_tasks", None,
+                                   "Test tasks (the paper: 600).")
+_EVAL_EVERY = flags.DEFINE_integer(
+    "eval_every", None, "Iterations between validation evaluations (0: none).")
+_TRAIN_ON_VAL = flags.DEFINE_bool(
+    "train_on_val", None, "Omniglot: also meta-train on the validation "
+    "characters (the paper's 1200).")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", None,
+                                   "MiniImagenet image side (84).")
+_EXPORT = flags.DEFINE_bool("export", None,
+                            "Export one adapted model as a SavedModel.")
+_PLOT = flags.DEFINE_bool("plot", None, "Write the PNG figures.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)
+  try:
+    config = classification.make_config(
+        _PRESET.value, dataset=_DATASET.value, data_dir=_DATA_DIR.value,
+        network=_NETWORK.value, way=_WAY.value, shot=_SHOT.value,
+        query=_QUERY.value, train_query=_TRAIN_QUERY.value,
+        inner_lr=_INNER_LR.value, inner_steps=_INNER_STEPS.value,
+        eval_inner_steps=_EVAL_INNER_STEPS.value,
+        meta_batch=_META_BATCH.value, meta_lr=_META_LR.value,
+        iterations=_ITERATIONS.value, first_order=_FIRST_ORDER.value,
+        seed=_SEED.value, resume=_RESUME.value, eval_only=_EVAL_ONLY.value,
+        eval_tasks=_EVAL_TASKS.value, eval_every=_EVAL_EVERY.value,
+        train_on_val=_TRAIN_ON_VAL.value, image_size=_IMAGE_SIZE.value,
+        export=_EXPORT.value, plot=_PLOT.value)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
+  loop.exit_if_interrupted(
+      classification.train_and_evaluate,
+      config, _LOGDIR.value or f"runs/{_PRESET.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)
