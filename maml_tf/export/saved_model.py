@@ -19,6 +19,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from maml_tf.core import functional
+
 
 def _default_signature(model: keras.Model):
   inputs = getattr(model, "inputs", None)
@@ -40,7 +42,8 @@ def _default_signature(model: keras.Model):
 def export_adapted(model: keras.Model, path: str,
                    input_signature: Optional[Sequence[tf.TensorSpec]] = None,
                    verify_with: Optional[np.ndarray] = None,
-                   atol: float = 1e-5) -> str:
+                   atol: float = 1e-5,
+                   batchnorm: str = "inference") -> str:
   """Saves ``model`` as a SavedModel with a ``serve`` signature.
 
   Arguments:
@@ -51,6 +54,12 @@ def export_adapted(model: keras.Model, path: str,
     verify_with: optional input batch: reload the SavedModel and check its
       outputs equal ``model(verify_with, training=False)`` within ``atol``.
     atol: tolerance of that check.
+    batchnorm: ``"inference"`` (default): ``serve`` normalises with the
+      model's moving statistics (for ``MAML.adapt`` models: the support set's
+      statistics), so it predicts one example at a time. ``"transductive"``:
+      ``serve`` normalises with the statistics of the batch it is given, as
+      MAML's evaluation (and the paper) does with the query set: give it the
+      whole query batch. The model's variables are not written either way.
 
   Returns:
     ``path``.
@@ -58,15 +67,25 @@ def export_adapted(model: keras.Model, path: str,
   Example:
     >>> adapted = maml.adapt(support_x, support_y, steps=10)
     >>> export_adapted(adapted, "/tmp/adapted", verify_with=query_x)
-    >>> tf.saved_model.load("/tmp/adapted").serve(query_x)
+    >>> loaded = tf.saved_model.load("/tmp/adapted")   # keep a reference
+    >>> loaded.serve(query_x)
   """
+  if batchnorm not in ("inference", "transductive"):
+    raise ValueError("batchnorm must be 'inference' or 'transductive', got "
+                     f"{batchnorm!r}")
   signature = list(input_signature or _default_signature(model))
   archive = keras.export.ExportArchive()
   archive.track(model)
-  if len(signature) == 1:
-    fn = lambda x: model(x, training=False)
+  if batchnorm == "transductive":
+    call = lambda x: functional.functional_call(
+        model, model.trainable_variables, model.non_trainable_variables, x,
+        training=True)[0]
   else:
-    fn = lambda *xs: model(list(xs), training=False)
+    call = lambda x: model(x, training=False)
+  if len(signature) == 1:
+    fn = call
+  else:
+    fn = lambda *xs: call(list(xs))
   archive.add_endpoint("serve", fn, input_signature=signature)
   os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
   archive.write_out(path, verbose=False)
@@ -74,7 +93,7 @@ def export_adapted(model: keras.Model, path: str,
     loaded = tf.saved_model.load(path)
     x = tf.cast(verify_with, signature[0].dtype)
     got = np.asarray(loaded.serve(x))
-    want = np.asarray(model(x, training=False))
+    want = np.asarray(call(x))
     if not np.allclose(got, want, atol=atol):
       raise AssertionError(
           f"exported SavedModel at {path} differs from the model by "

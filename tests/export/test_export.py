@@ -73,3 +73,23 @@ def test_subclassed_model_signature_comes_from_its_build_shape(tmp_path):
   loaded = tf.saved_model.load(path)
   out = loaded.serve(tf.ones((4, 3)))
   np.testing.assert_allclose(out, net(tf.ones((4, 3))), atol=1e-6)
+
+
+def test_transductive_export_uses_the_batch_statistics(tmp_path):
+  maml = MAML(_bn_classifier(), keras.losses.SparseCategoricalCrossentropy(
+      from_logits=True), inner_lr=0.2)
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(9, 8, 8, 1)).astype("f4")
+  q = rng.normal(loc=0.5, size=(12, 8, 8, 1)).astype("f4")
+  adapted = maml.adapt(x, np.repeat(np.arange(3), 3).astype("i4"), steps=3)
+  before = [v.numpy().copy() for v in adapted.variables]
+  path = export_adapted(adapted, str(tmp_path / "t"), verify_with=q,
+                        batchnorm="transductive")
+  loaded = tf.saved_model.load(path)
+  got = loaded.serve(q).numpy()
+  for a, b in zip(before, adapted.variables):    # nothing was written
+    np.testing.assert_array_equal(a, b.numpy())
+  assert not np.allclose(got, adapted(q, training=False), atol=1e-3)
+  np.testing.assert_allclose(got, adapted(q, training=True), atol=1e-5)
+  with pytest.raises(ValueError, match="batchnorm"):
+    export_adapted(adapted, str(tmp_path / "u"), batchnorm="sometimes")
