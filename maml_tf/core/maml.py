@@ -158,6 +158,12 @@ class _Plan:
 
 
 INNER_LR_MODES = (None, "scalar", "per_parameter", "per_layer_per_step")
+# Gradient ops that TF registers as not differentiable although they are:
+# second-order terms through them would silently vanish.
+_SECOND_ORDER_DROPPED = frozenset({
+    "ResizeBilinearGrad", "SparseAddGrad", "FakeQuantWithMinMaxArgsGradient",
+    "FakeQuantWithMinMaxVarsGradient",
+    "FakeQuantWithMinMaxVarsPerChannelGradient"})
 
 
 class MAML:
@@ -457,25 +463,63 @@ class MAML:
         var.assign(value)
 
   # --------------------------------------------------------- compiled steps
-  def _compile(self, key, make, batch, reduce_retracing=False):
+  def _compile(self, key, make, batch, reduce_retracing=False,
+               second_order=False):
     """A tf.function per key; falls back to map_fn if pfor cannot trace."""
     if key in self._compiled:
       return self._compiled[key]
     fn = tf.function(make(), reduce_retracing=reduce_retracing)
-    if self.execution == "vectorized_map":
-      try:
-        fn.get_concrete_function(batch)
-      except (ValueError, NotImplementedError, TypeError,
-              tf.errors.OpError) as e:
-        warnings.warn(
-            f"maml_tf: could not vectorise model {self.model.name!r} over "
-            f"tasks ({type(e).__name__}: {_root_cause(e)}); using tf.map_fn, "
-            "which gives the same numbers more slowly.")
-        self.execution = "map_fn"
-        self._compiled.clear()
-        fn = tf.function(make(), reduce_retracing=reduce_retracing)
+    try:
+      self._trace(fn, batch, second_order)
+    except (ValueError, NotImplementedError, TypeError,
+            tf.errors.OpError) as e:
+      if self.execution != "vectorized_map":
+        raise
+      warnings.warn(
+          f"maml_tf: could not vectorise model {self.model.name!r} over "
+          f"tasks ({type(e).__name__}: {_root_cause(e)}); using tf.map_fn, "
+          "which gives the same numbers more slowly.")
+      self.execution = "map_fn"
+      self._compiled.clear()
+      fn = tf.function(make(), reduce_retracing=reduce_retracing)
+      self._trace(fn, batch, second_order)
     self._compiled[key] = fn
     return fn
+
+  def _trace(self, fn, batch, second_order: bool = False):
+    """Traces ``fn``; a missing second derivative becomes a clear error.
+
+    Two cases: TF raises because a gradient op has no gradient registered
+    (e.g. ``ResizeNearestNeighborGrad``), or, worse, TF declares a gradient op
+    not differentiable and silently drops the second-order terms through it
+    (``ResizeBilinearGrad``). The second is found by scanning the traced graph.
+    """
+    try:
+      concrete = fn.get_concrete_function(batch)
+    except Exception as e:  # pylint: disable=broad-except
+      text = str(e)
+      if not (isinstance(e, LookupError) or "No gradient defined" in text
+              or "gradient registry has no entry" in text):
+        raise
+      raise NotImplementedError(
+          f"maml_tf: model {self.model.name!r} uses an operation that "
+          f"TensorFlow cannot differentiate twice ({_root_cause(e)}). "
+          "Second-order MAML needs the gradient of every gradient op; use "
+          "first_order=True, or replace the layer (e.g. UpSampling2D with "
+          "interpolation='nearest' by Conv2DTranspose).") from e
+    if second_order:
+      graph_def = concrete.graph.as_graph_def()
+      types = {n.op for n in graph_def.node}
+      types.update(n.op for f in graph_def.library.function
+                   for n in f.node_def)
+      dropped = sorted(types & _SECOND_ORDER_DROPPED)
+      if dropped:
+        raise NotImplementedError(
+            f"maml_tf: model {self.model.name!r} uses {', '.join(dropped)}, "
+            "which TensorFlow declares not differentiable, so the second-order "
+            "terms through it would silently be zero. Use first_order=True, "
+            "or replace the layer (e.g. UpSampling2D(interpolation='bilinear')"
+            " by interpolation='nearest' or Conv2DTranspose).")
 
   def _train_plan(self, first_order: bool) -> _Plan:
     if self.multi_step_loss_iterations:
@@ -569,7 +613,8 @@ class MAML:
       >>> grads = tape.gradient(loss, model.trainable_variables)
     """
     batch = self._prepare(batch)
-    return self._compile("meta_loss", self._make_meta_loss, batch)(batch)
+    return self._compile("meta_loss", self._make_meta_loss, batch,
+                         second_order=not self.first_order)(batch)
 
   def _first_order_now(self) -> bool:
     if self.first_order:
@@ -584,7 +629,7 @@ class MAML:
     first_order = self._first_order_now()
     fn = self._compile(("train", with_acc, first_order),
                        lambda: self._make_train_step(with_acc, first_order),
-                       batch)
+                       batch, second_order=not first_order)
     try:
       return fn(batch)
     except tf.errors.InvalidArgumentError as e:
