@@ -73,22 +73,27 @@ def count_gflop(concrete_function) -> float:
   return flops / 1e9
 
 
-def build(workload: str, first_order: bool, vectorize):
+def build(workload: str, first_order: bool, vectorize, inner_steps=None,
+          recompute=False, meta_batch=None):
   rng = np.random.default_rng(0)
   keras.utils.set_random_seed(0)
   if workload == "sinusoid":
     model = mlp_lib.mlp(1, 1)
     learner = MAML(model, "mse", inner_lr=0.01, first_order=first_order,
-                   vectorize=vectorize)
-    batch = sinusoid.sample_batch(25, 10, 10, rng)[0]
+                   vectorize=vectorize, inner_steps=inner_steps or 1,
+                   recompute=recompute)
+    batch = sinusoid.sample_batch(meta_batch or 25, 10, 10, rng)[0]
     return learner, batch
   from maml_tf.models import paper_nets  # pylint: disable=g-import-not-at-top
   shape, way, shot, query, tasks, lr, steps, net = WORKLOADS[workload]
+  steps = inner_steps or steps
+  tasks = meta_batch or tasks
   model = (paper_nets.omniglot_conv(way) if net == "omniglot"
            else paper_nets.miniimagenet_conv(way))
   learner = MAML(model, keras.losses.SparseCategoricalCrossentropy(
       from_logits=True), inner_lr=lr, inner_steps=steps,
-                 first_order=first_order, vectorize=vectorize)
+                 first_order=first_order, vectorize=vectorize,
+                 recompute=recompute)
   labels = lambda n: np.tile(np.repeat(np.arange(way), n), (tasks, 1))
   batch = TaskBatch(
       rng.random((tasks, way * shot) + shape, dtype=np.float32),
@@ -98,10 +103,18 @@ def build(workload: str, first_order: bool, vectorize):
   return learner, batch
 
 
+def _rss_now_mb() -> float:
+  with open("/proc/self/statm") as f:
+    return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def run(workload: str, iters: int, warmup: int, first_order: bool = False,
-        vectorize="auto") -> dict:
-  learner, batch = build(workload, first_order, vectorize)
+        vectorize="auto", inner_steps=None, recompute=False, meta_batch=None,
+        count_flops=True) -> dict:
+  learner, batch = build(workload, first_order, vectorize, inner_steps,
+                         recompute, meta_batch)
   batch = learner._prepare(batch)  # pylint: disable=protected-access
+  rss_before = _rss_now_mb()
   t0 = time.perf_counter()
   learner.train_step(batch)                       # trace + first run
   compile_s = time.perf_counter() - t0
@@ -115,10 +128,13 @@ def run(workload: str, iters: int, warmup: int, first_order: bool = False,
     times.append(time.perf_counter() - t)
   median = statistics.median(times)
   fn = [f for k, f in learner._compiled.items() if k[0] == "train"][0]  # pylint: disable=protected-access
-  try:
-    gflop = count_gflop(fn.get_concrete_function(batch))
-  except Exception:  # pylint: disable=broad-except
-    gflop = float("nan")
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  gflop = float("nan")
+  if count_flops:
+    try:
+      gflop = count_gflop(fn.get_concrete_function(batch))
+    except Exception:  # pylint: disable=broad-except
+      pass
   mm = matmul_gflops()
   achieved = gflop / median if gflop == gflop else float("nan")
   return {
@@ -127,7 +143,10 @@ def run(workload: str, iters: int, warmup: int, first_order: bool = False,
                            "vectorized_map" if learner.vectorize else "map_fn"),
       "median_s_per_iter": median, "iters_per_s": 1.0 / median,
       "compile_s": compile_s,
-      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+      "peak_rss_mb": peak, "rss_before_step_mb": rss_before,
+      "step_peak_mb": peak - rss_before,
+      "inner_steps": learner.inner_steps, "recompute": recompute,
+      "meta_batch": int(batch.support_x.shape[0]),
       "gflop_per_iter": gflop, "achieved_gflops": achieved,
       "matmul_gflops": mm, "ratio_to_matmul": achieved / mm,
       "iters": iters, "machine": f"{platform.machine()} {os.cpu_count()} cpus",
@@ -142,12 +161,21 @@ def main():
   parser.add_argument("--iters", type=int, default=20)
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--first_order", action="store_true")
-  parser.add_argument("--vectorize", choices=["auto", "true", "false"],
-                      default="auto")
+  parser.add_argument("--vectorize", default="auto",
+                      choices=["auto", "batched", "vectorized_map", "map_fn"])
+  parser.add_argument("--inner_steps", type=int, default=None,
+                      help="override the workload's inner steps")
+  parser.add_argument("--meta_batch", type=int, default=None,
+                      help="override the workload's meta-batch")
+  parser.add_argument("--recompute", action="store_true",
+                      help="gradient checkpointing through the inner loop")
+  parser.add_argument("--no_flops", action="store_true",
+                      help="skip counting GFLOP (saves time)")
   args = parser.parse_args()
-  vec = {"auto": "auto", "true": True, "false": False}[args.vectorize]
   print(json.dumps(run(args.workload, args.iters, args.warmup,
-                       args.first_order, vec)))
+                       args.first_order, args.vectorize, args.inner_steps,
+                       args.recompute, args.meta_batch,
+                       not args.no_flops)))
 
 
 if __name__ == "__main__":

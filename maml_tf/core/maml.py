@@ -60,7 +60,8 @@ def adapt_params(model: keras.Model, loss_fn: LossFn, params, state, x, y,
                  inner_lr, steps: int, first_order: bool = False,
                  on_step: Optional[Callable[[int, list, list], None]] = None,
                  adapt_mask: Optional[Sequence[bool]] = None,
-                 forward: Optional[Callable] = None):
+                 forward: Optional[Callable] = None,
+                 recompute: bool = False):
   """Runs ``steps`` inner gradient steps from ``params`` on ``(x, y)`` (pure).
 
   Arguments:
@@ -81,6 +82,10 @@ def adapt_params(model: keras.Model, loss_fn: LossFn, params, state, x, y,
     forward: ``f(params, state, x) -> (y_pred, state)``; default
       ``functional_call(model, ..., training=True)``. The task-batched path
       passes its batched model here.
+    recompute: gradient checkpointing through the inner loop: each step keeps
+      only its inputs and is recomputed during the outer backward pass, so
+      peak memory no longer grows with the activations of every step (about
+      one extra forward and inner backward per step in time).
 
   Returns:
     ``(fast_params, state)``.
@@ -93,7 +98,8 @@ def adapt_params(model: keras.Model, loss_fn: LossFn, params, state, x, y,
     forward = lambda p, s, x: functional.functional_call(model, p, s, x, True)
   mask = list(adapt_mask) if adapt_mask is not None else [True] * len(params)
   fast = list(params)
-  for step in range(steps):
+
+  def step_fn(fast, state, lr):
     watched = [f for f, m in zip(fast, mask) if m]
     with tf.GradientTape(watch_accessed_variables=False) as tape:
       tape.watch(watched)
@@ -104,11 +110,73 @@ def adapt_params(model: keras.Model, loss_fn: LossFn, params, state, x, y,
     grads = [next(grads) if m else None for m in mask]
     if first_order:
       grads = [None if g is None else tf.stop_gradient(g) for g in grads]
-    fast = inner_update(fast, grads,
-                        inner_lr(step) if callable(inner_lr) else inner_lr)
+    return inner_update(fast, grads, lr), state
+
+  for step in range(steps):
+    lr = inner_lr(step) if callable(inner_lr) else inner_lr
+    if recompute:
+      fast, state = _recomputed_step(step_fn, fast, state, lr)
+    else:
+      fast, state = step_fn(fast, state, lr)
     if on_step is not None:
       on_step(step + 1, fast, state)
   return fast, state
+
+
+def _recomputed_step(step_fn, fast, state, lr):
+  """``step_fn`` with gradient checkpointing: keeps only its inputs alive.
+
+  The backward pass recomputes the step (forward, inner gradient) under a
+  tape and differentiates it there, so the second-order terms are exact
+  while the step's activations are freed after the forward pass. Step sizes
+  are passed as arguments so that learned ones still get gradients.
+  Non-float state (RNG seeds) stays outside and is not advanced by the step.
+  """
+  per_param_lr = isinstance(lr, (list, tuple))
+  lrs = [tf.convert_to_tensor(v, fast[0].dtype)
+         for v in (lr if per_param_lr else [lr])]
+  floats = [i for i, s in enumerate(state) if s.dtype.is_floating]
+  n, m = len(fast), len(floats)
+
+  def flat_step(*args):
+    st = list(state)
+    for i, value in zip(floats, args[n:n + m]):
+      st[i] = value
+    l = list(args[n + m:])
+    new_fast, new_state = step_fn(list(args[:n]), st,
+                                  l if per_param_lr else l[0])
+    return tuple(new_fast) + tuple(new_state[i] for i in floats)
+
+  @tf.custom_gradient
+  def checkpointed(*args):
+    result = flat_step(*args)
+
+    def grad(*dresult, variables=None):
+      # Recompute the step under a fresh tape: the inner tape nests inside
+      # it, so the vector-Jacobian product includes the second-order terms.
+      # (tf.recompute_grad cannot be used: it runs the forward pass with all
+      # tapes stopped, which silently zeroes the inner gradient.)
+      with tf.GradientTape(watch_accessed_variables=False) as tape:
+        ids = [tf.identity(a) for a in args]
+        tape.watch(ids)
+        again = flat_step(*ids)
+      dresult = [tf.zeros_like(r) if d is None else d
+                 for r, d in zip(again, dresult)]
+      grads = tape.gradient(list(again), ids, output_gradients=dresult,
+                            unconnected_gradients=tf.UnconnectedGradients.ZERO)
+      if variables is None:
+        return grads
+      return grads, [tf.zeros_like(v) for v in variables]
+    return result, grad
+
+  if tf.executing_eagerly():
+    raise RuntimeError("recompute=True needs graph mode (inside tf.function); "
+                       "MAML's compiled steps provide it")
+  out = checkpointed(*fast, *[state[i] for i in floats], *lrs)
+  new_state = list(state)
+  for i, value in zip(floats, out[n:]):
+    new_state[i] = value
+  return list(out[:n]), new_state
 
 
 def sparse_accuracy(y_true, y_pred):
@@ -211,6 +279,9 @@ class MAML:
       the last step's alone over this many iterations (0: off).
     first_order_until: MAML++ derivative-order annealing: first-order
       meta-gradients for the first this-many iterations, then second order.
+    recompute: gradient checkpointing through the inner loop (second-order
+      training only): peak memory stops growing with the activations of each
+      inner step, for roughly one more forward and inner backward per step.
 
   Example:
     >>> model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(40,
@@ -230,7 +301,8 @@ class MAML:
                learn_inner_lr: Optional[str] = None,
                adapt: Union[str, Sequence[str], Callable] = "all",
                multi_step_loss_iterations: int = 0,
-               first_order_until: int = 0):
+               first_order_until: int = 0,
+               recompute: bool = False):
     self.model = functional.ensure_built(model)
     self.loss_fn = _as_loss_fn(loss)
     if not isinstance(inner_steps, (int, np.integer)) or inner_steps < 1:
@@ -256,6 +328,7 @@ class MAML:
     self.learn_inner_lr = learn_inner_lr
     self.multi_step_loss_iterations = int(multi_step_loss_iterations)
     self.first_order_until = int(first_order_until)
+    self.recompute = bool(recompute)
     self.adapt_mask = _adapt_mask(self.model, adapt)
     self.inner_lr_variables = self._make_inner_lr_variables()
     self.meta_optimizer = meta_optimizer or keras.optimizers.Adam(1e-3)
@@ -387,7 +460,8 @@ class MAML:
       fast, final_state = adapt_params(
           self.model, self.loss_fn, params, state, sx, sy, lr_of,
           max(plan.record_steps), plan.first_order, on_step=score,
-          adapt_mask=self.adapt_mask)
+          adapt_mask=self.adapt_mask,
+          recompute=self.recompute and not plan.first_order)
       out = {"loss": tf.stack([losses[s] for s in plan.record_steps]),
              "state": final_state}
       if with_acc:
@@ -434,7 +508,8 @@ class MAML:
         lambda y, pred: tf.reduce_sum(self._per_task(self.loss_fn, y, pred)),
         fast, state, sx, sy, lr_of, max(plan.record_steps), plan.first_order,
         on_step=score, adapt_mask=self.adapt_mask,
-        forward=lambda p, s, x: self._batched(p, s, x, training=True))
+        forward=lambda p, s, x: self._batched(p, s, x, training=True),
+        recompute=self.recompute and not plan.first_order)
     out = {"loss": tf.stack([losses[s] for s in plan.record_steps], axis=1),
            "state": state}
     if with_acc:

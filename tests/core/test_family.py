@@ -138,3 +138,27 @@ def test_reptile_step_moves_theta_toward_the_adapted_weights():
   assert metrics["loss_after"] < metrics["loss_before"]
   with pytest.raises(NotImplementedError):
     reptile.meta_loss(batch)
+
+
+@pytest.mark.parametrize("execution", ["batched", "map_fn"])
+def test_recompute_gives_the_same_meta_gradient(execution):
+  batch = _batch(4)
+  grads = []
+  for recompute in (False, True):
+    keras.utils.set_random_seed(2)
+    model = keras.Sequential([
+        keras.Input((2,), dtype=F64),
+        keras.layers.Dense(5, dtype=F64),
+        keras.layers.BatchNormalization(dtype=F64),
+        keras.layers.Activation("tanh", dtype=F64),
+        keras.layers.Dense(1, dtype=F64)])
+    maml = MAML(model, _mse64(), inner_lr=0.2, inner_steps=3,
+                learn_inner_lr="per_layer_per_step", recompute=recompute,
+                vectorize=execution)
+    variables = maml.meta_variables
+    with tf.GradientTape() as tape:
+      loss = maml.meta_loss(batch)
+    grads.append([g.numpy() for g in tape.gradient(loss, variables)])
+    maml.train_step(batch)
+  for a, b in zip(*grads):
+    np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
