@@ -162,3 +162,21 @@ def test_recompute_gives_the_same_meta_gradient(execution):
     maml.train_step(batch)
   for a, b in zip(*grads):
     np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
+
+
+def test_make_learner_names_the_family():
+  from maml_tf.core import family  # pylint: disable=g-import-not-at-top
+  kw = dict(inner_lr=0.1, inner_steps=2, meta_lr=1e-3, iterations=300)
+  made = {a: family.make_learner(a, _mlp64(), _mse64(), **kw)
+          for a in family.ALGORITHMS}
+  assert made["fomaml"].first_order and not made["maml"].first_order
+  assert made["metasgd"].learn_inner_lr == "per_parameter"
+  assert made["anil"].adapt_mask == [False, False, True, True]
+  pp = made["mamlpp"]
+  assert (pp.learn_inner_lr, pp.multi_step_loss_iterations,
+          pp.first_order_until) == ("per_layer_per_step", 30, 100)
+  assert isinstance(made["reptile"], Reptile)
+  for learner in made.values():
+    assert np.isfinite(learner.train_step(_batch())["loss_after"])
+  with pytest.raises(ValueError, match="unknown algorithm 'maml2'"):
+    family.make_learner("maml2", _mlp64(), _mse64(), **kw)
