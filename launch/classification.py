@@ -10,6 +10,10 @@ Examples:
   python launch/classification.py --preset=omniglot_5w1s \
       --logdir=runs/omniglot_5w1s --eval_only        # test the checkpoint
   python launch/classification.py --preset=smoke --logdir=/tmp/smoke
+  TF_CONFIG='{"cluster": {"worker": ["host0:2222", "host1:2222"]},
+    "task": {"type": "worker", "index": 0}}' \
+  python launch/classification.py --preset=omniglot_5w1s \
+      --distribute=multi_worker --logdir=/shared/runs/omniglot_5w1s
 
 Omniglot is read from --data_dir, else $MAML_TF_OMNIGLOT_DIR; MiniImagenet
 from --data_dir, else $MAML_TF_MINIIMAGENET_DIR. A run killed (or sent
@@ -20,6 +24,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from maml_tf.core import distribute
 from maml_tf.training import loop
 
 from maml_tf.training import classification
@@ -72,6 +77,11 @@ _IMAGE_SIZE = flags.DEFINE_integer("image_size", None,
 _EXPORT = flags.DEFINE_bool("export", None,
                             "Export one adapted model as a SavedModel.")
 _PLOT = flags.DEFINE_bool("plot", None, "Write the PNG figures.")
+_DISTRIBUTE = flags.DEFINE_enum(
+    "distribute", None, list(distribute.STRATEGIES),
+    "Split each meta-batch across replicas: none (one device), mirrored (the "
+    "GPUs of this machine) or multi_worker (the cluster in TF_CONFIG; start "
+    "the same command on every worker). Default none.")
 
 
 def main(argv):
@@ -90,7 +100,7 @@ def main(argv):
         seed=_SEED.value, resume=_RESUME.value, eval_only=_EVAL_ONLY.value,
         eval_tasks=_EVAL_TASKS.value, eval_every=_EVAL_EVERY.value,
         train_on_val=_TRAIN_ON_VAL.value, image_size=_IMAGE_SIZE.value,
-        export=_EXPORT.value, plot=_PLOT.value)
+        export=_EXPORT.value, plot=_PLOT.value, distribute=_DISTRIBUTE.value)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   loop.exit_if_interrupted(

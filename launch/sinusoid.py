@@ -4,12 +4,14 @@ Examples:
   python launch/sinusoid.py --preset=demo --logdir=runs/demo
   python launch/sinusoid.py --logdir=runs/paper            # 70k iterations
   python launch/sinusoid.py --logdir=runs/paper --eval_only
+  python launch/sinusoid.py --preset=demo --meta_batch=24 --distribute=mirrored
 """
 
 from absl import app
 from absl import flags
 from absl import logging
 
+from maml_tf.core import distribute
 from maml_tf.training import loop
 
 from maml_tf.training import sinusoid
@@ -40,6 +42,11 @@ _INIT = flags.DEFINE_enum("init", None, ["glorot", "finn"],
                           "paper code's N(0, 0.01).")
 _EVAL_TASKS = flags.DEFINE_integer("eval_tasks", None,
                                    "Fresh tasks per evaluation.")
+_DISTRIBUTE = flags.DEFINE_enum(
+    "distribute", None, list(distribute.STRATEGIES),
+    "Split each meta-batch across replicas: none (one device), mirrored (the "
+    "GPUs of this machine) or multi_worker (the cluster in TF_CONFIG; start "
+    "the same command on every worker). Default none.")
 
 
 def main(argv):
@@ -52,7 +59,7 @@ def main(argv):
       meta_lr=_META_LR.value, first_order=_FIRST_ORDER.value, seed=_SEED.value,
       resume=_RESUME.value, eval_only=_EVAL_ONLY.value,
       baseline=_BASELINE.value, eval_tasks=_EVAL_TASKS.value,
-      init=_INIT.value)
+      init=_INIT.value, distribute=_DISTRIBUTE.value)
   loop.exit_if_interrupted(
       sinusoid.train_and_evaluate, config, _LOGDIR.value)
 

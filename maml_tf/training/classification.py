@@ -75,6 +75,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from maml_tf.core import distribute
 from maml_tf.core.maml import MAML
 from maml_tf.core.task_batch import TaskBatch
 from maml_tf.export import export_adapted
@@ -135,6 +136,12 @@ class ClassificationConfig:
       is compared with the transductive accuracy (0: skip).
     export: write one adapted model as a SavedModel.
     plot: write the PNG figures.
+    distribute: split each meta-batch across replicas: ``'none'``,
+      ``'mirrored'`` (the devices of this machine) or ``'multi_worker'``
+      (the cluster in ``TF_CONFIG``; non-chief workers write to
+      ``workdir/workers/worker_<i>``). ``meta_batch`` must be a multiple of
+      the replica count. Evaluation runs on one device. See
+      :mod:`maml_tf.core.distribute`.
   """
   dataset: str = "omniglot"
   data_dir: Optional[str] = None
@@ -168,6 +175,7 @@ class ClassificationConfig:
   adapted_check_tasks: int = 20
   export: bool = True
   plot: bool = True
+  distribute: str = "none"
 
   def validate(self) -> "ClassificationConfig":
     """Raises ``ValueError`` naming the first bad field; returns ``self``.
@@ -186,6 +194,9 @@ class ClassificationConfig:
     if self.network == "mlp" and self.dataset != "omniglot":
       raise ValueError("network='mlp' is the paper's Omniglot network; use "
                        "network='conv' for miniimagenet")
+    if self.distribute not in distribute.STRATEGIES:
+      raise ValueError(f"distribute must be one of {list(distribute.STRATEGIES)}"
+                       f", got {self.distribute!r}")
     if self.omniglot_source not in ("zip", "tfds"):
       raise ValueError(f"omniglot_source must be 'zip' or 'tfds', got "
                        f"{self.omniglot_source!r}")
@@ -625,13 +636,16 @@ def train_and_evaluate(config: ClassificationConfig, workdir: str,
     >>> out["test"]["accuracy"]["mean"]      # after 0, 1, 2, 3 steps
   """
   config.validate()
+  strategy = distribute.make_strategy(config.distribute)   # before any TF op
+  workdir = distribute.worker_workdir(workdir, strategy)
   os.makedirs(workdir, exist_ok=True)
   t0 = time.perf_counter()
   splits = to_cpu_variables(load_splits(config))
   log(f"{_name(config)}: classes train/val/test = "
       + "/".join(str(splits[k].shape[0]) for k in ("train", "val", "test"))
       + f" (loaded in {time.perf_counter() - t0:.1f}s)")
-  learner = build_learner(config)
+  with strategy.scope():
+    learner = build_learner(config)
   # Validation records the same step counts as the test (one compiled
   # evaluation serves both) and logs the first and the last.
   steps = tuple(range(config.eval_inner_steps + 1))
@@ -657,7 +671,8 @@ def train_and_evaluate(config: ClassificationConfig, workdir: str,
                            config.train_query, config.meta_batch, config.seed)
     try:
       done = loop.meta_train(
-          learner, stream, config.iterations, workdir,
+          distribute.distributed_learner(learner, strategy), stream,
+          config.iterations, workdir,
           log_every=config.log_every, checkpoint_every=config.checkpoint_every,
           resume=config.resume, eval_fn=validation,
           eval_every=config.eval_every, log=log)

@@ -16,6 +16,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from maml_tf.core import distribute
 from maml_tf.core.maml import MAML
 from maml_tf.models.mlp import mlp
 from maml_tf.tasks import sinusoid as tasks
@@ -49,6 +50,10 @@ class SinusoidConfig:
   resume: bool = True
   eval_only: bool = False
   plot: bool = True
+  # Meta-batch split across replicas: "none", "mirrored" (this machine's
+  # devices) or "multi_worker" (the cluster in TF_CONFIG); see
+  # maml_tf.core.distribute. Evaluation and the baseline run on one device.
+  distribute: str = "none"
 
   def validate(self) -> "SinusoidConfig":
     positive = ("meta_batch", "k_shot", "k_query", "inner_steps", "eval_tasks",
@@ -68,6 +73,9 @@ class SinusoidConfig:
       raise ValueError(f"eval_shots must be >= 1, got {self.eval_shots}")
     if not self.eval_steps or min(self.eval_steps) < 0:
       raise ValueError(f"eval_steps must be >= 0, got {self.eval_steps}")
+    if self.distribute not in distribute.STRATEGIES:
+      raise ValueError(f"distribute must be one of {list(distribute.STRATEGIES)}"
+                       f", got {self.distribute!r}")
     return self
 
 
@@ -192,9 +200,12 @@ def train_and_evaluate(config: SinusoidConfig, workdir: str,
     >>> results["maml"]["K=5"]["steps=1"]["mean"]
   """
   config.validate()
+  strategy = distribute.make_strategy(config.distribute)   # before any TF op
+  workdir = distribute.worker_workdir(workdir, strategy)
   os.makedirs(workdir, exist_ok=True)
   t0 = time.perf_counter()
-  learner = build_maml(config)
+  with strategy.scope():
+    learner = build_maml(config)
   maml_dir = os.path.join(workdir, "maml")
   fixed_eval, _ = tasks.sample_batch(100, config.k_shot, config.eval_query,
                                      _rng(config.seed, 4))
@@ -211,7 +222,7 @@ def train_and_evaluate(config: SinusoidConfig, workdir: str,
           f"eval_only: no checkpoint under {maml_dir}/checkpoints; train first")
   else:
     loop.meta_train(
-        learner,
+        distribute.distributed_learner(learner, strategy),
         lambda i: tasks.sample_batch(config.meta_batch, config.k_shot,
                                      config.k_query, _rng(config.seed, 1, i))[0],
         config.iterations, maml_dir, log_every=config.log_every,

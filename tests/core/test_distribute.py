@@ -1,0 +1,264 @@
+"""DistributedMAML: a meta-step split across replicas equals the one-device step.
+
+TensorFlow fixes its devices when it first uses them, so every check that
+needs two replicas runs in a fresh Python process (this file run as a
+script): two logical CPU devices under ``MirroredStrategy``, and two worker
+processes on 127.0.0.1 under ``MultiWorkerMirroredStrategy``. Each process
+also runs the same meta-step on one device and reports the largest
+differences, which the tests check.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+HERE = os.path.abspath(__file__)
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
+TOL = 1e-5
+
+
+# ------------------------------------------------ code run in subprocesses
+def _cases():
+  """``(name, build_maml, batch)``: conv + BatchNorm classifier, sinusoid MLP."""
+  import keras  # pylint: disable=g-import-not-at-top
+  from maml_tf import MAML  # pylint: disable=g-import-not-at-top
+  from maml_tf.models.mlp import mlp  # pylint: disable=g-import-not-at-top
+  from maml_tf.tasks import sinusoid  # pylint: disable=g-import-not-at-top
+  from maml_tf.core.task_batch import TaskBatch  # pylint: disable=g-import-not-at-top
+
+  def conv_bn():
+    keras.utils.set_random_seed(7)
+    model = keras.Sequential([
+        keras.Input((8, 8, 1)),
+        keras.layers.Conv2D(4, 3, strides=2, padding="same", use_bias=False),
+        keras.layers.BatchNormalization(),
+        keras.layers.ReLU(),
+        keras.layers.Flatten(),
+        keras.layers.Dense(3)], name="conv_bn")
+    # SGD: Adam's first step is ~lr * sign(g), which would blow float noise
+    # on (near) zero gradients up to lr.
+    return MAML(model,
+                keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                inner_lr=0.1, meta_optimizer=keras.optimizers.SGD(0.5))
+
+  def sine():
+    keras.utils.set_random_seed(3)
+    # A keras.losses.Loss object: Keras divides those by the replica count
+    # under a strategy unless DistributedMAML turns that off.
+    # Learned per-layer per-step inner step sizes and the multi-step loss
+    # (MAML++): more meta-variables and a "meta_loss" metric to average.
+    return MAML(mlp(1, 1, hidden=(16, 16)), keras.losses.MeanSquaredError(),
+                inner_lr=0.05, inner_steps=2,
+                learn_inner_lr="per_layer_per_step",
+                multi_step_loss_iterations=10,
+                meta_optimizer=keras.optimizers.Adam(0.01))
+
+  rng = np.random.default_rng(0)
+  images = TaskBatch(rng.normal(size=(4, 3, 8, 8, 1)).astype("float32"),
+                     np.tile(np.arange(3), (4, 1)),
+                     rng.normal(size=(4, 6, 8, 8, 1)).astype("float32"),
+                     np.tile(np.arange(3).repeat(2), (4, 1)))
+  sines = [sinusoid.sample_batch(4, 5, 7, np.random.default_rng(s))[0]
+           for s in (1, 2)]
+  return [("conv_bn", conv_bn, [images]), ("sinusoid_mlp", sine, sines)]
+
+
+def _reptile_error(strategy):
+  import keras  # pylint: disable=g-import-not-at-top
+  from maml_tf.core.distribute import DistributedMAML  # pylint: disable=g-import-not-at-top
+  from maml_tf.core.reptile import Reptile  # pylint: disable=g-import-not-at-top
+  from maml_tf.models.mlp import mlp  # pylint: disable=g-import-not-at-top
+  with strategy.scope():
+    reptile = Reptile(mlp(1, 1, hidden=(4,)), keras.losses.MeanSquaredError())
+  try:
+    DistributedMAML(reptile, strategy)
+  except TypeError as e:
+    return str(e)
+  return None
+
+
+def _compare(strategy, weights_out):
+  """Runs each case distributed and on one device; returns the differences."""
+  from maml_tf.core.distribute import DistributedMAML  # pylint: disable=g-import-not-at-top
+  report = {}
+  for name, build, batches in _cases():
+    with strategy.scope():
+      distributed = build()
+    single = build()
+    learner = DistributedMAML(distributed, strategy)
+    metrics = [(learner.train_step(b), single.train_step(b)) for b in batches]
+    variables = lambda m: m.model.variables + m.inner_lr_variables
+    weights = [v.numpy() for v in variables(distributed)]
+    report[name] = {
+        "replicas": learner.num_replicas,
+        "metric_keys": sorted(metrics[0][0]),
+        "metric_diff": max(abs(a[k] - b[k]) for a, b in metrics for k in b),
+        "weight_diff": max(
+            float(np.abs(w - v.numpy()).max())
+            for w, v in zip(weights, variables(single))),
+        "moved": max(float(np.abs(w - v.numpy()).max())
+                     for w, v in zip(weights, variables(build()))),
+        "iterations": [int(distributed.meta_optimizer.iterations.numpy()),
+                       int(single.meta_optimizer.iterations.numpy())],
+    }
+    weights_out[name] = weights
+  return report
+
+
+def _mirrored_main(out_path):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  cpu = tf.config.list_physical_devices("CPU")[0]
+  tf.config.set_logical_device_configuration(
+      cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+  from maml_tf.core.distribute import DistributedMAML  # pylint: disable=g-import-not-at-top
+  strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+  report = _compare(strategy, {})
+  # Clear errors: an odd meta-batch, a learner built outside the scope,
+  # a learner with its own meta-step.
+  _, build, batches = _cases()[1]
+  with strategy.scope():
+    learner = DistributedMAML(build(), strategy)
+  odd = type(batches[0])(*(t[:3] for t in batches[0]))
+  errors = {}
+  try:
+    learner.train_step(odd)
+  except ValueError as e:
+    errors["odd"] = str(e)
+  try:
+    DistributedMAML(build(), strategy)
+  except ValueError as e:
+    errors["outside_scope"] = str(e)
+  errors["reptile"] = _reptile_error(strategy)
+  report["errors"] = errors
+  with open(out_path, "w") as f:
+    json.dump(report, f)
+
+
+def _worker_main(out_path):
+  from maml_tf.core import distribute  # pylint: disable=g-import-not-at-top
+  strategy = distribute.make_strategy("multi_worker")   # reads TF_CONFIG
+  weights = {}
+  report = _compare(strategy, weights)
+  report["chief"] = distribute.is_chief(strategy)
+  np.savez(out_path + ".npz", **{f"{name}_{i}": w for name, ws in
+                                 weights.items() for i, w in enumerate(ws)})
+  with open(out_path, "w") as f:
+    json.dump(report, f)
+
+
+# ------------------------------------------------------------------- tests
+def _env(**extra):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="",
+             PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  env.pop("TF_CONFIG", None)
+  env.update(extra)
+  return env
+
+
+def _check_case(report, replicas=2):
+  assert report["replicas"] == replicas
+  assert report["metric_diff"] < TOL, report
+  assert report["weight_diff"] < TOL, report
+  assert report["moved"] > 1e-3, report          # the step did something
+  assert report["iterations"][0] == report["iterations"][1] > 0
+
+
+def test_mirrored_two_replicas_equal_one_device(tmp_path):
+  out = str(tmp_path / "mirrored.json")
+  proc = subprocess.run([sys.executable, HERE, "mirrored", out], cwd=REPO,
+                        env=_env(), capture_output=True, text=True,
+                        timeout=240)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  with open(out) as f:
+    report = json.load(f)
+  _check_case(report["conv_bn"])
+  assert report["conv_bn"]["metric_keys"] == [
+      "accuracy_after", "accuracy_before", "loss_after", "loss_before"]
+  _check_case(report["sinusoid_mlp"])
+  assert report["sinusoid_mlp"]["metric_keys"] == [
+      "loss_after", "loss_before", "meta_loss"]
+  assert "3 tasks" in report["errors"]["odd"]
+  assert "2 replicas" in report["errors"]["odd"]
+  assert "outside strategy.scope()" in report["errors"]["outside_scope"]
+  assert "Reptile has its own meta-step" in report["errors"]["reptile"]
+
+
+def test_make_strategy_and_configs_name_bad_values(monkeypatch):
+  from maml_tf.core import distribute  # pylint: disable=g-import-not-at-top
+  from maml_tf.training import classification, sinusoid  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match="'none', 'mirrored', 'multi_worker'"):
+    distribute.make_strategy("tpu")
+  monkeypatch.delenv("TF_CONFIG", raising=False)
+  with pytest.raises(ValueError, match="TF_CONFIG"):
+    distribute.make_strategy("multi_worker")
+  monkeypatch.setenv("TF_CONFIG", '{"cluster": {}}')
+  with pytest.raises(ValueError, match="cluster.worker"):
+    distribute.make_strategy("multi_worker")
+  for make in (classification.make_config, sinusoid.make_config):
+    with pytest.raises(ValueError, match="distribute must be one of"):
+      make("smoke", distribute="gpus")
+  default = distribute.make_strategy("none")
+  assert default.num_replicas_in_sync == 1 and distribute.is_chief(default)
+  assert distribute.worker_workdir("runs/x", default) == "runs/x"
+  from maml_tf import MAML  # pylint: disable=g-import-not-at-top
+  from maml_tf.models.mlp import mlp  # pylint: disable=g-import-not-at-top
+  maml = MAML(mlp(1, 1, hidden=(4,)), "mse")
+  assert distribute.distributed_learner(maml, default) is maml
+
+
+def _free_ports(n):
+  socks = []
+  for _ in range(n):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    socks.append(s)
+  ports = [s.getsockname()[1] for s in socks]
+  for s in socks:
+    s.close()
+  return ports
+
+
+def test_multi_worker_two_processes_equal_one_device(tmp_path):
+  workers = [f"127.0.0.1:{p}" for p in _free_ports(2)]
+  procs, outs = [], []
+  for index in range(2):
+    tf_config = {"cluster": {"worker": workers},
+                 "task": {"type": "worker", "index": index}}
+    outs.append(str(tmp_path / f"worker{index}.json"))
+    procs.append(subprocess.Popen(
+        [sys.executable, HERE, "worker", outs[-1]], cwd=REPO,
+        env=_env(TF_CONFIG=json.dumps(tf_config)),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  logs = []
+  try:
+    for proc in procs:
+      logs.append(proc.communicate(timeout=240)[0])
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+  for proc, log in zip(procs, logs):
+    assert proc.returncode == 0, log[-4000:]
+  reports = []
+  for out in outs:
+    with open(out) as f:
+      reports.append(json.load(f))
+  assert [r["chief"] for r in reports] == [True, False]
+  for report in reports:
+    _check_case(report["conv_bn"])
+    _check_case(report["sinusoid_mlp"])
+  w0, w1 = (np.load(out + ".npz") for out in outs)
+  assert sorted(w0.files) == sorted(w1.files)
+  for key in w0.files:
+    np.testing.assert_array_equal(w0[key], w1[key], err_msg=key)
+
+
+if __name__ == "__main__":
+  sys.path.insert(0, REPO)
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  {"mirrored": _mirrored_main, "worker": _worker_main}[sys.argv[1]](sys.argv[2])
