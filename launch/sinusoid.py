@@ -12,6 +12,7 @@ from absl import flags
 from absl import logging
 
 from maml_tf.core import distribute
+from maml_tf.core import family
 from maml_tf.training import loop
 
 from maml_tf.training import sinusoid
@@ -42,6 +43,12 @@ _INIT = flags.DEFINE_enum("init", None, ["glorot", "finn"],
                           "paper code's N(0, 0.01).")
 _EVAL_TASKS = flags.DEFINE_integer("eval_tasks", None,
                                    "Fresh tasks per evaluation.")
+_ALGORITHM = flags.DEFINE_enum(
+    "algorithm", None, list(family.ALGORITHMS),
+    "Learner of the family: maml, fomaml, metasgd, anil, mamlpp, reptile.")
+_RECOMPUTE = flags.DEFINE_bool(
+    "recompute", None, "Gradient checkpointing through the inner loop "
+    "(less memory for many inner steps).")
 _DISTRIBUTE = flags.DEFINE_enum(
     "distribute", None, list(distribute.STRATEGIES),
     "Split each meta-batch across replicas: none (one device), mirrored (the "
@@ -59,7 +66,8 @@ def main(argv):
       meta_lr=_META_LR.value, first_order=_FIRST_ORDER.value, seed=_SEED.value,
       resume=_RESUME.value, eval_only=_EVAL_ONLY.value,
       baseline=_BASELINE.value, eval_tasks=_EVAL_TASKS.value,
-      init=_INIT.value, distribute=_DISTRIBUTE.value)
+      init=_INIT.value, distribute=_DISTRIBUTE.value,
+      algorithm=_ALGORITHM.value, recompute=_RECOMPUTE.value)
   loop.exit_if_interrupted(
       sinusoid.train_and_evaluate, config, _LOGDIR.value)
 

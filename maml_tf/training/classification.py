@@ -76,6 +76,7 @@ import numpy as np
 import tensorflow as tf
 
 from maml_tf.core import distribute
+from maml_tf.core import family
 from maml_tf.core.maml import MAML
 from maml_tf.core.task_batch import TaskBatch
 from maml_tf.export import export_adapted
@@ -176,6 +177,8 @@ class ClassificationConfig:
   export: bool = True
   plot: bool = True
   distribute: str = "none"
+  algorithm: str = "maml"           # maml_tf.core.family.ALGORITHMS
+  recompute: bool = False           # gradient checkpointing of the inner loop
 
   def validate(self) -> "ClassificationConfig":
     """Raises ``ValueError`` naming the first bad field; returns ``self``.
@@ -194,6 +197,9 @@ class ClassificationConfig:
     if self.network == "mlp" and self.dataset != "omniglot":
       raise ValueError("network='mlp' is the paper's Omniglot network; use "
                        "network='conv' for miniimagenet")
+    if self.algorithm not in family.ALGORITHMS:
+      raise ValueError(f"algorithm must be one of {list(family.ALGORITHMS)}, "
+                       f"got {self.algorithm!r}")
     if self.distribute not in distribute.STRATEGIES:
       raise ValueError(f"distribute must be one of {list(distribute.STRATEGIES)}"
                        f", got {self.distribute!r}")
@@ -419,11 +425,12 @@ def build_learner(config: ClassificationConfig) -> MAML:
     0.4
   """
   keras.utils.set_random_seed(config.seed)
-  return MAML(build_network(config),
-              keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-              inner_lr=config.inner_lr, inner_steps=config.inner_steps,
-              first_order=config.first_order,
-              meta_optimizer=keras.optimizers.Adam(config.meta_lr))
+  return family.make_learner(
+      config.algorithm, build_network(config),
+      keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+      inner_lr=config.inner_lr, inner_steps=config.inner_steps,
+      meta_lr=config.meta_lr, iterations=config.iterations,
+      first_order=config.first_order, recompute=config.recompute)
 
 
 # ---------------------------------------------------------------- evaluation

@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from maml_tf.core import distribute
+from maml_tf.core import family
 from maml_tf.core.maml import MAML
 from maml_tf.models.mlp import mlp
 from maml_tf.tasks import sinusoid as tasks
@@ -54,6 +55,9 @@ class SinusoidConfig:
   # devices) or "multi_worker" (the cluster in TF_CONFIG); see
   # maml_tf.core.distribute. Evaluation and the baseline run on one device.
   distribute: str = "none"
+  # Which learner of the family (maml_tf.core.family.ALGORITHMS).
+  algorithm: str = "maml"
+  recompute: bool = False           # gradient checkpointing of the inner loop
 
   def validate(self) -> "SinusoidConfig":
     positive = ("meta_batch", "k_shot", "k_query", "inner_steps", "eval_tasks",
@@ -73,6 +77,9 @@ class SinusoidConfig:
       raise ValueError(f"eval_shots must be >= 1, got {self.eval_shots}")
     if not self.eval_steps or min(self.eval_steps) < 0:
       raise ValueError(f"eval_steps must be >= 0, got {self.eval_steps}")
+    if self.algorithm not in family.ALGORITHMS:
+      raise ValueError(f"algorithm must be one of {list(family.ALGORITHMS)}, "
+                       f"got {self.algorithm!r}")
     if self.distribute not in distribute.STRATEGIES:
       raise ValueError(f"distribute must be one of {list(distribute.STRATEGIES)}"
                        f", got {self.distribute!r}")
@@ -112,9 +119,11 @@ def build_maml(config: SinusoidConfig) -> MAML:
   keras.utils.set_random_seed(config.seed)
   model = mlp(1, 1, hidden=config.hidden, name="sinusoid_maml",
               init=config.init)
-  return MAML(model, keras.losses.MeanSquaredError(), inner_lr=config.inner_lr,
-              inner_steps=config.inner_steps, first_order=config.first_order,
-              meta_optimizer=keras.optimizers.Adam(config.meta_lr))
+  return family.make_learner(
+      config.algorithm, model, keras.losses.MeanSquaredError(),
+      inner_lr=config.inner_lr, inner_steps=config.inner_steps,
+      meta_lr=config.meta_lr, iterations=config.iterations,
+      first_order=config.first_order, recompute=config.recompute)
 
 
 def pretrain_baseline(config: SinusoidConfig, workdir: str,
@@ -233,7 +242,7 @@ def train_and_evaluate(config: SinusoidConfig, workdir: str,
          "train_seconds": train_seconds,
          "maml": evaluate_table(learner, config)}
   log("MSE on fresh tasks (mean ± 95% CI):")
-  log(_format_table("MAML", out["maml"]))
+  log(_format_table(config.algorithm.upper(), out["maml"]))
   baseline = None
   if config.baseline:
     if config.eval_only:
