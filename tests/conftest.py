@@ -15,3 +15,33 @@ def _seed():
   import keras  # pylint: disable=g-import-not-at-top
   keras.utils.set_random_seed(1234)
   yield
+
+
+def central_differences(loss_fn, variable, eps=1e-6):
+  """d loss_fn() / d variable by central differences (restores the value)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  base = variable.numpy()
+  flat = base.ravel()
+  out = []
+  for i in range(flat.size):
+    vals = []
+    for sign in (1, -1):
+      pert = flat.copy()
+      pert[i] += sign * eps
+      variable.assign(pert.reshape(base.shape))
+      vals.append(float(loss_fn()))
+    out.append((vals[0] - vals[1]) / (2 * eps))
+  variable.assign(base)
+  return np.asarray(out).reshape(base.shape)
+
+
+@pytest.fixture(name="meta_loss_fd")
+def fixture_meta_loss_fd():
+  """``f(maml, batch, variables) -> flat array``: finite-difference meta-gradient."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  def fd(maml, batch, variables, eps=1e-6):
+    return np.concatenate([
+        central_differences(lambda: maml.meta_loss(batch), v, eps).ravel()
+        for v in variables])
+  return fd

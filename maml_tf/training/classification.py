@@ -84,6 +84,7 @@ from maml_tf.models import paper_nets
 from maml_tf.tasks import episodes
 from maml_tf.tasks import miniimagenet
 from maml_tf.tasks import omniglot
+from maml_tf.training import config as config_lib
 from maml_tf.training import loop, results, stats
 
 DATASETS = ("omniglot", "miniimagenet")
@@ -280,16 +281,8 @@ def make_config(preset: str = "omniglot_5w1s",
     >>> make_config("omniglot_20w1s", iterations=100).meta_batch
     16
   """
-  if preset not in PRESETS:
-    raise ValueError(f"unknown classification preset {preset!r}; choose one "
-                     f"of {sorted(PRESETS)}")
-  values = dict(PRESETS[preset])
-  values.update({k: v for k, v in overrides.items() if v is not None})
-  fields = {f.name for f in dataclasses.fields(ClassificationConfig)}
-  unknown = set(values) - fields
-  if unknown:
-    raise ValueError(f"unknown classification config fields {sorted(unknown)}")
-  return ClassificationConfig(**values).validate()
+  return config_lib.from_preset(ClassificationConfig, PRESETS, preset,
+                                "classification", **overrides)
 
 
 # ---------------------------------------------------------------------- data

@@ -21,6 +21,7 @@ from maml_tf.core import family
 from maml_tf.core.maml import MAML
 from maml_tf.models.mlp import mlp
 from maml_tf.tasks import sinusoid as tasks
+from maml_tf.training import config as config_lib
 from maml_tf.training import loop, results, stats
 
 
@@ -99,16 +100,8 @@ PRESETS: Dict[str, Dict] = {
 
 def make_config(preset: str = "paper", **overrides) -> SinusoidConfig:
   """A config from a preset name plus field overrides (``None`` = keep)."""
-  if preset not in PRESETS:
-    raise ValueError(f"unknown sinusoid preset {preset!r}; choose one of "
-                     f"{sorted(PRESETS)}")
-  values = dict(PRESETS[preset])
-  values.update({k: v for k, v in overrides.items() if v is not None})
-  fields = {f.name for f in dataclasses.fields(SinusoidConfig)}
-  unknown = set(values) - fields
-  if unknown:
-    raise ValueError(f"unknown sinusoid config fields {sorted(unknown)}")
-  return SinusoidConfig(**values).validate()
+  return config_lib.from_preset(SinusoidConfig, PRESETS, preset, "sinusoid",
+                                **overrides)
 
 
 def _rng(seed: int, *stream: int) -> np.random.Generator:

@@ -72,24 +72,6 @@ def _flat_grad(maml, batch):
   return np.concatenate([g.numpy().ravel() for g in grads])
 
 
-def _finite_difference(maml, batch, eps=1e-6):
-  variables = maml.model.trainable_variables
-  fd = []
-  for var in variables:
-    base = var.numpy()
-    flat = base.ravel()
-    for i in range(flat.size):
-      vals = []
-      for sign in (1, -1):
-        pert = flat.copy()
-        pert[i] += sign * eps
-        var.assign(pert.reshape(base.shape))
-        vals.append(float(maml.meta_loss(batch)))
-      var.assign(base)
-      fd.append((vals[0] - vals[1]) / (2 * eps))
-  return np.asarray(fd)
-
-
 def _rel_err(a, b):
   return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12)
 
@@ -115,7 +97,8 @@ def _maml(name, steps, first_order=False, vectorize="auto"):
 @pytest.mark.parametrize("steps", [1, 3])
 @pytest.mark.parametrize("name", list(CASES))
 def test_second_order_meta_gradient_matches_finite_differences(name, steps,
-                                                                execution):
+                                                                execution,
+                                                                meta_loss_fd):
   """Both the task-batched kernels and Keras' own layers (generic path)."""
   rng = np.random.default_rng(0)
   maml, kind = _maml(name, steps, vectorize=execution)
@@ -123,18 +106,20 @@ def test_second_order_meta_gradient_matches_finite_differences(name, steps,
   batch = (_regression_batch(rng) if kind == "regression"
            else _classification_batch(rng))
   analytic = _flat_grad(maml, batch)
-  numeric = _finite_difference(maml, batch)
+  numeric = meta_loss_fd(maml, batch, maml.model.trainable_variables)
   assert _rel_err(analytic, numeric) < 1e-4, (name, steps)
 
 
-def test_finite_difference_check_detects_tf_moments_second_order_bug(monkeypatch):
+def test_finite_difference_check_detects_tf_moments_second_order_bug(
+    monkeypatch, meta_loss_fd):
   """Without exact moments, TF's BatchNorm second derivatives are wrong."""
   import contextlib  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(functional, "exact_moments", contextlib.nullcontext)
   rng = np.random.default_rng(0)
   maml, _ = _maml("batchnorm", 1, vectorize="vectorized_map")
   batch = _regression_batch(rng)
-  err = _rel_err(_flat_grad(maml, batch), _finite_difference(maml, batch))
+  err = _rel_err(_flat_grad(maml, batch),
+                 meta_loss_fd(maml, batch, maml.model.trainable_variables))
   assert err > 1e-3   # the check has teeth: the stock gradient is off
 
 
