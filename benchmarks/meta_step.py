@@ -108,6 +108,24 @@ def _rss_now_mb() -> float:
     return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def _reset_peak_rss() -> bool:
+  """Resets VmHWM (Linux: ``echo 5 > /proc/self/clear_refs``)."""
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+    return True
+  except OSError:
+    return False
+
+
+def _peak_rss_mb() -> float:
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith("VmHWM:"):
+        return int(line.split()[1]) / 1024
+  return float("nan")
+
+
 def run(workload: str, iters: int, warmup: int, first_order: bool = False,
         vectorize="auto", inner_steps=None, recompute=False, meta_batch=None,
         count_flops=True) -> dict:
@@ -120,6 +138,10 @@ def run(workload: str, iters: int, warmup: int, first_order: bool = False,
   compile_s = time.perf_counter() - t0
   for _ in range(warmup):
     learner.train_step(batch)
+  # Steady-state memory: reset the kernel's peak-RSS mark after compilation
+  # and the first step (graph building dominates the process peak otherwise).
+  run_base = _rss_now_mb()
+  hwm_reset = _reset_peak_rss()
   times = []
   for _ in range(iters):
     t = time.perf_counter()
@@ -129,6 +151,7 @@ def run(workload: str, iters: int, warmup: int, first_order: bool = False,
   median = statistics.median(times)
   fn = [f for k, f in learner._compiled.items() if k[0] == "train"][0]  # pylint: disable=protected-access
   peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  run_peak = _peak_rss_mb() if hwm_reset else float("nan")
   gflop = float("nan")
   if count_flops:
     try:
@@ -145,6 +168,7 @@ def run(workload: str, iters: int, warmup: int, first_order: bool = False,
       "compile_s": compile_s,
       "peak_rss_mb": peak, "rss_before_step_mb": rss_before,
       "step_peak_mb": peak - rss_before,
+      "run_peak_mb": run_peak, "run_extra_mb": run_peak - run_base,
       "inner_steps": learner.inner_steps, "recompute": recompute,
       "meta_batch": int(batch.support_x.shape[0]),
       "gflop_per_iter": gflop, "achieved_gflops": achieved,

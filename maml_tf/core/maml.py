@@ -156,8 +156,12 @@ def _recomputed_step(step_fn, fast, state, lr):
       # it, so the vector-Jacobian product includes the second-order terms.
       # (tf.recompute_grad cannot be used: it runs the forward pass with all
       # tapes stopped, which silently zeroes the inner gradient.)
-      with tf.GradientTape(watch_accessed_variables=False) as tape:
+      # The control dependency keeps the graph executor from recomputing
+      # every step early (their inputs are ready long before): step k is
+      # recomputed only once the gradient reaching it exists.
+      with tf.control_dependencies([d for d in dresult if d is not None]):
         ids = [tf.identity(a) for a in args]
+      with tf.GradientTape(watch_accessed_variables=False) as tape:
         tape.watch(ids)
         again = flat_step(*ids)
       dresult = [tf.zeros_like(r) if d is None else d
