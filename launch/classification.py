@@ -24,11 +24,10 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from maml_tf.core import distribute
-from maml_tf.core import family
 from maml_tf.training import loop
-
 from maml_tf.training import classification
+
+import learner_flags  # launch/learner_flags.py, beside this script
 
 _PRESET = flags.DEFINE_enum("preset", "omniglot_5w1s",
                             sorted(classification.PRESETS),
@@ -78,17 +77,6 @@ _IMAGE_SIZE = flags.DEFINE_integer("image_size", None,
 _EXPORT = flags.DEFINE_bool("export", None,
                             "Export one adapted model as a SavedModel.")
 _PLOT = flags.DEFINE_bool("plot", None, "Write the PNG figures.")
-_ALGORITHM = flags.DEFINE_enum(
-    "algorithm", None, list(family.ALGORITHMS),
-    "Learner of the family: maml, fomaml, metasgd, anil, mamlpp, reptile.")
-_RECOMPUTE = flags.DEFINE_bool(
-    "recompute", None, "Gradient checkpointing through the inner loop "
-    "(less memory for many inner steps).")
-_DISTRIBUTE = flags.DEFINE_enum(
-    "distribute", None, list(distribute.STRATEGIES),
-    "Split each meta-batch across replicas: none (one device), mirrored (the "
-    "GPUs of this machine) or multi_worker (the cluster in TF_CONFIG; start "
-    "the same command on every worker). Default none.")
 
 
 def main(argv):
@@ -107,8 +95,7 @@ def main(argv):
         seed=_SEED.value, resume=_RESUME.value, eval_only=_EVAL_ONLY.value,
         eval_tasks=_EVAL_TASKS.value, eval_every=_EVAL_EVERY.value,
         train_on_val=_TRAIN_ON_VAL.value, image_size=_IMAGE_SIZE.value,
-        export=_EXPORT.value, plot=_PLOT.value, distribute=_DISTRIBUTE.value,
-      algorithm=_ALGORITHM.value, recompute=_RECOMPUTE.value)
+        export=_EXPORT.value, plot=_PLOT.value, **learner_flags.overrides())
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   loop.exit_if_interrupted(

@@ -11,11 +11,10 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from maml_tf.core import distribute
-from maml_tf.core import family
 from maml_tf.training import loop
-
 from maml_tf.training import sinusoid
+
+import learner_flags  # launch/learner_flags.py, beside this script
 
 _PRESET = flags.DEFINE_enum("preset", "paper", sorted(sinusoid.PRESETS),
                             "Named configuration; other flags override it.")
@@ -43,17 +42,6 @@ _INIT = flags.DEFINE_enum("init", None, ["glorot", "finn"],
                           "paper code's N(0, 0.01).")
 _EVAL_TASKS = flags.DEFINE_integer("eval_tasks", None,
                                    "Fresh tasks per evaluation.")
-_ALGORITHM = flags.DEFINE_enum(
-    "algorithm", None, list(family.ALGORITHMS),
-    "Learner of the family: maml, fomaml, metasgd, anil, mamlpp, reptile.")
-_RECOMPUTE = flags.DEFINE_bool(
-    "recompute", None, "Gradient checkpointing through the inner loop "
-    "(less memory for many inner steps).")
-_DISTRIBUTE = flags.DEFINE_enum(
-    "distribute", None, list(distribute.STRATEGIES),
-    "Split each meta-batch across replicas: none (one device), mirrored (the "
-    "GPUs of this machine) or multi_worker (the cluster in TF_CONFIG; start "
-    "the same command on every worker). Default none.")
 
 
 def main(argv):
@@ -66,8 +54,7 @@ def main(argv):
       meta_lr=_META_LR.value, first_order=_FIRST_ORDER.value, seed=_SEED.value,
       resume=_RESUME.value, eval_only=_EVAL_ONLY.value,
       baseline=_BASELINE.value, eval_tasks=_EVAL_TASKS.value,
-      init=_INIT.value, distribute=_DISTRIBUTE.value,
-      algorithm=_ALGORITHM.value, recompute=_RECOMPUTE.value)
+      init=_INIT.value, **learner_flags.overrides())
   loop.exit_if_interrupted(
       sinusoid.train_and_evaluate, config, _LOGDIR.value)
 

@@ -145,6 +145,27 @@ class Navigation2DEnv(_TaskMixin, gymnasium.Env):
     return self._position.astype(np.float32), -distance, terminated, False, info
 
 
+class _DirectionTaskMixin:
+  """Tasks ``{"direction": +1 or -1}``: run forward or backward."""
+
+  TASK_KEYS = ("direction",)
+
+  def _apply_task(self, task):
+    direction = float(task["direction"])
+    if direction not in (1.0, -1.0):
+      raise ValueError(f"direction must be +1 or -1; got {task['direction']!r}")
+    self._direction = direction
+
+  def sample_tasks(self, n: int, rng=None) -> List[Dict]:
+    """``n`` directions, +1 or -1 with equal probability."""
+    d = _rng(self, rng).choice([-1.0, 1.0], size=(n,))
+    return [{"direction": float(x)} for x in d]
+
+  @staticmethod
+  def task_features(task: Dict) -> np.ndarray:
+    return np.asarray([task["direction"]], np.float32)
+
+
 class _ClippedMujocoMixin:
   """Clips actions to the action space before simulating and costing them."""
 
@@ -190,7 +211,8 @@ class HalfCheetahVelEnv(_TaskMixin, _ClippedMujocoMixin, HalfCheetahEnv):
     return forward + ctrl, {"reward_forward": forward, "reward_ctrl": ctrl}
 
 
-class HalfCheetahDirEnv(_TaskMixin, _ClippedMujocoMixin, HalfCheetahEnv):
+class HalfCheetahDirEnv(_DirectionTaskMixin, _TaskMixin, _ClippedMujocoMixin,
+                        HalfCheetahEnv):
   """HalfCheetah that must run forward or backward (``..._rand_direc.py``).
 
   ``reward = direction * v - 0.05 * sum(a^2)``; ``info``: ``reward_forward =
@@ -201,27 +223,11 @@ class HalfCheetahDirEnv(_TaskMixin, _ClippedMujocoMixin, HalfCheetahEnv):
     >>> env = HalfCheetahDirEnv(); env.set_task({"direction": -1.0})
   """
 
-  TASK_KEYS = ("direction",)
   CTRL_COST = 0.05
 
   def __init__(self, task: Optional[Dict] = None, **kwargs):
     super().__init__(**kwargs)
     self.set_task(task if task is not None else {"direction": 1.0})
-
-  def _apply_task(self, task):
-    direction = float(task["direction"])
-    if direction not in (1.0, -1.0):
-      raise ValueError(f"direction must be +1 or -1; got {task['direction']!r}")
-    self._direction = direction
-
-  def sample_tasks(self, n: int, rng=None) -> List[Dict]:
-    """``n`` directions, +1 or -1 with equal probability."""
-    d = _rng(self, rng).choice([-1.0, 1.0], size=(n,))
-    return [{"direction": float(x)} for x in d]
-
-  @staticmethod
-  def task_features(task: Dict) -> np.ndarray:
-    return np.asarray([task["direction"]], np.float32)
 
   def _get_rew(self, x_velocity: float, action):
     forward = self._direction * x_velocity
@@ -293,7 +299,7 @@ class AntVelEnv(_AntTaskEnv):
     return -abs(x_velocity - self._goal_velocity) + 1.0
 
 
-class AntDirEnv(_AntTaskEnv):
+class AntDirEnv(_DirectionTaskMixin, _AntTaskEnv):
   """Ant that must run forward or backward (``ant_env_rand_direc.py``).
 
   ``reward = direction * v - 0.5e-2 sum(a^2)
@@ -304,25 +310,8 @@ class AntDirEnv(_AntTaskEnv):
     >>> env = AntDirEnv(); env.set_task({"direction": 1.0})
   """
 
-  TASK_KEYS = ("direction",)
-
   def _default_task(self):
     return {"direction": 1.0}
-
-  def _apply_task(self, task):
-    direction = float(task["direction"])
-    if direction not in (1.0, -1.0):
-      raise ValueError(f"direction must be +1 or -1; got {task['direction']!r}")
-    self._direction = direction
-
-  def sample_tasks(self, n: int, rng=None) -> List[Dict]:
-    """``n`` directions, +1 or -1 with equal probability."""
-    d = _rng(self, rng).choice([-1.0, 1.0], size=(n,))
-    return [{"direction": float(x)} for x in d]
-
-  @staticmethod
-  def task_features(task: Dict) -> np.ndarray:
-    return np.asarray([task["direction"]], np.float32)
 
   def _forward_reward(self, x_velocity):
     return self._direction * x_velocity
