@@ -38,6 +38,11 @@ DEFAULT_ITERS = {"sinusoid": (50, 5), "omniglot_5w1s": (3, 1),
 # name: (label, interpreter ("main" or "peers"), script argv)
 IMPLEMENTATIONS = {
     "maml_tf": ("maml_tf", "main", ["-m", "benchmarks.meta_step"]),
+    # MAML.train_steps: 100 meta-steps per compiled call, tasks sampled in
+    # the graph (sinusoid only: its steps are short enough for call overhead
+    # to matter).
+    "maml_tf_loop": ("maml_tf train_steps", "main",
+                     ["-m", "benchmarks.meta_step", "--steps_per_call", "100"]),
     "torch_func": ("PyTorch torch.func", "peers",
                    ["benchmarks/peers/torch_maml.py", "--variant", "func"]),
     "torch_autograd": ("PyTorch autograd loop", "peers",
@@ -47,6 +52,9 @@ IMPLEMENTATIONS = {
                                        "--variant", "vmap_jit"]),
     "jax_map": ("JAX jit(lax.map)", "peers", ["benchmarks/peers/jax_maml.py",
                                               "--variant", "map_jit"]),
+    "jax_loop": ("JAX jit(fori_loop(vmap)), 100 steps per call", "peers",
+                 ["benchmarks/peers/jax_maml.py", "--variant",
+                  "vmap_jit_loop"]),
 }
 
 
@@ -60,6 +68,8 @@ def run_one(impl: str, workload: str, iters: int, warmup: int,
   told ``--threads cpus``).
   """
   _, interpreter, argv = IMPLEMENTATIONS[impl]
+  if impl in ("maml_tf_loop", "jax_loop") and workload != "sinusoid":
+    return {"skipped": "100 steps per call only for the sinusoid"}
   python = sys.executable if interpreter == "main" else peers_python
   if not os.path.exists(python):
     return {"error": f"no interpreter {python} (see benchmarks/peers/"
@@ -93,8 +103,11 @@ def run_one(impl: str, workload: str, iters: int, warmup: int,
 def describe(impl: str, r: dict) -> str:
   """Implementation label with its version and the variant that ran."""
   label = IMPLEMENTATIONS[impl][0]
-  if impl == "maml_tf":
-    return f"{label} (TF {r.get('tensorflow', '?')}, {r.get('execution')})"
+  if impl.startswith("maml_tf"):
+    extra = "" if r.get("task_chunk") is None else (
+        f", task chunk {r['task_chunk']}")
+    return (f"{label} (TF {r.get('tensorflow', '?')}, {r.get('execution')}"
+            f"{extra})")
   if impl.startswith("torch"):
     version = r.get("torch", "?").split("+")[0]
     extra = f", {r['variant']}"
@@ -113,6 +126,8 @@ def table(results, first_order: bool) -> str:
   tf_s = {w: r["median_s_per_iter"] for w, i, r in results
           if i == "maml_tf" and "error" not in r}
   for workload, impl, r in results:
+    if "skipped" in r:
+      continue
     if "error" in r:
       rows.append(f"| {workload} | {IMPLEMENTATIONS[impl][0]} | "
                   f"error: {r['error'][:120]} | | | | |")
@@ -169,7 +184,7 @@ def main():
                   args.peers_python, args.timeout, args.cpus)
       r.setdefault("workload", workload)
       r.setdefault("implementation", impl)
-      print(f"[compare]   -> {r.get('median_s_per_iter', r.get('error'))}",
+      print(f"[compare]   -> {r.get('median_s_per_iter', r.get('error', r.get('skipped')))}",
             file=sys.stderr, flush=True)
       results.append((workload, impl, r))
   load_after = os.getloadavg()

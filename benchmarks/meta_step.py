@@ -3,12 +3,22 @@
   python -m benchmarks.meta_step --workload sinusoid --iters 200 --warmup 20
   python -m benchmarks.meta_step --workload omniglot_5w1s --iters 5 --warmup 2
 
+  python -m benchmarks.meta_step --workload sinusoid --steps_per_call 100
+
 Prints one JSON line: workload, median seconds per meta-iteration,
 meta-iterations per second, peak RSS, GFLOP per iteration (counted by TF's
 profiler on the compiled step's graph), achieved GFLOP/s, the machine's matmul
 GFLOP/s measured in the same run, and their ratio. Batches are random tensors
 of the workload's shapes (the input pipeline is measured separately), built
 once so that the timing is of the meta-step alone.
+
+One meta-iteration is the meta-update only, as the peers compute it
+(``pre_update_metrics=False``; ``--pre_update_metrics`` adds the query
+forward pass before adaptation that training logs). ``--steps_per_call N``
+runs N meta-iterations per compiled call (:meth:`maml_tf.MAML.train_steps`);
+for the sinusoid the tasks are then sampled in the graph
+(:func:`maml_tf.tasks.sinusoid.batch_sampler`), a fresh batch every
+iteration, for the other workloads the fixed batch is reused.
 """
 
 import argparse
@@ -74,18 +84,19 @@ def count_gflop(concrete_function) -> float:
 
 
 def build(workload: str, first_order: bool, vectorize, inner_steps=None,
-          recompute=False, meta_batch=None):
+          recompute=False, meta_batch=None, task_chunk="auto", query=None):
   rng = np.random.default_rng(0)
   keras.utils.set_random_seed(0)
   if workload == "sinusoid":
     model = mlp_lib.mlp(1, 1)
     learner = MAML(model, "mse", inner_lr=0.01, first_order=first_order,
                    vectorize=vectorize, inner_steps=inner_steps or 1,
-                   recompute=recompute)
+                   recompute=recompute, task_chunk=task_chunk)
     batch = sinusoid.sample_batch(meta_batch or 25, 10, 10, rng)[0]
     return learner, batch
   from maml_tf.models import paper_nets  # pylint: disable=g-import-not-at-top
-  shape, way, shot, query, tasks, lr, steps, net = WORKLOADS[workload]
+  shape, way, shot, default_query, tasks, lr, steps, net = WORKLOADS[workload]
+  query = query or default_query
   steps = inner_steps or steps
   tasks = meta_batch or tasks
   model = (paper_nets.omniglot_conv(way) if net == "omniglot"
@@ -93,7 +104,7 @@ def build(workload: str, first_order: bool, vectorize, inner_steps=None,
   learner = MAML(model, keras.losses.SparseCategoricalCrossentropy(
       from_logits=True), inner_lr=lr, inner_steps=steps,
                  first_order=first_order, vectorize=vectorize,
-                 recompute=recompute)
+                 recompute=recompute, task_chunk=task_chunk)
   labels = lambda n: np.tile(np.repeat(np.arange(way), n), (tasks, 1))
   batch = TaskBatch(
       rng.random((tasks, way * shot) + shape, dtype=np.float32),
@@ -128,34 +139,49 @@ def _peak_rss_mb() -> float:
 
 def run(workload: str, iters: int, warmup: int, first_order: bool = False,
         vectorize="auto", inner_steps=None, recompute=False, meta_batch=None,
-        count_flops=True) -> dict:
+        count_flops=True, steps_per_call=1, pre_update_metrics=False,
+        task_chunk="auto", query=None) -> dict:
   learner, batch = build(workload, first_order, vectorize, inner_steps,
-                         recompute, meta_batch)
+                         recompute, meta_batch, task_chunk, query)
   batch = learner._prepare(batch)  # pylint: disable=protected-access
+  if steps_per_call > 1:
+    if workload == "sinusoid":
+      sample = sinusoid.batch_sampler(int(batch.support_x.shape[0]), 10, 10)
+    else:
+      sample = lambda iteration: batch
+    call = lambda: learner.train_steps(sample, steps_per_call,
+                                       pre_update_metrics)
+  else:
+    call = lambda: learner.train_step_tensors(batch, pre_update_metrics)
   rss_before = _rss_now_mb()
   t0 = time.perf_counter()
-  learner.train_step(batch)                       # trace + first run
+  float(call()["loss_after"])                     # trace + first run
   compile_s = time.perf_counter() - t0
   for _ in range(warmup):
-    learner.train_step(batch)
+    float(call()["loss_after"])
   # Steady-state memory: reset the kernel's peak-RSS mark after compilation
   # and the first step (graph building dominates the process peak otherwise).
   run_base = _rss_now_mb()
   hwm_reset = _reset_peak_rss()
+  tf.config.experimental.reset_memory_stats("CPU:0")
   times = []
   for _ in range(iters):
     t = time.perf_counter()
-    out = learner.train_step_tensors(batch)
+    out = call()
     float(out["loss_after"])                      # wait for the result
-    times.append(time.perf_counter() - t)
+    times.append((time.perf_counter() - t) / steps_per_call)
   median = statistics.median(times)
-  fn = [f for k, f in learner._compiled.items() if k[0] == "train"][0]  # pylint: disable=protected-access
+  # Peak bytes held by TF's CPU allocator during the timed steps: weights,
+  # batch, optimizer slots and every tensor a meta-step keeps alive (what
+  # inner steps, recomputation and task chunks change); no graph or runtime.
+  tensor_peak = tf.config.experimental.get_memory_info("CPU:0")["peak"] / 2**20
   peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   run_peak = _peak_rss_mb() if hwm_reset else float("nan")
   gflop = float("nan")
   if count_flops:
     try:
-      gflop = count_gflop(fn.get_concrete_function(batch))
+      gflop = _count_step_gflop(learner, batch, first_order,
+                                pre_update_metrics)
     except Exception:  # pylint: disable=broad-except
       pass
   mm = matmul_gflops()
@@ -164,11 +190,19 @@ def run(workload: str, iters: int, warmup: int, first_order: bool = False,
       "workload": workload, "first_order": first_order,
       "execution": getattr(learner, "execution",
                            "vectorized_map" if learner.vectorize else "map_fn"),
+      "task_chunk": learner._chunk_size(batch),  # pylint: disable=protected-access
+      "conv_impl": getattr(learner._batched_model(batch), "conv_impl", None)  # pylint: disable=protected-access
+      if learner.execution == "batched" else None,
+      "steps_per_call": steps_per_call,
+      "pre_update_metrics": pre_update_metrics,
       "median_s_per_iter": median, "iters_per_s": 1.0 / median,
       "compile_s": compile_s,
       "peak_rss_mb": peak, "rss_before_step_mb": rss_before,
       "step_peak_mb": peak - rss_before,
       "run_peak_mb": run_peak, "run_extra_mb": run_peak - run_base,
+      "tensor_peak_mb": tensor_peak,
+      "query_per_class": None if workload == "sinusoid" else int(
+          batch.query_x.shape[1]) // WORKLOADS[workload][1],
       "inner_steps": learner.inner_steps, "recompute": recompute,
       "meta_batch": int(batch.support_x.shape[0]),
       "gflop_per_iter": gflop, "achieved_gflops": achieved,
@@ -177,6 +211,22 @@ def run(workload: str, iters: int, warmup: int, first_order: bool = False,
       "tensorflow": tf.__version__, "keras": keras.__version__,
       "date": time.strftime("%Y-%m-%d"),
   }
+
+
+def _count_step_gflop(learner, batch, first_order, pre_update_metrics):
+  """GFLOP of one meta-step, counted on an all-tasks-at-once graph.
+
+  The profiler counts a loop body once, not once per iteration, so the
+  count is taken on the same step built without task chunks (identical
+  arithmetic) and never on the ``train_steps`` loop.
+  """
+  chunk, learner.task_chunk = learner.task_chunk, None
+  try:
+    fn = tf.function(learner._make_train_step(  # pylint: disable=protected-access
+        learner._wants_accuracy(batch), first_order, pre_update_metrics))  # pylint: disable=protected-access
+    return count_gflop(fn.get_concrete_function(batch))
+  finally:
+    learner.task_chunk = chunk
 
 
 def main():
@@ -195,11 +245,29 @@ def main():
                       help="gradient checkpointing through the inner loop")
   parser.add_argument("--no_flops", action="store_true",
                       help="skip counting GFLOP (saves time)")
+  parser.add_argument("--steps_per_call", type=int, default=1,
+                      help="meta-iterations per compiled call (train_steps)")
+  parser.add_argument("--pre_update_metrics", action="store_true",
+                      help="also score the query sets before adaptation")
+  parser.add_argument("--task_chunk", default="auto",
+                      help="'auto', 'none' or tasks per chunk")
+  parser.add_argument("--query", type=int, default=None,
+                      help="override the query images per class")
   args = parser.parse_args()
   print(json.dumps(run(args.workload, args.iters, args.warmup,
                        args.first_order, args.vectorize, args.inner_steps,
                        args.recompute, args.meta_batch,
-                       not args.no_flops)))
+                       not args.no_flops, args.steps_per_call,
+                       args.pre_update_metrics,
+                       _task_chunk_arg(args.task_chunk), args.query)))
+
+
+def _task_chunk_arg(value: str):
+  if value == "auto":
+    return value
+  if value == "none":
+    return None
+  return int(value)
 
 
 if __name__ == "__main__":

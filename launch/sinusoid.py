@@ -42,6 +42,9 @@ _INIT = flags.DEFINE_enum("init", None, ["glorot", "finn"],
                           "paper code's N(0, 0.01).")
 _EVAL_TASKS = flags.DEFINE_integer("eval_tasks", None,
                                    "Fresh tasks per evaluation.")
+_STEPS_PER_CALL = flags.DEFINE_integer(
+    "steps_per_call", None, "Meta-steps per compiled call, tasks sampled in "
+    "the graph (1: one call per step, tasks sampled with numpy).")
 
 
 def main(argv):
@@ -54,7 +57,8 @@ def main(argv):
       meta_lr=_META_LR.value, first_order=_FIRST_ORDER.value, seed=_SEED.value,
       resume=_RESUME.value, eval_only=_EVAL_ONLY.value,
       baseline=_BASELINE.value, eval_tasks=_EVAL_TASKS.value,
-      init=_INIT.value, **learner_flags.overrides())
+      init=_INIT.value, steps_per_call=_STEPS_PER_CALL.value,
+      **learner_flags.overrides())
   loop.exit_if_interrupted(
       sinusoid.train_and_evaluate, config, _LOGDIR.value)
 

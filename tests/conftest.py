@@ -45,3 +45,22 @@ def fixture_meta_loss_fd():
         central_differences(lambda: maml.meta_loss(batch), v, eps).ravel()
         for v in variables])
   return fd
+
+
+@pytest.fixture(name="conv_bn_f64")
+def fixture_conv_bn_f64():
+  """A factory of a small float64 conv + BatchNorm classifier (7x7x1 -> 3)."""
+  def build():
+    import keras  # pylint: disable=g-import-not-at-top
+    f = "float64"
+    return keras.Sequential([
+        keras.Input((7, 7, 1), dtype=f),
+        keras.layers.Conv2D(3, 3, strides=2, padding="same", dtype=f),
+        keras.layers.BatchNormalization(dtype=f),
+        keras.layers.Activation("relu", dtype=f),
+        keras.layers.Conv2D(3, 3, padding="same", dtype=f),
+        keras.layers.BatchNormalization(dtype=f),
+        keras.layers.Activation("relu", dtype=f),
+        keras.layers.MaxPooling2D(2, dtype=f),
+        keras.layers.Flatten(dtype=f), keras.layers.Dense(3, dtype=f)])
+  return build

@@ -20,6 +20,10 @@ the step. The random batch is built once (see ``common.py``). Variants:
   group per task), which XLA:CPU runs slowly: see the README.
 * ``map_jit``: ``jax.lax.map`` (a scan) over tasks: one task's ordinary
   convolutions after another, inside the same jit.
+* ``vmap_jit_loop`` (sinusoid only): the twin of maml_tf's ``train_steps``:
+  100 meta-iterations per call in a ``jax.lax.fori_loop``, each on a fresh
+  batch sampled inside the jit (``jax.random``); the time reported is per
+  meta-iteration.
 
 Networks are written with ``jax.lax``: the MLP 1-40-40-1 ReLU for the
 sinusoid, and the paper's 4 x [3x3 conv 'SAME' (stride 2, or stride 1 + 2x2
@@ -46,7 +50,8 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-VARIANTS = ("vmap_jit", "map_jit")
+VARIANTS = ("vmap_jit", "map_jit", "vmap_jit_loop")
+LOOP_STEPS = 100     # meta-iterations per call of the vmap_jit_loop variant
 
 
 def glorot(key, shape, fan_in, fan_out):
@@ -106,7 +111,8 @@ def apply(w: common.Workload, params, x):
   return x @ params["logits/kernel"] + params["logits/bias"]
 
 
-def make_step(w: common.Workload, first_order: bool, variant: str):
+def make_step(w: common.Workload, first_order: bool, variant: str,
+              jit: bool = True):
   """The jitted meta-iteration ``(params, adam_state, batch) -> (params,
   adam_state, meta-loss)``; tasks by ``jax.vmap`` or ``jax.lax.map``."""
 
@@ -127,7 +133,7 @@ def make_step(w: common.Workload, first_order: bool, variant: str):
     return loss(fast, qx, qy)
 
   def meta_loss(params, batch):
-    if variant == "vmap_jit":
+    if variant in ("vmap_jit", "vmap_jit_loop"):
       losses = jax.vmap(task_loss, in_axes=(None, 0, 0, 0, 0))(params, *batch)
     else:   # one task after another (a scan), inside the same jit
       losses = jax.lax.map(lambda b: task_loss(params, *b), batch)
@@ -150,8 +156,36 @@ def make_step(w: common.Workload, first_order: bool, variant: str):
     params, state = adam(params, grads, state)
     return params, state, value
 
+  if not jit:
+    return step
   # Donating params and state lets XLA update them in place.
   return jax.jit(step, donate_argnums=(0, 1))
+
+
+def make_loop(w: common.Workload, first_order: bool, steps: int):
+  """``(params, adam_state, key) -> (params, adam_state, key, mean loss)``:
+  ``steps`` meta-iterations on fresh sinusoid batches, all in one jit."""
+  step = make_step(w, first_order, "vmap_jit", jit=False)
+  k, q = w.k_support, w.k_query
+
+  def sample(key):
+    k1, k2, k3 = jax.random.split(key, 3)
+    amp = jax.random.uniform(k1, (w.tasks, 1, 1), jnp.float32, 0.1, 5.0)
+    phase = jax.random.uniform(k2, (w.tasks, 1, 1), jnp.float32, 0.0, np.pi)
+    x = jax.random.uniform(k3, (w.tasks, k + q, 1), jnp.float32, -5.0, 5.0)
+    y = amp * jnp.sin(x - phase)
+    return x[:, :k], y[:, :k], x[:, k:], y[:, k:]
+
+  def loop(params, state, key):
+    def body(_, carry):
+      params, state, key, total = carry
+      key, sub = jax.random.split(key)
+      params, state, loss = step(params, state, sample(sub))
+      return params, state, key, total + loss
+    params, state, key, total = jax.lax.fori_loop(
+        0, steps, body, (params, state, key, jnp.zeros((), jnp.float32)))
+    return params, state, key, total / steps
+  return jax.jit(loop, donate_argnums=(0, 1))
 
 
 class JaxMAML:
@@ -183,6 +217,21 @@ def main():
                       "check_iters": args.check_iters,
                       "meta_loss_first_20": first, "meta_loss_last_20": last,
                       "decreased": last < first}))
+    return
+  if args.variant == "vmap_jit_loop":
+    if not w.is_sinusoid:
+      raise SystemExit("vmap_jit_loop: sinusoid only")
+    loop = make_loop(w, args.first_order, LOOP_STEPS)
+    key = [jax.random.PRNGKey(args.seed)]
+
+    def calls():
+      maml.params, maml.state, key[0], loss = loop(maml.params, maml.state,
+                                                   key[0])
+      return float(loss)
+    median, first_s, loss = common.time_steps(calls, args.iters, args.warmup)
+    median /= LOOP_STEPS
+    common.report(args, "jax", jax.__version__, args.variant, median, first_s,
+                  loss, jaxlib=jaxlib.__version__, steps_per_call=LOOP_STEPS)
     return
   batch = to_device(common.make_batch(w, np.random.default_rng(args.seed)))
   median, first_s, loss = common.time_steps(lambda: maml.step(batch),

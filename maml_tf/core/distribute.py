@@ -329,27 +329,21 @@ class DistributedMAML:
     return self.strategy.experimental_distribute_values_from_function(
         slice_for)
 
-  def _make_train_step(self, with_acc: bool, first_order: bool):
+  def _make_train_step(self, with_acc: bool, first_order: bool,
+                       before: bool = True):
     maml, strategy = self.maml, self.strategy
-    plan = maml._train_plan(first_order)
+    plan = maml._train_plan(first_order, before)
     scale = 1.0 / self.num_replicas
 
     def replica_step(local_batch):
       context = tf.distribute.get_replica_context()
       params, state, lrs = maml._read_meta()
-      with tf.GradientTape(watch_accessed_variables=False) as tape:
-        tape.watch(params + lrs)
-        out = maml._run_tasks(plan, params, state, local_batch, with_acc,
-                              lrs)
-        loss = tf.debugging.check_numerics(
-            maml._objective(out), "maml_tf: the meta-loss (query loss after "
-            "adaptation) is NaN or Inf")
-      grads = tape.gradient(loss, params + lrs,
-                            unconnected_gradients=tf.UnconnectedGradients.ZERO)
+      grads, out, loss = maml._meta_gradients(plan, params, state, lrs,
+                                              local_batch, with_acc)
       # The Keras optimizer all-reduces gradients with SUM in a replica
       # context; 1/R makes that the mean over replicas (= over all tasks).
       maml._apply([g * tf.cast(scale, g.dtype) for g in grads])
-      metrics = maml._metrics(out, loss, with_acc)
+      metrics = maml._metrics(out, loss, with_acc, plan)
       new_state = maml._new_state(state, out["state"])
       means = [s for s, kind in zip(new_state, maml._state_kinds)
                if kind == "mean"]
@@ -376,7 +370,9 @@ class DistributedMAML:
           lambda v: strategy.experimental_local_results(v)[0], metrics)
     return train_step
 
-  def train_step_tensors(self, batch: TaskBatch) -> Dict[str, tf.Tensor]:
+  def train_step_tensors(self, batch: TaskBatch,
+                         pre_update_metrics: bool = True
+                         ) -> Dict[str, tf.Tensor]:
     """As :meth:`train_step` but returns tensors (no host synchronisation).
 
     Arguments:
@@ -391,9 +387,11 @@ class DistributedMAML:
     with_acc = maml._wants_accuracy(batch)
     first_order = maml._first_order_now()
     distributed = self._split(batch)
-    key = ("distributed_train", id(self.strategy), with_acc, first_order)
+    before = bool(pre_update_metrics)
+    key = ("distributed_train", id(self.strategy), with_acc, first_order,
+           before)
     fn = maml._compile(key, lambda: self._make_train_step(with_acc,
-                                                          first_order),
+                                                          first_order, before),
                        distributed, second_order=not first_order)
     try:
       return fn(distributed)
@@ -403,7 +401,8 @@ class DistributedMAML:
         raise error from None
       raise
 
-  def train_step(self, batch: TaskBatch) -> Dict[str, float]:
+  def train_step(self, batch: TaskBatch,
+                 pre_update_metrics: bool = True) -> Dict[str, float]:
     """One meta-update on ``batch``, its tasks split across the replicas.
 
     Returns the same metrics as :meth:`MAML.train_step` (``loss_before``,
@@ -421,7 +420,8 @@ class DistributedMAML:
       >>> learner.train_step(batch)
       {'loss_before': 2.91, 'loss_after': 1.87}
     """
-    return {k: float(v) for k, v in self.train_step_tensors(batch).items()}
+    return {k: float(v) for k, v in
+            self.train_step_tensors(batch, pre_update_metrics).items()}
 
 
 def distributed_learner(maml: MAML, strategy: Optional[tf.distribute.Strategy]):

@@ -28,6 +28,13 @@ task axis and every layer is one task-batched kernel:
     gradients (first and second order) were not verified in this session:
     no GPU was available; run ``test_second_order_gradients`` on a GPU.
   - ``'auto'``: ``'grouped'`` when a GPU is visible, else ``'map'``.
+    :class:`maml_tf.MAML` refines this on CPU by the size of one task
+    (``MAML._small_tasks``): tasks with fewer than 2**15 input values
+    (Omniglot 5-way 1-shot with 1 query image per class) run all at once
+    with ``'patches'`` (2x faster than ``'map'``: a few big ops instead of
+    thousands of tiny ones), larger tasks one after another with ``'map'``
+    (``MAML(task_chunk=1)``: each task's activations stay in the CPU caches;
+    15 query images per class: 0.38 s instead of 0.56 s per meta-step).
 
 * BatchNormalization / LayerNormalization: per-task moments over every axis
   but the task and channel axes, computed as ``mean`` then
@@ -195,6 +202,15 @@ def batched_dense(x, kernel, per_task: bool):
     return tf.matmul(x, kernel) if x.shape.rank == 2 else tf.tensordot(
         x, kernel, axes=[[x.shape.rank - 1], [0]])
   if x.shape.rank == 3:
+    d, k = kernel.shape[-2], kernel.shape[-1]
+    # Rank-1 products as broadcasts: cheaper than a batched matmul kernel
+    # (and so are their first and second derivatives), e.g. the sinusoid
+    # MLP's 1 -> 40 and 40 -> 1 layers.
+    if d == 1:
+      return x * kernel                          # [T,N,1] * [T,1,K]
+    if k == 1:
+      return tf.reduce_sum(x * tf.transpose(kernel, [0, 2, 1]), axis=-1,
+                           keepdims=True)        # [T,N,D] * [T,1,D]
     return tf.matmul(x, kernel)
   dims = _dims(x)
   out = tf.matmul(tf.reshape(x, [dims[0], -1, dims[-1]]), kernel)

@@ -55,8 +55,9 @@ class Reptile(MAML):
                          outer_step_size), **kwargs)
     self.outer_step_size = float(outer_step_size)
 
-  def _make_train_step(self, with_acc: bool, first_order: bool):
-    plan = self._train_plan(True)
+  def _make_train_step(self, with_acc: bool, first_order: bool,
+                       before: bool = True):
+    plan = self._train_plan(True, before)
 
     def train_step(batch):
       params, state, lrs = self._read_meta()
@@ -69,7 +70,7 @@ class Reptile(MAML):
           "maml_tf: the query loss after adaptation is NaN or Inf")
       self._apply(pseudo_grads)
       self._write_state(state, out["state"])
-      return self._metrics(out, loss, with_acc)
+      return self._metrics(out, loss, with_acc, plan)
     return train_step
 
   def meta_loss(self, batch):

@@ -10,6 +10,7 @@ import math
 from typing import Tuple
 
 import numpy as np
+import tensorflow as tf
 
 from maml_tf.core.task_batch import TaskBatch
 
@@ -84,3 +85,51 @@ def sample_pooled(num_points: int, rng: np.random.Generator,
   x = batch.support_x.reshape(-1, 1)[:num_points]
   y = batch.support_y.reshape(-1, 1)[:num_points]
   return x, y
+
+
+def batch_sampler(num_tasks: int, k_support: int, k_query: int,
+                  seed: int = 0,
+                  distribution: SinusoidDistribution = SinusoidDistribution(),
+                  dtype=tf.float32):
+  """``iteration -> TaskBatch`` sampled in the TensorFlow graph.
+
+  The in-graph twin of :func:`sample_batch`, for
+  :meth:`maml_tf.MAML.train_steps`: the batch is a pure function of
+  ``(seed, iteration)`` (stateless random ops), so a resumed run sees the
+  batches of an uninterrupted one.
+
+  Arguments:
+    num_tasks, k_support, k_query: as :func:`sample_batch`.
+    seed: an integer.
+    distribution: the task distribution.
+    dtype: float dtype of the batch.
+
+  Returns:
+    A function of an integer scalar tensor (the iteration) returning a
+    ``TaskBatch`` of shapes ``[T, K, 1]`` / ``[T, k_query, 1]``.
+
+  Example:
+    >>> sample = batch_sampler(25, 10, 10, seed=0)
+    >>> sample(tf.constant(3)).support_x.shape
+    TensorShape([25, 10, 1])
+  """
+  for name, value in (("num_tasks", num_tasks), ("k_support", k_support),
+                      ("k_query", k_query)):
+    if int(value) < 1:
+      raise ValueError(f"{name} must be >= 1, got {value}")
+  n = k_support + k_query
+
+  def sample(iteration):
+    key = tf.stack([tf.constant(int(seed), tf.int64),
+                    tf.cast(iteration, tf.int64)])
+    keys = tf.random.experimental.stateless_split(key, 3)
+    amp = tf.random.stateless_uniform([num_tasks, 1, 1], keys[0],
+                                      *distribution.amplitude, dtype=dtype)
+    phase = tf.random.stateless_uniform([num_tasks, 1, 1], keys[1],
+                                        *distribution.phase, dtype=dtype)
+    x = tf.random.stateless_uniform([num_tasks, n, 1], keys[2],
+                                    *distribution.x_range, dtype=dtype)
+    y = amp * tf.sin(x - phase)
+    return TaskBatch(x[:, :k_support], y[:, :k_support], x[:, k_support:],
+                     y[:, k_support:])
+  return sample

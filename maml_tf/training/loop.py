@@ -12,6 +12,7 @@ Files under ``workdir``:
   ``train_log.jsonl`` one JSON object per logged iteration / evaluation.
 """
 
+import inspect
 import json
 import os
 import signal
@@ -105,6 +106,23 @@ def restore_latest(ckpt, manager, log=print) -> bool:
   return True
 
 
+def _accepts(fn, name: str) -> bool:
+  try:
+    return name in inspect.signature(fn).parameters
+  except (TypeError, ValueError):
+    return False
+
+
+def _window_means(pending) -> Dict[str, float]:
+  """Means of ``[(metrics, steps)]``, weighted by steps, per metric key."""
+  sums, counts = {}, {}
+  for metrics, n in pending:
+    for k, v in metrics.items():
+      sums[k] = sums.get(k, 0.0) + float(v.numpy()) * n
+      counts[k] = counts.get(k, 0) + n
+  return {k: sums[k] / counts[k] for k in sums}
+
+
 class JsonlLog:
   """Appends one JSON object per line; readable with ``pandas.read_json(lines=True)``."""
 
@@ -121,7 +139,9 @@ def meta_train(learner, batch_for_step: Callable[[int], object],
                checkpoint_every: int = 1000, resume: bool = True,
                eval_fn: Optional[Callable[[int], Dict[str, float]]] = None,
                eval_every: int = 0, log: Callable[[str], None] = print,
-               extra_checkpoint: Optional[Dict] = None) -> int:
+               extra_checkpoint: Optional[Dict] = None,
+               graph_sampler: Optional[Callable] = None,
+               steps_per_call: int = 1) -> int:
   """Runs meta-training up to ``iterations`` meta-steps; returns the last step.
 
   Arguments:
@@ -137,12 +157,30 @@ def meta_train(learner, batch_for_step: Callable[[int], object],
     eval_every: iterations between evaluations (0: never during training).
     log: where progress lines go.
     extra_checkpoint: more trackables to save (e.g. a learned step size).
+    graph_sampler: optional in-graph ``iteration tensor -> TaskBatch`` (e.g.
+      :func:`maml_tf.tasks.sinusoid.batch_sampler`); with
+      ``steps_per_call > 1`` and a learner that has ``train_steps``, the
+      meta-steps run ``steps_per_call`` at a time in one compiled call,
+      sampling their batches in the graph (``batch_for_step`` is then
+      unused). Calls end at every log, evaluation and checkpoint boundary.
+    steps_per_call: meta-steps per compiled call (see ``graph_sampler``).
+
+  The pre-update metrics (``loss_before``, ``accuracy_before``: one more
+  query forward pass per task) are computed on the last step of each log
+  window only, when the learner's ``train_step_tensors`` accepts
+  ``pre_update_metrics``; the other metrics are means over the window.
 
   Example:
     >>> meta_train(maml, lambda i: sample(i), 1000, "/tmp/run")
   """
   if iterations < 0:
     raise ValueError(f"iterations must be >= 0, got {iterations}")
+  if int(steps_per_call) < 1:
+    raise ValueError(f"steps_per_call must be >= 1, got {steps_per_call}")
+  in_graph = (graph_sampler is not None and steps_per_call > 1
+              and hasattr(learner, "train_steps"))
+  optional_before = _accepts(learner.train_step_tensors, "pre_update_metrics")
+  boundaries = [b for b in (log_every, checkpoint_every, eval_every) if b]
   os.makedirs(workdir, exist_ok=True)
   ckpt, manager, step = make_checkpoint(learner, workdir,
                                         **(extra_checkpoint or {}))
@@ -160,48 +198,59 @@ def meta_train(learner, batch_for_step: Callable[[int], object],
   pending = []
   t_window, done_window = time.perf_counter(), 0
   t_start = time.perf_counter()
-  it = start
+  it = start           # meta-steps done
   with _StopRequest() as stop:
     try:
-      for it in range(start, iterations):
-        pending.append(learner.train_step_tensors(batch_for_step(it)))
-        step.assign(it + 1)
-        done_window += 1
-        last = it + 1 == iterations
-        if (it + 1) % log_every == 0 or last:
-          means = {k: float(np.mean([p[k].numpy() for p in pending]))
-                   for k in pending[0]}
+      while it < iterations:
+        # Steps in this call: up to the next log/eval/checkpoint boundary.
+        if in_graph:
+          n = min([steps_per_call, iterations - it] +
+                  [b - it % b for b in boundaries])
+          pending.append((learner.train_steps(graph_sampler, n, True), n))
+        else:
+          n = 1
+          log_step = (it + 1) % log_every == 0 or it + 1 == iterations
+          kwargs = ({"pre_update_metrics": log_step} if optional_before
+                    else {})
+          pending.append((learner.train_step_tensors(batch_for_step(it),
+                                                     **kwargs), 1))
+        it += n
+        step.assign(it)
+        done_window += n
+        last = it == iterations
+        if it % log_every == 0 or last:
+          means = _window_means(pending)
           pending.clear()
           now = time.perf_counter()
           rate = done_window / max(now - t_window, 1e-9)
           t_window, done_window = now, 0
-          eta = (iterations - it - 1) / max(rate, 1e-9)
-          log(f"step {it + 1}/{iterations} "
+          eta = (iterations - it) / max(rate, 1e-9)
+          log(f"step {it}/{iterations} "
               + " ".join(f"{k} {v:.4g}" for k, v in means.items())
               + f" | {rate:.1f} it/s, elapsed "
               f"{format_duration(now - t_start)}, left {format_duration(eta)}")
-          with writer.as_default(step=it + 1):
+          with writer.as_default(step=it):
             for k, v in means.items():
               tf.summary.scalar(f"train/{k}", v)
             tf.summary.scalar("train/iterations_per_second", rate)
-          jsonl.write({"step": it + 1, "kind": "train", **means,
+          jsonl.write({"step": it, "kind": "train", **means,
                        "iterations_per_second": rate})
         if eval_fn is not None and eval_every and (
-            (it + 1) % eval_every == 0 or last):
-          scores = eval_fn(it + 1)
-          log(f"eval @ {it + 1}: "
+            it % eval_every == 0 or last):
+          scores = eval_fn(it)
+          log(f"eval @ {it}: "
               + " ".join(f"{k} {v:.4g}" for k, v in scores.items()))
-          with writer.as_default(step=it + 1):
+          with writer.as_default(step=it):
             for k, v in scores.items():
               tf.summary.scalar(f"eval/{k}", v)
-          jsonl.write({"step": it + 1, "kind": "eval", **scores})
-        if (it + 1) % checkpoint_every == 0 or last:
-          manager.save(checkpoint_number=it + 1)
+          jsonl.write({"step": it, "kind": "eval", **scores})
+        if it % checkpoint_every == 0 or last:
+          manager.save(checkpoint_number=it)
         if stop.requested:
-          if (it + 1) % checkpoint_every and not last:
-            manager.save(checkpoint_number=it + 1)
-          log(f"SIGTERM: saved a checkpoint at step {it + 1} and stopped")
-          raise Interrupted(it + 1)
+          if it % checkpoint_every and not last:
+            manager.save(checkpoint_number=it)
+          log(f"SIGTERM: saved a checkpoint at step {it} and stopped")
+          raise Interrupted(it)
     except Interrupted:
       raise
     except KeyboardInterrupt:
@@ -210,7 +259,7 @@ def meta_train(learner, batch_for_step: Callable[[int], object],
       log(f"interrupted: saved a checkpoint at step {done}")
       raise Interrupted(done) from None
     except FloatingPointError as e:
-      log(f"stopped at iteration {it + 1}: {e}")
+      log(f"stopped after iteration {it}: {e}")
       writer.flush()
       raise
     finally:

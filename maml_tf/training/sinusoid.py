@@ -59,10 +59,14 @@ class SinusoidConfig:
   # Which learner of the family (maml_tf.core.family.ALGORITHMS).
   algorithm: str = "maml"
   recompute: bool = False           # gradient checkpointing of the inner loop
+  # Meta-steps per compiled call (MAML.train_steps), the tasks sampled in
+  # the graph by tasks.batch_sampler; 1: one call per step with numpy
+  # batches (the sampling of runs before this option existed).
+  steps_per_call: int = 100
 
   def validate(self) -> "SinusoidConfig":
     positive = ("meta_batch", "k_shot", "k_query", "inner_steps", "eval_tasks",
-                "eval_query", "log_every", "checkpoint_every")
+                "eval_query", "log_every", "checkpoint_every", "steps_per_call")
     for name in positive:
       if int(getattr(self, name)) < 1:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -229,7 +233,10 @@ def train_and_evaluate(config: SinusoidConfig, workdir: str,
                                      config.k_query, _rng(config.seed, 1, i))[0],
         config.iterations, maml_dir, log_every=config.log_every,
         checkpoint_every=config.checkpoint_every, resume=config.resume,
-        eval_fn=quick_eval, eval_every=config.eval_every, log=log)
+        eval_fn=quick_eval, eval_every=config.eval_every, log=log,
+        graph_sampler=tasks.batch_sampler(config.meta_batch, config.k_shot,
+                                          config.k_query, seed=config.seed),
+        steps_per_call=config.steps_per_call)
   train_seconds = time.perf_counter() - t0
   out = {"config": dataclasses.asdict(config),
          "train_seconds": train_seconds,

@@ -69,7 +69,7 @@ def test_vectorized_map_falls_back_to_map_fn_for_per_task_conv_filters():
                             keras.layers.Conv2D(2, 3), keras.layers.Flatten(),
                             keras.layers.Dense(3)])
   maml = MAML(model, keras.losses.SparseCategoricalCrossentropy(
-      from_logits=True), inner_lr=0.1, vectorize=True)
+      from_logits=True), inner_lr=0.1, vectorize=True, task_chunk=None)
   rng = np.random.default_rng(0)
   batch = TaskBatch(rng.normal(size=(2, 3, 6, 6, 1)).astype("f4"),
                     np.array([[0, 1, 2]] * 2, np.int32),
@@ -181,21 +181,8 @@ def test_functional_call_does_not_write_variables():
     np.testing.assert_array_equal(a, b)
 
 
-def _conv_bn_f64():
-  f = "float64"
-  return keras.Sequential([
-      keras.Input((7, 7, 1), dtype=f),
-      keras.layers.Conv2D(3, 3, strides=2, padding="same", dtype=f),
-      keras.layers.BatchNormalization(dtype=f),
-      keras.layers.Activation("relu", dtype=f),
-      keras.layers.Conv2D(3, 3, padding="same", dtype=f),
-      keras.layers.BatchNormalization(dtype=f),
-      keras.layers.Activation("relu", dtype=f),
-      keras.layers.MaxPooling2D(2, dtype=f),
-      keras.layers.Flatten(dtype=f), keras.layers.Dense(3, dtype=f)])
-
-
-def test_batched_fast_weights_equal_the_per_task_loop_for_a_conv_bn_net():
+def test_batched_fast_weights_equal_the_per_task_loop_for_a_conv_bn_net(
+    conv_bn_f64):
   rng = np.random.default_rng(5)
   batch = TaskBatch(rng.normal(size=(3, 6, 7, 7, 1)),
                     np.tile(np.repeat(np.arange(3), 2), (3, 1)).astype("i4"),
@@ -204,7 +191,7 @@ def test_batched_fast_weights_equal_the_per_task_loop_for_a_conv_bn_net():
   runs = {}
   for mode in ("batched", "map_fn"):
     keras.utils.set_random_seed(11)
-    maml = MAML(_conv_bn_f64(), keras.losses.SparseCategoricalCrossentropy(
+    maml = MAML(conv_bn_f64(), keras.losses.SparseCategoricalCrossentropy(
         from_logits=True, dtype="float64"), inner_lr=0.1, inner_steps=2,
                 meta_optimizer=keras.optimizers.SGD(0.05), vectorize=mode)
     assert maml.execution == mode

@@ -59,6 +59,27 @@ def test_resume_continues_step_counter_and_optimizer_state(tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
+def test_in_graph_steps_resume_exactly_and_stop_at_boundaries(tmp_path):
+  sampler = tasks.batch_sampler(5, 10, 10, seed=3)
+  logs = []
+  kw = dict(graph_sampler=sampler, steps_per_call=4)
+  straight = _train(str(tmp_path / "a"), 30, **kw)
+  _train(str(tmp_path / "b"), 20, **kw)
+  resumed = _train(str(tmp_path / "b"), 30, **kw)
+  assert int(resumed.meta_optimizer.iterations.numpy()) == 30
+  for a, b in zip(straight.model.get_weights(), resumed.model.get_weights()):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  # Calls of 4, 4, 2 steps end on every checkpoint boundary (10, 20, 30).
+  ckpts = sorted(f for f in os.listdir(tmp_path / "a" / "checkpoints")
+                 if f.endswith(".index"))
+  assert ckpts == ["ckpt-10.index", "ckpt-20.index", "ckpt-30.index"]
+  log = [json.loads(l) for l in
+         (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in log] == [10, 20, 30]
+  assert {"loss_before", "loss_after"} <= set(log[0])
+  assert log[-1]["loss_after"] < log[-1]["loss_before"]
+
+
 def test_config_rejects_bad_values():
   with pytest.raises(ValueError, match="unknown sinusoid preset 'nope'"):
     experiment.make_config("nope")
