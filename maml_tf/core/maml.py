@@ -936,7 +936,8 @@ class MAML:
         def body(i, sums):
           batch = self._prepare(sample_batch(self.meta_optimizer.iterations))
           metrics = step(batch)
-          return i + 1, {k: sums[k] + metrics[k] for k in sums}
+          return i + 1, {k: sums[k] + tf.cast(metrics[k], sums[k].dtype)
+                         for k in sums}
         names = self._metric_names(with_acc, before)
         zeros = {k: tf.zeros([], self.model.trainable_variables[0].dtype)
                  for k in names}

@@ -169,3 +169,21 @@ def test_pre_update_metrics_are_optional():
   assert set(maml.train_step(batch)) == {"loss_before", "loss_after"}
   assert set(maml.train_step(batch, pre_update_metrics=False)) == {
       "loss_after"}
+
+
+def test_train_steps_for_classification_report_accuracy():
+  rng = np.random.default_rng(1)
+  batch = TaskBatch(rng.normal(size=(3, 4, 5)).astype("f4"),
+                    np.tile(np.arange(2), (3, 2)).astype("i4"),
+                    rng.normal(size=(3, 6, 5)).astype("f4"),
+                    np.tile(np.arange(2), (3, 3)).astype("i4"))
+  maml = MAML(keras.Sequential([keras.Input((5,)), keras.layers.Dense(2)]),
+              keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+              inner_lr=0.1)
+  metrics = maml.train_steps(lambda iteration: batch, 4,
+                             pre_update_metrics=True)
+  assert set(metrics) == {"loss_before", "loss_after", "accuracy_before",
+                          "accuracy_after"}
+  assert 0.0 <= float(metrics["accuracy_after"]) <= 1.0
+  assert int(maml.meta_optimizer.iterations.numpy()) == 4
+  assert float(metrics["loss_after"]) < float(metrics["loss_before"])
