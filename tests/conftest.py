@@ -49,7 +49,21 @@ def fixture_meta_loss_fd():
 
 @pytest.fixture(name="conv_bn_f64")
 def fixture_conv_bn_f64():
-  """A factory of a small float64 conv + BatchNorm classifier (7x7x1 -> 3)."""
+  """A factory of a small float64 conv + BatchNorm classifier (7x7x1 -> 3).
+
+  ``build.batch(tasks, seed)`` is a matching float64 3-way batch: 2 support
+  and 3 query images per class.
+  """
+  def batch(tasks, seed):
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    from maml_tf import TaskBatch  # pylint: disable=g-import-not-at-top
+    rng = np.random.default_rng(seed)
+    labels = lambda n: np.tile(np.repeat(np.arange(3), n), (tasks, 1))
+    return TaskBatch(rng.normal(size=(tasks, 6, 7, 7, 1)),
+                     labels(2).astype("i4"),
+                     rng.normal(size=(tasks, 9, 7, 7, 1)),
+                     labels(3).astype("i4"))
+
   def build():
     import keras  # pylint: disable=g-import-not-at-top
     f = "float64"
@@ -63,4 +77,5 @@ def fixture_conv_bn_f64():
         keras.layers.Activation("relu", dtype=f),
         keras.layers.MaxPooling2D(2, dtype=f),
         keras.layers.Flatten(dtype=f), keras.layers.Dense(3, dtype=f)])
+  build.batch = batch
   return build

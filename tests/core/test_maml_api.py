@@ -183,11 +183,7 @@ def test_functional_call_does_not_write_variables():
 
 def test_batched_fast_weights_equal_the_per_task_loop_for_a_conv_bn_net(
     conv_bn_f64):
-  rng = np.random.default_rng(5)
-  batch = TaskBatch(rng.normal(size=(3, 6, 7, 7, 1)),
-                    np.tile(np.repeat(np.arange(3), 2), (3, 1)).astype("i4"),
-                    rng.normal(size=(3, 9, 7, 7, 1)),
-                    np.tile(np.repeat(np.arange(3), 3), (3, 1)).astype("i4"))
+  batch = conv_bn_f64.batch(3, seed=5)
   runs = {}
   for mode in ("batched", "map_fn"):
     keras.utils.set_random_seed(11)

@@ -23,11 +23,7 @@ def _weights(model):
 @pytest.mark.parametrize("learn_inner_lr", [None, "per_parameter"])
 def test_task_chunks_give_the_same_update_as_all_tasks_at_once(
     learn_inner_lr, conv_bn_f64):
-  rng = np.random.default_rng(3)
-  batch = TaskBatch(rng.normal(size=(4, 6, 7, 7, 1)),
-                    np.tile(np.repeat(np.arange(3), 2), (4, 1)).astype("i4"),
-                    rng.normal(size=(4, 9, 7, 7, 1)),
-                    np.tile(np.repeat(np.arange(3), 3), (4, 1)).astype("i4"))
+  batch = conv_bn_f64.batch(4, seed=3)
   runs = {}
   for chunk in (None, 1, 3):         # 3 does not divide 4: chunks of 2
     keras.utils.set_random_seed(11)
