@@ -160,6 +160,16 @@ def peak_rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def report_check(args, framework: str, variant: str, first: float,
+                 last: float) -> None:
+  """Prints the JSON line of a ``--check_iters`` run (see check_sinusoid)."""
+  print(json.dumps({"workload": args.workload, "framework": framework,
+                    "variant": variant, "first_order": args.first_order,
+                    "check_iters": args.check_iters,
+                    "meta_loss_first_20": first, "meta_loss_last_20": last,
+                    "decreased": last < first}))
+
+
 def report(args, framework: str, version: str, variant: str,
            median: float, first_s: float, loss: float, **extra) -> None:
   """Prints the JSON line (keys as ``benchmarks/meta_step.py`` where shared)."""

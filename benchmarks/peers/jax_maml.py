@@ -36,7 +36,6 @@ iters_per_s, peak_rss_mb and more. XLA's CPU client uses all (2) cores; the
 compile time of the step is reported as ``compile_s``.
 """
 
-import json
 import os
 import sys
 
@@ -212,11 +211,7 @@ def main():
   if args.check_iters:
     first, last = common.check_sinusoid(lambda b: maml.step(to_device(b)), w,
                                         args.check_iters, args.seed)
-    print(json.dumps({"workload": w.name, "framework": "jax",
-                      "variant": args.variant, "first_order": args.first_order,
-                      "check_iters": args.check_iters,
-                      "meta_loss_first_20": first, "meta_loss_last_20": last,
-                      "decreased": last < first}))
+    common.report_check(args, "jax", args.variant, first, last)
     return
   if args.variant == "vmap_jit_loop":
     if not w.is_sinusoid:

@@ -272,11 +272,7 @@ def main():
   if args.check_iters:
     first, last = common.check_sinusoid(
         lambda b: maml.step(to_tensors(b, w)), w, args.check_iters, args.seed)
-    print(json.dumps({"workload": w.name, "framework": "torch",
-                      "variant": maml.ran, "first_order": args.first_order,
-                      "check_iters": args.check_iters,
-                      "meta_loss_first_20": first, "meta_loss_last_20": last,
-                      "decreased": last < first}))
+    common.report_check(args, "torch", maml.ran, first, last)
     return
   batch = to_tensors(common.make_batch(w, np.random.default_rng(args.seed)), w)
   median, first_s, loss = common.time_steps(lambda: maml.step(batch),

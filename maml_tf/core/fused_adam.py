@@ -49,7 +49,9 @@ def fused_adam_update(optimizer: keras.optimizers.Optimizer,
   Returns:
     A function of the gradient list (traceable in ``tf.function``) that
     updates ``variables`` and the optimizer's slots and iteration counter
-    exactly as ``optimizer.apply_gradients`` would, or ``None``.
+    exactly as ``optimizer.apply_gradients`` would, or ``None``. Outside
+    any ``tf.distribute`` strategy only: under one, call the optimizer
+    (it all-reduces the gradients).
   """
   if type(optimizer) is not keras.optimizers.Adam:  # pylint: disable=unidiomatic-typecheck
     return None
@@ -69,10 +71,6 @@ def fused_adam_update(optimizer: keras.optimizers.Optimizer,
     return None
 
   def update(grads):
-    if tf.distribute.has_strategy() or tf.distribute.in_cross_replica_context():
-      # Never reached from MAML (it checks first); kept for direct callers.
-      optimizer.apply_gradients(zip(grads, variables))
-      return
     t = tf.cast(optimizer.iterations + 1, tf.float32)
     lr = tf.cast(optimizer.learning_rate, tf.float32)
     beta_1 = tf.constant(optimizer.beta_1, tf.float32)

@@ -379,6 +379,7 @@ class MAML:
     self._vectorize_mode = {True: "vectorized_map", False: "map_fn"}.get(
         vectorize, vectorize)
     self._batched = None
+    self._patches_model = None       # built on first use (small CPU tasks)
     self.execution = self._resolve_execution(conv_impl)
     self._compiled = {}
     # Moving statistics of BatchNorm layers: the only state train_step writes.
@@ -426,7 +427,7 @@ class MAML:
     """The task-batched model; im2col convolutions for small CPU tasks."""
     if (self._conv_impl == "auto" and self._cpu_conv_auto()
         and self._small_tasks(batch)):
-      if getattr(self, "_patches_model", None) is None:
+      if self._patches_model is None:
         self._patches_model = fast_weights.compile_batched(self.model,
                                                            "patches")
       return self._patches_model
@@ -714,17 +715,14 @@ class MAML:
     return meta_loss
 
   def _metrics(self, out, loss, with_acc, plan: _Plan):
-    before = plan.record_steps[0] == 0
-    metrics = {"loss_after": tf.reduce_mean(out["loss"][:, -1])}
-    if before:
-      metrics["loss_before"] = tf.reduce_mean(out["loss"][:, 0])
-    if self.multi_step_loss_iterations:
-      metrics["meta_loss"] = loss
-    if with_acc:
-      metrics["accuracy_after"] = tf.reduce_mean(out["accuracy"][:, -1])
-      if before:
-        metrics["accuracy_before"] = tf.reduce_mean(out["accuracy"][:, 0])
-    return metrics
+    value = {
+        "loss_after": lambda: tf.reduce_mean(out["loss"][:, -1]),
+        "loss_before": lambda: tf.reduce_mean(out["loss"][:, 0]),
+        "meta_loss": lambda: loss,
+        "accuracy_after": lambda: tf.reduce_mean(out["accuracy"][:, -1]),
+        "accuracy_before": lambda: tf.reduce_mean(out["accuracy"][:, 0])}
+    names = self._metric_names(with_acc, plan.record_steps[0] == 0)
+    return {name: value[name]() for name in names}
 
   def _apply(self, grads):
     """Checks the meta-gradient is finite, then takes the outer step."""
@@ -924,18 +922,20 @@ class MAML:
     num_steps = int(num_steps)
     # The derivative order (``first_order_until``) is decided per call.
     first_order = self._first_order_now()
-    example = self._prepare(sample_batch(self.meta_optimizer.iterations))
-    with_acc = self._wants_accuracy(example)
     before = bool(pre_update_metrics)
-    key = ("train_steps", id(sample_batch), num_steps, with_acc, first_order,
-           before)
+    key = ("train_steps", id(sample_batch), num_steps, first_order, before)
     if key not in self._compiled:
-      step = self._make_train_step(with_acc, first_order, before)
 
       def loop():
+        sample = lambda: self._prepare(
+            sample_batch(self.meta_optimizer.iterations))
+        # The batch's dtypes decide the metrics (accuracy for int labels);
+        # only the dtypes of this traced sample are used.
+        with_acc = self._wants_accuracy(sample())
+        step = self._make_train_step(with_acc, first_order, before)
+
         def body(i, sums):
-          batch = self._prepare(sample_batch(self.meta_optimizer.iterations))
-          metrics = step(batch)
+          metrics = step(sample())
           return i + 1, {k: sums[k] + tf.cast(metrics[k], sums[k].dtype)
                          for k in sums}
         names = self._metric_names(with_acc, before)

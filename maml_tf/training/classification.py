@@ -198,12 +198,7 @@ class ClassificationConfig:
     if self.network == "mlp" and self.dataset != "omniglot":
       raise ValueError("network='mlp' is the paper's Omniglot network; use "
                        "network='conv' for miniimagenet")
-    if self.algorithm not in family.ALGORITHMS:
-      raise ValueError(f"algorithm must be one of {list(family.ALGORITHMS)}, "
-                       f"got {self.algorithm!r}")
-    if self.distribute not in distribute.STRATEGIES:
-      raise ValueError(f"distribute must be one of {list(distribute.STRATEGIES)}"
-                       f", got {self.distribute!r}")
+    config_lib.check_learner_fields(self)
     if self.omniglot_source not in ("zip", "tfds"):
       raise ValueError(f"omniglot_source must be 'zip' or 'tfds', got "
                        f"{self.omniglot_source!r}")

@@ -3,7 +3,25 @@
 import dataclasses
 from typing import Dict, Type, TypeVar
 
+from maml_tf.core import distribute
+from maml_tf.core import family
+
 C = TypeVar("C")
+
+
+def check_learner_fields(config) -> None:
+  """Validates the learner fields every experiment config shares.
+
+  ``config.algorithm`` (a member of :data:`maml_tf.core.family.ALGORITHMS`)
+  and ``config.distribute`` (:data:`maml_tf.core.distribute.STRATEGIES`);
+  ``ValueError`` naming the field otherwise.
+  """
+  if config.algorithm not in family.ALGORITHMS:
+    raise ValueError(f"algorithm must be one of {list(family.ALGORITHMS)}, "
+                     f"got {config.algorithm!r}")
+  if config.distribute not in distribute.STRATEGIES:
+    raise ValueError(f"distribute must be one of {list(distribute.STRATEGIES)}"
+                     f", got {config.distribute!r}")
 
 
 def from_preset(config_class: Type[C], presets: Dict[str, Dict], preset: str,

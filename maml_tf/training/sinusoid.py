@@ -82,12 +82,7 @@ class SinusoidConfig:
       raise ValueError(f"eval_shots must be >= 1, got {self.eval_shots}")
     if not self.eval_steps or min(self.eval_steps) < 0:
       raise ValueError(f"eval_steps must be >= 0, got {self.eval_steps}")
-    if self.algorithm not in family.ALGORITHMS:
-      raise ValueError(f"algorithm must be one of {list(family.ALGORITHMS)}, "
-                       f"got {self.algorithm!r}")
-    if self.distribute not in distribute.STRATEGIES:
-      raise ValueError(f"distribute must be one of {list(distribute.STRATEGIES)}"
-                       f", got {self.distribute!r}")
+    config_lib.check_learner_fields(self)
     return self
 
 
