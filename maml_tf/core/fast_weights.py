@@ -457,6 +457,83 @@ def _normalize(x, mean, variance, gamma, beta, epsilon):
   return x * inv + shift
 
 
+def _sum_to_shape(t, shape):
+  """Sums a broadcast result back to ``shape`` (static), as autodiff would."""
+  shape = list(shape)
+  while t.shape.rank > len(shape):
+    t = tf.reduce_sum(t, axis=0)
+  axes = [i for i, (a, b) in enumerate(zip(t.shape.as_list(), shape))
+          if b == 1 and a != 1]
+  return tf.reduce_sum(t, axis=axes, keepdims=True) if axes else t
+
+
+def normalize_with_moments(x, gamma, beta, epsilon: float, axes):
+  """``(y, mean, variance)``: normalisation by the moments over ``axes``.
+
+  The numbers of ``_normalize(x, *_exact_moments(x, axes), gamma, beta,
+  epsilon)``, with the textbook backward pass written out,
+  ``dx = s * (dy - mean(dy) - x_hat * mean(dy * x_hat))`` with
+  ``s = gamma / sqrt(variance + epsilon)``: about half the full-size
+  elementwise ops that autodiff makes through the two moments. The backward
+  pass is built from differentiable ops on tensors the forward pass
+  computed from ``x`` (and recorded), so derivatives of every order are
+  exact: second-order MAML differentiates it.
+
+  Arguments:
+    x: inputs, ``[T, N, ..., C]``.
+    gamma, beta: scale and offset broadcastable against ``x`` and constant
+      along ``axes`` (``[C]`` or ``[T, 1, ..., C]`` for BatchNorm; not
+      LayerNorm's, which vary along its axis), or ``None``.
+    epsilon: added to the variance.
+    axes: the axes of the moments (the others index the statistics).
+
+  Returns:
+    ``y`` like ``x``; ``mean`` and ``variance`` with ``axes`` kept as 1.
+
+  Example:
+    >>> y, m, v = normalize_with_moments(x, gamma, beta, 1e-3, [1, 2, 3])
+  """
+  has_gamma, has_beta = gamma is not None, beta is not None
+  args = [x] + [t for t in (gamma, beta) if t is not None]
+  count = 1
+  for a in axes:
+    count *= _dims(x)[a]
+
+  @tf.custom_gradient
+  def normalize(*args):
+    x = args[0]
+    gamma = args[1] if has_gamma else None
+    beta = args[-1] if has_beta else None
+    mean = tf.reduce_mean(x, axis=axes, keepdims=True)
+    centred = x - mean
+    variance = tf.reduce_mean(tf.square(centred), axis=axes, keepdims=True)
+    inv = tf.math.rsqrt(variance + epsilon)
+    scale = inv * gamma if has_gamma else inv
+    y = centred * scale
+    if has_beta:
+      y = y + beta
+
+    def grad(dy, dmean, dvariance):
+      n = tf.cast(count, x.dtype)
+      sum_dy = tf.reduce_sum(dy, axis=axes, keepdims=True)
+      sum_dy_centred = tf.reduce_sum(dy * centred, axis=axes, keepdims=True)
+      dx = (scale * dy
+            - centred * (scale * tf.square(inv) * sum_dy_centred / n)
+            - scale * sum_dy / n)
+      if dmean is not None:
+        dx = dx + dmean / n
+      if dvariance is not None:
+        dx = dx + centred * (2.0 * dvariance / n)
+      grads = [dx]
+      if has_gamma:
+        grads.append(_sum_to_shape(sum_dy_centred * inv, gamma.shape))
+      if has_beta:
+        grads.append(_sum_to_shape(sum_dy, beta.shape))
+      return grads
+    return (y, mean, variance), grad
+  return normalize(*args)
+
+
 class _BatchNorm(_Op):
 
   def __init__(self, layer, refs):
@@ -476,15 +553,16 @@ class _BatchNorm(_Op):
     gamma = self._vector(ctx, self.gamma_ref, rank)
     beta = self._vector(ctx, self.beta_ref, rank)
     if ctx.training and layer.trainable:
-      mean, variance = _exact_moments(x, list(range(1, rank - 1)))
       squeeze = list(range(1, rank - 1))
+      y, mean, variance = normalize_with_moments(x, gamma, beta,
+                                                 layer.epsilon, squeeze)
       for ref, stat in ((self.mean_ref, mean), (self.var_ref, variance)):
         moving, _ = ctx.read(ref)
         ctx.write(ref, moving * layer.momentum
                   + tf.squeeze(stat, squeeze) * (1.0 - layer.momentum))
-    else:
-      mean = self._vector(ctx, self.mean_ref, rank)
-      variance = self._vector(ctx, self.var_ref, rank)
+      return y
+    mean = self._vector(ctx, self.mean_ref, rank)
+    variance = self._vector(ctx, self.var_ref, rank)
     return _normalize(x, mean, variance, gamma, beta, layer.epsilon)
 
 

@@ -223,6 +223,56 @@ def _as_loss_fn(loss) -> LossFn:
   return loss_fn
 
 
+def _task_axis_mean(values):
+  """``[T, ...] -> [T]``: the mean over every axis but the first."""
+  return tf.reduce_mean(values, axis=list(range(1, values.shape.rank)))
+
+
+def sparse_accuracy_per_task(y_true, y_pred):
+  """:func:`sparse_accuracy` of each task: ``[T, N]`` labels -> ``[T]``."""
+  pred = tf.argmax(y_pred, axis=-1, output_type=tf.int64)
+  return _task_axis_mean(tf.cast(tf.equal(pred, tf.cast(y_true, tf.int64)),
+                                 tf.float32))
+
+
+# Keras loss functions whose value is the mean of per-example terms.
+_PER_EXAMPLE_LOSSES = frozenset(
+    getattr(keras.losses, name) for name in (
+        "mean_squared_error", "mean_absolute_error",
+        "mean_absolute_percentage_error", "mean_squared_logarithmic_error",
+        "sparse_categorical_crossentropy", "categorical_crossentropy",
+        "binary_crossentropy", "huber", "log_cosh", "hinge",
+        "squared_hinge", "kl_divergence", "poisson")
+    if hasattr(keras.losses, name))
+
+
+def _per_task_loss_fn(loss) -> Optional[Callable]:
+  """``(y [T, N, ...], pred [T, N, ...]) -> [T]`` without a loop over tasks.
+
+  Defined for Keras' per-example losses (the functions above, and their
+  ``Loss`` classes with the default ``"sum_over_batch_size"`` reduction),
+  whose value on a task is the mean of per-example terms, so the loss of
+  every task is the mean over all but the task axis. ``None`` for any other
+  loss, which then runs once per task under ``tf.vectorized_map``.
+  """
+  if isinstance(loss, str):
+    loss = keras.losses.get(loss)
+  if isinstance(loss, keras.losses.Loss):
+    wrapper = next((c for c in type(loss).__mro__
+                    if c.__name__ == "LossFunctionWrapper"), None)
+    if (wrapper is None or type(loss).call is not wrapper.call
+        or getattr(loss, "fn", None) not in _PER_EXAMPLE_LOSSES
+        or loss.reduction != "sum_over_batch_size"
+        # ignored labels are masked, and the mean is over the others
+        or getattr(loss, "_fn_kwargs", {}).get("ignore_class") is not None):
+      return None
+    cast = lambda t: keras.ops.convert_to_tensor(t, dtype=loss.dtype)
+    return lambda y, pred: _task_axis_mean(loss.call(cast(y), cast(pred)))
+  if loss in _PER_EXAMPLE_LOSSES:
+    return lambda y, pred: _task_axis_mean(loss(y, pred))
+  return None
+
+
 def multi_step_loss_weights(iteration, num_steps: int, anneal_iterations: int):
   """MAML++ multi-step loss weights (Antoniou et al. 2019), a ``[num_steps]`` tensor.
 
@@ -341,6 +391,7 @@ class MAML:
                task_chunk: Union[str, int, None] = "auto"):
     self.model = functional.ensure_built(model)
     self.loss_fn = _as_loss_fn(loss)
+    self._task_losses = _per_task_loss_fn(loss)
     if not isinstance(inner_steps, (int, np.integer)) or inner_steps < 1:
       raise ValueError(f"inner_steps must be an integer >= 1, got {inner_steps!r}")
     inner_lr = float(inner_lr)
@@ -562,9 +613,11 @@ class MAML:
         fn(tuple(t[0] for t in elems)))  # traced once to learn the output spec
     return tf.map_fn(fn, elems, fn_output_signature=spec)
 
-  def _per_task(self, fn, y, pred):
-    """``[T]`` values of a per-task reduction such as the loss."""
-    return tf.vectorized_map(lambda a: fn(a[0], a[1]), (y, pred))
+  def _task_loss(self, y, pred):
+    """``[T]`` losses of ``[T, N, ...]`` labels and predictions."""
+    if self._task_losses is not None:
+      return self._task_losses(y, pred)
+    return tf.vectorized_map(lambda a: self.loss_fn(a[0], a[1]), (y, pred))
 
   def _run_tasks_batched(self, plan, params, state, batch, with_acc, lr_of,
                          return_fast):
@@ -572,7 +625,8 @@ class MAML:
     batched = self._batched_model(batch)
     sx, sy, qx, qy = batch
     num_tasks = sx.shape[0] if sx.shape[0] is not None else tf.shape(sx)[0]
-    tile = lambda v: tf.tile(v[None], [num_tasks] + [1] * v.shape.rank)
+    # expand_dims, not v[None]: the gradient of a strided slice is a StridedSliceGrad.
+    tile = lambda v: tf.tile(tf.expand_dims(v, 0), [num_tasks] + [1] * v.shape.rank)
     state = [tile(v) for v in state]
     losses, accs = {}, {}
 
@@ -580,16 +634,16 @@ class MAML:
       if step in plan.record_steps:
         fast, st = _unless_differentiated(step, fast, st)
         pred, _ = batched(fast, st, qx, training=True)
-        losses[step] = self._per_task(self.loss_fn, qy, pred)
+        losses[step] = self._task_loss(qy, pred)
         if with_acc:
-          accs[step] = self._per_task(sparse_accuracy, qy, pred)
+          accs[step] = sparse_accuracy_per_task(qy, pred)
 
     score(0, params, state)          # shared weights: plain kernels
     # Adapted weights get a task axis; the others stay shared (cheaper).
     fast = [tile(p) if m else p for p, m in zip(params, self.adapt_mask)]
     fast, state = adapt_params(
         self.model,
-        lambda y, pred: tf.reduce_sum(self._per_task(self.loss_fn, y, pred)),
+        lambda y, pred: tf.reduce_sum(self._task_loss(y, pred)),
         fast, state, sx, sy, lr_of, max(plan.record_steps), plan.first_order,
         on_step=score, adapt_mask=self.adapt_mask,
         forward=lambda p, s, x: batched(p, s, x, training=True),

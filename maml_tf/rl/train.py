@@ -308,8 +308,10 @@ def train_and_evaluate(config: RLConfig, workdir: str) -> Dict:
     rates = [h["iterations_per_second"] for h in history[-1:]]
     results = {
         "config": dataclasses.asdict(config),
+        # per_task[k][i]: test task i's mean return after k steps; the test
+        # tasks depend on the seed only, so methods pair up task by task.
         "eval": {"returns": ev["returns"], "stderr": ev["stderr"],
-                 "lrs": config.eval_lrs},
+                 "lrs": config.eval_lrs, "per_task": ev["per_task"]},
         "train": [{k: h[k] for k in ("iteration", "pre_return", "post_return")
                    if k in h} for h in history],
         "iterations_per_second": rates[0] if rates else None,

@@ -162,6 +162,9 @@ def test_short_navigation_run_improves_after_adaptation(tmp_path):
   results = rl.train_and_evaluate(config, str(tmp_path / "maml"))
   pre, post = results["eval"]["returns"]
   assert post > pre + 2.0, results["eval"]
+  per_task = np.array(results["eval"]["per_task"])     # [steps + 1, tasks]
+  assert per_task.shape == (2, 10)
+  np.testing.assert_allclose(per_task.mean(axis=1), [pre, post], rtol=1e-6)
   assert max(results["tracing_counts"].values()) <= 2   # train + eval shapes
   for name in ("results.json", "returns.png", "train_history.json"):
     assert (tmp_path / "maml" / name).exists()
