@@ -201,11 +201,15 @@ def _unless_differentiated(step, fast, state):
           [tf.stop_gradient(s) for s in state])
 
 
+def _correct(y_true, y_pred):
+  """1.0 where the argmax prediction equals the integer label, else 0.0."""
+  pred = tf.argmax(y_pred, axis=-1, output_type=tf.int64)
+  return tf.cast(tf.equal(pred, tf.cast(y_true, tf.int64)), tf.float32)
+
+
 def sparse_accuracy(y_true, y_pred):
   """Fraction of argmax predictions equal to integer labels."""
-  pred = tf.argmax(y_pred, axis=-1, output_type=tf.int64)
-  return tf.reduce_mean(tf.cast(tf.equal(pred, tf.cast(y_true, tf.int64)),
-                                tf.float32))
+  return tf.reduce_mean(_correct(y_true, y_pred))
 
 
 def _as_loss_fn(loss) -> LossFn:
@@ -230,9 +234,7 @@ def _task_axis_mean(values):
 
 def sparse_accuracy_per_task(y_true, y_pred):
   """:func:`sparse_accuracy` of each task: ``[T, N]`` labels -> ``[T]``."""
-  pred = tf.argmax(y_pred, axis=-1, output_type=tf.int64)
-  return _task_axis_mean(tf.cast(tf.equal(pred, tf.cast(y_true, tf.int64)),
-                                 tf.float32))
+  return _task_axis_mean(_correct(y_true, y_pred))
 
 
 # Keras loss functions whose value is the mean of per-example terms.
@@ -625,8 +627,9 @@ class MAML:
     batched = self._batched_model(batch)
     sx, sy, qx, qy = batch
     num_tasks = sx.shape[0] if sx.shape[0] is not None else tf.shape(sx)[0]
-    # expand_dims, not v[None]: the gradient of a strided slice is a StridedSliceGrad.
-    tile = lambda v: tf.tile(tf.expand_dims(v, 0), [num_tasks] + [1] * v.shape.rank)
+    # expand_dims, not v[None], whose gradient is a StridedSliceGrad.
+    tile = lambda v: tf.tile(tf.expand_dims(v, 0),
+                             [num_tasks] + [1] * v.shape.rank)
     state = [tile(v) for v in state]
     losses, accs = {}, {}
 
