@@ -201,8 +201,15 @@ def plot_returns(results: Dict[str, Dict], path: str, title: str = "") -> str:
   return path
 
 
-def _sibling_results(workdir: str, env_id: str) -> Dict[str, Dict]:
-  out = {}
+def _sibling_results(workdir: str, config: RLConfig) -> Dict[str, Dict]:
+  """The evaluations to plot beside this run: one per method, comparable.
+
+  Looks at the ``results.json`` of ``workdir``'s sibling directories and
+  keeps runs of the same environment and seed. When several runs share a
+  method (``maml/`` and ``maml_300/``), this run wins for its own method and
+  otherwise the one with this run's number of iterations.
+  """
+  runs = []
   parent = os.path.dirname(os.path.abspath(workdir))
   for path in sorted(glob.glob(os.path.join(parent, "*", "results.json"))):
     try:
@@ -210,8 +217,15 @@ def _sibling_results(workdir: str, env_id: str) -> Dict[str, Dict]:
         res = json.load(f)
     except (OSError, ValueError):
       continue
-    if res.get("config", {}).get("env") == env_id and "eval" in res:
-      out[res["config"]["algorithm"]] = res["eval"]
+    cfg = res.get("config", {})
+    if (cfg.get("env") == config.env and cfg.get("seed") == config.seed
+        and "eval" in res):
+      own = os.path.abspath(os.path.dirname(path)) == os.path.abspath(workdir)
+      runs.append((not own, cfg.get("iterations") != config.iterations,
+                   cfg.get("algorithm"), res["eval"]))
+  out = {}
+  for _, _, algorithm, ev in sorted(runs, key=lambda r: r[:2]):
+    out.setdefault(algorithm, ev)
   return out
 
 
@@ -322,7 +336,7 @@ def train_and_evaluate(config: RLConfig, workdir: str) -> Dict:
       json.dump(results, f, indent=1)
     print(f"[rl] {config.algorithm} eval returns after 0..{config.eval_grad_steps}"
           f" steps: " + " ".join(f"{r:.2f}" for r in ev["returns"]), flush=True)
-    plot_returns(_sibling_results(workdir, config.env),
+    plot_returns(_sibling_results(workdir, config),
                  os.path.join(workdir, "returns.png"),
                  title=config.env.split("/")[-1])
     return results

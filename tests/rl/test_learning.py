@@ -174,3 +174,26 @@ def test_short_navigation_run_improves_after_adaptation(tmp_path):
   assert len(again["train"]) == 6
   np.testing.assert_allclose(again["eval"]["returns"], results["eval"]["returns"],
                              rtol=1e-4)
+
+
+def test_plot_compares_runs_of_the_same_seed_and_length(tmp_path):
+  from maml_tf.rl import train as rl_train   # pylint: disable=g-import-not-at-top
+  config = rl.RLConfig(env="navigation", iterations=300, seed=0)
+  runs = {"maml": ("maml", 100, 0), "maml_300": ("maml", 300, 0),
+          "pretrained": ("pretrained", 100, 0),
+          "pretrained_300": ("pretrained", 300, 0),
+          "maml_seed1": ("maml", 300, 1), "random": ("random", 0, 0),
+          "cheetah": ("maml", 300, 0)}
+  for name, (algorithm, iterations, seed) in runs.items():
+    env = config.env if name != "cheetah" else "maml_tf/HalfCheetahDir-v0"
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "results.json").write_text(json.dumps(
+        {"config": {"env": env, "algorithm": algorithm,
+                    "iterations": iterations, "seed": seed},
+         "eval": {"returns": [name]}}))
+  chosen = rl_train._sibling_results(str(tmp_path / "maml_300"), config)
+  assert {k: v["returns"][0] for k, v in chosen.items()} == {
+      "maml": "maml_300", "pretrained": "pretrained_300", "random": "random"}
+  # This run wins for its own method even when its length differs.
+  chosen = rl_train._sibling_results(str(tmp_path / "maml"), config)
+  assert chosen["maml"]["returns"] == ["maml"]
