@@ -39,7 +39,10 @@ task axis and every layer is one task-batched kernel:
 * BatchNormalization / LayerNormalization: per-task moments over every axis
   but the task and channel axes, computed as ``mean`` then
   ``mean((x - mean)^2)`` with no ``stop_gradient``, so second derivatives are
-  exact (see :mod:`maml_tf.core.functional`).
+  exact (see :mod:`maml_tf.core.functional`). In training mode BatchNorm's
+  backward pass is written out (:func:`normalize_with_moments`: about half
+  the full-size ops of autodiff through the moments, still exact to every
+  order).
 * Pooling, Flatten, activations, Add, Concatenate: no per-task weights; the
   task and example axes are merged and TF's own ops run once (pooling keeps
   TF's exact tie-breaking, so derivatives equal Keras' too).
