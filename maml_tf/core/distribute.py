@@ -53,6 +53,7 @@ import keras
 import tensorflow as tf
 from tensorflow.python.distribute import distribute_lib  # pylint: disable=g-direct-tensorflow-import
 
+from maml_tf.core import maml as maml_lib
 from maml_tf.core.maml import MAML
 from maml_tf.core.task_batch import TaskBatch
 
@@ -235,17 +236,6 @@ def unscaled_keras_losses():
       loss_module.scale_loss_for_distribution = original
 
 
-def _floating_point_error(e: tf.errors.InvalidArgumentError):
-  """MAML's FloatingPointError for a failed ``maml_tf:`` numerics check."""
-  if "maml_tf:" not in str(e):
-    return None
-  msg = str(e).split("maml_tf:")[1].split("\n")[0].split(" : ")[0]
-  return FloatingPointError(
-      f"maml_tf:{msg}. The meta-parameters were not updated by this step. "
-      "Lower inner_lr or the meta learning rate, or check the data for "
-      "NaN/Inf.")
-
-
 class DistributedMAML:
   """A :class:`maml_tf.MAML` whose meta-batch is split across replicas.
 
@@ -393,13 +383,8 @@ class DistributedMAML:
     fn = maml._compile(key, lambda: self._make_train_step(with_acc,
                                                           first_order, before),
                        distributed, second_order=not first_order)
-    try:
+    with maml_lib._floating_point_errors():  # pylint: disable=protected-access
       return fn(distributed)
-    except tf.errors.InvalidArgumentError as e:
-      error = _floating_point_error(e)
-      if error is not None:
-        raise error from None
-      raise
 
   def train_step(self, batch: TaskBatch,
                  pre_update_metrics: bool = True) -> Dict[str, float]:

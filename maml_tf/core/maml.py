@@ -270,7 +270,8 @@ def _per_task_loss_fn(loss) -> Optional[Callable]:
       return None
     cast = lambda t: keras.ops.convert_to_tensor(t, dtype=loss.dtype)
     return lambda y, pred: _task_axis_mean(loss.call(cast(y), cast(pred)))
-  if loss in _PER_EXAMPLE_LOSSES:
+  # By identity: a user's callable need not be hashable.
+  if any(loss is fn for fn in _PER_EXAMPLE_LOSSES):
     return lambda y, pred: _task_axis_mean(loss(y, pred))
   return None
 

@@ -168,7 +168,9 @@ def meta_train(learner, batch_for_step: Callable[[int], object],
   The pre-update metrics (``loss_before``, ``accuracy_before``: one more
   query forward pass per task) are computed on the last step of each log
   window only, when the learner's ``train_step_tensors`` accepts
-  ``pre_update_metrics``; the other metrics are means over the window.
+  ``pre_update_metrics``; with ``graph_sampler`` on every step, so that
+  they are means over the same steps as the other metrics, which are means
+  over the window.
 
   Example:
     >>> meta_train(maml, lambda i: sample(i), 1000, "/tmp/run")

@@ -186,6 +186,14 @@ def test_train_steps_for_classification_report_accuracy():
   assert float(metrics["loss_after"]) < float(metrics["loss_before"])
 
 
+class _Unhashable:
+
+  __hash__ = None        # e.g. a dataclass with eq=True
+
+  def __call__(self, y_true, y_pred):
+    return tf.reduce_mean(tf.abs(y_true - y_pred))
+
+
 class _OwnCall(keras.losses.MeanSquaredError):
 
   def call(self, y_true, y_pred):          # not per-example: must not be used
@@ -216,7 +224,7 @@ def test_per_task_losses_without_a_task_loop(loss, labels):
 
 
 @pytest.mark.parametrize("loss", [
-    lambda y, p: tf.reduce_mean(tf.abs(y - p)), _OwnCall(),
+    lambda y, p: tf.reduce_mean(tf.abs(y - p)), _OwnCall(), _Unhashable(),
     keras.losses.MeanSquaredError(reduction="sum"),
     keras.losses.SparseCategoricalCrossentropy(ignore_class=0)])
 def test_other_losses_keep_the_task_loop(loss):
