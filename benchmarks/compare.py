@@ -106,6 +106,10 @@ def describe(impl: str, r: dict) -> str:
   if impl.startswith("maml_tf"):
     extra = "" if r.get("task_chunk") is None else (
         f", task chunk {r['task_chunk']}")
+    if r.get("closed_form"):
+      extra += ", closed form"
+    if r.get("jit_compile"):
+      extra += ", XLA"
     return (f"{label} (TF {r.get('tensorflow', '?')}, {r.get('execution')}"
             f"{extra})")
   if impl.startswith("torch"):

@@ -84,14 +84,16 @@ def count_gflop(concrete_function) -> float:
 
 
 def build(workload: str, first_order: bool, vectorize, inner_steps=None,
-          recompute=False, meta_batch=None, task_chunk="auto", query=None):
+          recompute=False, meta_batch=None, task_chunk="auto", query=None,
+          closed_form="auto", jit_compile=None):
   rng = np.random.default_rng(0)
   keras.utils.set_random_seed(0)
   if workload == "sinusoid":
     model = mlp_lib.mlp(1, 1)
     learner = MAML(model, "mse", inner_lr=0.01, first_order=first_order,
                    vectorize=vectorize, inner_steps=inner_steps or 1,
-                   recompute=recompute, task_chunk=task_chunk)
+                   recompute=recompute, task_chunk=task_chunk,
+                   closed_form=closed_form, jit_compile=jit_compile)
     batch = sinusoid.sample_batch(meta_batch or 25, 10, 10, rng)[0]
     return learner, batch
   from maml_tf.models import paper_nets  # pylint: disable=g-import-not-at-top
@@ -104,7 +106,8 @@ def build(workload: str, first_order: bool, vectorize, inner_steps=None,
   learner = MAML(model, keras.losses.SparseCategoricalCrossentropy(
       from_logits=True), inner_lr=lr, inner_steps=steps,
                  first_order=first_order, vectorize=vectorize,
-                 recompute=recompute, task_chunk=task_chunk)
+                 recompute=recompute, task_chunk=task_chunk,
+                 closed_form=closed_form, jit_compile=jit_compile)
   labels = lambda n: np.tile(np.repeat(np.arange(way), n), (tasks, 1))
   batch = TaskBatch(
       rng.random((tasks, way * shot) + shape, dtype=np.float32),
@@ -140,9 +143,11 @@ def _peak_rss_mb() -> float:
 def run(workload: str, iters: int, warmup: int, first_order: bool = False,
         vectorize="auto", inner_steps=None, recompute=False, meta_batch=None,
         count_flops=True, steps_per_call=1, pre_update_metrics=False,
-        task_chunk="auto", query=None) -> dict:
+        task_chunk="auto", query=None, closed_form="auto",
+        jit_compile=None) -> dict:
   learner, batch = build(workload, first_order, vectorize, inner_steps,
-                         recompute, meta_batch, task_chunk, query)
+                         recompute, meta_batch, task_chunk, query,
+                         closed_form, jit_compile)
   batch = learner._prepare(batch)  # pylint: disable=protected-access
   if steps_per_call > 1:
     if workload == "sinusoid":
@@ -193,6 +198,8 @@ def run(workload: str, iters: int, warmup: int, first_order: bool = False,
       "task_chunk": learner._chunk_size(batch),  # pylint: disable=protected-access
       "conv_impl": getattr(learner._batched_model(batch), "conv_impl", None)  # pylint: disable=protected-access
       if learner.execution == "batched" else None,
+      "closed_form": learner._dense_chain is not None,  # pylint: disable=protected-access
+      "jit_compile": bool(learner.jit_compile and steps_per_call > 1),
       "steps_per_call": steps_per_call,
       "pre_update_metrics": pre_update_metrics,
       "median_s_per_iter": median, "iters_per_s": 1.0 / median,
@@ -253,13 +260,22 @@ def main():
                       help="'auto', 'none' or tasks per chunk")
   parser.add_argument("--query", type=int, default=None,
                       help="override the query images per class")
+  parser.add_argument("--closed_form", default="auto",
+                      choices=["auto", "true", "false"],
+                      help="closed-form meta-gradient of Dense/MSE models")
+  parser.add_argument("--jit_compile", default="auto",
+                      choices=["auto", "true", "false"],
+                      help="XLA for train_steps (--steps_per_call > 1)")
   args = parser.parse_args()
+  choice = {"auto": None, "true": True, "false": False}
   print(json.dumps(run(args.workload, args.iters, args.warmup,
                        args.first_order, args.vectorize, args.inner_steps,
                        args.recompute, args.meta_batch,
                        not args.no_flops, args.steps_per_call,
                        args.pre_update_metrics,
-                       _task_chunk_arg(args.task_chunk), args.query)))
+                       _task_chunk_arg(args.task_chunk), args.query,
+                       choice[args.closed_form] if args.closed_form != "auto"
+                       else "auto", choice[args.jit_compile])))
 
 
 def _task_chunk_arg(value: str):

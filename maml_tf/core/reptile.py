@@ -49,6 +49,9 @@ class Reptile(MAML):
                  "first_order_until"):
       if kwargs.get(name):
         raise ValueError(f"Reptile does not take {name}")
+    # Reptile's step takes no meta-gradient: no closed form (nor, with it,
+    # automatic XLA) to pick.
+    kwargs.setdefault("closed_form", False)
     super().__init__(model, loss, inner_lr=inner_lr, inner_steps=inner_steps,
                      first_order=True,
                      meta_optimizer=meta_optimizer or keras.optimizers.SGD(
