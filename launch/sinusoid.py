@@ -45,6 +45,9 @@ _EVAL_TASKS = flags.DEFINE_integer("eval_tasks", None,
 _STEPS_PER_CALL = flags.DEFINE_integer(
     "steps_per_call", None, "Meta-steps per compiled call, tasks sampled in "
     "the graph (1: one call per step, tasks sampled with numpy).")
+_XLA = flags.DEFINE_enum(
+    "xla", None, ["auto", "on", "off"], "XLA for the in-graph meta-steps "
+    "(auto: when the closed-form meta-gradient runs, e.g. the paper's MLP).")
 
 
 def main(argv):
@@ -57,7 +60,7 @@ def main(argv):
       meta_lr=_META_LR.value, first_order=_FIRST_ORDER.value, seed=_SEED.value,
       resume=_RESUME.value, eval_only=_EVAL_ONLY.value,
       baseline=_BASELINE.value, eval_tasks=_EVAL_TASKS.value,
-      init=_INIT.value, steps_per_call=_STEPS_PER_CALL.value,
+      init=_INIT.value, steps_per_call=_STEPS_PER_CALL.value, xla=_XLA.value,
       **learner_flags.overrides())
   loop.exit_if_interrupted(
       sinusoid.train_and_evaluate, config, _LOGDIR.value)

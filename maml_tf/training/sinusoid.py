@@ -63,6 +63,10 @@ class SinusoidConfig:
   # the graph by tasks.batch_sampler; 1: one call per step with numpy
   # batches (the sampling of runs before this option existed).
   steps_per_call: int = 100
+  # XLA for the in-graph steps (MAML's jit_compile): "auto" (when the
+  # closed-form meta-gradient runs: the paper's MLP), "on" or "off". XLA
+  # draws other tasks from the same seed than the graph executor.
+  xla: str = "auto"
 
   def validate(self) -> "SinusoidConfig":
     positive = ("meta_batch", "k_shot", "k_query", "inner_steps", "eval_tasks",
@@ -78,6 +82,8 @@ class SinusoidConfig:
                          f"{getattr(self, name)}")
     if self.init not in ("glorot", "finn"):
       raise ValueError(f"init must be 'glorot' or 'finn', got {self.init!r}")
+    if self.xla not in _XLA:
+      raise ValueError(f"xla must be one of {sorted(_XLA)}, got {self.xla!r}")
     if not self.eval_shots or min(self.eval_shots) < 1:
       raise ValueError(f"eval_shots must be >= 1, got {self.eval_shots}")
     if not self.eval_steps or min(self.eval_steps) < 0:
@@ -107,6 +113,9 @@ def _rng(seed: int, *stream: int) -> np.random.Generator:
   return np.random.default_rng([seed, *stream])
 
 
+_XLA = {"auto": None, "on": True, "off": False}
+
+
 def build_maml(config: SinusoidConfig) -> MAML:
   keras.utils.set_random_seed(config.seed)
   model = mlp(1, 1, hidden=config.hidden, name="sinusoid_maml",
@@ -115,7 +124,8 @@ def build_maml(config: SinusoidConfig) -> MAML:
       config.algorithm, model, keras.losses.MeanSquaredError(),
       inner_lr=config.inner_lr, inner_steps=config.inner_steps,
       meta_lr=config.meta_lr, iterations=config.iterations,
-      first_order=config.first_order, recompute=config.recompute)
+      first_order=config.first_order, recompute=config.recompute,
+      jit_compile=_XLA[config.xla])
 
 
 def pretrain_baseline(config: SinusoidConfig, workdir: str,

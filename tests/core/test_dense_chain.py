@@ -143,21 +143,26 @@ def test_maml_picks_the_closed_form_and_says_why_not():
 def test_train_step_with_the_closed_form_equals_autodiff():
   batch = _batch(3, 4, 5, 2, 2, seed=1)
   runs = []
-  for closed_form in (True, False):
+  # Autodiff; the closed form; the closed form one task chunk at a time.
+  for closed_form, chunk in ((False, None), (True, None), (True, 1)):
     keras.utils.set_random_seed(9)
     maml = MAML(_net(2, 2, (6, 6), ("relu", "relu", None)), F64_MSE,
                 inner_lr=0.1, inner_steps=2, closed_form=closed_form,
-                meta_optimizer=keras.optimizers.SGD(0.05))
+                task_chunk=chunk, meta_optimizer=keras.optimizers.SGD(0.05))
     assert (maml._dense_chain is not None) == closed_form
     metrics = [maml.train_step(batch) for _ in range(3)]
     runs.append((metrics, [v.numpy() for v in maml.model.weights]))
-  (m1, w1), (m2, w2) = runs
-  for a, b in zip(m1, m2):
-    assert a.keys() == b.keys() == {"loss_before", "loss_after"}
-    for k in a:
-      assert a[k] == pytest.approx(b[k], rel=1e-12)
-  for a, b in zip(w1, w2):
-    np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
+  (m0, w0) = runs[0]
+  for m1, w1 in runs[1:]:
+    for a, b in zip(m1, m0):
+      assert a.keys() == b.keys() == {"loss_before", "loss_after"}
+      for k in a:
+        assert a[k] == pytest.approx(b[k], rel=1e-12)
+    for a, b in zip(w1, w0):
+      np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
+  keras.utils.set_random_seed(9)
+  initial = _net(2, 2, (6, 6), ("relu", "relu", None)).weights[0].numpy()
+  assert np.abs(w0[0] - initial).max() > 1e-3     # the steps did something
 
 
 def _pool_sampler(nan_from=None):

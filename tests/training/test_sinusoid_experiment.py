@@ -87,6 +87,10 @@ def test_config_rejects_bad_values():
     experiment.make_config("smoke", inner_steps=0)
   with pytest.raises(ValueError, match="meta_lr"):
     experiment.make_config("smoke", meta_lr=float("inf"))
+  with pytest.raises(ValueError, match="xla must be one of"):
+    experiment.make_config("smoke", xla="maybe")
+  assert experiment.build_maml(experiment.make_config(
+      "smoke", xla="off")).jit_compile is False
 
 
 def _run_launcher(*args, timeout=120):
