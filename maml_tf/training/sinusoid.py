@@ -188,8 +188,11 @@ def evaluate_table(learner: MAML, config: SinusoidConfig,
 def _format_table(name: str, table: Dict) -> str:
   lines = []
   for k, row in table.items():
-    cells = "  ".join(f"{s}: {v['mean']:.3f}±{v['ci95']:.3f}"
-                      for s, v in row.items())
+    # A mean far above the median means a few tasks diverged: say so.
+    cells = "  ".join(
+        f"{s}: {v['mean']:.3f}±{v['ci95']:.3f}" + (
+            f" (median {v['median']:.3f})" if v["mean"] > 2 * v["median"]
+            else "") for s, v in row.items())
     lines.append(f"{name:>10} {k:>5}  {cells}")
   return "\n".join(lines)
 
@@ -246,7 +249,8 @@ def train_and_evaluate(config: SinusoidConfig, workdir: str,
   out = {"config": dataclasses.asdict(config),
          "train_seconds": train_seconds,
          "maml": evaluate_table(learner, config)}
-  log("MSE on fresh tasks (mean ± 95% CI):")
+  log("MSE on fresh tasks (mean ± 95% CI; the median too where a few tasks "
+      "diverge):")
   log(_format_table(config.algorithm.upper(), out["maml"]))
   baseline = None
   if config.baseline:
