@@ -211,3 +211,18 @@ def test_xla_train_steps_equal_the_graph_and_stop_at_nan():
     maml.train_steps(bad, 6)
   assert int(maml.meta_optimizer.iterations) == 9
   assert all(np.isfinite(v.numpy()).all() for v in maml.model.weights)
+
+
+def test_xla_that_cannot_compile_falls_back_with_a_warning():
+  good = _pool_sampler()
+
+  def sample(iteration):    # tf.py_function: not compilable by XLA
+    shifted = tf.py_function(lambda i: i + 0, [iteration], tf.int64)
+    return good(tf.reshape(shifted, []))
+  keras.utils.set_random_seed(4)
+  maml = MAML(mlp(1, 1, hidden=(8, 8)), "mse", inner_lr=0.01)
+  assert maml.jit_compile
+  with pytest.warns(UserWarning, match="XLA could not compile train_steps"):
+    metrics = maml.train_steps(sample, 3)
+  assert not maml.jit_compile and np.isfinite(float(metrics["loss_after"]))
+  assert int(maml.meta_optimizer.iterations) == 3
