@@ -267,15 +267,16 @@ def main():
                       choices=["auto", "true", "false"],
                       help="XLA for train_steps (--steps_per_call > 1)")
   args = parser.parse_args()
-  choice = {"auto": None, "true": True, "false": False}
+  closed_form = {"auto": "auto", "true": True, "false": False}
+  jit_compile = {"auto": None, "true": True, "false": False}
   print(json.dumps(run(args.workload, args.iters, args.warmup,
                        args.first_order, args.vectorize, args.inner_steps,
                        args.recompute, args.meta_batch,
                        not args.no_flops, args.steps_per_call,
                        args.pre_update_metrics,
                        _task_chunk_arg(args.task_chunk), args.query,
-                       choice[args.closed_form] if args.closed_form != "auto"
-                       else "auto", choice[args.jit_compile])))
+                       closed_form[args.closed_form],
+                       jit_compile[args.jit_compile])))
 
 
 def _task_chunk_arg(value: str):

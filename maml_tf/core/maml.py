@@ -853,13 +853,14 @@ class MAML:
     names = self._metric_names(with_acc, plan.record_steps[0] == 0)
     return {name: value[name]() for name in names}
 
-  def _apply(self, grads):
-    """Checks the meta-gradient is finite, then takes the outer step."""
+  def _apply(self, grads, loss=None):
+    """Checks the meta-gradient (and ``loss``) is finite, then takes the
+    outer step."""
     if self._guard is not None:
       # Under XLA, where check_numerics does nothing: the step is taken
       # only if the loss and every gradient are finite.
-      loss_ok = (self._guard.loss_ok if self._guard.loss_ok is not None
-                 else tf.constant(True))
+      loss_ok = (tf.constant(True) if loss is None
+                 else tf.reduce_all(tf.math.is_finite(loss)))
       self._guard.flags = tf.stack(
           [loss_ok] + [tf.reduce_all(tf.math.is_finite(g)) for g in grads])
       self._guard.ok = tf.reduce_all(self._guard.flags)
@@ -871,7 +872,7 @@ class MAML:
       return
     variables = self.meta_variables
     grads = [tf.debugging.check_numerics(
-        g, f"maml_tf: the meta-gradient of {v.path} is NaN or Inf")
+        g, f"maml_tf: {_meta_gradient_name(v)} is NaN or Inf")
              for g, v in zip(grads, variables)]
     self._update(grads)
 
@@ -906,14 +907,6 @@ class MAML:
     gradients, losses and outputs are averaged / concatenated: the same
     numbers as all tasks at once, since the objective is a mean over tasks.
     """
-    grads, out, loss = self._meta_gradients_unguarded(plan, params, state,
-                                                      lrs, batch, with_acc)
-    if self._guard is not None:
-      self._guard.loss_ok = tf.reduce_all(tf.math.is_finite(loss))
-    return grads, out, loss
-
-  def _meta_gradients_unguarded(self, plan, params, state, lrs, batch,
-                                with_acc):
     chunk = self._chunk_size(batch)
     if chunk is None:
       return self._gradients_of(plan, params, state, lrs, batch, with_acc)
@@ -955,17 +948,13 @@ class MAML:
       grads, losses = dense_chain.meta_gradients(
           self._dense_chain, params, batch, self.inner_lr, self.inner_steps,
           plan.first_order, plan.record_steps, xla=self._guard is not None)
-      loss = tf.debugging.check_numerics(
-          tf.reduce_mean(losses[:, -1]), "maml_tf: the meta-loss (query loss "
-          "after adaptation) is NaN or Inf")
+      loss = _check_meta_loss(tf.reduce_mean(losses[:, -1]))
       return grads, {"loss": losses, "state": []}, loss
     with tf.GradientTape(watch_accessed_variables=False) as tape:
       tape.watch(params + lrs)
       out = self._run_tasks(plan, params, state, batch, with_acc, lrs)
       # Inside the tape: a check outside it would cut the gradient path.
-      loss = tf.debugging.check_numerics(
-          self._objective(out, plan), "maml_tf: the meta-loss (query loss "
-          "after adaptation) is NaN or Inf")
+      loss = _check_meta_loss(self._objective(out, plan))
     grads = tape.gradient(loss, params + lrs,
                           unconnected_gradients=tf.UnconnectedGradients.ZERO)
     return grads, out, loss
@@ -978,7 +967,7 @@ class MAML:
       params, state, lrs = self._read_meta()
       grads, out, loss = self._meta_gradients(plan, params, state, lrs, batch,
                                               with_acc)
-      self._apply(grads)
+      self._apply(grads, loss)
       self._write_state(state, out["state"])
       return self._metrics(out, loss, with_acc, plan)
     return train_step
@@ -1109,9 +1098,8 @@ class MAML:
     if flags is not None:
       flags = flags.numpy()
       if not flags.all():
-        names = (["the meta-loss (query loss after adaptation)"] +
-                 [f"the meta-gradient of {v.path}" for v in
-                  self.meta_variables])
+        names = [_META_LOSS] + [_meta_gradient_name(v)
+                                for v in self.meta_variables]
         bad = names[int(np.argmin(flags))]
         raise FloatingPointError(_fp_message(f" {bad} is NaN or Inf"))
     return metrics
@@ -1144,10 +1132,13 @@ class MAML:
             flags = self._guard.flags
           return i + 1, {k: sums[k] + tf.cast(metrics[k], sums[k].dtype)
                          for k in sums}, flags
+        if jit:      # stop at the first non-finite step
+          cond = lambda i, _, flags: tf.logical_and(i < num_steps,
+                                                    tf.reduce_all(flags))
+        else:        # check_numerics raises instead
+          cond = lambda i, _, flags: i < num_steps
         _, sums, flags = tf.while_loop(
-            lambda i, _, flags: tf.logical_and(i < num_steps,
-                                               tf.reduce_all(flags)),
-            body, (tf.constant(0), zeros, flags), parallel_iterations=1)
+            cond, body, (tf.constant(0), zeros, flags), parallel_iterations=1)
         return ({k: v / num_steps for k, v in sums.items()},
                 flags if jit else None)
       finally:
@@ -1264,6 +1255,18 @@ def _usable_cpus() -> int:
     return os.cpu_count() or 1
 
 
+_META_LOSS = "the meta-loss (query loss after adaptation)"
+
+
+def _meta_gradient_name(variable) -> str:
+  return f"the meta-gradient of {variable.path}"
+
+
+def _check_meta_loss(loss):
+  return tf.debugging.check_numerics(loss, f"maml_tf: {_META_LOSS} is NaN "
+                                     "or Inf")
+
+
 def _fp_message(msg: str) -> str:
   return (f"maml_tf:{msg}. The meta-parameters were not updated by this "
           "step. Lower inner_lr or the meta learning rate, or check the "
@@ -1274,7 +1277,6 @@ class _FiniteGuard:
   """NaN/Inf flags of the step being traced under XLA (see ``_apply``)."""
 
   def __init__(self):
-    self.loss_ok = None   # the meta-loss is finite
     self.flags = None     # [loss] + [each meta-gradient] finite
     self.ok = None        # all of them
 
