@@ -150,6 +150,49 @@ def test_recompute_gives_the_same_meta_gradient(execution):
     np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
 
 
+@pytest.mark.parametrize("adapt", ["all", "head"])
+def test_checkpointed_query_pass_is_exact(adapt, monkeypatch):
+  """recompute=True recomputes the query pass a task chunk at a time."""
+  from maml_tf.core import maml as maml_mod  # pylint: disable=g-import-not-at-top
+  assert maml_mod.query_chunk_size(32, 5, 75) == 2      # Omniglot 5w1s
+  assert maml_mod.query_chunk_size(32, 5, 5) == 32      # 1 query per class
+  assert maml_mod.query_chunk_size(4, 2, 6) == 1
+  calls = []
+  real = maml_mod._recomputed_query  # pylint: disable=protected-access
+
+  def spy(*args, **kwargs):
+    calls.append(args[6])                              # the chunk size
+    return real(*args, **kwargs)
+  monkeypatch.setattr(maml_mod, "_recomputed_query", spy)
+  rng = np.random.default_rng(5)
+  batch = TaskBatch(rng.normal(size=(4, 2, 3)), rng.integers(0, 3, (4, 2)),
+                    rng.normal(size=(4, 6, 3)), rng.integers(0, 3, (4, 6)))
+  grads, metrics = [], []
+  for recompute in (False, True):
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential([
+        keras.Input((3,), dtype=F64),
+        keras.layers.Dense(6, dtype=F64),
+        keras.layers.BatchNormalization(dtype=F64),
+        keras.layers.Activation("relu", dtype=F64),
+        keras.layers.Dense(3, dtype=F64, name="head")])
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True,
+                                                      dtype=F64)
+    maml = MAML(model, loss, inner_lr=0.3, inner_steps=2, adapt=adapt,
+                recompute=recompute, vectorize="batched", task_chunk=None)
+    with tf.GradientTape() as tape:
+      meta = maml.meta_loss(batch)
+    grads.append([g.numpy() for g in
+                  tape.gradient(meta, maml.model.trainable_variables)])
+    metrics.append(maml.train_step(batch))
+  assert calls and set(calls) == {1}
+  for a, b in zip(*grads):
+    np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
+  assert any(np.abs(g).max() > 1e-3 for g in grads[0])
+  for key in ("loss_after", "accuracy_after"):
+    np.testing.assert_allclose(metrics[0][key], metrics[1][key], rtol=1e-12)
+
+
 def test_make_learner_names_the_family():
   from maml_tf.core import family  # pylint: disable=g-import-not-at-top
   kw = dict(inner_lr=0.1, inner_steps=2, meta_lr=1e-3, iterations=300)

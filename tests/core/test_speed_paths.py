@@ -21,9 +21,18 @@ def _weights(model):
   return [v.numpy().copy() for v in model.weights]
 
 
-@pytest.mark.parametrize("learn_inner_lr", [None, "per_parameter"])
+@pytest.mark.parametrize("kwargs", [{}, {"learn_inner_lr": "per_parameter"},
+                                    {"adapt": "head"}, {"recompute": True}])
 def test_task_chunks_give_the_same_update_as_all_tasks_at_once(
-    learn_inner_lr, conv_bn_f64):
+    kwargs, conv_bn_f64, monkeypatch):
+  """Chunks on the query side only (MAML._split_gradients) are exact."""
+  split_calls = []
+  real_split = MAML._split_gradients
+
+  def spy(self, *args):
+    split_calls.append(args[-1])
+    return real_split(self, *args)
+  monkeypatch.setattr(MAML, "_split_gradients", spy)
   batch = conv_bn_f64.batch(4, seed=3)
   runs = {}
   for chunk in (None, 1, 3):         # 3 does not divide 4: chunks of 2
@@ -31,13 +40,15 @@ def test_task_chunks_give_the_same_update_as_all_tasks_at_once(
     maml = MAML(conv_bn_f64(), keras.losses.SparseCategoricalCrossentropy(
         from_logits=True, dtype="float64"), inner_lr=0.1, inner_steps=2,
                 meta_optimizer=keras.optimizers.SGD(0.05), task_chunk=chunk,
-                learn_inner_lr=learn_inner_lr)
+                **kwargs)
     assert maml._chunk_size(maml._prepare(batch)) == {None: None, 1: 1,
                                                       3: 2}[chunk]
     metrics = [maml.train_step(batch) for _ in range(2)]
     assert maml.model.trainable_variables[0].dtype == "float64"
     runs[chunk] = (metrics, _weights(maml.model),
                    [v.numpy() for v in maml.inner_lr_variables])
+  # recompute=True chunks the whole meta-gradient (less memory).
+  assert set(split_calls) == (set() if kwargs.get("recompute") else {1, 2})
   ref_m, ref_w, ref_lr = runs[None]
   assert ref_m[1]["loss_after"] != pytest.approx(ref_m[0]["loss_after"])
   for chunk in (1, 3):
