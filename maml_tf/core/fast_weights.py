@@ -42,7 +42,11 @@ task axis and every layer is one task-batched kernel:
   exact (see :mod:`maml_tf.core.functional`). In training mode BatchNorm's
   backward pass is written out (:func:`normalize_with_moments`: about half
   the full-size ops of autodiff through the moments, still exact to every
-  order).
+  order). A Conv2D with few inputs per output pixel (``kh*kw*C`` at most
+  its filter count: a first layer) followed by BatchNormalization is folded
+  into one convolution in training mode (:class:`_ConvBatchNorm`: the batch
+  statistics from the moments of the input patches): Omniglot 5-way 1-shot
+  meta-step 0.362 -> 0.325 s on one CPU.
 * Pooling, Flatten, activations, Add, Concatenate: no per-task weights; the
   task and example axes are merged and TF's own ops run once (pooling keeps
   TF's exact tie-breaking, so derivatives equal Keras' too).
@@ -569,6 +573,93 @@ class _BatchNorm(_Op):
     return _normalize(x, mean, variance, gamma, beta, layer.epsilon)
 
 
+class _ConvBatchNorm(_Op):
+  """Conv2D then BatchNormalization (training mode), folded into one conv.
+
+  With batch statistics, BatchNorm of ``z = conv(x, W) + b`` only needs the
+  per-channel mean and variance of ``z``, and both follow from the moments
+  of the input patches ``p`` (the ``kh*kw*C`` values under each output
+  pixel, zero padding included): ``mean(z) = mean(p) @ W + b`` and
+  ``var(z) = diag(W^T cov(p) W)``. So ``BN(z) = conv(x, W * s) + beta -
+  (mean(p) @ W) * s`` with ``s = gamma / sqrt(var(z) + epsilon)``: one
+  convolution with a folded per-task filter, and no full-size normalisation
+  pass forward or backward (the derivatives flow through ``[kh*kw*C, F]``
+  tensors instead of ``[N, H', W', F]`` ones). Exact to every order, the
+  same numbers to float round-off (tested). Worth it only when the patch
+  covariance (``(kh*kw*C)^2`` per pixel) costs no more than the convolution
+  (``kh*kw*C*F``): the first layer of an image model (Omniglot: 3x3x1 patches
+  for 64 filters).
+  """
+
+  def __init__(self, conv: "_Conv2D", bn: "_BatchNorm"):
+    super().__init__(bn.layer)
+    self.conv, self.bn = conv, bn
+
+  @staticmethod
+  def applies(conv_layer, bn_layer) -> bool:
+    """Is ``conv_layer -> bn_layer`` worth folding (and foldable)?"""
+    kh, kw = conv_layer.kernel_size
+    fan_in = kh * kw * int(conv_layer.kernel.shape[2])
+    linear = conv_layer.activation in (None, keras.activations.linear)
+    return (linear and bn_layer.axis in (-1, 3) and bn_layer.trainable
+            and fan_in <= conv_layer.filters)
+
+  def __call__(self, ctx, inputs):
+    x = inputs[0]
+    if not ctx.training or x.shape.rank != 5 or None in x.shape[2:]:
+      return self.bn(ctx, [self.conv(ctx, inputs)])
+    conv, bn = self.conv, self.bn
+    kernel, kernel_per_task = ctx.read(conv.kernel_ref)
+    kh, kw, c, f = kernel.shape[-4:]
+    k = kh * kw * c
+    t = _static_or_dynamic(x, 0)
+    n = _static_or_dynamic(x, 1)
+    merged = tf.reshape(x, [-1] + x.shape[2:].as_list())
+    sh, sw = conv.strides
+    patches = tf.image.extract_patches(
+        merged, sizes=[1, kh, kw, 1], strides=[1, sh, sw, 1],
+        rates=[1, 1, 1, 1], padding=conv.padding.upper())
+    oh, ow = patches.shape[1], patches.shape[2]
+    flat = tf.reshape(patches, [t, -1, k])                       # [T, M, K]
+    mu = tf.reduce_mean(flat, axis=1, keepdims=True)             # [T, 1, K]
+    centred = flat - mu
+    count = tf.cast(tf.shape(flat)[1], x.dtype)
+    cov = tf.matmul(centred, centred, transpose_a=True) / count  # [T, K, K]
+    w = tf.reshape(kernel, ([t] if kernel_per_task else []) + [k, f])
+    if not kernel_per_task:
+      w = tf.broadcast_to(w, [t, k, f])
+    mean = tf.matmul(mu, w)                                      # [T, 1, F]
+    bias = None
+    if conv.bias_ref is not None:
+      bias, bias_per_task = ctx.read(conv.bias_ref)
+      bias = tf.reshape(bias, [t if bias_per_task else 1, 1, f])
+      mean = mean + bias
+    variance = tf.reduce_sum(tf.matmul(cov, w) * w, axis=1,
+                             keepdims=True)                      # [T, 1, F]
+    inv = tf.math.rsqrt(variance + bn.layer.epsilon)
+    gamma = bn._vector(ctx, bn.gamma_ref, 3)  # pylint: disable=protected-access
+    beta = bn._vector(ctx, bn.beta_ref, 3)  # pylint: disable=protected-access
+    scale = inv * gamma if gamma is not None else inv
+    # (bias - mean) * scale: the bias cancels, but stays connected (its
+    # gradient is zero, not None, as without the fold).
+    shift = (bias - mean) * scale if bias is not None else -mean * scale
+    if beta is not None:
+      shift = shift + beta
+    folded = w * scale                                           # [T, K, F]
+    if conv.impl == "patches":
+      y = tf.reshape(tf.matmul(flat, folded), [t, n, oh, ow, f])
+    else:
+      y = _CONV_KERNELS[conv.impl](
+          x, tf.reshape(folded, [t, kh, kw, c, f]), conv.strides,
+          conv.padding)
+    y = y + tf.reshape(shift, [t, 1, 1, 1, f])
+    for ref, stat in ((bn.mean_ref, mean), (bn.var_ref, variance)):
+      moving, _ = ctx.read(ref)
+      ctx.write(ref, moving * bn.layer.momentum
+                + tf.reshape(stat, [t, f]) * (1.0 - bn.layer.momentum))
+    return y
+
+
 class _LayerNorm(_Op):
 
   def __init__(self, layer, gamma_ref, beta_ref):
@@ -657,8 +748,9 @@ _ELEMENTWISE = (keras.layers.Activation, keras.layers.ReLU,
 class _Compiler:
   """Maps a Keras model's layers to :class:`_Op` objects."""
 
-  def __init__(self, model, conv_impl):
+  def __init__(self, model, conv_impl, fold=True):
     self.conv_impl = conv_impl
+    self.fold = fold
     self.refs = {}
     for i, v in enumerate(model.trainable_variables):
       self.refs[id(v)] = ("p", i)
@@ -762,10 +854,19 @@ class _Compiler:
 
   def compile_model(self, model) -> _Program:
     if isinstance(model, keras.Sequential):
-      steps = []
-      for i, layer in enumerate(model.layers):
-        steps.append((self.compile_layer(layer), [i], i + 1))
-      return _Program(model, 0, steps, len(steps))
+      steps, layers, i = [], model.layers, 0
+      while i < len(layers):
+        op = self.compile_layer(layers[i])
+        if (self.fold and isinstance(op, _Conv2D) and i + 1 < len(layers)
+            and type(layers[i + 1]) is keras.layers.BatchNormalization  # pylint: disable=unidiomatic-typecheck
+            and _ConvBatchNorm.applies(layers[i], layers[i + 1])):
+          steps.append((_ConvBatchNorm(op, self.compile_layer(layers[i + 1])),
+                        [i], i + 2))
+          i += 2
+          continue
+        steps.append((op, [i], i + 1))
+        i += 1
+      return _Program(model, 0, steps, len(layers))
     nodes_by_depth = getattr(model, "_nodes_by_depth", None)
     if nodes_by_depth is None or not hasattr(model, "outputs"):
       raise Unsupported(
@@ -860,7 +961,8 @@ class BatchedModel:
     return y, ctx.values["s"]
 
 
-def compile_batched(model: keras.Model, conv_impl: str = "auto") -> BatchedModel:
+def compile_batched(model: keras.Model, conv_impl: str = "auto",
+                    fold_conv_batchnorm: bool = True) -> BatchedModel:
   """Compiles ``model`` into a :class:`BatchedModel` running all tasks at once.
 
   Arguments:
@@ -873,6 +975,10 @@ def compile_batched(model: keras.Model, conv_impl: str = "auto") -> BatchedModel
       Concatenate.
     conv_impl: ``'auto'``, ``'patches'``, ``'grouped'`` or ``'map'`` (see the
       module docstring).
+    fold_conv_batchnorm: in training mode, fold a Conv2D with few inputs
+      per output pixel (at most its filter count, e.g. a first layer) and
+      the BatchNormalization after it into one convolution
+      (:class:`_ConvBatchNorm`; same numbers, fewer full-size passes).
 
   Returns:
     a :class:`BatchedModel`; ``batched(params, state, x, training)`` equals,
@@ -897,5 +1003,5 @@ def compile_batched(model: keras.Model, conv_impl: str = "auto") -> BatchedModel
     raise ValueError(f"model {model.name!r} is not built; give it an "
                      "keras.Input or call it once")
   impl = resolve_conv_impl(conv_impl)
-  program = _Compiler(model, impl).compile_model(model)
+  program = _Compiler(model, impl, fold_conv_batchnorm).compile_model(model)
   return BatchedModel(model, program, impl)

@@ -86,9 +86,37 @@ def _sequence(dtype):
       L.Dense(3, use_bias=False, dtype=dtype)], name="sequence")
 
 
+def _omniglot_fold(dtype):
+  """First layer folded into its BatchNorm (9 inputs per pixel, 12 filters)."""
+  return keras.Sequential([
+      keras.Input((9, 9, 1), dtype=dtype),
+      L.Conv2D(12, 3, strides=2, padding="same", dtype=dtype),
+      L.BatchNormalization(dtype=dtype),
+      L.ReLU(dtype=dtype),
+      L.Conv2D(4, 3, strides=2, padding="same", dtype=dtype),
+      L.BatchNormalization(dtype=dtype),
+      L.ReLU(dtype=dtype),
+      L.Flatten(dtype=dtype),
+      L.Dense(3, dtype=dtype)], name="omniglot_fold")
+
+
+def _odd_fold(dtype):
+  """Folded: 'valid', non-square kernel, no bias, BatchNorm without beta."""
+  return keras.Sequential([
+      keras.Input((7, 7, 2), dtype=dtype),
+      L.Conv2D(12, (3, 2), strides=2, padding="valid", use_bias=False,
+               dtype=dtype),
+      L.BatchNormalization(center=False, dtype=dtype),
+      L.Activation("elu", dtype=dtype),
+      L.Flatten(dtype=dtype),
+      L.Dense(3, dtype=dtype)], name="odd_fold")
+
+
 MODELS = {"sequence": _sequence, "omniglot": _omniglot, "miniimagenet": _miniimagenet,
-          "mlp_layernorm": _mlp_layernorm, "skip": _skip, "odd": _odd}
-CONV_MODELS = ("omniglot", "miniimagenet", "skip", "odd")
+          "mlp_layernorm": _mlp_layernorm, "skip": _skip, "odd": _odd,
+          "omniglot_fold": _omniglot_fold, "odd_fold": _odd_fold}
+CONV_MODELS = ("omniglot", "miniimagenet", "skip", "odd", "omniglot_fold",
+               "odd_fold")
 
 
 def _cases():
@@ -224,6 +252,7 @@ def _meta_loss_loop(model, theta, state, sx, sy, qx, qy, alpha=0.5):
 
 @pytest.mark.parametrize("name,impl", [
     ("omniglot", "patches"), ("omniglot", "grouped"),
+    ("omniglot_fold", "map"), ("odd_fold", "patches"),
     ("miniimagenet", "patches"), ("mlp_layernorm", "patches"),
     ("skip", "patches"), ("odd", "map")])
 def test_second_order_gradients(name, impl):
@@ -254,7 +283,7 @@ def test_second_order_gradients(name, impl):
   for a, b in zip(gb, gl):
     np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-11)
 
-  if name in ("omniglot", "skip"):   # central finite differences
+  if name in ("omniglot", "skip", "omniglot_fold"):  # finite differences
     eps = 1e-5
     for _ in range(2):
       d = [tf.constant(rng.normal(size=p.shape)) for p in theta]
@@ -263,6 +292,33 @@ def test_second_order_gradients(name, impl):
       fd = float((plus - minus) / (2 * eps))
       an = float(sum(tf.reduce_sum(g * v) for g, v in zip(gb, d)))
       assert abs(fd - an) <= 1e-5 * max(abs(an), 1e-3), (fd, an)
+
+
+def test_conv_batchnorm_fold_applies_to_small_fan_in_only():
+  """Folded where kh*kw*C <= filters; the same numbers as unfolded."""
+  steps = lambda m, fold: [type(op).__name__ for op, _, _ in
+                           compile_batched(m, "map", fold)._program.steps]
+  fold_model = _omniglot_fold("float64")
+  assert steps(fold_model, True)[:2] == ["_ConvBatchNorm", "_Elementwise"]
+  assert "_ConvBatchNorm" not in steps(fold_model, False)
+  assert steps(_odd_fold("float64"), True)[0] == "_ConvBatchNorm"
+  assert "_ConvBatchNorm" not in steps(_omniglot("float64"), True)  # 9 > 4
+  from maml_tf.models import paper_nets  # pylint: disable=g-import-not-at-top
+  assert steps(paper_nets.omniglot_conv(5), True).count("_ConvBatchNorm") == 1
+  assert steps(paper_nets.miniimagenet_conv(5), True).count(
+      "_ConvBatchNorm") == 1                                  # 27 <= 32
+  rng = np.random.default_rng(4)
+  params, state = _per_task(fold_model, rng, "float64")
+  x = _inputs(fold_model, rng, "float64", n=5)
+  outs = [compile_batched(fold_model, "patches", fold)(params, state, x)
+          for fold in (True, False)]
+  np.testing.assert_allclose(outs[0][0], outs[1][0], rtol=1e-10, atol=1e-12)
+  for a, b in zip(outs[0][1], outs[1][1]):   # moving statistics
+    np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+  inference = [compile_batched(fold_model, "map", fold)(params, state, x,
+                                                       training=False)[0]
+               for fold in (True, False)]
+  np.testing.assert_allclose(inference[0], inference[1], rtol=1e-12)
 
 
 # ---------------------------------------------------------- 3. unsupported
