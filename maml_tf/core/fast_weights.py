@@ -240,6 +240,26 @@ def _conv_geometry(h, w, kh, kw, sh, sw, padding):
   return oh, ow, [[0, 0], [0, 0]]
 
 
+def _flat_patches(x, kh: int, kw: int, strides, padding):
+  """``([T, N*H'*W', kh*kw*C] patches, H', W')`` of ``x [T, N, H, W, C]``.
+
+  ``tf.image.extract_patches`` (TF's own 'SAME'/'VALID' geometry; depth
+  ordered as ``(row, col, channel)``, the order of a reshaped
+  ``[kh, kw, C, F]`` kernel); a strided subsample for 1x1 kernels.
+  """
+  _, _, h, w, c = x.shape
+  sh, sw = strides
+  merged = tf.reshape(x, [-1, h, w, c])
+  if kh == kw == 1:   # no padding either way; a strided subsample
+    patches = merged[:, ::sh, ::sw, :]
+  else:
+    patches = tf.image.extract_patches(
+        merged, sizes=[1, kh, kw, 1], strides=[1, sh, sw, 1],
+        rates=[1, 1, 1, 1], padding=padding.upper())
+  flat = tf.reshape(patches, [_static_or_dynamic(x, 0), -1, kh * kw * c])
+  return flat, patches.shape[1], patches.shape[2]
+
+
 def conv2d_patches(x, kernel, strides, padding):
   """Task-batched conv2d as patch extraction + one batched matmul.
 
@@ -265,22 +285,11 @@ def conv2d_patches(x, kernel, strides, padding):
     ...                (2, 2), "same").shape
     TensorShape([2, 3, 4, 4, 4])
   """
-  _, _, h, w, c = x.shape
   kh, kw = int(kernel.shape[1]), int(kernel.shape[2])
-  sh, sw = strides
   t = _static_or_dynamic(x, 0)
   n = _static_or_dynamic(x, 1)
-  merged = tf.reshape(x, [-1, h, w, c])
-  if kh == kw == 1:   # no padding either way; a strided subsample
-    patches = merged[:, ::sh, ::sw, :]
-  else:
-    patches = tf.image.extract_patches(
-        merged, sizes=[1, kh, kw, 1], strides=[1, sh, sw, 1],
-        rates=[1, 1, 1, 1], padding=padding.upper())
-  oh, ow = patches.shape[1], patches.shape[2]
-  k = kh * kw * c
-  flat = tf.reshape(patches, [t, -1, k])
-  out = tf.matmul(flat, tf.reshape(kernel, [t, k, -1]))
+  flat, oh, ow = _flat_patches(x, kh, kw, strides, padding)
+  out = tf.matmul(flat, tf.reshape(kernel, [t, flat.shape[-1], -1]))
   return tf.reshape(out, [t, n, oh, ow, -1])
 
 
@@ -547,6 +556,13 @@ class _BatchNorm(_Op):
     super().__init__(layer)
     self.gamma_ref, self.beta_ref, self.mean_ref, self.var_ref = refs
 
+  def update_moving(self, ctx, mean, variance):
+    """Moves the moving statistics towards ``[T, C]`` batch statistics."""
+    momentum = self.layer.momentum
+    for ref, stat in ((self.mean_ref, mean), (self.var_ref, variance)):
+      moving, _ = ctx.read(ref)
+      ctx.write(ref, moving * momentum + stat * (1.0 - momentum))
+
   def _vector(self, ctx, ref, rank):
     if ref is None:
       return None
@@ -563,10 +579,8 @@ class _BatchNorm(_Op):
       squeeze = list(range(1, rank - 1))
       y, mean, variance = normalize_with_moments(x, gamma, beta,
                                                  layer.epsilon, squeeze)
-      for ref, stat in ((self.mean_ref, mean), (self.var_ref, variance)):
-        moving, _ = ctx.read(ref)
-        ctx.write(ref, moving * layer.momentum
-                  + tf.squeeze(stat, squeeze) * (1.0 - layer.momentum))
+      self.update_moving(ctx, tf.squeeze(mean, squeeze),
+                         tf.squeeze(variance, squeeze))
       return y
     mean = self._vector(ctx, self.mean_ref, rank)
     variance = self._vector(ctx, self.var_ref, rank)
@@ -614,13 +628,8 @@ class _ConvBatchNorm(_Op):
     k = kh * kw * c
     t = _static_or_dynamic(x, 0)
     n = _static_or_dynamic(x, 1)
-    merged = tf.reshape(x, [-1] + x.shape[2:].as_list())
-    sh, sw = conv.strides
-    patches = tf.image.extract_patches(
-        merged, sizes=[1, kh, kw, 1], strides=[1, sh, sw, 1],
-        rates=[1, 1, 1, 1], padding=conv.padding.upper())
-    oh, ow = patches.shape[1], patches.shape[2]
-    flat = tf.reshape(patches, [t, -1, k])                       # [T, M, K]
+    flat, oh, ow = _flat_patches(x, kh, kw, conv.strides,
+                                 conv.padding)                   # [T, M, K]
     mu = tf.reduce_mean(flat, axis=1, keepdims=True)             # [T, 1, K]
     centred = flat - mu
     count = tf.cast(tf.shape(flat)[1], x.dtype)
@@ -653,10 +662,8 @@ class _ConvBatchNorm(_Op):
           x, tf.reshape(folded, [t, kh, kw, c, f]), conv.strides,
           conv.padding)
     y = y + tf.reshape(shift, [t, 1, 1, 1, f])
-    for ref, stat in ((bn.mean_ref, mean), (bn.var_ref, variance)):
-      moving, _ = ctx.read(ref)
-      ctx.write(ref, moving * bn.layer.momentum
-                + tf.reshape(stat, [t, f]) * (1.0 - bn.layer.momentum))
+    bn.update_moving(ctx, tf.reshape(mean, [t, f]),
+                     tf.reshape(variance, [t, f]))
     return y
 
 

@@ -231,14 +231,14 @@ def _recomputed_query(batched, task_loss, fast, state, qx, qy, chunk: int,
               and v.shape[0] == num_tasks for v in fast]
   per_task += [True] * len(floats)
 
-  def chunk_pass(args, a, b):
-    part = [v[a:b] if pt else v for v, pt in zip(args, per_task)]
+  def chunk_of(args, a, b):
+    """The inputs of tasks ``a:b``: per-task slices, shared tensors whole."""
+    return [v[a:b] if pt else v for v, pt in zip(args, per_task)]
+
+  def run(part, a, b):
     st = list(state)
     for i, value in zip(floats, part[n:]):
       st[i] = value
-    return part, st
-
-  def run(part, st, a, b):
     pred, _ = batched(part[:n], st, qx[a:b], training=True)
     return task_loss(qy[a:b], pred), pred
 
@@ -247,8 +247,8 @@ def _recomputed_query(batched, task_loss, fast, state, qx, qy, chunk: int,
     losses, accs, prev = [], [], []
     for a, b in bounds:
       with tf.control_dependencies(prev):
-        part, st = chunk_pass([tf.identity(v) for v in args], a, b)
-      loss, pred = run(part, st, a, b)
+        part = chunk_of([tf.identity(v) for v in args], a, b)
+      loss, pred = run(part, a, b)
       losses.append(loss)
       if with_acc:
         accs.append(sparse_accuracy_per_task(qy[a:b], pred))
@@ -262,16 +262,12 @@ def _recomputed_query(batched, task_loss, fast, state, qx, qy, chunk: int,
       for a, b in bounds:
         with tf.control_dependencies(prev):
           ids = [tf.identity(v) for v in args]
-        part, st = chunk_pass(ids, a, b)
         # Watch the chunk's slices, not the whole tensors: their gradient
         # is the chunk's piece (no StridedSliceGrad of full size).
-        part = [tf.identity(v) for v in part]
-        st = list(state)
-        for i, value in zip(floats, part[n:]):
-          st[i] = value
+        part = [tf.identity(v) for v in chunk_of(ids, a, b)]
         with tf.GradientTape(watch_accessed_variables=False) as tape:
           tape.watch(part)
-          loss_c, _ = run(part, st, a, b)
+          loss_c, _ = run(part, a, b)
         g = tape.gradient(loss_c, part, output_gradients=dloss[a:b],
                           unconnected_gradients=tf.UnconnectedGradients.ZERO)
         pieces.append(g)
@@ -584,7 +580,6 @@ class MAML:
     # per step; four in flight no better), for about twice one chunk's
     # memory.
     self._chunk_parallel = 2 if _usable_cpus() >= 2 else 1
-    self._split = True
     self._compiled = {}
     # Moving statistics of BatchNorm layers: the only state train_step writes.
     bn_ids = set()
@@ -802,9 +797,7 @@ class MAML:
     batched = self._batched_model(batch)
     sx, sy, qx, qy = batch
     num_tasks = sx.shape[0] if sx.shape[0] is not None else tf.shape(sx)[0]
-    # expand_dims, not v[None], whose gradient is a StridedSliceGrad.
-    tile = lambda v: tf.tile(tf.expand_dims(v, 0),
-                             [num_tasks] + [1] * v.shape.rank)
+    tile = lambda v: _tile_tasks(v, num_tasks)
     state = [tile(v) for v in state]
     losses, accs = {}, {}
 
@@ -1037,8 +1030,7 @@ class MAML:
       return self._split_gradients(plan, params, state, lrs, batch, with_acc,
                                    chunk)
     num_chunks = batch.support_x.shape[0] // chunk
-    split = lambda t: tf.reshape(t, [num_chunks, chunk] + t.shape[1:].as_list())
-    chunks = tuple(split(t) for t in batch)
+    chunks = tuple(_split_tasks(t, num_chunks, chunk) for t in batch)
 
     def body(c):
       # Identities make the captured weights local to the loop body, where
@@ -1063,8 +1055,7 @@ class MAML:
             out_spec, tf.TensorSpec([], params[0].dtype))
     grads, out, losses = tf.map_fn(body, chunks, fn_output_signature=spec,
                                    parallel_iterations=self._chunk_parallel)
-    merge = lambda t: tf.reshape(t, [-1] + t.shape[2:].as_list())
-    out = tf.nest.map_structure(merge, out)
+    out = tf.nest.map_structure(_merge_chunks, out)
     return ([tf.reduce_mean(g, axis=0) for g in grads], out,
             tf.reduce_mean(losses))
 
@@ -1075,8 +1066,7 @@ class MAML:
     whole meta-gradient keeps one task's inner loop alive instead of every
     task's (Omniglot 5-way 1-shot, 10 inner steps: 30 MB against 430 MB).
     """
-    return (self._split and self.execution == "batched"
-            and not self.recompute and not self.multi_step_loss_iterations
+    return (self.execution == "batched" and not self.recompute and not self.multi_step_loss_iterations
             and batch.support_x.shape[0] is not None)
 
   def _split_gradients(self, plan, params, state, lrs, batch, with_acc,
@@ -1098,8 +1088,7 @@ class MAML:
     support_model = self._batched_model(
         TaskBatch(sx, sy, sx[:, :0], sy[:, :0]))
     query_model = self._batched_model(batch)
-    tile = lambda v: tf.tile(tf.expand_dims(v, 0),
-                             [num_tasks] + [1] * v.shape.rank)
+    tile = lambda v: _tile_tasks(v, num_tasks)
     lr_of = self._lr_schedule(plan, lrs)
     with tf.GradientTape(watch_accessed_variables=False) as tape:
       tape.watch(params + lrs)
@@ -1110,13 +1099,12 @@ class MAML:
           fast, [tile(v) for v in state], sx, sy, lr_of,
           max(plan.record_steps), plan.first_order,
           adapt_mask=self.adapt_mask,
-          forward=lambda p, s, x: support_model(p, s, x, training=True),
-          recompute=self.recompute and not plan.first_order)
+          forward=lambda p, s, x: support_model(p, s, x, training=True))
     per_task = list(self.adapt_mask)
     adapted = [f for f, m in zip(fast, per_task) if m]
     shared = [f for f, m in zip(fast, per_task) if not m]
     num_chunks = num_tasks // chunk
-    split = lambda t: tf.reshape(t, [num_chunks, chunk] + t.shape[1:].as_list())
+    split = lambda t: _split_tasks(t, num_chunks, chunk)
     score_before = plan.record_steps[0] == 0
     dtype = params[0].dtype
 
@@ -1136,8 +1124,8 @@ class MAML:
         total = tf.reduce_sum(losses) / num_tasks
       grads = qtape.gradient(total, fast_c + local_shared,
                              unconnected_gradients=tf.UnconnectedGradients.ZERO)
-      rows, accs = [losses], [sparse_accuracy_per_task(qy_c, pred)] if (
-          with_acc) else []
+      rows = [losses]
+      accs = [sparse_accuracy_per_task(qy_c, pred)] if with_acc else []
       if score_before:         # a metric at theta: shared weights and state
         pred0, _ = query_model([tf.identity(p) for p in params],
                                [tf.identity(v) for v in state], qx_c,
@@ -1161,11 +1149,10 @@ class MAML:
         body, ([split(f) for f in adapted], [split(v) for v in new_state],
                split(qx), split(qy)),
         fn_output_signature=spec, parallel_iterations=self._chunk_parallel)
-    unsplit = lambda t: tf.reshape(t, [-1] + t.shape[2:].as_list())
-    out = tf.nest.map_structure(unsplit, out)
+    out = tf.nest.map_structure(_merge_chunks, out)
     out["state"] = new_state
     loss = _check_meta_loss(tf.reduce_mean(out["loss"][:, -1]))
-    v = merge([unsplit(g) for g in v_adapted],
+    v = merge([_merge_chunks(g) for g in v_adapted],
               [tf.reduce_sum(g, axis=0) for g in v_shared])
     grads = tape.gradient(fast, params + lrs, output_gradients=v,
                           unconnected_gradients=tf.UnconnectedGradients.ZERO)
@@ -1482,6 +1469,24 @@ def _usable_cpus() -> int:
     return len(os.sched_getaffinity(0))
   except AttributeError:      # not Linux
     return os.cpu_count() or 1
+
+
+def _tile_tasks(v, num_tasks):
+  """``v`` repeated along a new leading task axis.
+
+  ``expand_dims``, not ``v[None]``, whose gradient is a StridedSliceGrad.
+  """
+  return tf.tile(tf.expand_dims(v, 0), [num_tasks] + [1] * v.shape.rank)
+
+
+def _split_tasks(t, num_chunks: int, chunk: int):
+  """``[T, ...] -> [num_chunks, chunk, ...]``."""
+  return tf.reshape(t, [num_chunks, chunk] + t.shape[1:].as_list())
+
+
+def _merge_chunks(t):
+  """``[num_chunks, chunk, ...] -> [T, ...]`` (undoes :func:`_split_tasks`)."""
+  return tf.reshape(t, [-1] + t.shape[2:].as_list())
 
 
 _META_LOSS = "the meta-loss (query loss after adaptation)"

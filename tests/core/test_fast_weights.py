@@ -15,18 +15,18 @@ L = keras.layers
 
 
 # ------------------------------------------------------------------ models
-def _omniglot(dtype, size=9):
+def _omniglot(dtype, size=9, first_filters=4, name="omniglot_mini"):
   """The Omniglot net in miniature: strided 'same' convs on odd sizes."""
   return keras.Sequential([
       keras.Input((size, size, 1), dtype=dtype),
-      L.Conv2D(4, 3, strides=2, padding="same", dtype=dtype),
+      L.Conv2D(first_filters, 3, strides=2, padding="same", dtype=dtype),
       L.BatchNormalization(dtype=dtype),
       L.ReLU(dtype=dtype),
       L.Conv2D(4, 3, strides=2, padding="same", dtype=dtype),
       L.BatchNormalization(dtype=dtype),
       L.ReLU(dtype=dtype),
       L.Flatten(dtype=dtype),
-      L.Dense(3, dtype=dtype)], name="omniglot_mini")
+      L.Dense(3, dtype=dtype)], name=name)
 
 
 def _miniimagenet(dtype):
@@ -88,16 +88,7 @@ def _sequence(dtype):
 
 def _omniglot_fold(dtype):
   """First layer folded into its BatchNorm (9 inputs per pixel, 12 filters)."""
-  return keras.Sequential([
-      keras.Input((9, 9, 1), dtype=dtype),
-      L.Conv2D(12, 3, strides=2, padding="same", dtype=dtype),
-      L.BatchNormalization(dtype=dtype),
-      L.ReLU(dtype=dtype),
-      L.Conv2D(4, 3, strides=2, padding="same", dtype=dtype),
-      L.BatchNormalization(dtype=dtype),
-      L.ReLU(dtype=dtype),
-      L.Flatten(dtype=dtype),
-      L.Dense(3, dtype=dtype)], name="omniglot_fold")
+  return _omniglot(dtype, first_filters=12, name="omniglot_fold")
 
 
 def _odd_fold(dtype):
