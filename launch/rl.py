@@ -9,6 +9,10 @@ Example:
       --logdir=runs/rl/navigation/maml
   python launch/rl.py --env=navigation --algorithm=random \
       --logdir=runs/rl/navigation/random
+  # the paper code's navigation protocol (step 0.5, then 0.25; 40 test
+  # trajectories per step):
+  python launch/rl.py --env=navigation --fast_lr=0.5 --eval_batch_size=40 \
+      --logdir=runs/rl/navigation/maml_lr05
   python launch/rl.py --env=cheetah_dir --iterations=5 --meta_batch=40 \
       --num_workers=2 --logdir=runs/rl/cheetah_dir/maml
 """
@@ -36,6 +40,9 @@ flags.DEFINE_bool("resume", True, "Resume from the latest checkpoint.")
 flags.DEFINE_bool("first_order", False, "First-order MAML.")
 flags.DEFINE_integer("num_workers", 2, "Sampler processes (MuJoCo envs).")
 flags.DEFINE_integer("eval_tasks", 40, "Test tasks.")
+flags.DEFINE_integer("eval_batch_size", None,
+                     "Trajectories per test task per step (default: "
+                     "--fast_batch_size; the paper's test scripts used 40).")
 flags.DEFINE_integer("eval_every", 0, "Evaluate every N iterations (0: end).")
 flags.DEFINE_integer("checkpoint_every", 10, "Checkpoint every N iterations.")
 
@@ -49,6 +56,7 @@ def main(argv):
       fast_lr=FLAGS.fast_lr, max_kl=FLAGS.max_kl, horizon=FLAGS.horizon,
       seed=FLAGS.seed, resume=FLAGS.resume, first_order=FLAGS.first_order,
       num_workers=FLAGS.num_workers, eval_tasks=FLAGS.eval_tasks,
+      eval_batch_size=FLAGS.eval_batch_size,
       eval_every=FLAGS.eval_every, checkpoint_every=FLAGS.checkpoint_every)
   rl.train_and_evaluate(config, FLAGS.logdir)
 

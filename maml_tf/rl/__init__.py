@@ -32,3 +32,4 @@ from maml_tf.rl.optim import conjugate_gradient
 from maml_tf.rl.policy import build_gaussian_mlp_policy
 from maml_tf.rl.maml_trpo import MAMLTRPO
 from maml_tf.rl.train import RLConfig, plot_returns, train_and_evaluate
+from maml_tf.rl.compare import load_results, paired_returns

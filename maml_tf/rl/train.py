@@ -8,8 +8,8 @@
 * ``random``: no training, fine-tuning from a random initialisation;
 * ``oracle``: TRPO with the task parameters appended to the observation.
 
-Evaluation: ``eval_tasks`` (40) fixed test tasks, ``fast_batch_size``
-episodes per task, mean undiscounted return after 0, 1, 2, 3 REINFORCE steps
+Evaluation: ``eval_tasks`` (40) fixed test tasks, ``eval_batch_size``
+(default ``fast_batch_size``) episodes per task, mean undiscounted return after 0, 1, 2, 3 REINFORCE steps
 (step size ``fast_lr`` for the first, ``fast_lr / 2`` after, as the paper;
 the oracle is evaluated without fine-tuning, a constant line as in Fig. 5).
 
@@ -40,6 +40,7 @@ from maml_tf.rl.baseline import process_trajectories
 from maml_tf.rl.maml_trpo import MAMLTRPO
 from maml_tf.rl.policy import build_gaussian_mlp_policy
 from maml_tf.rl.sampler import make_sampler
+from maml_tf.training.results import write_json
 
 ALGORITHMS = ("maml", "pretrained", "random", "oracle")
 
@@ -65,6 +66,8 @@ class RLConfig:
     hidden_sizes: policy MLP.
     num_workers: sampler processes for MuJoCo (0: in-process).
     eval_tasks: number of test tasks.
+    eval_batch_size: episodes per test task per step (None: the training
+      ``fast_batch_size``; the paper's test scripts sampled 40).
     eval_grad_steps: evaluate after 0..eval_grad_steps steps.
     eval_every: also evaluate every this many iterations (0: only at end).
     checkpoint_every: save a checkpoint every this many iterations.
@@ -90,6 +93,7 @@ class RLConfig:
   hidden_sizes: Tuple[int, ...] = (100, 100)
   num_workers: int = 2
   eval_tasks: int = 40
+  eval_batch_size: Optional[int] = None
   eval_grad_steps: int = 3
   eval_every: int = 0
   checkpoint_every: int = 10
@@ -105,11 +109,14 @@ class RLConfig:
       self.meta_batch = 20 if self.env == "maml_tf/Navigation2D-v0" else 40
     if self.horizon is None:
       self.horizon = envs.default_horizon(self.env)
+    if self.eval_batch_size is None:
+      self.eval_batch_size = self.fast_batch_size
     self.hidden_sizes = tuple(int(h) for h in self.hidden_sizes)
     for name in ("iterations", "eval_grad_steps"):
       if getattr(self, name) < 0:
         raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
-    for name in ("meta_batch", "fast_batch_size", "horizon", "eval_tasks"):
+    for name in ("meta_batch", "fast_batch_size", "horizon", "eval_tasks",
+                 "eval_batch_size"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
 
@@ -207,7 +214,9 @@ def _sibling_results(workdir: str, config: RLConfig) -> Dict[str, Dict]:
   Looks at the ``results.json`` of ``workdir``'s sibling directories and
   keeps runs of the same environment and seed. When several runs share a
   method (``maml/`` and ``maml_300/``), this run wins for its own method and
-  otherwise the one with this run's number of iterations.
+  otherwise the closest to this run's protocol: the same step size
+  ``fast_lr`` first, then the same test batch, then the same number of
+  iterations.
   """
   runs = []
   parent = os.path.dirname(os.path.abspath(workdir))
@@ -221,10 +230,13 @@ def _sibling_results(workdir: str, config: RLConfig) -> Dict[str, Dict]:
     if (cfg.get("env") == config.env and cfg.get("seed") == config.seed
         and "eval" in res):
       own = os.path.abspath(os.path.dirname(path)) == os.path.abspath(workdir)
-      runs.append((not own, cfg.get("iterations") != config.iterations,
-                   cfg.get("algorithm"), res["eval"]))
+      rank = (not own, cfg.get("fast_lr", 0.1) != config.fast_lr,
+              cfg.get("eval_batch_size", cfg.get("fast_batch_size"))
+              != config.eval_batch_size,
+              cfg.get("iterations") != config.iterations)
+      runs.append((rank, cfg.get("algorithm"), res["eval"]))
   out = {}
-  for _, _, algorithm, ev in sorted(runs, key=lambda r: r[:2]):
+  for _, algorithm, ev in sorted(runs, key=lambda r: r[0]):
     out.setdefault(algorithm, ev)
   return out
 
@@ -299,20 +311,18 @@ def train_and_evaluate(config: RLConfig, workdir: str) -> Dict:
             f"{rate:.2f} it/s", flush=True)
       if config.eval_every and int(step) % config.eval_every == 0:
         ev = evaluate_adaptation(
-            learner, sampler, eval_tasks, config.fast_batch_size,
+            learner, sampler, eval_tasks, config.eval_batch_size,
             config.eval_lrs, np.random.default_rng([config.seed, 10 ** 6, it]),
             config.gamma, config.gae_lambda)
         with writer.as_default(step=it):
           for k, r in enumerate(ev["returns"]):
             tf.summary.scalar(f"eval/return_after_{k}_steps", r)
       if manager.save(checkpoint_number=step) is not None:
-        with open(history_path, "w") as f:
-          json.dump(history, f)
+        write_json(history_path, history)
     manager.save(checkpoint_number=step, check_interval=False)
-    with open(history_path, "w") as f:
-      json.dump(history, f)
+    write_json(history_path, history)
     ev = evaluate_adaptation(learner, sampler, eval_tasks,
-                             config.fast_batch_size, config.eval_lrs,
+                             config.eval_batch_size, config.eval_lrs,
                              np.random.default_rng([config.seed, 10 ** 6]),
                              config.gamma, config.gae_lambda)
     with writer.as_default(step=int(step)):
@@ -332,8 +342,7 @@ def train_and_evaluate(config: RLConfig, workdir: str) -> Dict:
         "seconds": time.time() - start_time,
         "tracing_counts": learner.tracing_counts(),
     }
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-      json.dump(results, f, indent=1)
+    write_json(os.path.join(workdir, "results.json"), results)
     print(f"[rl] {config.algorithm} eval returns after 0..{config.eval_grad_steps}"
           f" steps: " + " ".join(f"{r:.2f}" for r in ev["returns"]), flush=True)
     plot_returns(_sibling_results(workdir, config),

@@ -3,7 +3,7 @@
 import json
 import os
 import tempfile
-from typing import Any, Dict
+from typing import Any
 
 import numpy as np
 
@@ -20,7 +20,7 @@ def _plain(obj):
   return obj
 
 
-def write_json(path: str, data: Dict[str, Any]) -> str:
+def write_json(path: str, data: Any) -> str:
   """Writes ``data`` as JSON atomically (a killed run never leaves half a file)."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),

@@ -152,12 +152,17 @@ def test_config_validation():
   c = rl.RLConfig(env="cheetah_dir")
   assert c.meta_batch == 40 and c.horizon == 200
   assert rl.RLConfig(fast_lr=0.1).eval_lrs == [0.1, 0.05, 0.05]
+  assert rl.RLConfig(fast_batch_size=7).eval_batch_size == 7
+  assert rl.RLConfig(eval_batch_size=40).eval_batch_size == 40
+  with pytest.raises(ValueError, match="eval_batch_size"):
+    rl.RLConfig(eval_batch_size=0)
 
 
 def test_short_navigation_run_improves_after_adaptation(tmp_path):
   """A few MAML iterations: post-update beats pre-update; outputs written."""
   config = rl.RLConfig(env="navigation", iterations=6, meta_batch=10,
                        fast_batch_size=10, eval_tasks=10, eval_grad_steps=1,
+                       eval_batch_size=12,
                        hidden_sizes=(32, 32), checkpoint_every=3, seed=1)
   results = rl.train_and_evaluate(config, str(tmp_path / "maml"))
   pre, post = results["eval"]["returns"]
@@ -183,12 +188,16 @@ def test_plot_compares_runs_of_the_same_seed_and_length(tmp_path):
           "pretrained": ("pretrained", 100, 0),
           "pretrained_300": ("pretrained", 300, 0),
           "maml_seed1": ("maml", 300, 1), "random": ("random", 0, 0),
-          "cheetah": ("maml", 300, 0)}
-  for name, (algorithm, iterations, seed) in runs.items():
+          "cheetah": ("maml", 300, 0), "maml_lr05": ("maml", 300, 0, 0.5),
+          "random_lr05": ("random", 0, 0, 0.5),
+          "random_lr05_b40": ("random", 0, 0, 0.5, 40)}
+  for name, (algorithm, iterations, seed, *lr_batch) in runs.items():
     env = config.env if name != "cheetah" else "maml_tf/HalfCheetahDir-v0"
+    lr, batch = (lr_batch + [0.1, 20][len(lr_batch):])
     (tmp_path / name).mkdir()
     (tmp_path / name / "results.json").write_text(json.dumps(
-        {"config": {"env": env, "algorithm": algorithm,
+        {"config": {"env": env, "algorithm": algorithm, "fast_lr": lr,
+                    "fast_batch_size": 20, "eval_batch_size": batch,
                     "iterations": iterations, "seed": seed},
          "eval": {"returns": [name]}}))
   chosen = rl_train._sibling_results(str(tmp_path / "maml_300"), config)
@@ -197,3 +206,32 @@ def test_plot_compares_runs_of_the_same_seed_and_length(tmp_path):
   # This run wins for its own method even when its length differs.
   chosen = rl_train._sibling_results(str(tmp_path / "maml"), config)
   assert chosen["maml"]["returns"] == ["maml"]
+  # Another step size or test batch is a different protocol: matched first.
+  lr05 = rl.RLConfig(env="navigation", iterations=300, seed=0, fast_lr=0.5)
+  chosen = rl_train._sibling_results(str(tmp_path / "pretrained_300"), lr05)
+  assert {k: v["returns"][0] for k, v in chosen.items()} == {
+      "maml": "maml_lr05", "pretrained": "pretrained_300",
+      "random": "random_lr05"}
+  lr05.eval_batch_size = 40
+  chosen = rl_train._sibling_results(str(tmp_path / "maml_lr05"), lr05)
+  assert chosen["random"]["returns"] == ["random_lr05_b40"]
+
+
+def test_evaluation_uses_eval_batch_size(tmp_path, monkeypatch):
+  """--eval_batch_size reaches the evaluation; training keeps its batch."""
+  from maml_tf.rl import train as rl_train   # pylint: disable=g-import-not-at-top
+  calls = []
+  real = rl_train.evaluate_adaptation
+
+  def spy(learner, sampler, tasks, episodes, lrs, *args, **kwargs):
+    calls.append((len(tasks), episodes, list(lrs)))
+    return real(learner, sampler, tasks, episodes, lrs, *args, **kwargs)
+
+  monkeypatch.setattr(rl_train, "evaluate_adaptation", spy)
+  config = rl.RLConfig(env="navigation", algorithm="random", fast_lr=0.5,
+                       eval_tasks=3, eval_batch_size=7, eval_grad_steps=2,
+                       hidden_sizes=(8,), seed=3)
+  results = rl.train_and_evaluate(config, str(tmp_path / "random"))
+  assert calls == [(3, 7, [0.5, 0.25])]
+  assert results["config"]["eval_batch_size"] == 7
+  assert np.array(results["eval"]["per_task"]).shape == (3, 3)
