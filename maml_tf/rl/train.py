@@ -9,9 +9,11 @@
 * ``oracle``: TRPO with the task parameters appended to the observation.
 
 Evaluation: ``eval_tasks`` (40) fixed test tasks, ``eval_batch_size``
-(default ``fast_batch_size``) episodes per task, mean undiscounted return after 0, 1, 2, 3 REINFORCE steps
-(step size ``fast_lr`` for the first, ``fast_lr / 2`` after, as the paper;
-the oracle is evaluated without fine-tuning, a constant line as in Fig. 5).
+(default ``fast_batch_size``) episodes per task, mean undiscounted return
+after 0, 1, 2, 3 REINFORCE steps (step size ``fast_lr`` for the first,
+``fast_lr / 2`` after, as the paper; the oracle is evaluated without
+fine-tuning, a constant line as in Fig. 5). The paper's navigation scripts
+used ``fast_lr=0.5`` and 40 episodes (its text says 0.1; see the README).
 
 Outputs in ``workdir``: ``results.json``, TensorBoard summaries
 (``tf.summary``), checkpoints (``ckpt/``, resumed when ``resume=True``) and
