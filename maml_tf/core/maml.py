@@ -1066,7 +1066,8 @@ class MAML:
     whole meta-gradient keeps one task's inner loop alive instead of every
     task's (Omniglot 5-way 1-shot, 10 inner steps: 30 MB against 430 MB).
     """
-    return (self.execution == "batched" and not self.recompute and not self.multi_step_loss_iterations
+    return (self.execution == "batched" and not self.recompute
+            and not self.multi_step_loss_iterations
             and batch.support_x.shape[0] is not None)
 
   def _split_gradients(self, plan, params, state, lrs, batch, with_acc,

@@ -62,9 +62,10 @@ def markdown_table(pairs: Sequence[Tuple[str, str]]) -> str:
   rows = []
   for run_a, run_b in pairs:
     diffs = paired_returns(load_results(run_a), load_results(run_b))
-    cells = [(f"**{d['mean']:+.1f} ± {d['ci95']:.1f}**"
-              if abs(d["mean"]) > d["ci95"] else
-              f"{d['mean']:+.1f} ± {d['ci95']:.1f}") for d in diffs]
+    cells = []
+    for d in diffs:
+      text = f"{d['mean']:+.1f} ± {d['ci95']:.1f}"
+      cells.append(f"**{text}**" if abs(d["mean"]) > d["ci95"] else text)
     rows.append([os.path.basename(os.path.normpath(run_a)),
                  os.path.basename(os.path.normpath(run_b))] + cells)
   steps = max((len(r) - 2 for r in rows), default=0)

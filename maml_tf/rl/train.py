@@ -232,7 +232,7 @@ def _sibling_results(workdir: str, config: RLConfig) -> Dict[str, Dict]:
     if (cfg.get("env") == config.env and cfg.get("seed") == config.seed
         and "eval" in res):
       own = os.path.abspath(os.path.dirname(path)) == os.path.abspath(workdir)
-      rank = (not own, cfg.get("fast_lr", 0.1) != config.fast_lr,
+      rank = (not own, cfg.get("fast_lr") != config.fast_lr,
               cfg.get("eval_batch_size", cfg.get("fast_batch_size"))
               != config.eval_batch_size,
               cfg.get("iterations") != config.iterations)

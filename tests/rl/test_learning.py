@@ -218,7 +218,7 @@ def test_plot_compares_runs_of_the_same_seed_and_length(tmp_path):
 
 
 def test_evaluation_uses_eval_batch_size(tmp_path, monkeypatch):
-  """--eval_batch_size reaches the evaluation; training keeps its batch."""
+  """--eval_batch_size, not fast_batch_size, sizes the evaluation."""
   from maml_tf.rl import train as rl_train   # pylint: disable=g-import-not-at-top
   calls = []
   real = rl_train.evaluate_adaptation
