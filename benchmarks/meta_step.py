@@ -30,12 +30,16 @@ import statistics
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# TensorFlow keeps CPU allocator statistics (tensor_peak_mb) only with its
+# BFC allocator; set before TensorFlow is imported.
+os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
 
 import keras  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
 from maml_tf import MAML, TaskBatch  # pylint: disable=g-import-not-at-top
+from maml_tf.core import keras_compat  # pylint: disable=g-import-not-at-top
 from maml_tf.models import mlp as mlp_lib  # pylint: disable=g-import-not-at-top
 from maml_tf.tasks import sinusoid  # pylint: disable=g-import-not-at-top
 
@@ -65,18 +69,17 @@ def matmul_gflops(n: int = 1024, repeats: int = 20) -> float:
 
 def count_gflop(concrete_function) -> float:
   """Float operations of a concrete function's graph (TF profiler)."""
-  from tensorflow.python.profiler import model_analyzer  # pylint: disable=g-import-not-at-top
-  from tensorflow.python.profiler import option_builder  # pylint: disable=g-import-not-at-top
-  opts = (option_builder.ProfileOptionBuilder(
-      option_builder.ProfileOptionBuilder.float_operation())
+  profiler = tf.compat.v1.profiler
+  opts = (profiler.ProfileOptionBuilder(
+      profiler.ProfileOptionBuilder.float_operation())
           .with_empty_output().build())
   graph = concrete_function.graph
-  flops = model_analyzer.profile(graph, options=opts).total_float_ops
+  flops = profiler.profile(graph, options=opts).total_float_ops
   # Function bodies (while loops of map_fn, vectorised subgraphs) are not
   # always walked by the profiler: add their graphs' counts too.
-  for f in graph._functions.values():  # pylint: disable=protected-access
+  for sub_graph in keras_compat.function_graphs(graph):
     try:
-      sub = model_analyzer.profile(f.graph, options=opts).total_float_ops
+      sub = profiler.profile(sub_graph, options=opts).total_float_ops
       flops += sub
     except Exception:  # pylint: disable=broad-except
       pass
@@ -148,7 +151,8 @@ def run(workload: str, iters: int, warmup: int, first_order: bool = False,
   learner, batch = build(workload, first_order, vectorize, inner_steps,
                          recompute, meta_batch, task_chunk, query,
                          closed_form, jit_compile)
-  batch = learner._prepare(batch)  # pylint: disable=protected-access
+  batch = learner.prepare(batch)
+  plan = learner.plan(batch)
   if steps_per_call > 1:
     if workload == "sinusoid":
       sample = sinusoid.batch_sampler(int(batch.support_x.shape[0]), 10, 10)
@@ -168,7 +172,11 @@ def run(workload: str, iters: int, warmup: int, first_order: bool = False,
   # and the first step (graph building dominates the process peak otherwise).
   run_base = _rss_now_mb()
   hwm_reset = _reset_peak_rss()
-  tf.config.experimental.reset_memory_stats("CPU:0")
+  try:
+    tf.config.experimental.reset_memory_stats("CPU:0")
+    allocator_stats = True
+  except ValueError:        # TF's default CPU allocator keeps no statistics
+    allocator_stats = False
   times = []
   for _ in range(iters):
     t = time.perf_counter()
@@ -179,27 +187,26 @@ def run(workload: str, iters: int, warmup: int, first_order: bool = False,
   # Peak bytes held by TF's CPU allocator during the timed steps: weights,
   # batch, optimizer slots and every tensor a meta-step keeps alive (what
   # inner steps, recomputation and task chunks change); no graph or runtime.
-  tensor_peak = tf.config.experimental.get_memory_info("CPU:0")["peak"] / 2**20
+  tensor_peak = (tf.config.experimental.get_memory_info("CPU:0")["peak"]
+                 / 2**20 if allocator_stats else float("nan"))
   peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   run_peak = _peak_rss_mb() if hwm_reset else float("nan")
   gflop = float("nan")
   if count_flops:
     try:
-      gflop = _count_step_gflop(learner, batch, first_order,
-                                pre_update_metrics)
+      gflop = _count_step_gflop(learner, batch, plan, pre_update_metrics)
     except Exception:  # pylint: disable=broad-except
       pass
   mm = matmul_gflops()
   achieved = gflop / median if gflop == gflop else float("nan")
   return {
       "workload": workload, "first_order": first_order,
-      "execution": getattr(learner, "execution",
-                           "vectorized_map" if learner.vectorize else "map_fn"),
-      "task_chunk": learner._chunk_size(batch),  # pylint: disable=protected-access
-      "conv_impl": getattr(learner._batched_model(batch), "conv_impl", None)  # pylint: disable=protected-access
-      if learner.execution == "batched" else None,
-      "closed_form": learner._dense_chain is not None,  # pylint: disable=protected-access
-      "jit_compile": bool(learner.jit_compile and steps_per_call > 1),
+      "plan": plan.describe(),
+      "execution": plan.execution,
+      "task_chunk": plan.task_chunk,
+      "conv_impl": plan.conv_impl,
+      "closed_form": plan.closed_form,
+      "jit_compile": bool(plan.xla and steps_per_call > 1),
       "steps_per_call": steps_per_call,
       "pre_update_metrics": pre_update_metrics,
       "median_s_per_iter": median, "iters_per_s": 1.0 / median,
@@ -220,20 +227,17 @@ def run(workload: str, iters: int, warmup: int, first_order: bool = False,
   }
 
 
-def _count_step_gflop(learner, batch, first_order, pre_update_metrics):
+def _count_step_gflop(learner, batch, plan, pre_update_metrics):
   """GFLOP of one meta-step, counted on an all-tasks-at-once graph.
 
   The profiler counts a loop body once, not once per iteration, so the
-  count is taken on the same step built without task chunks (identical
-  arithmetic) and never on the ``train_steps`` loop.
+  count is taken on the same step planned without task chunks (identical
+  arithmetic) and never on the ``train_steps`` loop. Only traced, never run.
   """
-  chunk, learner.task_chunk = learner.task_chunk, None
-  try:
-    fn = tf.function(learner._make_train_step(  # pylint: disable=protected-access
-        learner._wants_accuracy(batch), first_order, pre_update_metrics))  # pylint: disable=protected-access
-    return count_gflop(fn.get_concrete_function(batch))
-  finally:
-    learner.task_chunk = chunk
+  plan = plan.replace(task_chunk=None, split_gradients=False, xla=False)
+  fn = tf.function(lambda b: learner.meta_step(b, plan,
+                                               pre_update_metrics).metrics)
+  return count_gflop(fn.get_concrete_function(batch))
 
 
 def main():

@@ -18,7 +18,7 @@ RECOMPUTE = flags.DEFINE_bool(
 DISTRIBUTE = flags.DEFINE_enum(
     "distribute", None, list(distribute.STRATEGIES),
     "Split each meta-batch across replicas: none (one device), mirrored (the "
-    "GPUs of this machine) or multi_worker (the cluster in TF_CONFIG; start "
+    "local GPUs) or multi_worker (the cluster in TF_CONFIG; start "
     "the same command on every worker). Default none.")
 
 

@@ -26,9 +26,7 @@ with an adapted kernel goes through ``[T, N, N']`` intermediates; no
 ``[T, in, out]`` per-task kernel is ever formed, and the meta-gradient's
 mean over tasks is one 2-D product over all tasks' rows. (Per-task outer
 products ``a^T delta`` are the slowest batched matmuls on CPU, under XLA
-most of all.) Sinusoid meta-step, 1 CPU, in one process: 0.20 ms under XLA,
-against 0.25 ms with per-task kernels and 0.30 ms by autodiff in the graph
-executor.
+most of all.)
 
 :class:`maml_tf.MAML` uses this path by itself (``closed_form="auto"``) for
 ``keras.Sequential`` models of Dense layers with ``relu`` or ``linear``
@@ -134,10 +132,9 @@ def _mm(a, b, transpose_a=False, transpose_b=False, plain=False):
   ``transpose_a``, ``a^T b`` of two ``[T, N, .]`` tensors. For the graph
   executor, a shared kernel is one 2-D product over all ``T*N`` rows, and a
   contraction or output of size 1 (the sinusoid's 1-wide input and output
-  layers) a broadcast product, not a batched-matmul call (measured: 10% less
-  time per sinusoid meta-step). ``plain``: one ``tf.matmul`` whatever the
-  shapes, for XLA, which does better with them (measured: about 20% less
-  time than the broadcast forms under XLA).
+  layers) a broadcast product, not a batched-matmul call. ``plain``: one
+  ``tf.matmul`` whatever the shapes, for XLA, which compiles those better
+  than the broadcast forms (timings in BENCHMARKS.md).
   """
   if plain:
     return tf.matmul(a, b, transpose_a=transpose_a, transpose_b=transpose_b)

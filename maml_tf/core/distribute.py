@@ -8,8 +8,8 @@ strategy.num_replicas_in_sync`` replicas:
 
 * split: replica ``r`` adapts tasks ``r*T/R .. (r+1)*T/R - 1`` (``T`` must be
   a multiple of ``R``) and differentiates the mean query loss of its own
-  tasks, second order unless the learner is first order (the same
-  ``MAML._run_tasks`` as on one device);
+  tasks through the learner's public ``compute_gradients`` (the same
+  meta-gradient code as on one device);
 * averaged: the meta-gradients (all-reduced, the mean over replicas), the
   metrics, and the BatchNorm moving statistics (each replica's mean over its
   tasks, then the mean over replicas). With equal task counts every mean over
@@ -39,26 +39,21 @@ Example:
   {'loss_before': 2.91, 'loss_after': 1.87}
 """
 
-# This module drives MAML's meta-step pieces (_read_meta, _run_tasks, ...).
-# pylint: disable=protected-access
-
-import contextlib
 import json
 import os
-import threading
-import warnings
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import keras
 import tensorflow as tf
-from tensorflow.python.distribute import distribute_lib  # pylint: disable=g-direct-tensorflow-import
 
-from maml_tf.core import maml as maml_lib
-from maml_tf.core.maml import MAML
+from maml_tf.core import keras_compat
+from maml_tf.core import numerics
+from maml_tf.core import runner as runner_lib
+from maml_tf.core.keras_compat import unscaled_keras_losses
+from maml_tf.core.learner import MAML
 from maml_tf.core.task_batch import TaskBatch
 
 STRATEGIES = ("none", "mirrored", "multi_worker")
-_PATCH_LOCK = threading.RLock()
 
 
 def make_strategy(name: str = "none") -> tf.distribute.Strategy:
@@ -70,7 +65,7 @@ def make_strategy(name: str = "none") -> tf.distribute.Strategy:
 
   Arguments:
     name: ``"none"`` (the default strategy: one device, a no-op scope),
-      ``"mirrored"`` (``MirroredStrategy`` over every GPU of this machine,
+      ``"mirrored"`` (``MirroredStrategy`` over every local GPU,
       else its CPU) or ``"multi_worker"`` (``MultiWorkerMirroredStrategy``;
       the cluster and this process's place in it come from ``TF_CONFIG``).
 
@@ -154,11 +149,6 @@ def worker_workdir(workdir: str, strategy: tf.distribute.Strategy) -> str:
                       f"{resolver.task_type}_{resolver.task_id}")
 
 
-def _is_default(strategy: tf.distribute.Strategy) -> bool:
-  """True for TensorFlow's default (no-op, one device) strategy."""
-  return strategy is distribute_lib._get_default_strategy()
-
-
 def _raw_variable(v):
   return v.value if isinstance(v, keras.Variable) else v
 
@@ -193,8 +183,7 @@ def check_variables(maml: MAML, strategy: tf.distribute.Strategy) -> None:
             f"{what} variable {getattr(v, 'path', v.name)!r} is not a "
             f"variable of this {type(strategy).__name__}: it was created "
             f"outside strategy.scope(). {hint}")
-  opt_strategy = getattr(maml.meta_optimizer, "_distribution_strategy",
-                         strategy)
+  opt_strategy = keras_compat.optimizer_strategy(maml.meta_optimizer, strategy)
   if opt_strategy is not strategy:
     raise ValueError(
         f"the meta-optimizer {type(maml.meta_optimizer).__name__} was created "
@@ -202,58 +191,28 @@ def check_variables(maml: MAML, strategy: tf.distribute.Strategy) -> None:
         f"{type(opt_strategy).__name__}). {hint}")
 
 
-@contextlib.contextmanager
-def unscaled_keras_losses():
-  """Within this context Keras losses do not divide by the replica count.
-
-  Under a ``tf.distribute`` strategy with ``R > 1`` replicas, Keras 3's
-  ``Loss`` objects (``reduction="sum_over_batch_size"``) multiply their value
-  by ``1/R``, Keras' convention for ``model.fit``. MAML's losses are per-task
-  means (the inner loop steps on them, so scaling them would also shrink
-  every inner step); :class:`DistributedMAML` traces its replica step in this
-  context and averages across replicas itself.
-
-  Example:
-    >>> with strategy.scope(), unscaled_keras_losses():
-    ...   loss = keras.losses.MeanSquaredError()(y, pred)   # not divided by R
-  """
-  try:
-    from keras.src.losses import loss as loss_module  # pylint: disable=g-import-not-at-top
-    original = loss_module.scale_loss_for_distribution
-  except (ImportError, AttributeError):  # pragma: no cover - other Keras
-    warnings.warn(
-        "maml_tf could not turn off Keras' 1/num_replicas loss scaling; with "
-        f"Keras {keras.__version__}, keras.losses.Loss objects may be divided "
-        "by the number of replicas in DistributedMAML (plain loss functions "
-        "such as 'mse' are not affected).")
-    yield
-    return
-  with _PATCH_LOCK:
-    loss_module.scale_loss_for_distribution = lambda value: value
-    try:
-      yield
-    finally:
-      loss_module.scale_loss_for_distribution = original
-
-
 class DistributedMAML:
   """A :class:`maml_tf.MAML` whose meta-batch is split across replicas.
 
-  ``train_step`` / ``train_step_tensors`` return the same metrics as
-  :meth:`MAML.train_step` (the means over all ``T`` tasks); every other
-  attribute (``model``, ``meta_optimizer``, ``evaluate``, ``adapt``,
-  ``checkpoint_items``, ...) is the wrapped learner's, so a
-  ``DistributedMAML`` can be passed wherever training code expects a learner
-  (e.g. :func:`maml_tf.training.loop.meta_train`).
+  ``train_step`` / ``train_step_tensors`` / ``train_steps`` return the same
+  metrics as the wrapped learner's (the means over all ``T`` tasks). The
+  learner's training API is offered explicitly (``model``,
+  ``meta_optimizer``, ``checkpoint_items``, ``evaluate``, ``adapt``,
+  ``plan``), so a ``DistributedMAML`` can be passed wherever training code
+  expects a learner (e.g. :func:`maml_tf.training.loop.meta_train`); anything
+  else is on ``.maml``.
 
   Per meta-step, replica ``r`` of ``R`` takes tasks ``[r*T/R, (r+1)*T/R)``
-  of the ``T``-task batch, computes the meta-gradient of the mean query loss
-  of those tasks, and the gradients are averaged over replicas (scaled by
-  ``1/R`` and summed by the Keras optimizer's all-reduce, Keras' convention
-  for custom distributed loops), which equals the single-device
-  meta-gradient of the mean over all ``T`` tasks. The meta-optimizer applies
-  it once. BatchNorm moving statistics become the mean over all tasks, as on
-  one device.
+  of the ``T``-task batch and runs the learner's public
+  :meth:`~maml_tf.MAML.compute_gradients` on them (so every member of the
+  family, Reptile included, distributes); the gradients are averaged over
+  replicas (scaled by ``1/R`` and summed by the Keras optimizer's
+  all-reduce, Keras' convention for custom distributed loops), which equals
+  the single-device meta-gradient of the mean over all ``T`` tasks; the
+  meta-optimizer applies it once (:meth:`~maml_tf.MAML.apply_gradients`).
+  BatchNorm moving statistics become the mean over all tasks, as on one
+  device. ``train_steps`` runs many such steps in one compiled loop, the
+  batches sampled in the graph and split the same way (never under XLA).
 
   Every worker of a multi-worker run must call ``train_step`` with the same
   full meta-batch (e.g. drawn from the same seed and iteration number, as
@@ -280,38 +239,60 @@ class DistributedMAML:
     if not isinstance(maml, MAML):
       raise TypeError(f"DistributedMAML wraps a maml_tf.MAML, got "
                       f"{type(maml).__name__}")
-    if type(maml)._make_train_step is not MAML._make_train_step:
-      raise TypeError(
-          f"{type(maml).__name__} has its own meta-step, which DistributedMAML "
-          "does not reproduce; it distributes MAML's (including first-order "
-          "MAML, Meta-SGD, ANIL and MAML++, which are MAML options)")
     check_variables(maml, strategy)
     self.maml = maml
     self.strategy = strategy
+    self._runner = runner_lib.Runner(maml.model.name)
+    self._step_plans = {}
 
-  def __getattr__(self, name):
-    # Only called for attributes this wrapper does not have.
-    if name in ("maml", "strategy"):
-      raise AttributeError(name)
-    return getattr(self.maml, name)
+  # ------------------------------------------- the learner's training API
+  @property
+  def model(self) -> keras.Model:
+    return self.maml.model
+
+  @property
+  def meta_optimizer(self) -> keras.optimizers.Optimizer:
+    return self.maml.meta_optimizer
+
+  def checkpoint_items(self) -> Dict[str, object]:
+    return self.maml.checkpoint_items()
+
+  def evaluate(self, *args, **kwargs):
+    """The wrapped learner's :meth:`~maml_tf.MAML.evaluate` (one device)."""
+    return self.maml.evaluate(*args, **kwargs)
+
+  def adapt(self, *args, **kwargs):
+    """The wrapped learner's :meth:`~maml_tf.MAML.adapt` (one device)."""
+    return self.maml.adapt(*args, **kwargs)
 
   @property
   def num_replicas(self) -> int:
     """``strategy.num_replicas_in_sync`` (all workers together)."""
     return int(self.strategy.num_replicas_in_sync)
 
+  def plan(self, batch, first_order: Optional[bool] = None):
+    """The plan each replica runs its share of ``batch`` with."""
+    local = self._local_shape(self.maml.prepare(batch))
+    return self.maml.plan(local, first_order, distributed=True)
+
   # ------------------------------------------------------------- the step
-  def _split(self, batch: TaskBatch) -> TaskBatch:
-    """The per-replica slices of ``batch`` (a TaskBatch of PerReplica)."""
+  def _per_replica(self, tasks: int) -> int:
     replicas = self.num_replicas
-    tasks = batch.num_tasks
     if tasks % replicas:
       raise ValueError(
           f"the meta-batch has {tasks} tasks, which cannot be split evenly "
           f"across {replicas} replicas (strategy.num_replicas_in_sync = "
           f"{replicas}); use a meta-batch size that is a multiple of "
           f"{replicas}")
-    per_replica = tasks // replicas
+    return tasks // replicas
+
+  def _local_shape(self, batch: TaskBatch) -> TaskBatch:
+    n = self._per_replica(batch.num_tasks)
+    return TaskBatch(*(t[:n] for t in batch))
+
+  def _split(self, batch: TaskBatch):
+    """The per-replica slices of ``batch`` (a TaskBatch of PerReplica)."""
+    per_replica = self._per_replica(batch.num_tasks)
 
     def slice_for(context):
       start = context.replica_id_in_sync_group * per_replica
@@ -319,46 +300,42 @@ class DistributedMAML:
     return self.strategy.experimental_distribute_values_from_function(
         slice_for)
 
-  def _make_train_step(self, with_acc: bool, first_order: bool,
-                       before: bool = True):
+  def _step(self, plan, before: bool) -> Callable:
+    """``per-replica batch -> metrics``: one distributed meta-step."""
     maml, strategy = self.maml, self.strategy
-    plan = maml._train_plan(first_order, before)
     scale = 1.0 / self.num_replicas
+    kinds = maml.state_kinds
 
     def replica_step(local_batch):
       context = tf.distribute.get_replica_context()
-      params, state, lrs = maml._read_meta()
-      grads, out, loss = maml._meta_gradients(plan, params, state, lrs,
-                                              local_batch, with_acc)
+      result = maml.compute_gradients(local_batch, plan, before)
       # The Keras optimizer all-reduces gradients with SUM in a replica
       # context; 1/R makes that the mean over replicas (= over all tasks).
-      maml._apply([g * tf.cast(scale, g.dtype) for g in grads])
-      metrics = maml._metrics(out, loss, with_acc, plan)
-      new_state = maml._new_state(state, out["state"])
-      means = [s for s, kind in zip(new_state, maml._state_kinds)
-               if kind == "mean"]
+      maml.apply_gradients([g * tf.cast(scale, g.dtype) for g in result.grads],
+                           plan, result.loss)
+      means = [s for s, kind in zip(result.new_state, kinds) if kind == "mean"]
       metrics, means = context.all_reduce(tf.distribute.ReduceOp.MEAN,
-                                          (metrics, means))
+                                          (result.metrics, means))
       means = iter(means)
       new_state = [next(means) if kind == "mean" else s
-                   for s, kind in zip(new_state, maml._state_kinds)]
+                   for s, kind in zip(result.new_state, kinds)]
       return metrics, new_state
 
-    def train_step(per_replica_batch):
+    def step(per_replica_batch):
       with unscaled_keras_losses():   # the replica threads trace in here
         metrics, new_state = strategy.run(replica_step,
                                           args=(per_replica_batch,))
       # BatchNorm moving statistics (and RNG seeds): every replica writes
       # its own copy with the (already averaged) value of its replica.
-      for var, kind, value in zip(maml.model.non_trainable_variables,
-                                  maml._state_kinds, new_state):
+      for var, kind, value in zip(maml.model.non_trainable_variables, kinds,
+                                  new_state):
         if kind != "keep":
           strategy.extended.update(
               _raw_variable(var), lambda v, x: v.assign(x), args=(value,),
               group=False)
       return tf.nest.map_structure(
           lambda v: strategy.experimental_local_results(v)[0], metrics)
-    return train_step
+    return step
 
   def train_step_tensors(self, batch: TaskBatch,
                          pre_update_metrics: bool = True
@@ -372,18 +349,15 @@ class DistributedMAML:
       >>> metrics = learner.train_step_tensors(batch)
       >>> float(metrics["loss_after"])
     """
-    maml = self.maml
-    batch = maml._prepare(batch)
-    with_acc = maml._wants_accuracy(batch)
-    first_order = maml._first_order_now()
+    batch = self.maml.prepare(batch)
+    plan = self.plan(batch)
     distributed = self._split(batch)
     before = bool(pre_update_metrics)
-    key = ("distributed_train", id(self.strategy), with_acc, first_order,
-           before)
-    fn = maml._compile(key, lambda: self._make_train_step(with_acc,
-                                                          first_order, before),
-                       distributed, second_order=not first_order)
-    with maml_lib._floating_point_errors():  # pylint: disable=protected-access
+    fn = self._runner.function(
+        ("distributed_train", id(self.strategy), before),
+        lambda p: self._step(p, before), plan, distributed,
+        second_order=not plan.first_order)
+    with numerics.floating_point_errors():
       return fn(distributed)
 
   def train_step(self, batch: TaskBatch,
@@ -408,6 +382,43 @@ class DistributedMAML:
     return {k: float(v) for k, v in
             self.train_step_tensors(batch, pre_update_metrics).items()}
 
+  def train_steps(self, sample_batch: Callable[[tf.Tensor], TaskBatch],
+                  num_steps: int, pre_update_metrics: bool = False
+                  ) -> Dict[str, tf.Tensor]:
+    """``num_steps`` distributed meta-updates in one compiled loop.
+
+    As :meth:`maml_tf.MAML.train_steps`: ``sample_batch(iteration)`` draws
+    the full meta-batch in the graph before each step; each replica runs its
+    share. Never under XLA.
+
+    Raises:
+      ValueError: the sampled meta-batch does not split evenly.
+    """
+    num_steps = runner_lib.check_num_steps(num_steps)
+    maml = self.maml
+    before = bool(pre_update_metrics)
+    first_order = maml.first_order_now()
+    key = ("distributed_steps", id(self.strategy), id(sample_batch),
+           num_steps, first_order, before)
+    plan = self._step_plans.get(key)
+    if plan is None:
+      plan = self._step_plans[key] = self.plan(
+          sample_batch(maml.meta_optimizer.iterations), first_order)
+    dtype = maml.model.trainable_variables[0].dtype
+
+    def make_loop(plan):
+      step = self._step(plan, before)
+      sample = lambda: self._split(
+          maml.prepare(sample_batch(maml.meta_optimizer.iterations)))
+      return runner_lib.steps_loop(
+          lambda: runner_lib.StepOutput(step(sample())), num_steps,
+          maml.metric_names(plan, before), dtype,
+          1 + len(maml.meta_variables), xla=False)
+    return self._runner.call_steps(key, make_loop, plan,
+                                   second_order=not first_order,
+                                   xla_auto=False,
+                                   variables=maml.meta_variables)
+
 
 def distributed_learner(maml: MAML, strategy: Optional[tf.distribute.Strategy]):
   """``maml`` itself for the default strategy, else ``DistributedMAML``.
@@ -425,6 +436,6 @@ def distributed_learner(maml: MAML, strategy: Optional[tf.distribute.Strategy]):
     >>> trainer = distributed_learner(maml, strategy)
     >>> meta_train(trainer, batches, iterations, workdir)
   """
-  if strategy is None or _is_default(strategy):
+  if strategy is None or keras_compat.is_default_strategy(strategy):
     return maml
   return DistributedMAML(maml, strategy)

@@ -14,51 +14,13 @@ through :func:`functional_call` swaps in exact moments while it traces.
 ``tests/core/test_meta_gradients.py`` checks this against finite differences.
 """
 
-import contextlib
-import threading
-import warnings
 from typing import Sequence, Tuple
 
 import keras
 import tensorflow as tf
 
-_PATCH_LOCK = threading.RLock()
-
-
-def _exact_moments(x, axes, keepdims=False):
-  """Mean and (biased) variance with exact first and second derivatives."""
-  mean = tf.reduce_mean(x, axis=axes, keepdims=True)
-  variance = tf.reduce_mean(tf.square(x - mean), axis=axes, keepdims=True)
-  if not keepdims:
-    mean = tf.squeeze(mean, axis=axes)
-    variance = tf.squeeze(variance, axis=axes)
-  return mean, variance
-
-
-@contextlib.contextmanager
-def exact_moments():
-  """Within this context Keras' TF backend computes moments exactly.
-
-  Example:
-    >>> with exact_moments():
-    ...   y = keras.layers.LayerNormalization()(tf.ones((2, 3)))
-  """
-  try:
-    from keras.src.backend.tensorflow import nn as tf_nn  # pylint: disable=g-import-not-at-top
-    original = tf_nn._compute_moments  # pylint: disable=protected-access
-  except (ImportError, AttributeError):  # pragma: no cover - other Keras versions
-    warnings.warn(
-        "maml_tf could not patch Keras' moments; second-order meta-gradients "
-        "through BatchNormalization/LayerNormalization may be inexact with "
-        f"Keras {keras.__version__}.")
-    yield
-    return
-  with _PATCH_LOCK:
-    tf_nn._compute_moments = _exact_moments  # pylint: disable=protected-access
-    try:
-      yield
-    finally:
-      tf_nn._compute_moments = original  # pylint: disable=protected-access
+from maml_tf.core import keras_compat
+from maml_tf.core.keras_compat import exact_moments  # pylint: disable=unused-import
 
 
 def functional_call(model: keras.Model,
@@ -95,6 +57,22 @@ def read_weights(model: keras.Model):
   params = [tf.convert_to_tensor(v) for v in model.trainable_variables]
   state = [tf.convert_to_tensor(v) for v in model.non_trainable_variables]
   return params, state
+
+
+def state_kinds(model: keras.Model) -> Tuple[str, ...]:
+  """How a meta-step writes each non-trainable variable of ``model``.
+
+  ``"mean"``: BatchNorm moving statistics, the mean over the tasks;
+  ``"first"``: non-float state (RNG seeds), advanced; ``"keep"``: anything
+  else (frozen weights), never written.
+  """
+  bn_ids = set()
+  for layer in keras_compat.flatten_layers(model):
+    if isinstance(layer, keras.layers.BatchNormalization):
+      bn_ids.update(id(v) for v in (layer.moving_mean, layer.moving_variance))
+  return tuple("mean" if id(v) in bn_ids else
+               "first" if not v.dtype.startswith("float") else "keep"
+               for v in model.non_trainable_variables)
 
 
 def ensure_built(model: keras.Model) -> keras.Model:

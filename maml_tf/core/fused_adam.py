@@ -3,7 +3,7 @@
 Keras 3's Adam in the TF backend applies each variable's update as about
 fifteen small ops (casts, powers, square roots, three assignments). On small
 models, whose meta-step is a few hundred small ops, that is a large share of
-the step (the sinusoid MLP: about a quarter of the graph). TensorFlow's
+the step. TensorFlow's
 ``ResourceApplyAdam`` kernel computes exactly Keras' update::
 
     alpha = lr * sqrt(1 - beta_2^t) / (1 - beta_1^t)
@@ -32,10 +32,7 @@ from typing import Callable, List, Optional, Sequence
 import keras
 import tensorflow as tf
 
-
-def _tf_variable(variable) -> tf.Variable:
-  """The ``tf.Variable`` behind a Keras variable (TF backend)."""
-  return getattr(variable, "_value", variable)
+from maml_tf.core import keras_compat
 
 
 def fused_adam_update(optimizer: keras.optimizers.Optimizer,
@@ -63,12 +60,11 @@ def fused_adam_update(optimizer: keras.optimizers.Optimizer,
   if any(v.dtype != "float32" or v.constraint is not None
          for v in variables):
     return None
-  try:
-    slots = [(optimizer._momentums[optimizer._get_variable_index(v)],  # pylint: disable=protected-access
-              optimizer._velocities[optimizer._get_variable_index(v)])  # pylint: disable=protected-access
-             for v in variables]
-  except (KeyError, AttributeError, IndexError):
+  slots = keras_compat.adam_slots(optimizer, variables)
+  if slots is None:
     return None
+
+  handle = lambda variable: keras_compat.tf_variable(variable).handle
 
   def update(grads):
     t = tf.cast(optimizer.iterations + 1, tf.float32)
@@ -79,8 +75,7 @@ def fused_adam_update(optimizer: keras.optimizers.Optimizer,
     epsilon = tf.constant(optimizer.epsilon, tf.float32)
     for g, v, (m, s) in zip(grads, variables, slots):
       tf.raw_ops.ResourceApplyAdam(
-          var=_tf_variable(v).handle, m=_tf_variable(m).handle,
-          v=_tf_variable(s).handle, beta1_power=beta_1_power,
+          var=handle(v), m=handle(m), v=handle(s), beta1_power=beta_1_power,
           beta2_power=beta_2_power, lr=lr, beta1=beta_1, beta2=beta_2,
           epsilon=epsilon, grad=tf.cast(g, tf.float32))
     optimizer.iterations.assign_add(1)

@@ -8,8 +8,9 @@ optimizer: with ``SGD(epsilon)`` (the default) it is exactly Reptile's update;
 with Adam it is the common Adam variant. No second derivatives, no query loss
 in the update: the query set is only scored (``loss_before/after``).
 
-Everything else -- ``evaluate``, ``adapt``, export, task-batched execution --
-is inherited from :class:`maml_tf.MAML`.
+Reptile overrides only :meth:`maml_tf.MAML.compute_gradients`, so everything
+else -- ``evaluate``, ``adapt``, export, task-batched execution, distributed
+training -- is :class:`maml_tf.MAML`'s.
 
 Example:
   >>> reptile = Reptile(model, "mse", inner_lr=0.02, inner_steps=5,
@@ -22,7 +23,9 @@ from typing import Optional
 import keras
 import tensorflow as tf
 
-from maml_tf.core.maml import MAML
+from maml_tf.core import numerics
+from maml_tf.core import strategies
+from maml_tf.core.learner import MAML, StepResult
 
 
 class Reptile(MAML):
@@ -50,31 +53,28 @@ class Reptile(MAML):
       if kwargs.get(name):
         raise ValueError(f"Reptile does not take {name}")
     # Reptile's step takes no meta-gradient: no closed form (nor, with it,
-    # automatic XLA) to pick.
+    # automatic XLA) to pick; its step runs every task at once.
     kwargs.setdefault("closed_form", False)
+    kwargs.setdefault("task_chunk", None)
     super().__init__(model, loss, inner_lr=inner_lr, inner_steps=inner_steps,
                      first_order=True,
                      meta_optimizer=meta_optimizer or keras.optimizers.SGD(
                          outer_step_size), **kwargs)
     self.outer_step_size = float(outer_step_size)
 
-  def _make_train_step(self, with_acc: bool, first_order: bool,
-                       before: bool = True):
-    plan = self._train_plan(True, before)
-
-    def train_step(batch):
-      params, state, lrs = self._read_meta()
-      out = self._run_tasks(plan, params, state, batch, with_acc, lrs,
-                            return_fast=True)
-      pseudo_grads = [p - tf.reduce_mean(f, axis=0)
-                      for p, f in zip(params, out["fast"])]
-      loss = tf.debugging.check_numerics(
-          tf.reduce_mean(out["loss"][:, -1]),
-          "maml_tf: the query loss after adaptation is NaN or Inf")
-      self._apply(pseudo_grads)
-      self._write_state(state, out["state"])
-      return self._metrics(out, loss, with_acc, plan)
-    return train_step
+  def compute_gradients(self, batch, plan, pre_update_metrics: bool = True
+                        ) -> StepResult:
+    """``theta - mean_i theta_i'`` as the gradient (traceable; no writes)."""
+    params, state, lrs = self.meta_values()
+    task_pass = self.training_pass(plan, pre_update_metrics)
+    out = strategies.select(plan).run_tasks(
+        self.context, plan, task_pass, params, state, lrs, batch,
+        return_fast=True)
+    pseudo_grads = [p - tf.reduce_mean(f, axis=0)
+                    for p, f in zip(params, out["fast"])]
+    loss = numerics.check_meta_loss(tf.reduce_mean(out["loss"][:, -1]),
+                                    "the query loss after adaptation")
+    return self.step_result(pseudo_grads, out, loss, state, plan, task_pass)
 
   def meta_loss(self, batch):
     raise NotImplementedError(

@@ -43,6 +43,18 @@ def _shape(x):
   return tuple(getattr(x, "shape", ()))
 
 
+def prepare_batch(batch, dtype) -> TaskBatch:
+  """``batch`` validated, as tensors, float fields cast to ``dtype``."""
+  batch = validate_task_batch(batch)
+  sx, qx = (tf.convert_to_tensor(t) for t in (batch.support_x, batch.query_x))
+  if sx.dtype.is_floating and sx.dtype != dtype:
+    sx, qx = tf.cast(sx, dtype), tf.cast(qx, dtype)
+  sy, qy = (tf.convert_to_tensor(t) for t in (batch.support_y, batch.query_y))
+  if sy.dtype.is_floating and sy.dtype != dtype:
+    sy, qy = tf.cast(sy, dtype), tf.cast(qy, dtype)
+  return TaskBatch(sx, sy, qx, qy)
+
+
 def validate_task_batch(batch: TaskBatch) -> TaskBatch:
   """Raises ValueError with a message naming the disagreeing fields."""
   if not isinstance(batch, TaskBatch):

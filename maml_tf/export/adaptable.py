@@ -9,16 +9,19 @@ no Keras model code). Signatures:
     predictions on ``query_x`` of the model adapted on the support set, with
     the number of steps and the step size baked in at export time.
 ``adapt_and_predict_with(support_x, support_y, query_x, steps, inner_lr)``
-    the same with both given as inputs (``steps`` a scalar int32).
+    the same with both given as inputs (``steps`` a scalar int32; the
+    ``inner_lr`` input is one fixed step size, replacing learned ones).
 ``adapt(support_x, support_y)``
     the adapted weights: a dict ``{variable path: tensor}``.
 ``predict(x)``
     the meta-model itself (no adaptation), inference mode.
 
-The results equal ``MAML.adapt(support_x, support_y)`` followed by
-``adapted(query_x, training=False)``: the inner loop uses batch statistics,
-and BatchNorm layers then predict with the support set's statistics under
-the adapted weights (see ``MAML.adapt``).
+The adaptation is the learner's own :attr:`maml_tf.MAML.inner_loop` (its
+adapt mask, fixed or learned step sizes, per-step step sizes), so the
+results equal ``MAML.adapt(support_x, support_y)`` followed by
+``adapted(query_x, training=False)`` for every member of the family: the
+inner loop uses batch statistics, and BatchNorm layers then predict with the
+support set's statistics under the adapted weights (see ``MAML.adapt``).
 
 Example:
   >>> export_adaptable(maml, "/tmp/adaptable", support_x, support_y)
@@ -26,65 +29,45 @@ Example:
   >>> m.adapt_and_predict(sx, sy, qx)
 """
 
-import contextlib
 from typing import Optional
 
-import keras
 import tensorflow as tf
 
 from maml_tf.core import functional
-
-
-@contextlib.contextmanager
-def _batchnorm_momentum_zero(model: keras.Model):
-  """While tracing: BatchNorm's "moving" statistics become the batch's."""
-  layers = [l for l in model._flatten_layers(include_self=False)  # pylint: disable=protected-access
-            if isinstance(l, keras.layers.BatchNormalization)]
-  saved = [l.momentum for l in layers]
-  for l in layers:
-    l.momentum = 0.0
-  try:
-    yield
-  finally:
-    for l, m in zip(layers, saved):
-      l.momentum = m
+from maml_tf.core import inner_loop
 
 
 class _Adaptable(tf.Module):
-  """The tracked object: meta-parameters plus the adaptation functions."""
+  """The tracked object: meta-parameters, learned step sizes, adaptation."""
 
-  def __init__(self, maml, steps: int, inner_lr: float):
+  def __init__(self, maml, steps: int, inner_lr: Optional[float]):
     super().__init__(name="maml_adaptable")
     self.model = maml.model
-    self._loss_fn = maml.loss_fn
+    self.inner_lr_variables = list(maml.inner_lr_variables)
+    self.loop = maml.inner_loop
+    dtype = maml.model.trainable_variables[0].dtype
     self.default_steps = tf.constant(int(steps), tf.int32)
-    self.default_inner_lr = tf.constant(float(inner_lr),
-                                        maml.model.trainable_variables[0].dtype)
-    self._paths = [v.path for v in maml.model.trainable_variables]
+    self.fixed_inner_lr = (None if inner_lr is None
+                           else tf.constant(float(inner_lr), dtype))
+    self.paths = [v.path for v in maml.model.trainable_variables]
 
-  def _adapt(self, sx, sy, steps, inner_lr):
+  def adapted(self, sx, sy, steps, inner_lr):
+    """``(fast weights, state)``: adapted as ``MAML.adapt`` does.
+
+    ``inner_lr`` ``None``: the learner's own step sizes. ``state`` is the
+    meta-model's (the inner loop's running statistics are not kept).
+    """
     params, state = functional.read_weights(self.model)
-    lr = tf.cast(inner_lr, params[0].dtype)
-
-    def body(i, fast):
-      with tf.GradientTape(watch_accessed_variables=False) as tape:
-        tape.watch(fast)
-        pred, _ = functional.functional_call(self.model, fast, state, sx, True)
-        loss = self._loss_fn(sy, pred)
-      grads = tape.gradient(loss, fast,
-                            unconnected_gradients=tf.UnconnectedGradients.ZERO)
-      return i + 1, [p - lr * g for p, g in zip(fast, grads)]
-
-    _, fast = tf.while_loop(lambda i, _: i < steps, body,
-                            (tf.constant(0), params))
+    lrs = [tf.convert_to_tensor(v) for v in self.inner_lr_variables]
+    if inner_lr is not None:
+      inner_lr = tf.cast(inner_lr, params[0].dtype)
+    fast, _ = self.loop.adapt(params, state, sx, sy, steps, lrs,
+                              inner_lr=inner_lr)
     return fast, state
 
-  def _predict_adapted(self, sx, sy, qx, steps, inner_lr):
-    fast, state = self._adapt(sx, sy, steps, inner_lr)
-    with _batchnorm_momentum_zero(self.model):
-      _, support_state = functional.functional_call(self.model, fast, state,
-                                                    sx, True)
-    # Keep non-BatchNorm state (frozen weights) as it was; take BN statistics.
+  def predict_adapted(self, sx, sy, qx, steps, inner_lr):
+    fast, state = self.adapted(sx, sy, steps, inner_lr)
+    support_state = inner_loop.support_statistics(self.model, fast, state, sx)
     out, _ = functional.functional_call(self.model, fast, support_state, qx,
                                         False)
     return out
@@ -101,13 +84,13 @@ def export_adaptable(maml, path: str, support_x, support_y,
     support_x, support_y: an example support set; fixes the dtypes and the
       per-example shapes (the number of examples stays free).
     steps: baked-in number of inner steps; default ``maml.inner_steps``.
-    inner_lr: baked-in step size; default ``maml.inner_lr``.
+    inner_lr: baked-in fixed step size; default the learner's own (its
+      fixed ``inner_lr``, or its learned step sizes).
 
   Returns:
     ``path``.
   """
   steps = maml.inner_steps if steps is None else int(steps)
-  inner_lr = maml.inner_lr if inner_lr is None else float(inner_lr)
   sx = tf.convert_to_tensor(support_x)
   sy = tf.convert_to_tensor(support_y)
   dtype = maml.model.trainable_variables[0].dtype
@@ -119,22 +102,21 @@ def export_adaptable(maml, path: str, support_x, support_y,
 
   @tf.function(input_signature=[x_spec, y_spec, x_spec])
   def adapt_and_predict(support_x, support_y, query_x):
-    return module._predict_adapted(support_x, support_y, query_x,  # pylint: disable=protected-access
-                                   module.default_steps,
-                                   module.default_inner_lr)
+    return module.predict_adapted(support_x, support_y, query_x,
+                                  module.default_steps, module.fixed_inner_lr)
 
   @tf.function(input_signature=[x_spec, y_spec, x_spec,
                                 tf.TensorSpec((), tf.int32),
                                 tf.TensorSpec((), tf.float32)])
   def adapt_and_predict_with(support_x, support_y, query_x, steps, inner_lr):
-    return module._predict_adapted(support_x, support_y, query_x, steps,  # pylint: disable=protected-access
-                                   inner_lr)
+    return module.predict_adapted(support_x, support_y, query_x, steps,
+                                  inner_lr)
 
   @tf.function(input_signature=[x_spec, y_spec])
   def adapt(support_x, support_y):
-    fast, _ = module._adapt(support_x, support_y, module.default_steps,  # pylint: disable=protected-access
-                            module.default_inner_lr)
-    return dict(zip(module._paths, fast))  # pylint: disable=protected-access
+    fast, _ = module.adapted(support_x, support_y, module.default_steps,
+                             module.fixed_inner_lr)
+    return dict(zip(module.paths, fast))
 
   @tf.function(input_signature=[x_spec])
   def predict(x):

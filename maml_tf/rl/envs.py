@@ -128,6 +128,11 @@ class Navigation2DEnv(_TaskMixin, gymnasium.Env):
   def task_features(task: Dict) -> np.ndarray:
     return np.asarray(task["goal"], np.float32)
 
+  @property
+  def position(self) -> np.ndarray:
+    """The point's current position (float64)."""
+    return self._position.copy()
+
   def reset(self, *, seed=None, options=None):
     super().reset(seed=seed)
     if options and "task" in options:

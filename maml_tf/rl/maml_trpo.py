@@ -83,7 +83,7 @@ class MAMLTRPO:
     first_order: first-order MAML (no gradient through the inner gradient).
     hvp_method: ``"gauss_newton"`` (default: ``J^T F J``, exact at theta,
       second-order derivatives only) or ``"exact"`` (differentiates the KL's
-      gradient once more: third derivatives, ~10x slower).
+      gradient once more: third derivatives, slower).
 
   Example:
     >>> learner = MAMLTRPO(build_gaussian_mlp_policy(2, 2))
@@ -213,16 +213,16 @@ class MAMLTRPO:
     return stacked
 
   # -------------------------------------------------------------- outer step
-  def _post_log_prob(self, theta, pre, post):
+  def post_log_prob(self, theta, pre, post):
     obs, actions, _, _ = post
     stacked = self.adapted_from_theta(theta, pre)
     if stacked is None:
       stacked = policy_lib.tile_params(theta, int(obs.shape[0]))
     return self._log_prob(stacked, obs, actions)
 
-  def _objectives(self, theta, pre, post, old_mean, old_log_std):
+  def objectives(self, theta, pre, post, old_mean, old_log_std):
     _, actions, adv, mask = post
-    logp, mean, log_std = self._post_log_prob(theta, pre, post)
+    logp, mean, log_std = self.post_log_prob(theta, pre, post)
     old = policy_lib.action_distribution(old_mean, old_log_std)
     new = policy_lib.action_distribution(mean, log_std)
     old_logp = old.log_prob(actions)
@@ -233,9 +233,9 @@ class MAMLTRPO:
 
   def kl_and_surrogate(self, theta, pre: Sequence[Data], post: Data):
     """``(surrogate, kl)`` at ``theta`` with ``pi_old`` the policy at theta."""
-    logp, mean, log_std = self._post_log_prob(theta, pre, post)
+    logp, mean, log_std = self.post_log_prob(theta, pre, post)
     mean0, log_std0 = tf.stop_gradient(mean), tf.stop_gradient(log_std)
-    surrogate, kl, _, _ = self._objectives(theta, pre, post, mean0, log_std0)
+    surrogate, kl, _, _ = self.objectives(theta, pre, post, mean0, log_std0)
     return surrogate, kl
 
   def hvp_fn(self, theta, pre: Sequence[Data], post: Data):
@@ -342,10 +342,10 @@ class MAMLTRPO:
     theta = self.params()
     with tf.GradientTape(watch_accessed_variables=False) as tape:
       tape.watch(theta)
-      logp, mean, log_std = self._post_log_prob(theta, pre, post)
+      logp, mean, log_std = self.post_log_prob(theta, pre, post)
       old_mean, old_log_std = (tf.stop_gradient(mean),
                                tf.stop_gradient(log_std))
-      surrogate, _, _, _ = self._objectives(theta, pre, post, old_mean,
+      surrogate, _, _, _ = self.objectives(theta, pre, post, old_mean,
                                             old_log_std)
     grads = tape.gradient(surrogate, theta,
                           unconnected_gradients=tf.UnconnectedGradients.ZERO)
@@ -366,7 +366,7 @@ class MAMLTRPO:
             tf.linalg.norm(flat_grad))
 
   def _evaluate_impl(self, theta, pre, post, old_mean, old_log_std):
-    surrogate, kl, _, _ = self._objectives(list(theta), pre, post, old_mean,
+    surrogate, kl, _, _ = self.objectives(list(theta), pre, post, old_mean,
                                            old_log_std)
     return surrogate, kl
 

@@ -21,23 +21,13 @@ stored actions are the raw Gaussian samples, whose log-likelihood the learner
 needs. With ``oracle=True`` the task features (goal, velocity, direction)
 are appended to every observation.
 
-Measured throughput (``python benchmarks/rl_sampling.py``, 40 tasks x 20
-episodes, numpy random policy, on the 2-core development machine while other
-jobs were running, so +-50%):
-
-==============  ================  =========================================
-environment     bare single env   batched sampler
-==============  ================  =========================================
-Navigation2D    35k steps/s       2.4M steps/s (numpy, one array step)
-HalfCheetahDir  9.4k steps/s      6.4k (async, 2 procs); 4.8-7.5k (sync)
-==============  ================  =========================================
-
-On 2 shared cores the MuJoCo simulation itself (``mj_step``: 60% of the
-time in a profile) bounds both loops, so the vector sampler roughly matches
-the bare loop in raw env steps/s; what it buys is one policy evaluation per
-time step for all ``T x N`` episodes instead of one per env step (a
-TensorFlow call costs ~0.3 ms, which alone would cap a per-env loop at ~3k
-steps/s), and it scales with ``num_workers`` on machines with more cores.
+The batched samplers evaluate the policy once per time step for all
+``T x N`` episodes instead of once per env step, so the fixed cost of a
+TensorFlow call is paid ``T x N`` times less often; for MuJoCo tasks the
+simulation itself bounds the rate, which grows with ``num_workers`` where
+there are cores to run them. ``python benchmarks/rl_sampling.py`` measures
+env steps per second against a bare single-env loop (figures in
+BENCHMARKS.md).
 
 Example:
   >>> sampler = make_sampler("maml_tf/Navigation2D-v0", horizon=100)

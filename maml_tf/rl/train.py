@@ -210,7 +210,7 @@ def plot_returns(results: Dict[str, Dict], path: str, title: str = "") -> str:
   return path
 
 
-def _sibling_results(workdir: str, config: RLConfig) -> Dict[str, Dict]:
+def sibling_results(workdir: str, config: RLConfig) -> Dict[str, Dict]:
   """The evaluations to plot beside this run: one per method, comparable.
 
   Looks at the ``results.json`` of ``workdir``'s sibling directories and
@@ -347,7 +347,7 @@ def train_and_evaluate(config: RLConfig, workdir: str) -> Dict:
     write_json(os.path.join(workdir, "results.json"), results)
     print(f"[rl] {config.algorithm} eval returns after 0..{config.eval_grad_steps}"
           f" steps: " + " ".join(f"{r:.2f}" for r in ev["returns"]), flush=True)
-    plot_returns(_sibling_results(workdir, config),
+    plot_returns(sibling_results(workdir, config),
                  os.path.join(workdir, "returns.png"),
                  title=config.env.split("/")[-1])
     return results

@@ -17,14 +17,8 @@ machine: the pipeline is deterministic given ``seed``, while
 ``map(num_parallel_calls=AUTOTUNE)`` and ``prefetch(AUTOTUNE)`` keep it ahead
 of training.
 
-Measured throughput (2-core CPU shared with other jobs, load average ~4,
-TF 2.21, images in memory, ``maml_tf.tasks.episodes._benchmark``):
-  Omniglot train split (4400 rotated classes, float32), meta_batch 32:
-    5-way 1-shot 15-query: ~245-275 meta-batches/s = ~7,800-8,800 episodes/s.
-    5-way 5-shot 15-query: ~260 meta-batches/s = ~8,200 episodes/s.
-    20-way 1-shot 15-query: ~110 meta-batches/s = ~3,500 episodes/s.
-At ~4 ms per 32-task batch, sampling should stay well ahead of a MAML
-meta-step on the same batch (not measured here).
+``python -m benchmarks.episodes`` measures the pipeline's meta-batches per
+second (figures in BENCHMARKS.md).
 
 Example:
   >>> import numpy as np
@@ -283,17 +277,3 @@ def evaluation_batches(class_images,
       sample, num_parallel_calls=num_parallel_calls, deterministic=True)
   return ds.batch(meta_batch).prefetch(AUTOTUNE)
 
-
-def _benchmark(class_images, way=5, shot=1, query=15, meta_batch=32,
-               num_batches=300, warmup=20):
-  """Returns meta-batches/s of :func:`episode_dataset` (for the docstring)."""
-  import time  # pylint: disable=g-import-not-at-top
-  ds = episode_dataset(class_images, way, shot, query, meta_batch, seed=0)
-  it = iter(ds)
-  for _ in range(warmup):
-    next(it)
-  start = time.perf_counter()
-  for _ in range(num_batches):
-    next(it)
-  rate = num_batches / (time.perf_counter() - start)
-  return {"batches_per_s": rate, "episodes_per_s": rate * meta_batch}

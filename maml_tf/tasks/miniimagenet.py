@@ -22,8 +22,9 @@ released files are 84x84), resized with PIL LANCZOS (aspect ratio not kept).
 Memory: the arrays are uint8 (all 60,000 images at 84x84x3 are 1.27 GB; as
 float32 they would be 5 GB). :func:`maml_tf.tasks.episodes.episode_dataset`
 converts only the sampled images to float32 in ``[0, 1]``; :func:`to_float`
-does it for a whole array. Decoding 60,000 JPEGs takes about a minute on 2
-cores; pass ``cache_dir`` to keep ``.npy`` copies and load in seconds later.
+does it for a whole array. Decoding is parallel (``num_threads``); pass
+``cache_dir`` to keep ``.npy`` copies, which later loads read instead of
+decoding the JPEGs again.
 
 The location comes from the ``root`` argument, else the environment variable
 ``MAML_TF_MINIIMAGENET_DIR``.

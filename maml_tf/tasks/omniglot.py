@@ -42,10 +42,9 @@ environment variable ``MAML_TF_OMNIGLOT_DIR`` (a folder holding the two zips),
 and finally TFDS's public ``omniglot`` builder, which downloads (needs a
 network). With a local folder, ``source='tfds'`` (default) prepares the
 ``MamlTfOmniglot`` TFDS builder (name ``maml_tf_omniglot``) once into a TFDS
-data dir (``tfds_dir``, default ``~/tensorflow_datasets``; preparing takes
-about 9 s on 2 CPU cores) and reads the cache afterwards (about 1.5 s);
-``source='zip'`` decodes the zips directly into numpy (about 2 s for all
-32,460 images, no cache written).
+data dir (``tfds_dir``, default ``~/tensorflow_datasets``) and reads the
+cache afterwards; ``source='zip'`` decodes all 32,460 images from the zips
+directly into numpy every time (no cache written).
 
 Example:
   >>> from maml_tf.tasks import omniglot
@@ -478,9 +477,9 @@ def load_omniglot(data_dir: Optional[str] = None,
     tfds_dir: TFDS data dir for the prepared builder cache or the public
       download (default ``~/tensorflow_datasets``).
     source: with a local folder, ``'tfds'`` (default) prepares the
-      ``maml_tf_omniglot`` builder into ``tfds_dir`` on first use (about 9 s
-      on 2 CPU cores) and reads that cache afterwards (about 1.5 s); ``'zip'``
-      decodes the zips directly every time (about 2 s, nothing written).
+      ``maml_tf_omniglot`` builder into ``tfds_dir`` on first use and reads
+      that cache afterwards; ``'zip'`` decodes the zips directly every time
+      (nothing written).
     dtype: ``np.float32`` (ink 1.0, background 0.0) or ``np.uint8`` (ink 255;
       a quarter of the memory, convert with ``images / 255``).
     strict: require exactly 1623 characters x 20 drawings.

@@ -139,7 +139,7 @@ class ClassificationConfig:
     export: write one adapted model as a SavedModel.
     plot: write the PNG figures.
     distribute: split each meta-batch across replicas: ``'none'``,
-      ``'mirrored'`` (the devices of this machine) or ``'multi_worker'``
+      ``'mirrored'`` (the local devices) or ``'multi_worker'``
       (the cluster in ``TF_CONFIG``; non-chief workers write to
       ``workdir/workers/worker_<i>``). ``meta_batch`` must be a multiple of
       the replica count. Evaluation runs on one device. See
@@ -252,7 +252,7 @@ PRESETS: Dict[str, Dict] = {
     # "MAML (no conv)": the fully connected network, 5-way settings.
     "omniglot_mlp_5w1s": {**_OMNIGLOT_5WAY, "shot": 1, "network": "mlp"},
     "omniglot_mlp_5w5s": {**_OMNIGLOT_5WAY, "shot": 5, "network": "mlp"},
-    # Seconds on a CPU, for tests and smoke checks (the MLP is vectorised).
+    # A tiny run for tests and smoke checks (the MLP is vectorised).
     "smoke": {**_OMNIGLOT_5WAY, "network": "mlp", "shot": 1,
               "meta_batch": 4, "train_query": 5, "iterations": 40,
               "eval_tasks": 20, "val_tasks": 10, "eval_every": 20,
@@ -616,7 +616,7 @@ def train_and_evaluate(config: ClassificationConfig, workdir: str,
     The results dictionary also written to ``workdir/results.json``:
     ``config``, ``data`` (shape of each split), ``iterations`` (meta-steps
     of the evaluated weights), ``train_seconds``, ``seconds_per_iteration``
-    (wall time of this session's meta-iterations, compilation and
+    (wall time per meta-iteration run by this call, compilation and
     validation included; ``None`` if none ran), ``test`` (``tasks``,
     ``steps``, and ``accuracy`` / ``loss`` each with per-step ``mean``,
     ``ci95`` and ``by_step``), ``eval_seconds``, ``final_val`` (the last

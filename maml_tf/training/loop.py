@@ -196,7 +196,9 @@ def meta_train(learner, batch_for_step: Callable[[int], object],
   if start >= iterations:
     log(f"already trained {start} >= {iterations} iterations")
     return start
-  log(f"meta-training iterations {start} -> {iterations}")
+  replicas = int(getattr(learner, "num_replicas", 1))
+  log(f"meta-training iterations {start} -> {iterations}"
+      + (f" on {replicas} replicas" if replicas > 1 else ""))
   pending = []
   t_window, done_window = time.perf_counter(), 0
   t_start = time.perf_counter()

@@ -52,7 +52,7 @@ class SinusoidConfig:
   resume: bool = True
   eval_only: bool = False
   plot: bool = True
-  # Meta-batch split across replicas: "none", "mirrored" (this machine's
+  # Meta-batch split across replicas: "none", "mirrored" (the local
   # devices) or "multi_worker" (the cluster in TF_CONFIG); see
   # maml_tf.core.distribute. Evaluation and the baseline run on one device.
   distribute: str = "none"
@@ -61,7 +61,8 @@ class SinusoidConfig:
   recompute: bool = False           # gradient checkpointing of the inner loop
   # Meta-steps per compiled call (MAML.train_steps), the tasks sampled in
   # the graph by tasks.batch_sampler; 1: one call per step with numpy
-  # batches (the sampling of runs before this option existed).
+  # batches (tasks.sample_batch's stream, which differs from the in-graph
+  # one).
   steps_per_call: int = 100
   # XLA for the in-graph steps (MAML's jit_compile): "auto" (when the
   # closed-form meta-gradient runs: the paper's MLP), "on" or "off". XLA
@@ -95,9 +96,10 @@ class SinusoidConfig:
 PRESETS: Dict[str, Dict] = {
     # The paper's configuration (section 5.1, appendix A.1).
     "paper": {},
-    # `make demo`: end to end in a few minutes on a 2-core CPU.
+    # `make demo`: a shortened end-to-end run (meta-training, baseline,
+    # evaluation, plot).
     "demo": {"iterations": 20000, "log_every": 2000, "eval_tasks": 600},
-    # Seconds; for tests and smoke checks.
+    # A tiny run for tests and smoke checks.
     "smoke": {"iterations": 300, "log_every": 100, "checkpoint_every": 100,
               "eval_tasks": 50, "baseline_iterations": 300},
 }
@@ -185,7 +187,7 @@ def evaluate_table(learner: MAML, config: SinusoidConfig,
   return table
 
 
-def _format_table(name: str, table: Dict) -> str:
+def format_table(name: str, table: Dict) -> str:
   lines = []
   for k, row in table.items():
     # A mean far above the median means a few tasks diverged: say so.
@@ -251,7 +253,7 @@ def train_and_evaluate(config: SinusoidConfig, workdir: str,
          "maml": evaluate_table(learner, config)}
   log("MSE on fresh tasks (mean ± 95% CI; the median too where a few tasks "
       "diverge):")
-  log(_format_table(config.algorithm.upper(), out["maml"]))
+  log(format_table(config.algorithm.upper(), out["maml"]))
   baseline = None
   if config.baseline:
     if config.eval_only:
@@ -265,7 +267,7 @@ def train_and_evaluate(config: SinusoidConfig, workdir: str,
       baseline = pretrain_baseline(config, workdir, log)
     if baseline is not None:
       out["pretrained"] = evaluate_table(baseline, config)
-      log(_format_table("pretrained", out["pretrained"]))
+      log(format_table("pretrained", out["pretrained"]))
   k = min(config.eval_shots)
   s1 = 1 if 1 in config.eval_steps else max(config.eval_steps)
   log(f"pre-update MSE (K={k}): {out['maml'][f'K={k}']['steps=0']['mean']:.3f}"

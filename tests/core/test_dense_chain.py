@@ -121,13 +121,14 @@ def test_what_the_closed_form_declines():
 
 
 def test_maml_picks_the_closed_form_and_says_why_not():
+  batch = _batch(3, 5, 5, 1, 1, seed=0)
   maml = MAML(mlp(1, 1, hidden=(8,)), "mse")
-  assert maml._dense_chain is not None and maml.jit_compile
+  assert maml.plan(batch).closed_form and maml.jit_compile
   for kwargs in ({"learn_inner_lr": "scalar"}, {"adapt": "head"},
                  {"multi_step_loss_iterations": 10}, {"recompute": True},
                  {"closed_form": False}):
     other = MAML(mlp(1, 1, hidden=(8,)), "mse", **kwargs)
-    assert other._dense_chain is None and not other.jit_compile, kwargs
+    assert not other.plan(batch).closed_form and not other.jit_compile, kwargs
   with pytest.raises(ValueError, match="closed_form=True is not possible: "
                      "learned inner step sizes"):
     MAML(mlp(1, 1, hidden=(8,)), "mse", learn_inner_lr="scalar",
@@ -149,7 +150,7 @@ def test_train_step_with_the_closed_form_equals_autodiff():
     maml = MAML(_net(2, 2, (6, 6), ("relu", "relu", None)), F64_MSE,
                 inner_lr=0.1, inner_steps=2, closed_form=closed_form,
                 task_chunk=chunk, meta_optimizer=keras.optimizers.SGD(0.05))
-    assert (maml._dense_chain is not None) == closed_form
+    assert maml.plan(batch).closed_form == closed_form
     metrics = [maml.train_step(batch) for _ in range(3)]
     runs.append((metrics, [v.numpy() for v in maml.model.weights]))
   (m0, w0) = runs[0]

@@ -68,18 +68,78 @@ def _cases():
   return [("conv_bn", conv_bn, [images]), ("sinusoid_mlp", sine, sines)]
 
 
-def _reptile_error(strategy):
+def _reptile_and_steps(strategy):
+  """Reptile distributed (it overrides only the public compute_gradients),
+  and train_steps split over the replicas: each equals one device."""
   import keras  # pylint: disable=g-import-not-at-top
+  from maml_tf import MAML  # pylint: disable=g-import-not-at-top
   from maml_tf.core.distribute import DistributedMAML  # pylint: disable=g-import-not-at-top
   from maml_tf.core.reptile import Reptile  # pylint: disable=g-import-not-at-top
   from maml_tf.models.mlp import mlp  # pylint: disable=g-import-not-at-top
-  with strategy.scope():
-    reptile = Reptile(mlp(1, 1, hidden=(4,)), keras.losses.MeanSquaredError())
+  from maml_tf.tasks import sinusoid  # pylint: disable=g-import-not-at-top
+  traced = []
+
+  class Spy(MAML):
+    """Records the tasks each traced replica step differentiates."""
+
+    def compute_gradients(self, batch, plan, pre_update_metrics=True):
+      traced.append(int(batch.support_x.shape[0]))
+      return super().compute_gradients(batch, plan, pre_update_metrics)
+
+  def build(cls, **kwargs):
+    keras.utils.set_random_seed(4)
+    if cls is Spy:      # optimizers are variables: made in the caller's scope
+      kwargs["meta_optimizer"] = keras.optimizers.SGD(0.1)
+    return cls(mlp(1, 1, hidden=(8,)), keras.losses.MeanSquaredError(),
+               inner_lr=0.05, **kwargs)
+  report = {}
+  batch = sinusoid.sample_batch(4, 5, 5, np.random.default_rng(3))[0]
+  sampler = sinusoid.batch_sampler(4, 5, 5, seed=1)
+  for name, cls, kwargs, run in (
+      ("reptile", Reptile, {"outer_step_size": 0.5},
+       lambda learner: [learner.train_step(batch) for _ in range(2)][-1]),
+      ("train_steps", Spy, {"jit_compile": False},
+       lambda learner: {k: float(v) for k, v in
+                        learner.train_steps(sampler, 3, True).items()})):
+    with strategy.scope():
+      distributed = build(cls, **kwargs)
+    learner = DistributedMAML(distributed, strategy)
+    got = run(learner)
+    replica_traces = list(traced)
+    single = build(cls, **kwargs)
+    want = run(single)
+    report[name] = {
+        "metric_diff": max(abs(got[k] - want[k]) for k in want),
+        "weight_diff": max(float(np.abs(a.numpy() - b.numpy()).max())
+                           for a, b in zip(distributed.model.variables,
+                                           single.model.variables)),
+        "iterations": int(distributed.meta_optimizer.iterations.numpy()),
+        "replica_tasks": replica_traces}
+    traced.clear()
+  return report
+
+
+def _sinusoid_launcher(workdir):
+  """The sinusoid experiment with distribute='mirrored' and its default
+  steps_per_call (in-graph train_steps): runs on both replicas, refuses a
+  meta-batch that does not split."""
+  from maml_tf.training import sinusoid as experiment  # pylint: disable=g-import-not-at-top
+  lines = []
+  config = experiment.make_config("smoke", distribute="mirrored",
+                                  meta_batch=4, iterations=200, baseline=False,
+                                  plot=False, eval_tasks=10)
+  assert config.steps_per_call > 1
+  experiment.train_and_evaluate(config, os.path.join(workdir, "sin"),
+                                log=lines.append)
   try:
-    DistributedMAML(reptile, strategy)
-  except TypeError as e:
-    return str(e)
-  return None
+    experiment.train_and_evaluate(
+        experiment.make_config("smoke", distribute="mirrored", meta_batch=25,
+                               baseline=False, plot=False),
+        os.path.join(workdir, "odd"), log=lines.append)
+    odd = None
+  except ValueError as e:
+    odd = str(e)
+  return {"log": lines, "odd": odd}
 
 
 def _compare(strategy, weights_out):
@@ -133,8 +193,18 @@ def _mirrored_main(out_path):
     DistributedMAML(build(), strategy)
   except ValueError as e:
     errors["outside_scope"] = str(e)
-  errors["reptile"] = _reptile_error(strategy)
   report["errors"] = errors
+  report.update(_reptile_and_steps(strategy))
+  with open(out_path, "w") as f:
+    json.dump(report, f)
+
+
+def _launcher_main(out_path):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  cpu = tf.config.list_physical_devices("CPU")[0]
+  tf.config.set_logical_device_configuration(
+      cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+  report = _sinusoid_launcher(os.path.dirname(out_path))
   with open(out_path, "w") as f:
     json.dump(report, f)
 
@@ -168,14 +238,19 @@ def _check_case(report, replicas=2):
   assert report["iterations"][0] == report["iterations"][1] > 0
 
 
-def test_mirrored_two_replicas_equal_one_device(tmp_path):
-  out = str(tmp_path / "mirrored.json")
-  proc = subprocess.run([sys.executable, HERE, "mirrored", out], cwd=REPO,
+def _run_mode(mode, tmp_path):
+  """Runs this file as a script in ``mode``; returns its JSON report."""
+  out = str(tmp_path / f"{mode}.json")
+  proc = subprocess.run([sys.executable, HERE, mode, out], cwd=REPO,
                         env=_env(), capture_output=True, text=True,
                         timeout=240)
   assert proc.returncode == 0, proc.stderr[-4000:]
   with open(out) as f:
-    report = json.load(f)
+    return json.load(f)
+
+
+def test_mirrored_two_replicas_equal_one_device(tmp_path):
+  report = _run_mode("mirrored", tmp_path)
   _check_case(report["conv_bn"])
   assert report["conv_bn"]["metric_keys"] == [
       "accuracy_after", "accuracy_before", "loss_after", "loss_before"]
@@ -185,7 +260,24 @@ def test_mirrored_two_replicas_equal_one_device(tmp_path):
   assert "3 tasks" in report["errors"]["odd"]
   assert "2 replicas" in report["errors"]["odd"]
   assert "outside strategy.scope()" in report["errors"]["outside_scope"]
-  assert "Reptile has its own meta-step" in report["errors"]["reptile"]
+  # Reptile distributes (its compute_gradients is public) and equals one device.
+  assert report["reptile"]["metric_diff"] < TOL, report["reptile"]
+  assert report["reptile"]["weight_diff"] < TOL, report["reptile"]
+  assert report["reptile"]["iterations"] == 2
+  # train_steps: every replica differentiated half of the 4-task meta-batch
+  # (the replica function is traced once per replica), 3 steps were taken,
+  # and the result equals one device's train_steps on the same tasks.
+  steps = report["train_steps"]
+  assert steps["replica_tasks"] == [2, 2], steps
+  assert steps["iterations"] == 3, steps
+  assert steps["metric_diff"] < TOL and steps["weight_diff"] < TOL, steps
+
+
+def test_sinusoid_launcher_distributes_its_in_graph_steps(tmp_path):
+  """distribute='mirrored' with the default steps_per_call (train_steps)."""
+  launcher = _run_mode("launcher", tmp_path)
+  assert any("on 2 replicas" in line for line in launcher["log"]), launcher
+  assert "25 tasks" in launcher["odd"] and "2 replicas" in launcher["odd"]
 
 
 def test_make_strategy_and_configs_name_bad_values(monkeypatch):
@@ -261,4 +353,5 @@ def test_multi_worker_two_processes_equal_one_device(tmp_path):
 if __name__ == "__main__":
   sys.path.insert(0, REPO)
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  {"mirrored": _mirrored_main, "worker": _worker_main}[sys.argv[1]](sys.argv[2])
+  {"mirrored": _mirrored_main, "worker": _worker_main,
+   "launcher": _launcher_main}[sys.argv[1]](sys.argv[2])

@@ -100,7 +100,7 @@ def test_first_order_until_switches_to_second_order():
               meta_optimizer=keras.optimizers.SGD(0.01))
   for _ in range(3):
     maml.train_step(_batch())
-  orders = sorted(k[2] for k in maml._compiled if k[0] == "train")  # pylint: disable=protected-access
+  orders = sorted(k[-1].first_order for k in maml.compiled if k[0] == "train")
   assert orders == [False, True]
 
 
@@ -151,19 +151,13 @@ def test_recompute_gives_the_same_meta_gradient(execution):
 
 
 @pytest.mark.parametrize("adapt", ["all", "head"])
-def test_checkpointed_query_pass_is_exact(adapt, monkeypatch):
+def test_checkpointed_query_pass_is_exact(adapt):
   """recompute=True recomputes the query pass a task chunk at a time."""
-  from maml_tf.core import maml as maml_mod  # pylint: disable=g-import-not-at-top
-  assert maml_mod.query_chunk_size(32, 5, 75) == 2      # Omniglot 5w1s
-  assert maml_mod.query_chunk_size(32, 5, 5) == 32      # 1 query per class
-  assert maml_mod.query_chunk_size(4, 2, 6) == 1
+  from maml_tf.core.plan import query_chunk_size  # pylint: disable=g-import-not-at-top
+  assert query_chunk_size(32, 5, 75) == 2      # Omniglot 5w1s
+  assert query_chunk_size(32, 5, 5) == 32      # 1 query per class
+  assert query_chunk_size(4, 2, 6) == 1
   calls = []
-  real = maml_mod._recomputed_query  # pylint: disable=protected-access
-
-  def spy(*args, **kwargs):
-    calls.append(args[6])                              # the chunk size
-    return real(*args, **kwargs)
-  monkeypatch.setattr(maml_mod, "_recomputed_query", spy)
   rng = np.random.default_rng(5)
   batch = TaskBatch(rng.normal(size=(4, 2, 3)), rng.integers(0, 3, (4, 2)),
                     rng.normal(size=(4, 6, 3)), rng.integers(0, 3, (4, 6)))
@@ -180,6 +174,8 @@ def test_checkpointed_query_pass_is_exact(adapt, monkeypatch):
                                                       dtype=F64)
     maml = MAML(model, loss, inner_lr=0.3, inner_steps=2, adapt=adapt,
                 recompute=recompute, vectorize="batched", task_chunk=None)
+    if recompute:
+      calls.append(maml.plan(batch).query_chunk)
     with tf.GradientTape() as tape:
       meta = maml.meta_loss(batch)
     grads.append([g.numpy() for g in

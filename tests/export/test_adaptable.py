@@ -55,3 +55,66 @@ assert "maml_tf" not in sys.modules
   assert sorted(got_w) == sorted(want_w)
   for k, v in want_w.items():
     np.testing.assert_allclose(got_w[k], v, atol=1e-6)
+
+
+def _family_model(batchnorm: bool):
+  layers = [keras.Input((4,)), keras.layers.Dense(16, activation="tanh")]
+  if batchnorm:
+    layers.append(keras.layers.BatchNormalization())
+  return keras.Sequential(layers + [keras.layers.Dense(3)])
+
+
+def test_adaptable_savedmodel_matches_adapt_for_the_whole_family(tmp_path):
+  """maml, fomaml, anil, metasgd, mamlpp (learned step sizes moved), with and
+  without BatchNorm: the SavedModel adapts as MAML.adapt does, in a process
+  that never imports maml_tf."""
+  from maml_tf.core.family import make_learner  # pylint: disable=g-import-not-at-top
+  from maml_tf import TaskBatch  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(1)
+  labels = lambda t, n: np.tile(np.repeat(np.arange(3), n), (t, 1)).astype("i4")
+  batch = TaskBatch(rng.normal(size=(4, 6, 4)).astype("f4"), labels(4, 2),
+                    rng.normal(size=(4, 9, 4)).astype("f4"), labels(4, 3))
+  sx, sy = batch.support_x[0], batch.support_y[0]
+  qx = rng.normal(size=(7, 4)).astype("f4")
+  np.save(tmp_path / "sx.npy", sx)
+  np.save(tmp_path / "sy.npy", sy)
+  np.save(tmp_path / "qx.npy", qx)
+  cases, want = [], {}
+  for algorithm in ("maml", "fomaml", "anil", "metasgd", "mamlpp"):
+    for bn in (False, True):
+      keras.utils.set_random_seed(5)
+      learner = make_learner(
+          algorithm, _family_model(bn),
+          keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+          inner_lr=0.5, inner_steps=2, meta_lr=0.05, iterations=6,
+          meta_optimizer=keras.optimizers.SGD(0.5))
+      for _ in range(3):
+        learner.train_step(batch)
+      moved = [float(np.abs(v.numpy() - 0.5).max())
+               for v in learner.inner_lr_variables]
+      assert all(m > 1e-3 for m in moved), (algorithm, moved)
+      name = f"{algorithm}_bn{int(bn)}"
+      export_adaptable(learner, str(tmp_path / name), sx, sy)
+      want[name] = np.asarray(learner.adapt(sx, sy)(qx, training=False))
+      want[name + "_3"] = np.asarray(
+          learner.adapt(sx, sy, steps=3, inner_lr=0.2)(qx, training=False))
+      cases.append(name)
+  code = f"""
+import sys, numpy as np, tensorflow as tf
+d = {str(tmp_path)!r}
+sx, sy, qx = (np.load(f"{{d}}/{{n}}.npy") for n in ("sx", "sy", "qx"))
+out = {{}}
+for name in {cases!r}:
+  m = tf.saved_model.load(d + "/" + name)
+  out[name] = m.adapt_and_predict(sx, sy, qx).numpy()
+  out[name + "_3"] = m.adapt_and_predict_with(sx, sy, qx, 3, 0.2).numpy()
+np.savez(d + "/family.npz", **out)
+assert "maml_tf" not in sys.modules
+"""
+  subprocess.run([sys.executable, "-c", code], check=True)
+  got = dict(np.load(tmp_path / "family.npz"))
+  for name, value in want.items():
+    np.testing.assert_allclose(got[name], value, atol=1e-5, err_msg=name)
+  # The family members really adapt differently.
+  assert not np.allclose(want["maml_bn0"], want["anil_bn0"], atol=1e-3)
+  assert not np.allclose(want["maml_bn0"], want["metasgd_bn0"], atol=1e-3)

@@ -77,7 +77,7 @@ def test_navigation_sampler_matches_env():
     for t in range(30):
       if not batch.mask[i, 1, t]:
         break
-      np.testing.assert_allclose(env.unwrapped._position,  # pylint: disable=protected-access
+      np.testing.assert_allclose(env.unwrapped.position,
                                  batch.obs[i, 1, t], atol=1e-6)
       action = np.clip(batch.actions[i, 1, t], -1, 1) * 0.1
       _, r, _, _, _ = env.step(action)

@@ -90,7 +90,7 @@ def _kl_grad_fn(learner, pre, post, old_mean, old_log_std):
   def kl_grad(theta):
     with tf.GradientTape() as tape:
       tape.watch(theta)
-      _, kl, _, _ = learner._objectives(theta, [pre], post, old_mean,  # pylint: disable=protected-access
+      _, kl, _, _ = learner.objectives(theta, [pre], post, old_mean,
                                         old_log_std)
     return optim.flatten(tape.gradient(kl, theta))
   return kl_grad
@@ -100,7 +100,7 @@ def test_hvp_through_adaptation_matches_finite_differences():
   """H v of the meta-KL (second order, float64) vs differences of grad KL."""
   learner, pre, post = _small_problem()
   theta = learner.params()
-  _, mean0, log_std0 = learner._post_log_prob(theta, [pre], post)  # pylint: disable=protected-access
+  _, mean0, log_std0 = learner.post_log_prob(theta, [pre], post)
   kl_grad = _kl_grad_fn(learner, pre, post, mean0, log_std0)
   rng = np.random.default_rng(1)
   v = [tf.constant(rng.standard_normal(p.shape)) for p in theta]
@@ -200,20 +200,20 @@ def test_plot_compares_runs_of_the_same_seed_and_length(tmp_path):
                     "fast_batch_size": 20, "eval_batch_size": batch,
                     "iterations": iterations, "seed": seed},
          "eval": {"returns": [name]}}))
-  chosen = rl_train._sibling_results(str(tmp_path / "maml_300"), config)
+  chosen = rl_train.sibling_results(str(tmp_path / "maml_300"), config)
   assert {k: v["returns"][0] for k, v in chosen.items()} == {
       "maml": "maml_300", "pretrained": "pretrained_300", "random": "random"}
   # This run wins for its own method even when its length differs.
-  chosen = rl_train._sibling_results(str(tmp_path / "maml"), config)
+  chosen = rl_train.sibling_results(str(tmp_path / "maml"), config)
   assert chosen["maml"]["returns"] == ["maml"]
   # Another step size or test batch is a different protocol: matched first.
   lr05 = rl.RLConfig(env="navigation", iterations=300, seed=0, fast_lr=0.5)
-  chosen = rl_train._sibling_results(str(tmp_path / "pretrained_300"), lr05)
+  chosen = rl_train.sibling_results(str(tmp_path / "pretrained_300"), lr05)
   assert {k: v["returns"][0] for k, v in chosen.items()} == {
       "maml": "maml_lr05", "pretrained": "pretrained_300",
       "random": "random_lr05"}
   lr05.eval_batch_size = 40
-  chosen = rl_train._sibling_results(str(tmp_path / "maml_lr05"), lr05)
+  chosen = rl_train.sibling_results(str(tmp_path / "maml_lr05"), lr05)
   assert chosen["random"]["returns"] == ["random_lr05_b40"]
 
 

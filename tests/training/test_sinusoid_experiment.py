@@ -141,6 +141,6 @@ def test_sigterm_checkpoints_and_resume_continues(tmp_path):
 def test_results_table_shows_the_median_where_tasks_diverged():
   row = {"steps=1": {"mean": 0.66, "ci95": 0.05, "median": 0.43},
          "steps=5": {"mean": 0.777, "ci95": 0.7, "median": 0.199}}
-  text = experiment._format_table("MAML", {"K=5": row})  # pylint: disable=protected-access
+  text = experiment.format_table("MAML", {"K=5": row})
   assert "steps=1: 0.660±0.050  steps=5: 0.777±0.700 (median 0.199)" in text
   assert text.count("median") == 1

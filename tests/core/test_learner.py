@@ -40,7 +40,7 @@ def test_train_step_compiles_once_for_batches_of_one_shape():
   maml = MAML(mlp(1, 1, hidden=(8,)), "mse")
   for seed in range(3):
     maml.train_step(_batch(seed))
-  (fn,) = [f for k, f in maml._compiled.items() if k[0] == "train"]  # pylint: disable=protected-access
+  (fn,) = [f for k, f in maml.compiled.items() if k[0] == "train"]
   assert fn.experimental_get_tracing_count() == 1
 
 

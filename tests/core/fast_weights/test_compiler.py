@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from maml_tf.core import fast_weights
 from maml_tf.core.fast_weights import Unsupported, compile_batched
 from maml_tf.core.functional import functional_call
 
@@ -288,7 +287,7 @@ def test_second_order_gradients(name, impl):
 def test_conv_batchnorm_fold_applies_to_small_fan_in_only():
   """Folded where kh*kw*C <= filters; the same numbers as unfolded."""
   steps = lambda m, fold: [type(op).__name__ for op, _, _ in
-                           compile_batched(m, "map", fold)._program.steps]
+                           compile_batched(m, "map", fold).program.steps]
   fold_model = _omniglot_fold("float64")
   assert steps(fold_model, True)[:2] == ["_ConvBatchNorm", "_Elementwise"]
   assert "_ConvBatchNorm" not in steps(fold_model, False)
@@ -368,71 +367,3 @@ def test_auto_conv_impl():
 def test_bad_conv_impl():
   with pytest.raises(ValueError, match="conv_impl"):
     compile_batched(_mlp_layernorm("float32"), conv_impl="fft")
-
-
-# ---------------------------------------------------------- 4. odd shapes
-@pytest.mark.parametrize("size,kernel,stride,padding", [
-    (7, 3, 2, "same"), (7, 3, 2, "valid"), (8, 3, 2, "same"),
-    (6, 2, 1, "same"), (5, 4, 3, "same"), (5, 1, 2, "valid"),
-    (5, 1, 2, "same")])
-@pytest.mark.parametrize("impl", CONV_IMPLS + ("slices",))
-def test_conv_kernels_match_tf(size, kernel, stride, padding, impl):
-  rng = np.random.default_rng(3)
-  x = tf.constant(rng.normal(size=(T, 2, size, size, 3)))
-  w = tf.constant(rng.normal(size=(T, kernel, kernel, 3, 4)))
-  fn = {"patches": fast_weights.conv2d_patches,
-        "grouped": fast_weights.conv2d_grouped,
-        "map": fast_weights.conv2d_map,
-        "slices": fast_weights.conv2d_slices}[impl]
-  y = fn(x, w, (stride, stride), padding)
-  ref = tf.stack([tf.nn.conv2d(x[t], w[t], stride, padding.upper())
-                  for t in range(T)])
-  assert y.shape == ref.shape
-  np.testing.assert_allclose(y, ref, rtol=1e-10, atol=1e-10)
-
-
-@pytest.mark.parametrize("graph", [False, True])
-@pytest.mark.parametrize("gamma_shape,beta_shape", [
-    ((4,), (4,)), ((2, 1, 1, 1, 4), (2, 1, 1, 1, 4)), (None, (4,)),
-    ((2, 1, 1, 1, 4), None), (None, None)])
-def test_normalize_with_moments_derivatives(gamma_shape, beta_shape, graph):
-  """Values, gradients and second derivatives equal autodiff's formula."""
-  rng = np.random.default_rng(0)
-  const = lambda shape: tf.constant(rng.normal(size=shape) + 1.0)
-  x = const((2, 5, 3, 3, 4))
-  gamma = None if gamma_shape is None else const(gamma_shape)
-  beta = None if beta_shape is None else const(beta_shape)
-  w, wm, wv = const(x.shape), const((2, 1, 1, 1, 4)), const((2, 1, 1, 1, 4))
-  axes = [1, 2, 3]
-
-  def reference(x, gamma, beta):
-    mean, var = fast_weights._exact_moments(x, axes)
-    return (fast_weights._normalize(x, mean, var, gamma, beta, 1e-3), mean,
-            var)
-
-  def derivatives(normalize):
-    inputs = [t for t in (x, gamma, beta) if t is not None]
-    with tf.GradientTape() as outer:
-      outer.watch(inputs)
-      with tf.GradientTape() as inner:
-        inner.watch(inputs)
-        args = iter(inputs[1:])
-        y, mean, var = normalize(inputs[0],
-                                 next(args) if gamma is not None else None,
-                                 next(args) if beta is not None else None)
-        # The moments are outputs too (the moving statistics use them).
-        value = (tf.reduce_sum(tf.sin(y) * w) + tf.reduce_sum(mean * wm)
-                 + tf.reduce_sum(tf.square(var) * wv))
-      grads = inner.gradient(value, inputs)
-      # A scalar of the gradients: its gradient holds Hessian-vector products.
-      second = tf.add_n([tf.reduce_sum(g * tf.cos(t)) for g, t in
-                         zip(grads, inputs)])
-    return [value] + grads + outer.gradient(second, inputs)
-
-  ours = lambda: derivatives(
-      lambda x, g, b: fast_weights.normalize_with_moments(x, g, b, 1e-3, axes))
-  ours = tf.function(ours)() if graph else ours()
-  expected = derivatives(reference)
-  assert len(ours) == len(expected) > 1
-  for a, b in zip(ours, expected):
-    np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-9, atol=1e-11)

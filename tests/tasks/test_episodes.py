@@ -174,7 +174,7 @@ def test_other_validation():
     episodes.episode_dataset(np.zeros((5, 3, 2), np.int32), 2, 1, 1, 1)
 
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_real_omniglot_episodes():

@@ -1,0 +1,418 @@
+"""Compiles a Keras model to task-batched ops: :func:`compile_batched`.
+
+Every layer becomes one ``_Op`` over all tasks (the kernels of
+:mod:`~maml_tf.core.fast_weights.kernels` and
+:mod:`~maml_tf.core.fast_weights.normalization`); a model becomes a
+``_Program`` of them, wrapped in a :class:`BatchedModel`. Layers without
+per-task weights (pooling, Flatten, activations, Add, Concatenate) merge the
+task and example axes and run TF's own ops once.
+"""
+
+import math
+from typing import List, Sequence, Tuple
+
+import keras
+import tensorflow as tf
+
+from maml_tf.core import keras_compat
+from maml_tf.core.fast_weights.base import (
+    Unsupported, _Context, _Op, _unsupported)
+from maml_tf.core.fast_weights.kernels import (
+    _CONV_KERNELS, _dims, _merge_task_axis, _per_task_vector, batched_dense,
+    resolve_conv_impl)
+from maml_tf.core.fast_weights.normalization import (
+    _BatchNorm, _ConvBatchNorm, _LayerNorm)
+
+
+# ---------------------------------------------------------------- layer ops
+class _Identity(_Op):
+
+  def __call__(self, ctx, inputs):
+    return inputs[0]
+
+
+class _Elementwise(_Op):
+  """Activation-like layers without weights: the layer's own ``call``."""
+
+  def __call__(self, ctx, inputs):
+    return self.layer.call(inputs[0])
+
+
+class _Dense(_Op):
+
+  def __init__(self, layer, kernel_ref, bias_ref):
+    super().__init__(layer)
+    self.kernel_ref, self.bias_ref = kernel_ref, bias_ref
+
+  def __call__(self, ctx, inputs):
+    x = inputs[0]
+    kernel, per_task = ctx.read(self.kernel_ref)
+    y = batched_dense(x, kernel, per_task)
+    if self.bias_ref is not None:
+      bias, per_task = ctx.read(self.bias_ref)
+      y = y + _per_task_vector(bias, per_task, y.shape.rank)
+    if self.layer.activation is not None:
+      y = self.layer.activation(y)
+    return y
+
+
+class _Conv2D(_Op):
+
+  def __init__(self, layer, kernel_ref, bias_ref, impl):
+    super().__init__(layer)
+    self.kernel_ref, self.bias_ref = kernel_ref, bias_ref
+    self.impl = impl
+    self.strides = tuple(int(s) for s in layer.strides)
+    self.padding = layer.padding
+
+  def __call__(self, ctx, inputs):
+    x = inputs[0]
+    if x.shape.rank != 5 or None in x.shape[2:]:
+      raise _unsupported(self.layer, f"needs inputs [T, N, H, W, C] with static "
+                         f"H, W, C; got {x.shape}")
+    kernel, per_task = ctx.read(self.kernel_ref)
+    if per_task:
+      y = _CONV_KERNELS[self.impl](x, kernel, self.strides, self.padding)
+    else:
+      merged, split = _merge_task_axis(x)
+      y = split(tf.nn.conv2d(merged, kernel, strides=list(self.strides),
+                             padding=self.padding.upper()))
+    if self.bias_ref is not None:
+      bias, per_task = ctx.read(self.bias_ref)
+      y = y + _per_task_vector(bias, per_task, 5)
+    if self.layer.activation is not None:
+      y = self.layer.activation(y)
+    return y
+
+
+class _Pool2D(_Op):
+
+  def __call__(self, ctx, inputs):
+    x = inputs[0]
+    if x.shape.rank != 5:
+      raise _unsupported(self.layer, f"needs inputs [T, N, H, W, C], got "
+                         f"{x.shape}")
+    merged, split = _merge_task_axis(x)
+    pool = (tf.nn.max_pool2d
+            if isinstance(self.layer, keras.layers.MaxPooling2D)
+            else tf.nn.avg_pool2d)
+    return split(pool(merged, ksize=list(self.layer.pool_size),
+                      strides=list(self.layer.strides),
+                      padding=self.layer.padding.upper()))
+
+
+class _Flatten(_Op):
+
+  def __call__(self, ctx, inputs):
+    x = inputs[0]
+    features = x.shape[2:]
+    size = -1 if None in features else int(math.prod(features))
+    return tf.reshape(x, _dims(x)[:2] + [size])
+
+
+class _Add(_Op):
+
+  def __call__(self, ctx, inputs):
+    y = inputs[0]
+    for x in inputs[1:]:
+      y = y + x
+    return y
+
+
+class _Concatenate(_Op):
+
+  def __call__(self, ctx, inputs):
+    axis = self.layer.axis
+    return tf.concat(inputs, axis=axis if axis < 0 else axis + 1)
+
+
+class _Program(_Op):
+  """A nested (or the top-level) model as a sequence of compiled steps.
+
+  ``steps`` holds ``(op, input_ids, output_id)``; tensor ids index a dict of
+  values that starts with the model's input.
+  """
+
+  def __init__(self, layer, input_id, steps, output_id):
+    super().__init__(layer)
+    self.input_id, self.steps, self.output_id = input_id, steps, output_id
+
+  def __call__(self, ctx, inputs):
+    values = {self.input_id: inputs[0]}
+    for op, input_ids, output_id in self.steps:
+      values[output_id] = op(ctx, [values[i] for i in input_ids])
+    return values[self.output_id]
+
+
+# ---------------------------------------------------------------- compiler
+_ELEMENTWISE = (keras.layers.Activation, keras.layers.ReLU,
+                keras.layers.LeakyReLU, keras.layers.ELU)
+
+
+class _Compiler:
+  """Maps a Keras model's layers to :class:`_Op` objects."""
+
+  def __init__(self, model, conv_impl, fold=True):
+    self.conv_impl = conv_impl
+    self.fold = fold
+    self.refs = {}
+    for i, v in enumerate(model.trainable_variables):
+      self.refs[id(v)] = ("p", i)
+    for i, v in enumerate(model.non_trainable_variables):
+      self.refs[id(v)] = ("s", i)
+
+  def ref(self, layer, variable):
+    if variable is None:
+      return None
+    try:
+      return self.refs[id(variable)]
+    except KeyError:
+      raise _unsupported(layer, f"its variable {variable.path!r} is not among "
+                         "the model's variables") from None
+
+  def check_common(self, layer):
+    policy = layer.dtype_policy
+    if policy.compute_dtype != policy.variable_dtype:
+      raise _unsupported(layer, f"mixed precision policy {policy.name!r} "
+                         "(compute and variable dtypes differ)")
+    if getattr(layer, "quantization_mode", None):
+      raise _unsupported(layer, f"quantized ({layer.quantization_mode})")
+    if getattr(layer, "lora_enabled", False):
+      raise _unsupported(layer, "LoRA is enabled")
+    if getattr(layer, "data_format", "channels_last") != "channels_last":
+      raise _unsupported(layer, f"data_format={layer.data_format!r}; only "
+                         "'channels_last' is supported")
+
+  def compile_layer(self, layer) -> _Op:
+    kind = type(layer)
+    if isinstance(layer, keras.Model):
+      return self.compile_model(layer)
+    self.check_common(layer)
+    if kind is keras.layers.InputLayer:
+      return _Identity(layer)
+    if kind is keras.layers.Dense:
+      return _Dense(layer, self.ref(layer, layer.kernel),
+                    self.ref(layer, layer.bias))
+    if kind is keras.layers.Conv2D:
+      if tuple(layer.dilation_rate) != (1, 1):
+        raise _unsupported(layer, f"dilation_rate={layer.dilation_rate}; only "
+                           "(1, 1) is supported")
+      if layer.groups != 1:
+        raise _unsupported(layer, f"groups={layer.groups}; only 1 is supported")
+      if layer.padding not in ("same", "valid"):
+        raise _unsupported(layer, f"padding={layer.padding!r}")
+      return _Conv2D(layer, self.ref(layer, layer.kernel),
+                     self.ref(layer, layer.bias), self.conv_impl)
+    if kind is keras.layers.BatchNormalization:
+      rank = keras_compat.batchnorm_rank(layer)
+      if layer.axis not in (-1, rank - 1):
+        raise _unsupported(layer, f"axis={layer.axis}; only the last (channel)"
+                           " axis is supported")
+      if layer.renorm:
+        raise _unsupported(layer, "renorm=True")
+      if layer.synchronized:
+        raise _unsupported(layer, "synchronized=True")
+      return _BatchNorm(layer, [self.ref(layer, v) for v in (
+          layer.gamma, layer.beta, layer.moving_mean, layer.moving_variance)])
+    if kind is keras.layers.LayerNormalization:
+      axis = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
+      last = len(layer.input.shape) - 1 if _has_input(layer) else None
+      if list(axis) not in ([-1], [last]):
+        raise _unsupported(layer, f"axis={layer.axis}; only the last axis is "
+                           "supported")
+      if layer.rms_scaling:
+        raise _unsupported(layer, "rms_scaling=True")
+      return _LayerNorm(layer, self.ref(layer, layer.gamma),
+                        self.ref(layer, layer.beta))
+    if kind in (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D):
+      if layer.padding not in ("same", "valid"):
+        raise _unsupported(layer, f"padding={layer.padding!r}")
+      return _Pool2D(layer)
+    if kind is keras.layers.Flatten:
+      return _Flatten(layer)
+    if kind in _ELEMENTWISE:
+      return _Elementwise(layer)
+    if kind is keras.layers.Softmax:
+      if layer.axis != -1:
+        raise _unsupported(layer, f"axis={layer.axis}; only -1 is supported")
+      return _Elementwise(layer)
+    if kind is keras.layers.Dropout:
+      # Raised here, not at call time, so that callers can fall back before
+      # tracing (MAML always runs in training mode).
+      if layer.rate > 0:
+        raise _unsupported(layer, f"dropout with rate {layer.rate} (random "
+                           "per-task masks are not supported; only rate 0)")
+      return _Identity(layer)
+    if kind is keras.layers.Add:
+      return _Add(layer)
+    if kind is keras.layers.Concatenate:
+      if layer.axis == 0:
+        raise _unsupported(layer, "concatenation along the batch axis")
+      return _Concatenate(layer)
+    raise _unsupported(layer, "this layer type is not supported (supported: "
+                       "InputLayer, Dense, Conv2D, BatchNormalization, "
+                       "LayerNormalization, MaxPooling2D, AveragePooling2D, "
+                       "Flatten, Activation, ReLU, LeakyReLU, ELU, Softmax, "
+                       "Dropout, Add, Concatenate and nested Sequential/"
+                       "functional models)")
+
+  def compile_model(self, model) -> _Program:
+    if isinstance(model, keras.Sequential):
+      steps, layers, i = [], model.layers, 0
+      while i < len(layers):
+        op = self.compile_layer(layers[i])
+        if (self.fold and isinstance(op, _Conv2D) and i + 1 < len(layers)
+            and type(layers[i + 1]) is keras.layers.BatchNormalization  # pylint: disable=unidiomatic-typecheck
+            and _ConvBatchNorm.applies(layers[i], layers[i + 1])):
+          steps.append((_ConvBatchNorm(op, self.compile_layer(layers[i + 1])),
+                        [i], i + 2))
+          i += 2
+          continue
+        steps.append((op, [i], i + 1))
+        i += 1
+      return _Program(model, 0, steps, len(layers))
+    nodes_by_depth = keras_compat.nodes_by_depth(model)
+    if nodes_by_depth is None or not hasattr(model, "outputs"):
+      raise Unsupported(
+          f"maml_tf.fast_weights cannot batch model {model.name!r} "
+          f"({type(model).__name__}): subclassed models have no layer graph; "
+          "use keras.Sequential or the functional API")
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+      raise Unsupported(
+          f"maml_tf.fast_weights cannot batch model {model.name!r}: it has "
+          f"{len(model.inputs)} inputs and {len(model.outputs)} outputs; only "
+          "single-input single-output models are supported")
+    steps = []
+    for depth in sorted(nodes_by_depth, reverse=True):
+      for node in nodes_by_depth[depth]:
+        op = node.operation
+        if op is None or node.is_input:
+          continue
+        kwargs = {k: v for k, v in node.arguments.kwargs.items()
+                  if v is not None}
+        if kwargs:
+          raise _unsupported(op, f"called with keyword arguments "
+                             f"{sorted(kwargs)} (masks, training flags)")
+        if len(node.outputs) != 1:
+          raise _unsupported(op, "layers with several outputs")
+        steps.append((self.compile_layer(op),
+                      [id(t) for t in node.input_tensors],
+                      id(node.outputs[0])))
+    return _Program(model, id(model.inputs[0]), steps, id(model.outputs[0]))
+
+
+def _has_input(layer) -> bool:
+  try:
+    return layer.input is not None
+  except (AttributeError, ValueError):
+    return False
+
+
+# ------------------------------------------------------------------ public
+class BatchedModel:
+  """A Keras model compiled to task-batched kernels (pure, stateless).
+
+  Create with :func:`compile_batched`. Calling it never reads or writes the
+  model's variables.
+
+  Attributes:
+    model: the compiled Keras model.
+    conv_impl: the resolved Conv2D implementation (never ``'auto'``).
+    program: the compiled top-level ``_Program``; ``program.steps`` lists
+      its ``(op, input_ids, output_id)`` steps.
+
+  Arguments (of ``__call__``):
+    params: tensors aligned with ``model.trainable_variables``, each
+      ``[T, *var.shape]`` (one value per task) or ``var.shape`` (shared by
+      all tasks).
+    state: tensors aligned with ``model.non_trainable_variables``, each
+      ``[T, *var.shape]`` or ``var.shape``.
+    x: inputs ``[T, N, *input_shape]``.
+    training: ``True`` normalises BatchNorm with each task's batch statistics
+      and updates its moving statistics; ``False`` uses the moving statistics.
+
+  Returns:
+    ``(y, new_state)``: ``y`` is ``[T, N, *output_shape]``; ``new_state`` is
+    a list aligned with ``state`` (updated BatchNorm moving statistics are
+    ``[T, ...]``; untouched entries are passed through as given).
+
+  Example:
+    >>> batched = compile_batched(model)
+    >>> y, new_state = batched(params, state, x, training=True)
+  """
+
+  def __init__(self, model: keras.Model, program: _Program, conv_impl: str):
+    self.model = model
+    self.conv_impl = conv_impl
+    self.program = program
+    self._shapes = {
+        "p": [tuple(v.shape) for v in model.trainable_variables],
+        "s": [tuple(v.shape) for v in model.non_trainable_variables]}
+    self._dtype = model.trainable_variables[0].dtype if (
+        model.trainable_variables) else keras.config.floatx()
+
+  def __call__(self, params: Sequence[tf.Tensor], state: Sequence[tf.Tensor],
+               x, training: bool = True) -> Tuple[tf.Tensor, List[tf.Tensor]]:
+    if len(params) != len(self._shapes["p"]):
+      raise ValueError(f"expected {len(self._shapes['p'])} params (one per "
+                       f"trainable variable), got {len(params)}")
+    if len(state) != len(self._shapes["s"]):
+      raise ValueError(f"expected {len(self._shapes['s'])} state tensors (one "
+                       f"per non-trainable variable), got {len(state)}")
+    x = tf.convert_to_tensor(x)
+    if x.dtype.is_floating and x.dtype != self._dtype:
+      x = tf.cast(x, self._dtype)
+    if x.shape.rank is None or x.shape.rank < 2:
+      raise ValueError(f"x must be [T, N, *input_shape], got shape {x.shape}")
+    params = [tf.convert_to_tensor(p) for p in params]
+    state = [tf.convert_to_tensor(s) for s in state]
+    ctx = _Context(params, state, self._shapes, bool(training))
+    y = self.program(ctx, [x])
+    return y, ctx.values["s"]
+
+
+def compile_batched(model: keras.Model, conv_impl: str = "auto",
+                    fold_conv_batchnorm: bool = True) -> BatchedModel:
+  """Compiles ``model`` into a :class:`BatchedModel` running all tasks at once.
+
+  Arguments:
+    model: a built ``keras.Sequential`` or functional ``keras.Model`` (nested
+      Sequential/functional models are fine) made of supported layers:
+      InputLayer, Dense, Conv2D (channels_last, dilation 1, groups 1, 'same'
+      or 'valid'), BatchNormalization and LayerNormalization (last axis),
+      MaxPooling2D, AveragePooling2D, Flatten, Activation, ReLU, LeakyReLU,
+      ELU, Softmax (last axis), Dropout (rate 0 only), Add and
+      Concatenate.
+    conv_impl: ``'auto'``, ``'patches'``, ``'grouped'`` or ``'map'`` (see
+      :mod:`maml_tf.core.fast_weights`).
+    fold_conv_batchnorm: in training mode, fold a Conv2D with few inputs
+      per output pixel (at most its filter count, e.g. a first layer) and
+      the BatchNormalization after it into one convolution
+      (:class:`~maml_tf.core.fast_weights.normalization._ConvBatchNorm`;
+      same numbers, fewer full-size passes).
+
+  Returns:
+    a :class:`BatchedModel`; ``batched(params, state, x, training)`` equals,
+    task by task, ``functional_call(model, params[t], state[t], x[t],
+    training)`` (outputs and new state), derivatives of every order included.
+
+  Raises:
+    Unsupported: naming the first layer (or configuration) it cannot batch.
+
+  Example:
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    >>> batched = compile_batched(model)
+    >>> y, _ = batched([tf.ones((3, 4, 2)), tf.zeros((3, 2))], [],
+    ...                tf.ones((3, 5, 4)))
+    >>> y.shape
+    TensorShape([3, 5, 2])
+  """
+  if not isinstance(model, keras.Model):
+    raise TypeError(f"compile_batched needs a keras.Model, got "
+                    f"{type(model).__name__}")
+  if not model.built:
+    raise ValueError(f"model {model.name!r} is not built; give it an "
+                     "keras.Input or call it once")
+  impl = resolve_conv_impl(conv_impl)
+  program = _Compiler(model, impl, fold_conv_batchnorm).compile_model(model)
+  return BatchedModel(model, program, impl)

@@ -1,0 +1,349 @@
+"""The adaptation: inner gradient steps from theta on a task's support set.
+
+:func:`adapt_params` is the one inner loop of maml_tf: meta-training (every
+execution strategy), evaluation, :meth:`maml_tf.MAML.adapt`, the adaptable
+SavedModel and distributed training all run it, through an
+:class:`InnerLoop` that fixes what a learner adapts and with which step
+sizes. It is pure: weights in, weights out.
+
+Step sizes (:class:`StepSizes`): a fixed alpha, or meta-learned ones
+(one scalar, one per parameter as Meta-SGD, one per weight tensor and inner
+step as MAML++); an explicit ``inner_lr`` overrides them with one fixed
+value. Steps beyond the learned per-step sizes reuse the last one.
+"""
+
+import dataclasses
+from typing import Callable, Optional, Sequence, Tuple
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from maml_tf.core import functional
+from maml_tf.core import keras_compat
+
+LossFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
+INNER_LR_MODES = (None, "scalar", "per_parameter", "per_layer_per_step")
+
+
+def inner_update(params: Sequence[tf.Tensor], grads: Sequence[tf.Tensor],
+                 inner_lr) -> list:
+  """One plain gradient step ``theta - alpha * g`` (pure).
+
+  Arguments:
+    params: current fast weights.
+    grads: their gradients, same structure (``None`` leaves a weight as is).
+    inner_lr: a scalar step size, or one per parameter (Meta-SGD style:
+      scalars or tensors shaped like the parameter).
+  """
+  lrs = (list(inner_lr) if isinstance(inner_lr, (list, tuple))
+         else [inner_lr] * len(params))
+  return [p if g is None else p - lr * g
+          for p, g, lr in zip(params, grads, lrs)]
+
+
+def adapt_params(model: keras.Model, loss_fn: LossFn, params, state, x, y,
+                 inner_lr, steps, first_order: bool = False,
+                 on_step: Optional[Callable[[int, list, list], None]] = None,
+                 adapt_mask: Optional[Sequence[bool]] = None,
+                 forward: Optional[Callable] = None,
+                 recompute: bool = False):
+  """Runs ``steps`` inner gradient steps from ``params`` on ``(x, y)`` (pure).
+
+  Arguments:
+    model: the Keras model, used only as a function (never written).
+    loss_fn: ``(y_true, y_pred) -> scalar``.
+    params: starting weights, ordered as ``model.trainable_variables``.
+    state: non-trainable state, ordered as ``model.non_trainable_variables``.
+    x, y: the support set of one task.
+    inner_lr: step size: a scalar, one per parameter, or a function
+      ``step -> either`` (per-step step sizes, MAML++).
+    steps: number of gradient steps, >= 0: a Python int (the steps are
+      unrolled) or a scalar integer tensor (a ``tf.while_loop``; then
+      ``on_step`` and ``recompute`` are not available).
+    first_order: drop the second-order terms (``stop_gradient`` on the
+      inner gradients).
+    on_step: optional ``f(step, fast_params, state)`` called after each step
+      (used by evaluation to score the query set along the way).
+    adapt_mask: one bool per parameter; ``False`` keeps that parameter fixed
+      in the inner loop (ANIL adapts only the head).
+    forward: ``f(params, state, x) -> (y_pred, state)``; default
+      ``functional_call(model, ..., training=True)``. The task-batched path
+      passes its batched model here.
+    recompute: gradient checkpointing through the inner loop: each step keeps
+      only its inputs and is recomputed during the outer backward pass, so
+      peak memory no longer grows with the activations of every step (about
+      one extra forward and inner backward per step in time).
+
+  Returns:
+    ``(fast_params, state)``.
+
+  Example:
+    >>> params, state = functional.read_weights(model)
+    >>> fast, state = adapt_params(model, mse, params, state, x, y, 0.01, 1)
+  """
+  if forward is None:
+    forward = lambda p, s, x: functional.functional_call(model, p, s, x, True)
+  mask = list(adapt_mask) if adapt_mask is not None else [True] * len(params)
+  lr_at = inner_lr if callable(inner_lr) else (lambda step: inner_lr)
+
+  def step_fn(fast, state, lr):
+    watched = [f for f, m in zip(fast, mask) if m]
+    with tf.GradientTape(watch_accessed_variables=False) as tape:
+      tape.watch(watched)
+      pred, state = forward(fast, state, x)
+      loss = loss_fn(y, pred)
+    grads = iter(tape.gradient(
+        loss, watched, unconnected_gradients=tf.UnconnectedGradients.ZERO))
+    grads = [next(grads) if m else None for m in mask]
+    if first_order:
+      grads = [None if g is None else tf.stop_gradient(g) for g in grads]
+    return inner_update(fast, grads, lr), list(state)
+
+  fast, state = list(params), list(state)
+  if not isinstance(steps, (int, np.integer)):
+    if on_step is not None or recompute:
+      raise ValueError("adapt_params with a tensor number of steps takes "
+                       "neither on_step nor recompute")
+
+    def body(i, fast, state):
+      fast, state = step_fn(list(fast), list(state), lr_at(i))
+      return i + 1, fast, state
+    _, fast, state = tf.while_loop(
+        lambda i, *_: i < tf.cast(steps, tf.int32), body,
+        (tf.constant(0), fast, state))
+    return list(fast), list(state)
+  for step in range(int(steps)):
+    if recompute:
+      fast, state = _recomputed_step(step_fn, fast, state, lr_at(step))
+    else:
+      fast, state = step_fn(fast, state, lr_at(step))
+    if on_step is not None:
+      on_step(step + 1, fast, state)
+  return fast, state
+
+
+def _recomputed_step(step_fn, fast, state, lr):
+  """``step_fn`` with gradient checkpointing: keeps only its inputs alive.
+
+  The backward pass recomputes the step (forward, inner gradient) under a
+  tape and differentiates it there, so the second-order terms are exact
+  while the step's activations are freed after the forward pass. Step sizes
+  are passed as arguments so that learned ones still get gradients.
+  Non-float state (RNG seeds) stays outside and is not advanced by the step.
+  """
+  per_param_lr = isinstance(lr, (list, tuple))
+  lrs = [tf.convert_to_tensor(v, fast[0].dtype)
+         for v in (lr if per_param_lr else [lr])]
+  floats = [i for i, s in enumerate(state) if s.dtype.is_floating]
+  n, m = len(fast), len(floats)
+
+  def flat_step(*args):
+    st = list(state)
+    for i, value in zip(floats, args[n:n + m]):
+      st[i] = value
+    l = list(args[n + m:])
+    new_fast, new_state = step_fn(list(args[:n]), st,
+                                  l if per_param_lr else l[0])
+    return tuple(new_fast) + tuple(new_state[i] for i in floats)
+
+  @tf.custom_gradient
+  def checkpointed(*args):
+    result = flat_step(*args)
+
+    def grad(*dresult, variables=None):
+      # Recompute the step under a fresh tape: the inner tape nests inside
+      # it, so the vector-Jacobian product includes the second-order terms.
+      # (tf.recompute_grad cannot be used: it runs the forward pass with all
+      # tapes stopped, which silently zeroes the inner gradient.)
+      # The control dependency keeps the graph executor from recomputing
+      # every step early (their inputs are ready long before): step k is
+      # recomputed only once the gradient reaching it exists.
+      with tf.control_dependencies([d for d in dresult if d is not None]):
+        ids = [tf.identity(a) for a in args]
+      with tf.GradientTape(watch_accessed_variables=False) as tape:
+        tape.watch(ids)
+        again = flat_step(*ids)
+      dresult = [tf.zeros_like(r) if d is None else d
+                 for r, d in zip(again, dresult)]
+      grads = tape.gradient(list(again), ids, output_gradients=dresult,
+                            unconnected_gradients=tf.UnconnectedGradients.ZERO)
+      if variables is None:
+        return grads
+      return grads, [tf.zeros_like(v) for v in variables]
+    return result, grad
+
+  if tf.executing_eagerly():
+    raise RuntimeError("recompute=True needs graph mode (inside tf.function); "
+                       "MAML's compiled steps provide it")
+  out = checkpointed(*fast, *[state[i] for i in floats], *lrs)
+  new_state = list(state)
+  for i, value in zip(floats, out[n:]):
+    new_state[i] = value
+  return list(out[:n]), new_state
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSizes:
+  """The inner step-size rule of a learner.
+
+  Arguments:
+    mode: ``None`` (fixed ``inner_lr``), ``"scalar"``, ``"per_parameter"``
+      or ``"per_layer_per_step"`` (learned, see :class:`maml_tf.MAML`).
+    inner_lr: the fixed step size (the initial value of learned ones).
+    inner_steps: inner steps during meta-training (the length of the
+      per-step step sizes).
+  """
+  mode: Optional[str]
+  inner_lr: float
+  inner_steps: int
+
+  def variables(self, model: keras.Model) -> list:
+    """The learned step sizes as new variables at ``inner_lr`` (or ``[]``)."""
+    params = model.trainable_variables
+    shapes = {None: [], "scalar": [()],
+              "per_parameter": [tuple(v.shape) for v in params],
+              "per_layer_per_step": [(self.inner_steps,)] * len(params)
+              }[self.mode]
+    return [keras.Variable(np.full(shape, self.inner_lr),
+                           dtype=params[0].dtype, name=f"inner_lr_{i}")
+            for i, shape in enumerate(shapes)]
+
+  def schedule(self, lrs: Sequence[tf.Tensor] = (), inner_lr=None):
+    """``step -> step size(s)``: the learned ``lrs``, unless ``inner_lr``.
+
+    ``step`` may be a Python int or an integer tensor.
+    """
+    if inner_lr is not None or self.mode is None or not lrs:
+      value = self.inner_lr if inner_lr is None else inner_lr
+      return lambda step: value
+    if self.mode == "scalar":
+      return lambda step: lrs[0]
+    if self.mode == "per_parameter":
+      return lambda step: list(lrs)
+    last = self.inner_steps - 1
+
+    def per_step(step):
+      if isinstance(step, (int, np.integer)):
+        return [lr[min(int(step), last)] for lr in lrs]
+      index = tf.minimum(tf.cast(step, tf.int32), last)
+      return [tf.gather(lr, index) for lr in lrs]
+    return per_step
+
+
+@dataclasses.dataclass(frozen=True)
+class InnerLoop:
+  """What a learner's adaptation is: model, support loss, mask, step sizes.
+
+  Arguments:
+    model: the Keras model (used as a function only).
+    loss_fn: ``(y_true, y_pred) -> scalar`` on one task's support set.
+    adapt_mask: one bool per trainable variable (``False``: kept at theta).
+    step_sizes: the step-size rule.
+  """
+  model: keras.Model
+  loss_fn: LossFn
+  adapt_mask: Tuple[bool, ...]
+  step_sizes: StepSizes
+
+  def adapt(self, params, state, x, y, steps, lrs=(), inner_lr=None,
+            first_order: bool = True, on_step=None, forward=None,
+            recompute: bool = False, loss_fn: Optional[LossFn] = None):
+    """:func:`adapt_params` with this learner's mask and step sizes.
+
+    Arguments:
+      params, state: theta and the non-trainable state.
+      x, y: the support set (with a task axis when ``forward`` is batched).
+      steps: inner steps (int or scalar integer tensor).
+      lrs: the learned step sizes' current values (empty when fixed).
+      inner_lr: a fixed step size overriding the learner's (fixed or
+        learned) ones.
+      first_order, on_step, forward, recompute: as :func:`adapt_params`.
+      loss_fn: replaces the support loss (the batched path sums per-task
+        losses).
+    """
+    return adapt_params(self.model, loss_fn or self.loss_fn, params, state,
+                        x, y, self.step_sizes.schedule(lrs, inner_lr), steps,
+                        first_order, on_step=on_step,
+                        adapt_mask=self.adapt_mask, forward=forward,
+                        recompute=recompute)
+
+
+def support_statistics(model: keras.Model, params, state, x) -> list:
+  """``state`` with every BatchNorm's moving statistics set to ``x``'s.
+
+  The batch statistics of ``x`` under weights ``params`` (exact moments);
+  other state passes through ``model.stateless_call`` unchanged. What an
+  adapted model predicts with in inference mode.
+  """
+  layers = [l for l in keras_compat.flatten_layers(model)
+            if isinstance(l, keras.layers.BatchNormalization)]
+  if not layers:
+    return list(state)
+  saved = [l.momentum for l in layers]
+  try:
+    for l in layers:
+      l.momentum = 0.0
+    _, new_state = functional.functional_call(model, params, state, x, True)
+  finally:
+    for l, m in zip(layers, saved):
+      l.momentum = m
+  return new_state
+
+
+def adapt_mask(model: keras.Model, adapt) -> Tuple[bool, ...]:
+  """One bool per trainable variable: does the inner loop adapt it?
+
+  Arguments:
+    model: the meta-model.
+    adapt: ``"all"``, ``"head"`` (the last layer that has weights), a list of
+      layer names, or a predicate ``f(variable) -> bool``.
+
+  Raises:
+    ValueError: an unknown form, unknown layer names, or nothing selected.
+  """
+  variables = model.trainable_variables
+  if isinstance(adapt, str) and adapt == "all":
+    return (True,) * len(variables)
+  layers = keras_compat.flatten_layers(model)
+  if isinstance(adapt, str) and adapt == "head":
+    head = {id(v) for v in [l for l in layers if l.trainable_weights][-1]
+            .trainable_weights}
+    mask = [id(v) in head for v in variables]
+  elif callable(adapt):
+    mask = [bool(adapt(v)) for v in variables]
+  elif isinstance(adapt, (list, tuple)):
+    names = set(adapt)
+    by_name = {l.name: l for l in layers}
+    missing = names - set(by_name)
+    if missing:
+      raise ValueError(f"adapt names layers that model {model.name!r} does not "
+                       f"have: {sorted(missing)}; it has {sorted(by_name)}")
+    chosen = {id(v) for n in names for v in by_name[n].trainable_weights}
+    mask = [id(v) in chosen for v in variables]
+  else:
+    raise ValueError("adapt must be 'all', 'head', a list of layer names or a "
+                     f"predicate, got {adapt!r}")
+  if not any(mask):
+    raise ValueError(f"adapt={adapt!r} selects no trainable variable of "
+                     f"model {model.name!r}")
+  return tuple(mask)
+
+
+# ------------------------------------------------------------- task axes
+def tile_tasks(v, num_tasks):
+  """``v`` repeated along a new leading task axis.
+
+  ``expand_dims``, not ``v[None]``, whose gradient is a StridedSliceGrad.
+  """
+  return tf.tile(tf.expand_dims(v, 0), [num_tasks] + [1] * v.shape.rank)
+
+
+def split_tasks(t, num_chunks: int, chunk: int):
+  """``[T, ...] -> [num_chunks, chunk, ...]``."""
+  return tf.reshape(t, [num_chunks, chunk] + t.shape[1:].as_list())
+
+
+def merge_chunks(t):
+  """``[num_chunks, chunk, ...] -> [T, ...]`` (undoes :func:`split_tasks`)."""
+  return tf.reshape(t, [-1] + t.shape[2:].as_list())

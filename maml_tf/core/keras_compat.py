@@ -1,0 +1,172 @@
+"""The one place where maml_tf touches private Keras and TensorFlow names.
+
+Everything here depends on internals of the pinned versions (Keras 3.15, TF
+2.21; see BUILD_NOTES.md). Each function says what it needs and what it does
+when a future version moves it: warn and fall back where a fallback keeps
+results right, else raise naming the missing piece. No other module of
+maml_tf reads a private Keras/TF attribute.
+"""
+
+import contextlib
+import threading
+import warnings
+from typing import Iterator, List, Optional, Tuple
+
+import keras
+import tensorflow as tf
+
+_PATCH_LOCK = threading.RLock()
+
+
+# ----------------------------------------------------------------- layers
+def flatten_layers(model: keras.Model) -> List[keras.layers.Layer]:
+  """Every layer inside ``model`` (nested models' layers too), not the model.
+
+  In the order Keras tracks them (creation order for subclassed models).
+  """
+  return list(model._flatten_layers(include_self=False))  # pylint: disable=protected-access
+
+
+def nodes_by_depth(model: keras.Model) -> Optional[dict]:
+  """A functional model's ``{depth: [node]}`` layer graph, else ``None``."""
+  return getattr(model, "_nodes_by_depth", None)
+
+
+def build_input_shape(model: keras.Model):
+  """The input shape a subclassed model was built with, or ``None``."""
+  shapes = getattr(model, "_build_shapes_dict", None) or {}
+  return next(iter(shapes.values()), None)
+
+
+def batchnorm_rank(layer: keras.layers.BatchNormalization) -> int:
+  """The rank (batch axis included) of the inputs ``layer`` was built on."""
+  return len(layer._reduction_axes) + 1  # pylint: disable=protected-access
+
+
+# ---------------------------------------------------------------- moments
+def _exact_moments(x, axes, keepdims=False):
+  """Mean and (biased) variance with exact first and second derivatives."""
+  mean = tf.reduce_mean(x, axis=axes, keepdims=True)
+  variance = tf.reduce_mean(tf.square(x - mean), axis=axes, keepdims=True)
+  if not keepdims:
+    mean = tf.squeeze(mean, axis=axes)
+    variance = tf.squeeze(variance, axis=axes)
+  return mean, variance
+
+
+@contextlib.contextmanager
+def exact_moments() -> Iterator[None]:
+  """Within this context Keras' TF backend computes moments exactly.
+
+  Keras computes the moments of BatchNormalization and LayerNormalization
+  with ``tf.nn.moments``, which subtracts a ``stop_gradient(mean)``: first
+  derivatives are right, second derivatives lose the ``-11^T/n`` term of
+  the variance's Hessian. This swaps Keras' private ``_compute_moments`` for
+  an exact one. If a future Keras moves it, a warning says so and the stock
+  moments are used (the finite-difference tests then fail loudly).
+
+  Example:
+    >>> with exact_moments():
+    ...   y = keras.layers.LayerNormalization()(tf.ones((2, 3)))
+  """
+  try:
+    from keras.src.backend.tensorflow import nn as tf_nn  # pylint: disable=g-import-not-at-top
+    original = tf_nn._compute_moments  # pylint: disable=protected-access
+  except (ImportError, AttributeError):  # pragma: no cover - other Keras versions
+    warnings.warn(
+        "maml_tf could not patch Keras' moments; second-order meta-gradients "
+        "through BatchNormalization/LayerNormalization may be inexact with "
+        f"Keras {keras.__version__}.")
+    yield
+    return
+  with _PATCH_LOCK:
+    tf_nn._compute_moments = _exact_moments  # pylint: disable=protected-access
+    try:
+      yield
+    finally:
+      tf_nn._compute_moments = original  # pylint: disable=protected-access
+
+
+# ------------------------------------------------------------------ losses
+def loss_function_parts(loss: keras.losses.Loss
+                        ) -> Optional[Tuple[object, dict]]:
+  """``(fn, fn_kwargs)`` of a Keras ``LossFunctionWrapper`` loss, else None.
+
+  ``None`` too when the loss class overrides ``call`` (then ``fn`` alone
+  does not say what it computes).
+  """
+  wrapper = next((c for c in type(loss).__mro__
+                  if c.__name__ == "LossFunctionWrapper"), None)
+  if wrapper is None or type(loss).call is not wrapper.call:
+    return None
+  return getattr(loss, "fn", None), dict(getattr(loss, "_fn_kwargs", {}))
+
+
+@contextlib.contextmanager
+def unscaled_keras_losses() -> Iterator[None]:
+  """Within this context Keras losses do not divide by the replica count.
+
+  Under a ``tf.distribute`` strategy with ``R > 1`` replicas, Keras 3's
+  ``Loss`` objects (``reduction="sum_over_batch_size"``) multiply their value
+  by ``1/R``, Keras' convention for ``model.fit``. MAML's losses are per-task
+  means (the inner loop steps on them, so scaling them would also shrink
+  every inner step); :class:`maml_tf.core.distribute.DistributedMAML` traces
+  its replica step in this context and averages across replicas itself.
+
+  Example:
+    >>> with strategy.scope(), unscaled_keras_losses():
+    ...   loss = keras.losses.MeanSquaredError()(y, pred)   # not divided by R
+  """
+  try:
+    from keras.src.losses import loss as loss_module  # pylint: disable=g-import-not-at-top
+    original = loss_module.scale_loss_for_distribution
+  except (ImportError, AttributeError):  # pragma: no cover - other Keras
+    warnings.warn(
+        "maml_tf could not turn off Keras' 1/num_replicas loss scaling; with "
+        f"Keras {keras.__version__}, keras.losses.Loss objects may be divided "
+        "by the number of replicas in DistributedMAML (plain loss functions "
+        "such as 'mse' are not affected).")
+    yield
+    return
+  with _PATCH_LOCK:
+    loss_module.scale_loss_for_distribution = lambda value: value
+    try:
+      yield
+    finally:
+      loss_module.scale_loss_for_distribution = original
+
+
+# -------------------------------------------------------------- optimizers
+def tf_variable(variable) -> tf.Variable:
+  """The ``tf.Variable`` behind a Keras variable (TF backend)."""
+  return getattr(variable, "_value", variable)
+
+
+def adam_slots(optimizer: keras.optimizers.Adam, variables
+               ) -> Optional[List[Tuple[object, object]]]:
+  """``[(momentum, velocity)]`` slot variables of a built Keras Adam, or None."""
+  try:
+    return [(optimizer._momentums[optimizer._get_variable_index(v)],  # pylint: disable=protected-access
+             optimizer._velocities[optimizer._get_variable_index(v)])  # pylint: disable=protected-access
+            for v in variables]
+  except (KeyError, AttributeError, IndexError):
+    return None
+
+
+def optimizer_strategy(optimizer: keras.optimizers.Optimizer, default):
+  """The ``tf.distribute`` strategy ``optimizer`` was created under."""
+  return getattr(optimizer, "_distribution_strategy", default)
+
+
+# ------------------------------------------------------------ distribution
+def is_default_strategy(strategy: tf.distribute.Strategy) -> bool:
+  """True for TensorFlow's default (no-op, one device) strategy."""
+  from tensorflow.python.distribute import distribute_lib  # pylint: disable=g-import-not-at-top,g-direct-tensorflow-import
+  return strategy is distribute_lib._get_default_strategy()  # pylint: disable=protected-access
+
+
+# ------------------------------------------------------------------ graphs
+def function_graphs(graph) -> list:
+  """The graphs of the functions defined in ``graph`` (loop bodies, ...)."""
+  return [f.graph for f in graph._functions.values()  # pylint: disable=protected-access
+          if getattr(f, "graph", None) is not None]

@@ -1,0 +1,659 @@
+"""MAML: the stateful meta-learner around a Keras model.
+
+Algorithm (Finn, Abbeel & Levine 2017, Algorithm 1), for each task ``i``::
+
+    theta_i' = theta - alpha * grad_theta L_support_i(theta)     (inner_steps times)
+    theta   <- theta - beta * grad_theta mean_i L_query_i(theta_i')
+
+The outer gradient differentiates *through* the inner gradient (second order)
+unless ``first_order=True``, which treats the inner gradients as constants.
+
+How a batch runs is its :class:`~maml_tf.core.plan.ExecutionPlan`
+(:meth:`MAML.plan`); the strategies of :mod:`maml_tf.core.strategies` run it
+and the :class:`~maml_tf.core.runner.Runner` compiles it. Every path adapts
+through the one :class:`~maml_tf.core.inner_loop.InnerLoop`
+(:attr:`MAML.inner_loop`), also used by :meth:`MAML.adapt` and the adaptable
+SavedModel.
+
+Extension points (public, traceable inside ``tf.function``):
+:meth:`MAML.compute_gradients` (what a meta-step differentiates; Reptile
+overrides it), :meth:`MAML.apply_gradients`, :meth:`MAML.write_state` and
+:meth:`MAML.meta_step` (their composition, what ``train_step`` compiles).
+:class:`maml_tf.core.distribute.DistributedMAML` is built on them.
+
+BatchNorm and other non-trainable state: the inner and outer loops call the
+model with ``training=True`` as in the paper's code, so normalisation uses the
+statistics of the batch at hand (support batch while adapting, query batch
+when scoring: transductive, as the paper). The non-trainable variables are
+passed through the inner loop explicitly; a meta-step writes the tasks'
+mean BatchNorm moving statistics back, advances RNG seeds, and writes
+nothing else. ``MAML.adapt`` returns a model whose moving statistics are
+those of the support set under the adapted weights, so the adapted model
+also predicts in inference mode (``training=False``), e.g. once exported.
+"""
+
+import math
+from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple, Union
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from maml_tf.core import cloning
+from maml_tf.core import dense_chain
+from maml_tf.core import fast_weights
+from maml_tf.core import functional
+from maml_tf.core import fused_adam
+from maml_tf.core import inner_loop as inner_loop_lib
+from maml_tf.core import keras_compat
+from maml_tf.core import losses
+from maml_tf.core import numerics
+from maml_tf.core import plan as plan_lib
+from maml_tf.core import runner as runner_lib
+from maml_tf.core import strategies
+from maml_tf.core.task_batch import TaskBatch, prepare_batch, validate_task_batch
+
+INNER_LR_MODES = inner_loop_lib.INNER_LR_MODES
+EXECUTIONS = plan_lib.EXECUTIONS
+_CONV_LAYERS = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D,
+                keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D,
+                keras.layers.Conv2DTranspose)
+
+
+class StepResult(NamedTuple):
+  """What :meth:`MAML.compute_gradients` returns (traced tensors).
+
+  Attributes:
+    grads: one per meta-variable (:attr:`MAML.meta_variables`).
+    loss: the meta-objective.
+    metrics: ``{name: scalar}`` (:meth:`MAML.metric_names`).
+    new_state: one per non-trainable variable: the value to write.
+  """
+  grads: list
+  loss: tf.Tensor
+  metrics: Dict[str, tf.Tensor]
+  new_state: list
+
+
+class MAML:
+  """Model-Agnostic Meta-Learning for any built Keras 3 model.
+
+  The same class runs the gradient-based family: first-order MAML
+  (``first_order=True``), Meta-SGD (``learn_inner_lr="per_parameter"``),
+  ANIL (``adapt="head"``), MAML++ (``learn_inner_lr="per_layer_per_step"``,
+  ``multi_step_loss_iterations``, ``first_order_until``, a cosine-decayed
+  meta learning rate) and, in :class:`maml_tf.core.reptile.Reptile`, Reptile.
+
+  Arguments:
+    model: a built Keras 3 model (Sequential, functional or subclassed). Its
+      trainable variables are the meta-parameters theta.
+    loss: a Keras loss (object or name) or a callable
+      ``(y_true, y_pred) -> scalar``.
+    inner_lr: the inner step size alpha (the initial value when learned).
+    inner_steps: inner gradient steps during meta-training (>= 1).
+    first_order: drop the second-order terms of the meta-gradient (FOMAML).
+    meta_optimizer: a Keras optimizer for the outer step; default Adam(1e-3).
+    accuracy: report accuracy; ``None`` (auto) does so when labels are
+      integers (classification with logits).
+    vectorize: how the tasks of a meta-batch are run. ``"auto"`` (default)
+      picks ``"batched"`` (task-batched fast-weights kernels,
+      :mod:`maml_tf.core.fast_weights`) when the model is made of supported
+      layers, else ``"vectorized_map"``, else (when that cannot trace)
+      ``"map_fn"``. All give the same numbers. ``True``/``False`` mean
+      ``"vectorized_map"``/``"map_fn"``.
+    conv_impl: convolution kernel of the batched path: ``"auto"``,
+      ``"patches"``, ``"grouped"`` or ``"map"`` (rules in
+      :mod:`maml_tf.core.plan`).
+    learn_inner_lr: meta-learn the inner step sizes: ``None`` (fixed),
+      ``"scalar"`` (one alpha), ``"per_parameter"`` (Meta-SGD: an alpha per
+      weight) or ``"per_layer_per_step"`` (MAML++ LSLR: an alpha per weight
+      tensor and inner step).
+    adapt: which parameters the inner loop adapts: ``"all"`` (MAML),
+      ``"head"`` (ANIL: the last layer that has weights), a list of layer
+      names, or a predicate ``f(variable) -> bool``. The others stay at
+      theta for every task but are still meta-learned.
+    multi_step_loss_iterations: MAML++ multi-step loss: the meta-loss is a
+      weighted sum of the query losses after every inner step, annealed to
+      the last step's alone over this many iterations (0: off).
+    first_order_until: MAML++ derivative-order annealing: first-order
+      meta-gradients for the first this-many iterations, then second order.
+    recompute: gradient checkpointing (second-order training only): each
+      inner step keeps only its inputs and is recomputed in the backward
+      pass; on the task-batched path the query pass is checkpointed too
+      (:func:`maml_tf.core.plan.query_chunk_size`). Costs roughly one more
+      forward and inner backward per step; memory stops growing with the
+      activations of each inner step.
+    task_chunk: the meta-gradient is computed for chunks of this many tasks,
+      one chunk after another: the same update with one chunk's query
+      activations alive. ``None``: all tasks at once; ``"auto"`` (default):
+      the rule of :mod:`maml_tf.core.plan`. A value that does not divide the
+      meta-batch is lowered to the largest divisor below it.
+    closed_form: compute the meta-gradient in closed form
+      (:mod:`maml_tf.core.dense_chain`) when the model is a
+      ``keras.Sequential`` of ``Dense`` layers with ReLU or linear
+      activations, the loss is Keras' mean squared error, the inner step size
+      is fixed, every weight is adapted and there is no multi-step loss or
+      recomputation. ``"auto"`` (default): whenever possible; ``True``: a
+      ``ValueError`` says why not; ``False``: never. The same numbers.
+    jit_compile: compile :meth:`train_steps` with XLA. ``None`` (default):
+      when the closed form runs; never under ``tf.distribute``. The XLA loop
+      tests the loss and meta-gradients for NaN/Inf itself (XLA ignores
+      ``tf.debugging`` checks) and stops before a non-finite update. XLA's
+      stateless random ops draw other numbers than the graph executor's, so
+      an in-graph sampler gives other (equally distributed) tasks with XLA.
+
+  Example:
+    >>> model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(40,
+    ...     activation="relu"), keras.layers.Dense(1)])
+    >>> maml = MAML(model, keras.losses.MeanSquaredError(), inner_lr=0.01)
+    >>> maml.plan(batch).execution
+    'batched'
+    >>> metrics = maml.train_step(batch)           # one meta-update
+    >>> adapted = maml.adapt(support_x, support_y)  # a new keras.Model
+    >>> maml.evaluate(batch, steps=(0, 1, 10))["loss"]
+  """
+
+  def __init__(self, model: keras.Model, loss, inner_lr: float = 0.01,
+               inner_steps: int = 1, first_order: bool = False,
+               meta_optimizer: Optional[keras.optimizers.Optimizer] = None,
+               accuracy: Optional[bool] = None,
+               vectorize: Union[str, bool] = "auto",
+               conv_impl: str = "auto",
+               learn_inner_lr: Optional[str] = None,
+               adapt: Union[str, Sequence[str], Callable] = "all",
+               multi_step_loss_iterations: int = 0,
+               first_order_until: int = 0,
+               recompute: bool = False,
+               task_chunk: Union[str, int, None] = "auto",
+               closed_form: Union[str, bool] = "auto",
+               jit_compile: Optional[bool] = None):
+    self.model = functional.ensure_built(model)
+    self.loss_fn = losses.as_loss_fn(loss)
+    if not isinstance(inner_steps, (int, np.integer)) or inner_steps < 1:
+      raise ValueError(f"inner_steps must be an integer >= 1, got {inner_steps!r}")
+    inner_lr = float(inner_lr)
+    if not math.isfinite(inner_lr) or inner_lr < 0:
+      raise ValueError(f"inner_lr must be a finite number >= 0, got {inner_lr}")
+    if learn_inner_lr not in INNER_LR_MODES:
+      raise ValueError(f"learn_inner_lr must be one of {INNER_LR_MODES}, got "
+                       f"{learn_inner_lr!r}")
+    for name, value in (("multi_step_loss_iterations",
+                         multi_step_loss_iterations),
+                        ("first_order_until", first_order_until)):
+      if int(value) < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    if conv_impl not in fast_weights.CONV_IMPLS:
+      raise ValueError(f"conv_impl must be one of {fast_weights.CONV_IMPLS}, "
+                       f"got {conv_impl!r}")
+    if jit_compile not in (None, True, False):
+      raise ValueError(f"jit_compile must be None, True or False, got "
+                       f"{jit_compile!r}")
+    self.inner_lr = inner_lr
+    self.inner_steps = int(inner_steps)
+    self.first_order = bool(first_order)
+    self.accuracy = accuracy
+    self.learn_inner_lr = learn_inner_lr
+    self.multi_step_loss_iterations = int(multi_step_loss_iterations)
+    self.first_order_until = int(first_order_until)
+    self.recompute = bool(recompute)
+    self.task_chunk = plan_lib.check_task_chunk(task_chunk)
+    self.adapt_mask = list(inner_loop_lib.adapt_mask(self.model, adapt))
+    self.step_sizes = inner_loop_lib.StepSizes(learn_inner_lr, inner_lr,
+                                               self.inner_steps)
+    self.inner_lr_variables = self.step_sizes.variables(self.model)
+    self.meta_optimizer = meta_optimizer or keras.optimizers.Adam(1e-3)
+    self.meta_optimizer.build(self.meta_variables)
+    self._fused_update = fused_adam.fused_adam_update(self.meta_optimizer,
+                                                      self.meta_variables)
+    self._batched_models = {}
+    self._conv_impl = conv_impl
+    batched_error = None
+    if vectorize in ("auto", "batched"):
+      try:
+        self._batched_model(None)
+      except fast_weights.Unsupported as e:
+        batched_error = str(e)
+    execution = plan_lib.resolve_execution(vectorize, batched_error)
+    blocker = plan_lib.closed_form_blocker(
+        learned_step_sizes=learn_inner_lr is not None,
+        all_adapted=all(self.adapt_mask),
+        multi_step=self.multi_step_loss_iterations > 0,
+        recompute=self.recompute)
+    self._chain = plan_lib.resolve_closed_form(
+        closed_form, blocker, lambda: dense_chain.analyse(self.model, loss))
+    self._options = plan_lib.Options(
+        conv_impl=conv_impl, task_chunk=self.task_chunk,
+        jit_compile=jit_compile, recompute=self.recompute,
+        multi_step=self.multi_step_loss_iterations > 0, accuracy=accuracy)
+    self._facts = plan_lib.ModelFacts(
+        execution=execution,
+        has_conv=any(isinstance(l, _CONV_LAYERS)
+                     for l in keras_compat.flatten_layers(self.model)),
+        closed_form=self._chain is not None,
+        fused_update=self._fused_update is not None)
+    self._device = plan_lib.Device.local()
+    self._runner = runner_lib.Runner(self.model.name)
+    self._plans = {}
+    self.inner_loop = inner_loop_lib.InnerLoop(
+        self.model, self.loss_fn, tuple(self.adapt_mask),
+        self.step_sizes)
+    task_losses = losses.per_task_loss_fn(loss)
+    self.context = strategies.Context(
+        model=self.model, inner=self.inner_loop, loss_fn=self.loss_fn,
+        task_loss=task_losses or (lambda y, pred: tf.vectorized_map(
+            lambda a: self.loss_fn(a[0], a[1]), (y, pred))),
+        batched=self._batched_model, objective=self._objective,
+        chain=self._chain)
+    self.state_kinds = functional.state_kinds(self.model)
+
+  # ------------------------------------------------------- meta-parameters
+  @property
+  def meta_variables(self) -> list:
+    """Everything the outer step updates: the model's trainable variables,
+    then the learned inner step sizes (if any)."""
+    return list(self.model.trainable_variables) + list(self.inner_lr_variables)
+
+  def checkpoint_items(self) -> Dict[str, object]:
+    """Trackables a checkpoint must hold to resume this learner."""
+    items = {"model": self.model, "meta_optimizer": self.meta_optimizer}
+    if self.inner_lr_variables:
+      items["inner_lr"] = {str(i): v for i, v in
+                           enumerate(self.inner_lr_variables)}
+    return items
+
+  def meta_values(self):
+    """``(params, state, lrs)``: theta, the non-trainable state and the
+    learned step sizes as tensors (reads are taped)."""
+    params, state = functional.read_weights(self.model)
+    return params, state, [tf.convert_to_tensor(v)
+                           for v in self.inner_lr_variables]
+
+  # ------------------------------------------------------------- the plan
+  def _batched_model(self, conv_impl: Optional[str]):
+    """The task-batched model with ``conv_impl`` (compiled once each)."""
+    impl = conv_impl or fast_weights.resolve_conv_impl(self._conv_impl)
+    if impl not in self._batched_models:
+      self._batched_models[impl] = fast_weights.compile_batched(self.model,
+                                                                impl)
+    return self._batched_models[impl]
+
+  def first_order_now(self) -> bool:
+    """This step's derivative order: ``first_order``, or ``first_order_until``
+    not yet reached."""
+    if self.first_order:
+      return True
+    return (self.first_order_until > 0 and
+            int(self.meta_optimizer.iterations.numpy()) < self.first_order_until)
+
+  def plan(self, batch, first_order: Optional[bool] = None,
+           distributed: bool = False) -> plan_lib.ExecutionPlan:
+    """The :class:`~maml_tf.core.plan.ExecutionPlan` ``batch`` runs with.
+
+    Arguments:
+      batch: a :class:`TaskBatch` (arrays or tensors; only shapes and label
+        dtypes are read).
+      first_order: the derivative order; default this step's (``first_order``
+        or ``first_order_until``).
+      distributed: plan for one replica of a ``tf.distribute`` strategy.
+    """
+    shape = plan_lib.BatchShape.of(validate_task_batch(batch))
+    if first_order is None:
+      first_order = self.first_order_now()
+    return self._plan_for(shape, bool(first_order), distributed)
+
+  def _plan_for(self, shape, first_order: bool, distributed: bool):
+    key = (shape, first_order, distributed, len(self._runner.fallbacks))
+    plan = self._plans.get(key)
+    if plan is None:
+      device = self._device
+      if distributed:
+        device = plan_lib.Device(device.gpu, device.cpus, True)
+      plan = self._runner.resolved(plan_lib.resolve_plan(
+          self._options, self._facts, shape, device, first_order))
+      self._plans[key] = plan
+    return plan
+
+  def _model_plan(self) -> plan_lib.ExecutionPlan:
+    """The plan of a batch of unknown size with float labels."""
+    return self._plan_for(plan_lib.BatchShape(None, None, None, 1, False),
+                          self.first_order, False)
+
+  @property
+  def execution(self) -> str:
+    """``"batched"``, ``"vectorized_map"`` or ``"map_fn"`` (after any
+    recorded fallback)."""
+    return self._model_plan().execution
+
+  @property
+  def vectorize(self) -> bool:
+    """True unless the tasks run one after another (``tf.map_fn``)."""
+    return self.execution != "map_fn"
+
+  @property
+  def jit_compile(self) -> bool:
+    """Whether :meth:`train_steps` compiles with XLA (after fallbacks)."""
+    return self._model_plan().xla
+
+  @property
+  def compiled(self) -> Dict[tuple, object]:
+    """The compiled ``tf.function`` s so far, by ``(kind, ..., plan)``."""
+    return self._runner.compiled
+
+  @property
+  def fallbacks(self) -> Dict[str, Tuple[object, str]]:
+    """Runtime fallbacks recorded so far: ``{field: (value, why)}``."""
+    return dict(self._runner.fallbacks)
+
+  # ------------------------------------------------------------------ inputs
+  def prepare(self, batch) -> TaskBatch:
+    """``batch`` validated, as tensors, floats cast to the model's dtype."""
+    return prepare_batch(batch, self.model.trainable_variables[0].dtype)
+
+  # --------------------------------------------------- the meta-step pieces
+  def training_pass(self, plan: plan_lib.ExecutionPlan,
+                    pre_update_metrics: bool = True) -> strategies.TaskPass:
+    """Steps scored while training: the objective's, and 0 if asked."""
+    before = bool(pre_update_metrics)
+    if self.multi_step_loss_iterations:
+      steps = tuple(range(0 if before else 1, self.inner_steps + 1))
+    else:
+      steps = (0, self.inner_steps) if before else (self.inner_steps,)
+    return strategies.TaskPass(steps, None, plan.first_order)
+
+  def _objective(self, task_losses, task_pass):
+    weights = None
+    if self.multi_step_loss_iterations:
+      weights = losses.multi_step_loss_weights(
+          self.meta_optimizer.iterations, self.inner_steps,
+          self.multi_step_loss_iterations)
+    return losses.meta_objective(task_losses, task_pass.scored_before, weights)
+
+  def metric_names(self, plan: plan_lib.ExecutionPlan,
+                   pre_update_metrics: bool) -> Tuple[str, ...]:
+    """The keys of a meta-step's metrics."""
+    before = bool(pre_update_metrics)
+    names = ["loss_after"] + (["loss_before"] if before else [])
+    if self.multi_step_loss_iterations:
+      names.append("meta_loss")
+    if plan.accuracy:
+      names += ["accuracy_after"] + (["accuracy_before"] if before else [])
+    return tuple(names)
+
+  def step_result(self, grads, out, loss, state, plan, task_pass) -> StepResult:
+    """The :class:`StepResult` of a task pass's outputs ``out``."""
+    value = {
+        "loss_after": lambda: tf.reduce_mean(out["loss"][:, -1]),
+        "loss_before": lambda: tf.reduce_mean(out["loss"][:, 0]),
+        "meta_loss": lambda: loss,
+        "accuracy_after": lambda: tf.reduce_mean(out["accuracy"][:, -1]),
+        "accuracy_before": lambda: tf.reduce_mean(out["accuracy"][:, 0])}
+    metrics = {name: value[name]()
+               for name in self.metric_names(plan, task_pass.scored_before)}
+    new_state = []
+    for kind, old, per_task in zip(self.state_kinds, state, out["state"]):
+      new_state.append(tf.reduce_mean(per_task, axis=0) if kind == "mean"
+                       else per_task[0] if kind == "first" else old)
+    return StepResult(list(grads), loss, metrics, new_state)
+
+  def compute_gradients(self, batch: TaskBatch, plan: plan_lib.ExecutionPlan,
+                        pre_update_metrics: bool = True) -> StepResult:
+    """The meta-gradient of ``batch`` under ``plan`` (traceable; no writes)."""
+    params, state, lrs = self.meta_values()
+    task_pass = self.training_pass(plan, pre_update_metrics)
+    grads, out, loss = strategies.select(plan).meta_gradients(
+        self.context, plan, task_pass, params, state, lrs, batch)
+    return self.step_result(grads, out, loss, state, plan, task_pass)
+
+  def apply_gradients(self, grads, plan: plan_lib.ExecutionPlan, loss=None):
+    """The outer step, only if the gradients (and ``loss``) are finite.
+
+    Returns the finite flags under ``plan.xla`` (the step is skipped where
+    one is False), else ``None`` (``check_numerics`` raises instead).
+    """
+    variables = self.meta_variables
+    if plan.xla:
+      flags = numerics.finite_flags(loss, grads)
+
+      def update():
+        self._update(grads, plan)
+        return tf.constant(True)
+      tf.cond(tf.reduce_all(flags), update, lambda: tf.constant(False))
+      return flags
+    self._update(numerics.check_gradients(grads, variables), plan)
+    return None
+
+  def _update(self, grads, plan):
+    if (plan.fused_update and self._fused_update is not None
+        and not tf.distribute.has_strategy()):
+      self._fused_update(grads)
+    else:
+      self.meta_optimizer.apply_gradients(zip(grads, self.meta_variables))
+
+  def write_state(self, new_state, ok=None) -> None:
+    """Writes the non-trainable state a step computed (where ``ok``)."""
+    def write():
+      for var, kind, value in zip(self.model.non_trainable_variables,
+                                  self.state_kinds, new_state):
+        if kind != "keep":
+          var.assign(value)
+      return tf.constant(True)
+    if ok is None:
+      write()
+    else:
+      tf.cond(ok, write, lambda: tf.constant(False))
+
+  def meta_step(self, batch: TaskBatch, plan: plan_lib.ExecutionPlan,
+                pre_update_metrics: bool = True) -> runner_lib.StepOutput:
+    """One meta-update (traceable): compute, apply, write the state."""
+    result = self.compute_gradients(batch, plan, pre_update_metrics)
+    flags = self.apply_gradients(result.grads, plan, result.loss)
+    self.write_state(result.new_state,
+                     None if flags is None else tf.reduce_all(flags))
+    return runner_lib.StepOutput(result.metrics, flags)
+
+  # ------------------------------------------------------------- public API
+  def meta_loss(self, batch: TaskBatch) -> tf.Tensor:
+    """Mean query loss after ``inner_steps`` adaptation steps (a scalar).
+
+    Differentiable with respect to ``model.trainable_variables`` (and the
+    learned step sizes), including the second-order terms unless
+    ``first_order=True``. Writes nothing.
+
+    Example:
+      >>> with tf.GradientTape() as tape:
+      ...   loss = maml.meta_loss(batch)
+      >>> grads = tape.gradient(loss, model.trainable_variables)
+    """
+    batch = self.prepare(batch)
+    plan = self.plan(batch, first_order=self.first_order).for_task_passes()
+
+    def make(plan):
+      task_pass = self.training_pass(plan, pre_update_metrics=False)
+
+      def meta_loss(batch):
+        params, state, lrs = self.meta_values()
+        out = strategies.select(plan).run_tasks(
+            self.context, plan, task_pass, params, state, lrs, batch)
+        return self._objective(out["loss"], task_pass)
+      return meta_loss
+    return self._runner.function(("meta_loss",), make, plan, batch,
+                                 second_order=not plan.first_order)(batch)
+
+  def train_step_tensors(self, batch: TaskBatch,
+                         pre_update_metrics: bool = True,
+                         plan: Optional[plan_lib.ExecutionPlan] = None
+                         ) -> Dict[str, tf.Tensor]:
+    """As :meth:`train_step` but returns tensors (no host synchronisation).
+
+    ``plan`` runs the step with another plan than :meth:`plan`'s (e.g.
+    ``maml.plan(batch).replace(task_chunk=None)``).
+    """
+    batch = self.prepare(batch)
+    plan = plan or self.plan(batch)
+    if plan.xla:                    # XLA is for the train_steps loop only
+      plan = plan.replace(xla=False)
+    before = bool(pre_update_metrics)
+    fn = self._runner.function(
+        ("train", before),
+        lambda p: lambda b: self.meta_step(b, p, before).metrics,
+        plan, batch, second_order=not plan.first_order)
+    with numerics.floating_point_errors():
+      return fn(batch)
+
+  def train_step(self, batch: TaskBatch,
+                 pre_update_metrics: bool = True) -> Dict[str, float]:
+    """One meta-update on ``batch``; returns the metrics as Python floats.
+
+    Keys: ``loss_after`` (mean query loss after adaptation) and, for
+    classification, ``accuracy_after``; with ``pre_update_metrics`` (default)
+    also ``loss_before``/``accuracy_before``, which cost one more forward
+    pass over every query set (training loops can ask for them only on the
+    steps they log). Compiled once per plan. Raises ``FloatingPointError``
+    (and leaves the weights unchanged) if the loss or the meta-gradient is
+    not finite.
+
+    Example:
+      >>> maml.train_step(batch)
+      {'loss_after': 0.52, 'loss_before': 2.91}
+    """
+    return {k: float(v) for k, v in
+            self.train_step_tensors(batch, pre_update_metrics).items()}
+
+  def train_steps(self, sample_batch: Callable[[tf.Tensor], TaskBatch],
+                  num_steps: int, pre_update_metrics: bool = False
+                  ) -> Dict[str, tf.Tensor]:
+    """``num_steps`` meta-updates in one compiled call (a ``tf.while_loop``).
+
+    Removes the per-call cost of a ``tf.function`` and host-side batch
+    building, which rival the meta-step itself for small models.
+
+    Arguments:
+      sample_batch: ``iteration -> TaskBatch``, traceable TensorFlow code
+        (e.g. :func:`maml_tf.tasks.sinusoid.batch_sampler`), called with the
+        meta-optimizer's iteration count (an int64 scalar tensor) before
+        each step. Sampling from it statelessly makes runs reproducible and
+        resumable. It is called once eagerly per new compiled loop, to plan.
+      num_steps: meta-updates per call (>= 1). One compiled function per
+        ``(sample_batch, num_steps)`` and plan.
+      pre_update_metrics: also average ``loss_before``/``accuracy_before``.
+
+    Returns:
+      The metrics of :meth:`train_step_tensors`, each the mean over the
+      ``num_steps`` steps.
+
+    Example:
+      >>> sample = sinusoid.batch_sampler(25, 10, 10, seed=0)
+      >>> for _ in range(70):
+      ...   metrics = maml.train_steps(sample, 1000)  # 70,000 meta-updates
+    """
+    num_steps = runner_lib.check_num_steps(num_steps)
+    first_order = self.first_order_now()
+    before = bool(pre_update_metrics)
+    key = ("train_steps", id(sample_batch), num_steps, first_order, before)
+    plan = self._plans.get(key)
+    if plan is None:
+      plan = self._plans[key] = self.plan(
+          self.prepare(sample_batch(self.meta_optimizer.iterations)),
+          first_order)
+    dtype = self.model.trainable_variables[0].dtype
+
+    def make_loop(plan):
+      step = lambda: self.meta_step(
+          self.prepare(sample_batch(self.meta_optimizer.iterations)), plan,
+          before)
+      return runner_lib.steps_loop(step, num_steps,
+                                   self.metric_names(plan, before), dtype,
+                                   1 + len(self.meta_variables), plan.xla)
+    return self._runner.call_steps(
+        key, make_loop, plan, second_order=not first_order,
+        xla_auto=self._options.jit_compile is None,
+        variables=self.meta_variables)
+
+  def evaluate(self, batch: TaskBatch, steps: Sequence[int] = (0, 1, 5, 10),
+               inner_lr: Optional[float] = None,
+               per_task: bool = False) -> Dict[str, np.ndarray]:
+    """Query loss (and accuracy) after each number of inner steps in ``steps``.
+
+    Arguments:
+      batch: tasks to adapt to (support) and score on (query).
+      steps: step counts to report, e.g. ``(0, 1, 5, 10)``.
+      inner_lr: step size for this evaluation; default the learner's own
+        (``self.inner_lr``, or the learned step sizes).
+      per_task: return ``[len(steps), T]`` arrays instead of task means.
+
+    Returns:
+      ``{"steps": array, "loss": array, "accuracy": array (classification)}``.
+    """
+    steps = tuple(int(s) for s in steps)
+    if not steps or min(steps) < 0:
+      raise ValueError(f"steps must be non-negative integers, got {steps}")
+    inner_lr = None if inner_lr is None else float(inner_lr)
+    batch = self.prepare(batch)
+    ordered = tuple(sorted(set(steps)))
+    task_pass = strategies.TaskPass(ordered, inner_lr, True)
+    plan = self.plan(batch, first_order=True).for_task_passes()
+
+    def make(plan):
+      def evaluate(batch):
+        params, state, lrs = self.meta_values()
+        out = strategies.select(plan).run_tasks(
+            self.context, plan, task_pass, params, state, lrs, batch)
+        out.pop("state")
+        return out
+      return evaluate
+    out = self._runner.function(("eval", task_pass), make, plan, batch,
+                                second_order=False,
+                                reduce_retracing=True)(batch)
+    result = {"steps": np.asarray(steps)}
+    for key, value in out.items():
+      value = value.numpy().T                      # [len(ordered), T]
+      value = value[[ordered.index(s) for s in steps]]
+      result[key] = value if per_task else value.mean(axis=1)
+    return result
+
+  def adapt(self, support_x, support_y, steps: Optional[int] = None,
+            inner_lr: Optional[float] = None,
+            batchnorm_statistics: str = "support") -> keras.Model:
+    """Adapts to one task and returns a new ``keras.Model`` with its weights.
+
+    The meta-model's variables are never changed. The adaptation is
+    :attr:`inner_loop` (adapt mask, fixed or learned step sizes), the same
+    as in training and in the adaptable SavedModel.
+
+    Arguments:
+      support_x, support_y: the task's support set ``[K, ...]`` (no task axis).
+      steps: inner steps; default ``inner_steps``.
+      inner_lr: step size; default the learner's own (fixed or learned).
+      batchnorm_statistics: ``"support"`` sets the adapted model's BatchNorm
+        moving statistics to the support set's batch statistics under the
+        adapted weights, so it predicts per example in inference mode;
+        ``"keep"`` leaves the meta-model's moving statistics.
+
+    Example:
+      >>> adapted = maml.adapt(x_support, y_support, steps=10)
+      >>> y = adapted(x_new, training=False)
+    """
+    if batchnorm_statistics not in ("support", "keep"):
+      raise ValueError("batchnorm_statistics must be 'support' or 'keep', "
+                       f"got {batchnorm_statistics!r}")
+    steps = self.inner_steps if steps is None else int(steps)
+    if steps < 0:
+      raise ValueError(f"steps must be >= 0, got {steps}")
+    x = tf.convert_to_tensor(support_x)
+    y = tf.convert_to_tensor(support_y)
+    if x.shape[0] != y.shape[0]:
+      raise ValueError(f"support_x has {x.shape[0]} examples but support_y has "
+                       f"{y.shape[0]} (shapes {x.shape} vs {y.shape})")
+    dtype = self.model.trainable_variables[0].dtype
+    if x.dtype.is_floating:
+      x = tf.cast(x, dtype)
+    if y.dtype.is_floating:
+      y = tf.cast(y, dtype)
+    params, state, lrs = self.meta_values()
+    fast, _ = self.inner_loop.adapt(
+        params, state, x, y, steps, lrs,
+        inner_lr=None if inner_lr is None else float(inner_lr))
+    if batchnorm_statistics == "support":
+      state = inner_loop_lib.support_statistics(self.model, fast, state, x)
+    return cloning.clone_with_weights(self.model, fast, state)
+

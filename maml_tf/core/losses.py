@@ -1,0 +1,132 @@
+"""Losses and metrics of the inner and outer loops.
+
+* :func:`as_loss_fn`: a Keras loss (object or name) or a callable as a
+  ``(y_true, y_pred) -> scalar`` function (the mean over the examples).
+* :func:`per_task_loss_fn`: the ``[T]`` losses of a whole meta-batch in one
+  op, for Keras' per-example losses; ``None`` for any other loss (the
+  learner then maps the scalar loss over tasks).
+* :func:`sparse_accuracy` / :func:`sparse_accuracy_per_task`: argmax
+  accuracy against integer labels.
+* :func:`multi_step_loss_weights` and :func:`meta_objective`: the
+  meta-objective from the query losses after each recorded inner step
+  (MAML++'s annealed multi-step loss, else the last step's loss).
+"""
+
+from typing import Callable, Optional
+
+import keras
+import tensorflow as tf
+
+from maml_tf.core import keras_compat
+
+LossFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
+
+
+def as_loss_fn(loss) -> LossFn:
+  """``(y_true, y_pred) -> scalar``: the loss's mean over the examples.
+
+  Raises:
+    TypeError: ``loss`` is neither a Keras loss name, a Keras loss nor a
+      callable.
+  """
+  if isinstance(loss, str):
+    loss = keras.losses.get(loss)
+  if not callable(loss):
+    raise TypeError(f"loss must be a Keras loss or a callable "
+                    f"(y_true, y_pred) -> scalar; got {loss!r}")
+
+  def loss_fn(y_true, y_pred):
+    value = loss(y_true, y_pred)
+    if value.shape.rank:
+      value = tf.reduce_mean(value)
+    return value
+  return loss_fn
+
+
+def task_axis_mean(values):
+  """``[T, ...] -> [T]``: the mean over every axis but the first."""
+  return tf.reduce_mean(values, axis=list(range(1, values.shape.rank)))
+
+
+def correct(y_true, y_pred):
+  """1.0 where the argmax prediction equals the integer label, else 0.0."""
+  pred = tf.argmax(y_pred, axis=-1, output_type=tf.int64)
+  return tf.cast(tf.equal(pred, tf.cast(y_true, tf.int64)), tf.float32)
+
+
+def sparse_accuracy(y_true, y_pred):
+  """Fraction of argmax predictions equal to integer labels."""
+  return tf.reduce_mean(correct(y_true, y_pred))
+
+
+def sparse_accuracy_per_task(y_true, y_pred):
+  """:func:`sparse_accuracy` of each task: ``[T, N]`` labels -> ``[T]``."""
+  return task_axis_mean(correct(y_true, y_pred))
+
+
+# Keras loss functions whose value is the mean of per-example terms.
+PER_EXAMPLE_LOSSES = frozenset(
+    getattr(keras.losses, name) for name in (
+        "mean_squared_error", "mean_absolute_error",
+        "mean_absolute_percentage_error", "mean_squared_logarithmic_error",
+        "sparse_categorical_crossentropy", "categorical_crossentropy",
+        "binary_crossentropy", "huber", "log_cosh", "hinge",
+        "squared_hinge", "kl_divergence", "poisson")
+    if hasattr(keras.losses, name))
+
+
+def per_task_loss_fn(loss) -> Optional[Callable]:
+  """``(y [T, N, ...], pred [T, N, ...]) -> [T]`` without a loop over tasks.
+
+  Defined for Keras' per-example losses (the functions above, and their
+  ``Loss`` classes with the default ``"sum_over_batch_size"`` reduction),
+  whose value on a task is the mean of per-example terms, so the loss of
+  every task is the mean over all but the task axis. ``None`` for any other
+  loss, which then runs once per task under ``tf.vectorized_map``.
+  """
+  if isinstance(loss, str):
+    loss = keras.losses.get(loss)
+  if isinstance(loss, keras.losses.Loss):
+    parts = keras_compat.loss_function_parts(loss)
+    if (parts is None or parts[0] not in PER_EXAMPLE_LOSSES
+        or loss.reduction != "sum_over_batch_size"
+        # ignored labels are masked, and the mean is over the others
+        or parts[1].get("ignore_class") is not None):
+      return None
+    cast = lambda t: keras.ops.convert_to_tensor(t, dtype=loss.dtype)
+    return lambda y, pred: task_axis_mean(loss.call(cast(y), cast(pred)))
+  # By identity: a user's callable need not be hashable.
+  if any(loss is fn for fn in PER_EXAMPLE_LOSSES):
+    return lambda y, pred: task_axis_mean(loss(y, pred))
+  return None
+
+
+def multi_step_loss_weights(iteration, num_steps: int, anneal_iterations: int):
+  """MAML++ multi-step loss weights (Antoniou et al. 2019), a ``[num_steps]`` tensor.
+
+  Uniform at iteration 0; the weights of the intermediate steps decay
+  linearly to ``0.03 / num_steps`` over ``anneal_iterations`` while the last
+  step's weight grows, so training ends on the plain MAML objective.
+  """
+  n = float(num_steps)
+  it = tf.cast(iteration, tf.float32)
+  decay = 1.0 / n / max(anneal_iterations, 1)
+  floor = 0.03 / n
+  nonfinal = tf.maximum(1.0 / n - it * decay, floor)
+  final = tf.minimum(1.0 / n + it * (n - 1) * decay, 1.0 - (n - 1) * floor)
+  return tf.concat([tf.fill([num_steps - 1], nonfinal), [final]], 0)
+
+
+def meta_objective(losses, scored_before: bool, weights=None):
+  """The meta-loss from per-task query losses ``[T, S]``.
+
+  Arguments:
+    losses: query losses after each recorded step count.
+    scored_before: the first column is step 0 (a metric, never weighted).
+    weights: ``[S']`` multi-step weights over the remaining columns, or
+      ``None``: the last column's mean (plain MAML).
+  """
+  if weights is None:
+    return tf.reduce_mean(losses[:, -1])
+  per_step = tf.reduce_mean(losses[:, 1 if scored_before else 0:], axis=0)
+  return tf.reduce_sum(tf.cast(weights, per_step.dtype) * per_step)

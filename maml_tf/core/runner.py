@@ -1,0 +1,224 @@
+"""Compiled steps: the ``tf.function`` cache, runtime fallbacks, step loops.
+
+A :class:`Runner` belongs to one learner. It compiles a step function per
+``(key, plan)``, checks the traced graph for missing second derivatives, and
+records the two runtime fallbacks as facts that later plans apply
+(:meth:`Runner.resolved`), never by changing the learner:
+
+* ``execution``: a model that ``tf.vectorized_map`` cannot trace runs with
+  ``tf.map_fn`` (same numbers, slower), with a warning naming the cause;
+* ``xla``: when XLA cannot compile an automatically chosen XLA loop, the
+  loop runs in the graph executor, with a warning.
+
+:func:`steps_loop` builds the body of ``train_steps``: many meta-steps in one
+``tf.while_loop`` whose metrics are averaged; under XLA it stops at the first
+step whose loss or meta-gradient is not finite, before that step's update.
+"""
+
+import warnings
+from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple
+
+import tensorflow as tf
+
+from maml_tf.core import numerics
+from maml_tf.core.plan import ExecutionPlan
+
+# Gradient ops that TF registers as not differentiable although they are:
+# second-order terms through them would silently vanish.
+SECOND_ORDER_DROPPED = frozenset({
+    "ResizeBilinearGrad", "SparseAddGrad", "FakeQuantWithMinMaxArgsGradient",
+    "FakeQuantWithMinMaxVarsGradient",
+    "FakeQuantWithMinMaxVarsPerChannelGradient"})
+
+
+class StepOutput(NamedTuple):
+  """What one compiled meta-step returns.
+
+  Attributes:
+    metrics: ``{name: scalar tensor}``.
+    finite: under XLA, ``[1 + #meta-variables]`` bools (the loss, then each
+      meta-gradient, finite); ``None`` in the graph executor, where
+      ``check_numerics`` raises instead.
+  """
+  metrics: Dict[str, tf.Tensor]
+  finite: Optional[tf.Tensor] = None
+
+
+def root_cause(error: Exception) -> str:
+  lines = [l.strip() for l in str(error).strip().splitlines() if l.strip()]
+  return lines[-1][:300] if lines else type(error).__name__
+
+
+class Runner:
+  """The compiled functions of one learner (see the module docstring).
+
+  Arguments:
+    model_name: named in warnings and errors.
+  """
+
+  def __init__(self, model_name: str):
+    self.model_name = model_name
+    self.fallbacks: Dict[str, Tuple[object, str]] = {}
+    self._cache: Dict[tuple, object] = {}
+    self._ran = set()
+
+  @property
+  def compiled(self) -> Dict[tuple, object]:
+    """The compiled functions so far, by ``key + (plan,)``."""
+    return dict(self._cache)
+
+  def resolved(self, plan: ExecutionPlan) -> ExecutionPlan:
+    """``plan`` with the recorded fallbacks applied."""
+    if "execution" in self.fallbacks and plan.execution == "vectorized_map":
+      value, why = self.fallbacks["execution"]
+      plan = plan.replace(execution=value,
+                          reasons=plan.reasons + (("execution", why),))
+    if "xla" in self.fallbacks and plan.xla:
+      value, why = self.fallbacks["xla"]
+      plan = plan.replace(xla=value, reasons=plan.reasons + (("xla", why),))
+    return plan
+
+  def function(self, key: tuple, make: Callable[[ExecutionPlan], Callable],
+               plan: ExecutionPlan, example, second_order: bool,
+               reduce_retracing: bool = False):
+    """The ``tf.function`` of ``make(plan)``, traced for ``example``.
+
+    Falls back to ``map_fn`` (recorded) when ``vectorized_map`` cannot
+    trace the model.
+    """
+    plan = self.resolved(plan)
+    full = key + (plan,)
+    fn = self._cache.get(full)
+    if fn is not None:
+      return fn
+    fn = tf.function(make(plan), reduce_retracing=reduce_retracing)
+    try:
+      self.trace(fn, example, second_order)
+    except (ValueError, NotImplementedError, TypeError,
+            tf.errors.OpError) as e:
+      if plan.execution != "vectorized_map":
+        raise
+      why = f"{type(e).__name__}: {root_cause(e)}"
+      warnings.warn(
+          f"maml_tf: could not vectorise model {self.model_name!r} over "
+          f"tasks ({why}); using tf.map_fn, which gives the same numbers "
+          "more slowly.")
+      self.fallbacks["execution"] = ("map_fn", why)
+      return self.function(key, make, plan, example, second_order,
+                           reduce_retracing)
+    self._cache[full] = fn
+    return fn
+
+  def trace(self, fn, example, second_order: bool = False):
+    """Traces ``fn``; a missing second derivative becomes a clear error.
+
+    Two cases: TF raises because a gradient op has no gradient registered
+    (e.g. ``ResizeNearestNeighborGrad``), or, worse, TF declares a gradient
+    op not differentiable and silently drops the second-order terms through
+    it (``ResizeBilinearGrad``). The second is found by scanning the graph.
+    """
+    try:
+      concrete = (fn.get_concrete_function() if example is None else
+                  fn.get_concrete_function(example))
+    except Exception as e:  # pylint: disable=broad-except
+      text = str(e)
+      if not (isinstance(e, LookupError) or "No gradient defined" in text
+              or "gradient registry has no entry" in text):
+        raise
+      raise NotImplementedError(
+          f"maml_tf: model {self.model_name!r} uses an operation that "
+          f"TensorFlow cannot differentiate twice ({root_cause(e)}). "
+          "Second-order MAML needs the gradient of every gradient op; use "
+          "first_order=True, or replace the layer (e.g. UpSampling2D with "
+          "interpolation='nearest' by Conv2DTranspose).") from e
+    if second_order:
+      graph_def = concrete.graph.as_graph_def()
+      types = {n.op for n in graph_def.node}
+      types.update(n.op for f in graph_def.library.function
+                   for n in f.node_def)
+      dropped = sorted(types & SECOND_ORDER_DROPPED)
+      if dropped:
+        raise NotImplementedError(
+            f"maml_tf: model {self.model_name!r} uses {', '.join(dropped)}, "
+            "which TensorFlow declares not differentiable, so the "
+            "second-order terms through it would silently be zero. Use "
+            "first_order=True, or replace the layer (e.g. "
+            "UpSampling2D(interpolation='bilinear') by "
+            "interpolation='nearest' or Conv2DTranspose).")
+
+  def call_steps(self, key: tuple, make_loop: Callable[[ExecutionPlan],
+                                                       Callable],
+                 plan: ExecutionPlan, second_order: bool, xla_auto: bool,
+                 variables: Sequence):
+    """Runs the compiled loop ``make_loop(plan)``; returns its metrics.
+
+    Raises ``FloatingPointError`` naming the first non-finite value of an
+    XLA loop. An automatically chosen XLA loop that XLA cannot compile is
+    recorded as a fallback and run without XLA.
+    """
+    plan = self.resolved(plan)
+    full = key + (plan,)
+    fn = self._cache.get(full)
+    if fn is None:
+      fn = tf.function(make_loop(plan), jit_compile=plan.xla)
+      self.trace(fn, None, second_order)
+      self._cache[full] = fn
+    try:
+      with numerics.floating_point_errors():
+        metrics, flags = fn()
+    except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError,
+            tf.errors.InternalError) as e:
+      if not (xla_auto and plan.xla and full not in self._ran
+              and "XLA" in str(e)):
+        raise
+      warnings.warn(f"maml_tf: XLA could not compile train_steps "
+                    f"({root_cause(e)}); running it without XLA.")
+      self.fallbacks["xla"] = (False, root_cause(e))
+      self._cache.pop(full, None)
+      return self.call_steps(key, make_loop, plan, second_order, xla_auto,
+                             variables)
+    self._ran.add(full)
+    if flags is not None:
+      numerics.raise_for_flags(flags.numpy(), variables)
+    return metrics
+
+
+def check_num_steps(num_steps) -> int:
+  """``num_steps`` as an int, if it is an integer >= 1."""
+  if isinstance(num_steps, bool) or int(num_steps) < 1:
+    raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+  return int(num_steps)
+
+
+def steps_loop(step: Callable[[], StepOutput], num_steps: int,
+               names: Sequence[str], dtype, num_flags: int, xla: bool):
+  """``() -> (mean metrics, finite flags or None)`` of ``num_steps`` steps.
+
+  Arguments:
+    step: samples a batch and takes one meta-step (traceable).
+    num_steps: steps per call.
+    names: the metric names ``step`` returns.
+    dtype: dtype of the metric sums.
+    num_flags: length of a step's finite flags.
+    xla: stop at the first non-finite step (XLA ignores check_numerics).
+  """
+  def loop():
+    zeros = {k: tf.zeros([], dtype) for k in names}
+    flags = tf.ones([num_flags], tf.bool)
+
+    def body(i, sums, flags):
+      out = step()
+      if xla:
+        flags = out.finite
+      return i + 1, {k: sums[k] + tf.cast(out.metrics[k], dtype)
+                     for k in sums}, flags
+    if xla:      # stop at the first non-finite step
+      cond = lambda i, _, flags: tf.logical_and(i < num_steps,
+                                                tf.reduce_all(flags))
+    else:        # check_numerics raises instead
+      cond = lambda i, _, flags: i < num_steps
+    _, sums, flags = tf.while_loop(
+        cond, body, (tf.constant(0), zeros, flags), parallel_iterations=1)
+    return ({k: v / num_steps for k, v in sums.items()},
+            flags if xla else None)
+  return loop

@@ -1,0 +1,98 @@
+"""The one adaptation: adapt_params, step sizes, masks, support statistics."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from maml_tf.core import functional
+from maml_tf.core.inner_loop import (InnerLoop, StepSizes, adapt_mask,
+                                     adapt_params, support_statistics)
+
+
+def _model():
+  keras.utils.set_random_seed(0)
+  return keras.Sequential([
+      keras.Input((3,)), keras.layers.Dense(5, activation="tanh"),
+      keras.layers.BatchNormalization(), keras.layers.Dense(2, name="head")])
+
+
+def _data():
+  rng = np.random.default_rng(0)
+  return (tf.constant(rng.normal(size=(6, 3)), tf.float32),
+          tf.constant(rng.normal(size=(6, 2)), tf.float32))
+
+
+def _mse(y, pred):
+  return tf.reduce_mean(tf.square(y - pred))
+
+
+@pytest.mark.parametrize("mode", [None, "scalar", "per_parameter",
+                                  "per_layer_per_step"])
+def test_a_tensor_number_of_steps_equals_the_unrolled_loop(mode):
+  """The while-loop form (the adaptable SavedModel's) equals the unrolled
+  one for every step-size rule, past the learned per-step sizes too."""
+  model = _model()
+  x, y = _data()
+  params, state = functional.read_weights(model)
+  sizes = StepSizes(mode, 0.1, inner_steps=2)
+  rng = np.random.default_rng(1)
+  lrs = {None: [], "scalar": [tf.constant(0.07)],
+         "per_parameter": [tf.constant(rng.uniform(0.01, 0.2, p.shape),
+                                       tf.float32) for p in params],
+         "per_layer_per_step": [tf.constant([0.05, 0.15]) for _ in params]
+         }[mode]
+  loop = InnerLoop(model, _mse, (True, True, False, False, True, True), sizes)
+  unrolled, _ = loop.adapt(params, state, x, y, 3, lrs)
+  looped, _ = tf.function(
+      lambda n: loop.adapt(params, state, x, y, n, lrs))(tf.constant(3))
+  for a, b in zip(unrolled, looped):
+    np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
+  # Masked weights (BatchNorm's gamma/beta here) stay at theta.
+  for i in (2, 3):
+    np.testing.assert_array_equal(unrolled[i].numpy(), params[i].numpy())
+  assert not np.allclose(unrolled[0].numpy(), params[0].numpy())
+  with pytest.raises(ValueError, match="tensor number of steps"):
+    adapt_params(model, _mse, params, state, x, y, 0.1, tf.constant(1),
+                 on_step=lambda *a: None)
+
+
+def test_step_sizes_schedule():
+  lrs = [tf.constant([1.0, 2.0])]
+  per_step = StepSizes("per_layer_per_step", 0.5, 2).schedule(lrs)
+  assert [float(per_step(s)[0]) for s in (0, 1, 5)] == [1.0, 2.0, 2.0]
+  assert float(per_step(tf.constant(7))[0]) == 2.0
+  assert StepSizes("per_layer_per_step", 0.5, 2).schedule(lrs, 0.3)(0) == 0.3
+  assert StepSizes(None, 0.5, 2).schedule()(4) == 0.5
+
+
+def test_adapt_mask_forms():
+  model = _model()
+  assert adapt_mask(model, "all") == (True,) * 6
+  assert adapt_mask(model, "head") == (False,) * 4 + (True, True)
+  assert adapt_mask(model, ["head"]) == adapt_mask(model, "head")
+  assert adapt_mask(model, lambda v: "kernel" in v.path) == (
+      True, False, False, False, True, False)
+  with pytest.raises(ValueError, match="does not have"):
+    adapt_mask(model, ["nope"])
+  with pytest.raises(ValueError, match="selects no trainable"):
+    adapt_mask(model, lambda v: False)
+  with pytest.raises(ValueError, match="adapt must be"):
+    adapt_mask(model, 3)
+
+
+def test_support_statistics_are_the_batch_moments_and_leave_momentum():
+  model = _model()
+  x, _ = _data()
+  params, state = functional.read_weights(model)
+  new = support_statistics(model, params, state, x)
+  h = model.layers[0](x)
+  np.testing.assert_allclose(new[0].numpy(), tf.reduce_mean(h, 0).numpy(),
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(new[1].numpy(),
+                             tf.math.reduce_variance(h, 0).numpy(),
+                             rtol=1e-4, atol=1e-6)
+  assert model.layers[1].momentum == 0.99
+  # The model's own variables are never written.
+  np.testing.assert_array_equal(model.non_trainable_variables[0].numpy(),
+                                np.zeros(5, "f4"))

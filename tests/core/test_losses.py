@@ -1,0 +1,53 @@
+"""Per-task losses without a task loop equal one call per task."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from maml_tf.core import losses
+
+
+class _Unhashable:
+
+  __hash__ = None        # e.g. a dataclass with eq=True
+
+  def __call__(self, y_true, y_pred):
+    return tf.reduce_mean(tf.abs(y_true - y_pred))
+
+
+class _OwnCall(keras.losses.MeanSquaredError):
+
+  def call(self, y_true, y_pred):          # not per-example: must not be used
+    return super().call(y_true, y_pred) * 0 + 1.0
+
+
+@pytest.mark.parametrize("loss,labels", [
+    ("mse", "real"), (keras.losses.MeanSquaredError(), "real"),
+    (keras.losses.Huber(), "real"), (keras.losses.mean_absolute_error, "real"),
+    (keras.losses.SparseCategoricalCrossentropy(from_logits=True), "sparse"),
+    (keras.losses.CategoricalCrossentropy(from_logits=True), "onehot"),
+    (keras.losses.BinaryCrossentropy(from_logits=True), "binary")])
+def test_per_task_losses_without_a_task_loop(loss, labels):
+  """Keras per-example losses: a mean per task equals one call per task."""
+  rng = np.random.default_rng(0)
+  pred = tf.constant(rng.normal(size=(3, 4, 5)), tf.float32)
+  y = {"real": lambda: tf.constant(rng.normal(size=(3, 4, 5)), tf.float32),
+       "sparse": lambda: tf.constant(rng.integers(0, 5, (3, 4)), tf.int32),
+       "onehot": lambda: tf.one_hot(rng.integers(0, 5, (3, 4)), 5),
+       "binary": lambda: tf.constant(rng.integers(0, 2, (3, 4, 5)),
+                                     tf.float32)}[labels]()
+  per_task = losses.per_task_loss_fn(loss)
+  assert per_task is not None
+  loss_fn = losses.as_loss_fn(loss)
+  expected = [float(loss_fn(y[t], pred[t])) for t in range(3)]
+  np.testing.assert_allclose(per_task(y, pred).numpy(), expected, rtol=1e-6)
+  assert len(set(np.round(expected, 6))) == 3     # tasks differ
+
+
+@pytest.mark.parametrize("loss", [
+    lambda y, p: tf.reduce_mean(tf.abs(y - p)), _OwnCall(), _Unhashable(),
+    keras.losses.MeanSquaredError(reduction="sum"),
+    keras.losses.SparseCategoricalCrossentropy(ignore_class=0)])
+def test_other_losses_keep_the_task_loop(loss):
+  assert losses.per_task_loss_fn(loss) is None

@@ -1,0 +1,73 @@
+"""MAML.train_steps: several meta-steps in one compiled call.
+
+With in-graph sampling they equal single steps; the pre-update metrics are
+optional and classification steps report accuracy.
+"""
+
+import keras
+import numpy as np
+import pytest
+
+from maml_tf import MAML, TaskBatch
+from maml_tf.models.mlp import mlp
+from maml_tf.tasks import sinusoid
+
+
+def _weights(model):
+  return [v.numpy().copy() for v in model.weights]
+
+
+def test_train_steps_in_one_call_equal_single_steps():
+  sample = sinusoid.batch_sampler(6, 5, 5, seed=4)
+  runs = []
+  for loop in (True, False):
+    keras.utils.set_random_seed(5)
+    # Without XLA, whose random ops draw other (equally distributed) tasks
+    # from the same seeds than the graph executor's.
+    maml = MAML(mlp(1, 1, hidden=(8, 8)), "mse", inner_lr=0.01,
+                jit_compile=False)
+    if loop:
+      metrics = maml.train_steps(sample, 3)
+      metrics = {k: float(v) for k, v in metrics.items()}
+    else:
+      steps = []
+      for _ in range(3):
+        batch = sample(maml.meta_optimizer.iterations)
+        steps.append(maml.train_step(batch, pre_update_metrics=False))
+      metrics = {k: np.mean([s[k] for s in steps]) for k in steps[0]}
+    runs.append((metrics, _weights(maml.model),
+                 int(maml.meta_optimizer.iterations.numpy())))
+  (m1, w1, i1), (m2, w2, i2) = runs
+  assert i1 == i2 == 3
+  assert set(m1) == {"loss_after"}
+  assert m1["loss_after"] == pytest.approx(m2["loss_after"], rel=1e-5)
+  for a, b in zip(w1, w2):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  with pytest.raises(ValueError, match="num_steps"):
+    maml.train_steps(sample, 0)
+
+
+def test_pre_update_metrics_are_optional():
+  maml = MAML(mlp(1, 1, hidden=(4,)), "mse")
+  batch = sinusoid.sample_batch(3, 4, 4, np.random.default_rng(0))[0]
+  assert set(maml.train_step(batch)) == {"loss_before", "loss_after"}
+  assert set(maml.train_step(batch, pre_update_metrics=False)) == {
+      "loss_after"}
+
+
+def test_train_steps_for_classification_report_accuracy():
+  rng = np.random.default_rng(1)
+  batch = TaskBatch(rng.normal(size=(3, 4, 5)).astype("f4"),
+                    np.tile(np.arange(2), (3, 2)).astype("i4"),
+                    rng.normal(size=(3, 6, 5)).astype("f4"),
+                    np.tile(np.arange(2), (3, 3)).astype("i4"))
+  maml = MAML(keras.Sequential([keras.Input((5,)), keras.layers.Dense(2)]),
+              keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+              inner_lr=0.1)
+  metrics = maml.train_steps(lambda iteration: batch, 4,
+                             pre_update_metrics=True)
+  assert set(metrics) == {"loss_before", "loss_after", "accuracy_before",
+                          "accuracy_after"}
+  assert 0.0 <= float(metrics["accuracy_after"]) <= 1.0
+  assert int(maml.meta_optimizer.iterations.numpy()) == 4
+  assert float(metrics["loss_after"]) < float(metrics["loss_before"])
