@@ -7,15 +7,73 @@ from maml_tf.core import inner_loop
 from maml_tf.core import keras_compat
 
 
+class AdaptedModel(keras.Model):
+  """Adapted weights, run through another model's architecture.
+
+  What :meth:`maml_tf.MAML.adapt` returns for a model that Keras cannot
+  clone (a subclassed model without ``get_config``): it holds its own
+  copies of the adapted weights and state as variables and calls the
+  meta-model as a pure function of them
+  (:func:`maml_tf.core.functional.functional_call`), so the meta-model's
+  variables are never read or written. It exports like any Keras model.
+
+  Arguments:
+    base: the meta-model (its architecture).
+    params, state: the adapted weights, in the order of
+      ``base.trainable_variables`` / ``base.non_trainable_variables``.
+  """
+
+  def __init__(self, base: keras.Model, params, state, **kwargs):
+    super().__init__(name=kwargs.pop("name", f"{base.name}_adapted"),
+                     **kwargs)
+    # A function, not the model: Keras would track the base's variables.
+    self._forward = lambda p, s, x, training: functional.functional_call(
+        base, p, s, x, training)
+    self.example_input_shape = example_input_shape(base)
+    self.adapted_params = [
+        self._weight(v, value, True) for v, value in
+        zip(base.trainable_variables, params)]
+    self.adapted_state = [
+        self._weight(v, value, False) for v, value in
+        zip(base.non_trainable_variables, state)]
+    self.built = True
+
+  def _weight(self, like, value, trainable: bool):
+    weight = self.add_weight(shape=tuple(like.shape), dtype=like.dtype,
+                             initializer="zeros", trainable=trainable,
+                             name=like.name)
+    weight.assign(value)
+    return weight
+
+  def call(self, x, training=None):
+    out, new_state = self._forward(
+        [v.value for v in self.adapted_params],
+        [v.value for v in self.adapted_state], x, bool(training))
+    if training:
+      for variable, value in zip(self.adapted_state, new_state):
+        variable.assign(value)
+    return out
+
+
+def example_input_shape(model: keras.Model):
+  """The per-batch input shape ``model`` was built on, or ``None``."""
+  inputs = getattr(model, "inputs", None)
+  if inputs:
+    return tuple(inputs[0].shape)
+  shape = getattr(model, "example_input_shape", None)
+  return shape if shape is not None else keras_compat.build_input_shape(model)
+
+
 def clone_with_weights(model: keras.Model, params, state) -> keras.Model:
-  """A new model of ``model``'s architecture holding ``params`` and ``state``."""
+  """A new model of ``model``'s architecture holding ``params`` and ``state``.
+
+  A clone through ``get_config`` where Keras can make one, else an
+  :class:`AdaptedModel`.
+  """
   try:
     clone = keras.models.clone_model(model)
-  except Exception as e:  # pylint: disable=broad-except
-    raise TypeError(
-        f"maml_tf could not clone model {model.name!r} ({type(e).__name__}: "
-        f"{e}). Subclassed models need get_config()/from_config() so that an "
-        "adapted copy can be made.") from e
+  except Exception:  # pylint: disable=broad-except
+    return AdaptedModel(model, params, state)
   if not clone.built:
     clone.build(model.inputs[0].shape if getattr(model, "inputs", None)
                 else None)

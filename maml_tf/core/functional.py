@@ -14,6 +14,7 @@ through :func:`functional_call` swaps in exact moments while it traces.
 ``tests/core/test_meta_gradients.py`` checks this against finite differences.
 """
 
+import inspect
 from typing import Sequence, Tuple
 
 import keras
@@ -36,7 +37,10 @@ def functional_call(model: keras.Model,
     state: tensors in the order of ``model.non_trainable_variables``
       (BatchNorm moving statistics, frozen layers' weights, RNG seeds).
     x: the input batch.
-    training: forwarded to the layers (``True`` uses batch statistics).
+    training: forwarded to the layers (``True`` uses batch statistics). As
+      Keras does, it is passed to ``model.call`` only when ``call`` takes a
+      ``training`` argument; otherwise the model runs through ``model(x)``
+      with ``training`` set for its layers (Dropout, BatchNorm, ...).
 
   Returns:
     ``(outputs, new_state)``. The model's own variables are never written.
@@ -47,9 +51,29 @@ def functional_call(model: keras.Model,
     >>> y, state = functional_call(model, params, state, x)
   """
   with exact_moments():
-    outputs, new_state = model.stateless_call(
-        list(params), list(state), x, training=training)
-  return outputs, list(new_state)
+    if call_takes_training(model):
+      outputs, new_state = model.stateless_call(
+          list(params), list(state), x, training=training)
+      return outputs, list(new_state)
+    mapping = (list(zip(model.trainable_variables, params))
+               + list(zip(model.non_trainable_variables, state)))
+    with keras.StatelessScope(state_mapping=mapping) as scope:
+      outputs = model(x, training=training)
+  new_state = []
+  for variable, old in zip(model.non_trainable_variables, state):
+    value = scope.get_current_value(variable)
+    new_state.append(old if value is None else value)
+  return outputs, new_state
+
+
+def call_takes_training(model: keras.Model) -> bool:
+  """Does ``model.call`` accept ``training`` (by name or ``**kwargs``)?"""
+  try:
+    parameters = inspect.signature(model.call).parameters.values()
+  except (TypeError, ValueError):
+    return True
+  return any(p.name == "training" or p.kind is inspect.Parameter.VAR_KEYWORD
+             for p in parameters)
 
 
 def read_weights(model: keras.Model):

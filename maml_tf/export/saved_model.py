@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from maml_tf.core import functional
-from maml_tf.core import keras_compat
+from maml_tf.core import cloning
 
 
 def _default_signature(model: keras.Model):
@@ -29,7 +29,7 @@ def _default_signature(model: keras.Model):
     return [tf.TensorSpec((None,) + tuple(i.shape[1:]), i.dtype,
                           name=f"x{j}" if len(inputs) > 1 else "x")
             for j, i in enumerate(inputs)]
-  shape = keras_compat.build_input_shape(model)
+  shape = cloning.example_input_shape(model)
   if shape is None:
     raise ValueError(
         f"cannot infer the input signature of model {model.name!r} (a "

@@ -55,3 +55,90 @@ def test_model_meta_trains_and_adapts(build):
   adapted = maml.adapt(test.support_x[0], test.support_y[0], steps=5)
   assert type(adapted) is type(maml.model)
   assert not np.allclose(adapted.get_weights()[0], maml.model.get_weights()[0])
+
+
+class NoTraining(keras.Model):
+  """The most common research style: ``call(self, x)``, no get_config."""
+
+  def __init__(self):
+    super().__init__()
+    self.hidden = keras.layers.Dense(16, activation="tanh")
+    self.drop = keras.layers.Dropout(0.0)
+    self.norm = keras.layers.BatchNormalization()
+    self.out = keras.layers.Dense(1)
+
+  def call(self, x):
+    return self.out(self.drop(self.norm(self.hidden(x))))
+
+
+class NoConfig(keras.Model):
+  """``call(self, x, training=None)`` but no get_config: cannot be cloned."""
+
+  def __init__(self, width):
+    super().__init__()
+    self.hidden = keras.layers.Dense(width, activation="tanh")
+    self.norm = keras.layers.BatchNormalization()
+    self.out = keras.layers.Dense(1)
+
+  def call(self, x, training=None):
+    return self.out(self.norm(self.hidden(x), training=training))
+
+
+@pytest.mark.parametrize("cls", [NoTraining, lambda: NoConfig(12)],
+                         ids=["no_training_arg", "no_get_config"])
+def test_models_without_training_or_config_work_end_to_end(cls, tmp_path):
+  """Meta-train, adapt, export, reload in a process without maml_tf."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from maml_tf.core import functional  # pylint: disable=g-import-not-at-top
+  from maml_tf.export import export_adaptable, export_adapted  # pylint: disable=g-import-not-at-top
+  keras.utils.set_random_seed(0)
+  model = cls()
+  model(np.zeros((2, 1), np.float32))
+  maml = MAML(model, "mse", inner_lr=0.05, inner_steps=2,
+              meta_optimizer=keras.optimizers.Adam(3e-3))
+  test = sinusoid.sample_batch(20, 10, 20, np.random.default_rng(99))[0]
+  start = maml.evaluate(test, steps=(2,))["loss"][0]
+  for i in range(150):
+    maml.train_step_tensors(sinusoid.sample_batch(
+        10, 10, 10, np.random.default_rng([2, i]))[0])
+  assert maml.evaluate(test, steps=(2,))["loss"][0] < 0.8 * start
+  assert np.isfinite(float(maml.meta_loss(test)))
+  # Training-mode behaviour reaches the layers: BatchNorm moving statistics
+  # are written by the meta-steps.
+  assert not np.allclose(model.norm.moving_mean.numpy(), 0.0)
+  before = [v.numpy().copy() for v in model.weights]
+  sx, sy = test.support_x[0], test.support_y[0]
+  adapted = maml.adapt(sx, sy)
+  for b, v in zip(before, model.weights):
+    np.testing.assert_array_equal(b, v.numpy())   # meta-model untouched
+  qx = test.query_x[0]
+  want = np.asarray(adapted(qx, training=False))
+  # The adapted model predicts with the adapted weights.
+  fast = adapted.trainable_variables
+  got, _ = functional.functional_call(
+      adapted, fast, adapted.non_trainable_variables, tf.constant(qx), False)
+  np.testing.assert_allclose(np.asarray(got), want, atol=1e-6)
+  assert not np.allclose(want, np.asarray(model(qx, training=False)),
+                         atol=1e-4)
+  export_adapted(adapted, str(tmp_path / "adapted"), verify_with=qx)
+  export_adaptable(maml, str(tmp_path / "adaptable"), sx, sy)
+  np.save(tmp_path / "sx.npy", np.asarray(sx, "f4"))
+  np.save(tmp_path / "sy.npy", np.asarray(sy, "f4"))
+  np.save(tmp_path / "qx.npy", np.asarray(qx, "f4"))
+  code = f"""
+import sys, numpy as np, tensorflow as tf
+d = {str(tmp_path)!r}
+sx, sy, qx = (np.load(f"{{d}}/{{n}}.npy") for n in ("sx", "sy", "qx"))
+a = tf.saved_model.load(d + "/adapted")
+b = tf.saved_model.load(d + "/adaptable")
+np.save(d + "/served.npy", a.serve(qx).numpy())
+np.save(d + "/adapted_in_graph.npy", b.adapt_and_predict(sx, sy, qx).numpy())
+assert "maml_tf" not in sys.modules
+"""
+  subprocess.run([sys.executable, "-c", code], check=True)
+  np.testing.assert_allclose(np.load(tmp_path / "served.npy"), want,
+                             atol=1e-5)
+  np.testing.assert_allclose(np.load(tmp_path / "adapted_in_graph.npy"), want,
+                             atol=1e-5)
