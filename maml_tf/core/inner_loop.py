@@ -247,7 +247,7 @@ class InnerLoop:
   step_sizes: StepSizes
 
   def adapt(self, params, state, x, y, steps, lrs=(), inner_lr=None,
-            first_order: bool = True, on_step=None, forward=None,
+            first_order: bool = False, on_step=None, forward=None,
             recompute: bool = False, loss_fn: Optional[LossFn] = None):
     """:func:`adapt_params` with this learner's mask and step sizes.
 

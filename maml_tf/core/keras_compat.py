@@ -15,7 +15,11 @@ from typing import Iterator, List, Optional, Tuple
 import keras
 import tensorflow as tf
 
-_PATCH_LOCK = threading.RLock()
+# One lock per patch: MirroredStrategy traces replica functions in their own
+# threads while the main thread holds the loss-scaling patch, and those
+# threads take the moments patch.
+_MOMENTS_LOCK = threading.RLock()
+_LOSS_SCALE_LOCK = threading.RLock()
 
 
 # ----------------------------------------------------------------- layers
@@ -79,7 +83,7 @@ def exact_moments() -> Iterator[None]:
         f"Keras {keras.__version__}.")
     yield
     return
-  with _PATCH_LOCK:
+  with _MOMENTS_LOCK:
     tf_nn._compute_moments = _exact_moments  # pylint: disable=protected-access
     try:
       yield
@@ -128,7 +132,7 @@ def unscaled_keras_losses() -> Iterator[None]:
         "such as 'mse' are not affected).")
     yield
     return
-  with _PATCH_LOCK:
+  with _LOSS_SCALE_LOCK:
     loss_module.scale_loss_for_distribution = lambda value: value
     try:
       yield

@@ -75,6 +75,19 @@ class StepResult(NamedTuple):
   new_state: list
 
 
+def _fixed(name: str):
+  """A constructor option that plans and compiled steps depend on."""
+  def get(self):
+    return self._frozen[name]  # pylint: disable=protected-access
+
+  def refuse(self, value):
+    raise AttributeError(
+        f"MAML.{name} is fixed when the learner is built (its execution "
+        f"plan and compiled steps depend on it); build a new MAML with "
+        f"{name}={value!r}")
+  return property(get, refuse, doc=f"The ``{name}`` option (read-only).")
+
+
 class MAML:
   """Model-Agnostic Meta-Learning for any built Keras 3 model.
 
@@ -153,6 +166,14 @@ class MAML:
     >>> maml.evaluate(batch, steps=(0, 1, 10))["loss"]
   """
 
+  inner_lr = _fixed("inner_lr")
+  inner_steps = _fixed("inner_steps")
+  accuracy = _fixed("accuracy")
+  learn_inner_lr = _fixed("learn_inner_lr")
+  multi_step_loss_iterations = _fixed("multi_step_loss_iterations")
+  recompute = _fixed("recompute")
+  task_chunk = _fixed("task_chunk")
+
   def __init__(self, model: keras.Model, loss, inner_lr: float = 0.01,
                inner_steps: int = 1, first_order: bool = False,
                meta_optimizer: Optional[keras.optimizers.Optimizer] = None,
@@ -188,15 +209,14 @@ class MAML:
     if jit_compile not in (None, True, False):
       raise ValueError(f"jit_compile must be None, True or False, got "
                        f"{jit_compile!r}")
-    self.inner_lr = inner_lr
-    self.inner_steps = int(inner_steps)
+    self._frozen = {
+        "inner_lr": inner_lr, "inner_steps": int(inner_steps),
+        "accuracy": accuracy, "learn_inner_lr": learn_inner_lr,
+        "multi_step_loss_iterations": int(multi_step_loss_iterations),
+        "recompute": bool(recompute),
+        "task_chunk": plan_lib.check_task_chunk(task_chunk)}
     self.first_order = bool(first_order)
-    self.accuracy = accuracy
-    self.learn_inner_lr = learn_inner_lr
-    self.multi_step_loss_iterations = int(multi_step_loss_iterations)
     self.first_order_until = int(first_order_until)
-    self.recompute = bool(recompute)
-    self.task_chunk = plan_lib.check_task_chunk(task_chunk)
     self.adapt_mask = list(inner_loop_lib.adapt_mask(self.model, adapt))
     self.step_sizes = inner_loop_lib.StepSizes(learn_inner_lr, inner_lr,
                                                self.inner_steps)
@@ -466,6 +486,7 @@ class MAML:
     """
     batch = self.prepare(batch)
     plan = self.plan(batch, first_order=self.first_order).for_task_passes()
+    plan = plan.replace(accuracy=False)       # a loss only
 
     def make(plan):
       task_pass = self.training_pass(plan, pre_update_metrics=False)

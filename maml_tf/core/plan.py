@@ -27,7 +27,8 @@ every compiled step is keyed by its plan. The rules:
   chunk's inner loop), a multi-step loss or the closed form.
 * chunks_in_flight: two chunks run at once when two or more CPUs are usable.
 * query_chunk: with ``recompute`` on the batched path, tasks per
-  checkpointed query chunk (:func:`query_chunk_size`).
+  checkpointed query chunk (:func:`query_chunk_size` of the tasks of one
+  task chunk, or of the meta-batch).
 * closed_form: the written-out meta-gradient of Dense/MSE chains when the
   learner found one and the batch has no accuracy to report.
 * xla: ``train_steps`` compiles its loop with XLA when ``jit_compile`` is
@@ -176,7 +177,7 @@ class BatchShape:
     dtype = getattr(sy, "dtype", None)
     integer = bool(tf.as_dtype(dtype).is_integer) if dtype is not None else False
     return cls(sx.shape[0], sx.shape[1], qx.shape[1],
-               int(np.prod(sx.shape[2:] or [1])), integer)
+               int(np.prod([d or 1 for d in sx.shape[2:]])), integer)
 
   @property
   def small(self) -> bool:
@@ -331,9 +332,10 @@ def resolve_plan(options: Options, facts: ModelFacts, shape: BatchShape,
                and not closed_form)
   query_chunk = None
   if recompute and batched and num_tasks is not None:
-    query_chunk = query_chunk_size(num_tasks, shape.support or 0,
+    tasks = chunk or num_tasks          # the tasks of one query pass
+    query_chunk = query_chunk_size(tasks, shape.support or 0,
                                    shape.query or 0)
-    query_chunk = None if query_chunk >= num_tasks else query_chunk
+    query_chunk = None if query_chunk >= tasks else query_chunk
   if options.jit_compile is None:
     xla = closed_form
   else:

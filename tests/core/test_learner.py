@@ -211,3 +211,12 @@ def test_auto_execution_prefers_batched_and_falls_back_for_other_layers():
   assert MAML(gru, "mse").execution in ("vectorized_map", "map_fn")
   with pytest.raises(ValueError, match="GRU"):
     MAML(gru, "mse", vectorize="batched")
+
+
+def test_options_the_plan_depends_on_are_read_only():
+  maml = MAML(mlp(1, 1, hidden=(4,)), "mse", inner_lr=0.05, task_chunk=2)
+  assert (maml.inner_lr, maml.task_chunk, maml.recompute) == (0.05, 2, False)
+  for name, value in (("inner_lr", 0.1), ("inner_steps", 3),
+                      ("recompute", True), ("task_chunk", None)):
+    with pytest.raises(AttributeError, match=f"MAML.{name} is fixed"):
+      setattr(maml, name, value)
