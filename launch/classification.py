@@ -74,6 +74,9 @@ _TRAIN_ON_VAL = flags.DEFINE_bool(
     "characters (the paper's 1200).")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", None,
                                    "MiniImagenet image side (84).")
+_IMAGES_PER_CLASS = flags.DEFINE_integer(
+    "images_per_class", None, "MiniImagenet: use the first N images of "
+    "each class (classes of unequal size need it).")
 _EXPORT = flags.DEFINE_bool("export", None,
                             "Export one adapted model as a SavedModel.")
 _PLOT = flags.DEFINE_bool("plot", None, "Write the PNG figures.")
@@ -95,6 +98,7 @@ def main(argv):
         seed=_SEED.value, resume=_RESUME.value, eval_only=_EVAL_ONLY.value,
         eval_tasks=_EVAL_TASKS.value, eval_every=_EVAL_EVERY.value,
         train_on_val=_TRAIN_ON_VAL.value, image_size=_IMAGE_SIZE.value,
+        images_per_class=_IMAGES_PER_CLASS.value,
         export=_EXPORT.value, plot=_PLOT.value, **learner_flags.overrides())
   except ValueError as e:
     raise app.UsageError(str(e)) from e

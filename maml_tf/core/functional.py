@@ -105,8 +105,14 @@ def ensure_built(model: keras.Model) -> keras.Model:
     raise TypeError(
         f"maml_tf needs a keras.Model (Sequential, functional or subclassed); "
         f"got {type(model).__name__}")
-  if not model.built or not model.trainable_variables:
+  if not model.built or not model.weights:
     raise ValueError(
         f"model {model.name!r} has no trainable weights yet: build it first, "
         "e.g. give Sequential an keras.Input or call model(example_batch) once")
+  if not model.trainable_variables:
+    raise ValueError(
+        f"model {model.name!r} has no trainable weights: all of its "
+        f"{len(model.weights)} weights are frozen (trainable=False), so there "
+        "is nothing to meta-learn; set trainable=True on the layers MAML "
+        "should learn")
   return model

@@ -190,6 +190,13 @@ class MAML:
                jit_compile: Optional[bool] = None):
     self.model = functional.ensure_built(model)
     self.loss_fn = losses.as_loss_fn(loss)
+    self._class_indices = losses.takes_class_indices(loss)
+    try:
+      outputs = model.outputs
+    except (AttributeError, ValueError):    # subclassed: no graph
+      outputs = None
+    self._num_classes = (outputs[0].shape[-1] if outputs
+                         and len(outputs) == 1 else None)
     if not isinstance(inner_steps, (int, np.integer)) or inner_steps < 1:
       raise ValueError(f"inner_steps must be an integer >= 1, got {inner_steps!r}")
     inner_lr = float(inner_lr)
@@ -367,7 +374,12 @@ class MAML:
   # ------------------------------------------------------------------ inputs
   def prepare(self, batch) -> TaskBatch:
     """``batch`` validated, as tensors, floats cast to the model's dtype."""
-    return prepare_batch(batch, self.model.trainable_variables[0].dtype)
+    batch = prepare_batch(batch, self.model.trainable_variables[0].dtype)
+    if self._class_indices:
+      for name in ("support_y", "query_y"):
+        losses.check_class_labels(name, getattr(batch, name),
+                                  self._num_classes)
+    return batch
 
   # --------------------------------------------------- the meta-step pieces
   def training_pass(self, plan: plan_lib.ExecutionPlan,

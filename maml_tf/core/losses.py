@@ -101,6 +101,39 @@ def per_task_loss_fn(loss) -> Optional[Callable]:
   return None
 
 
+def takes_class_indices(loss) -> bool:
+  """Is ``loss`` Keras' sparse categorical cross-entropy (integer labels)?"""
+  if isinstance(loss, str):
+    return loss in ("sparse_categorical_crossentropy",
+                    "SparseCategoricalCrossentropy")
+  if isinstance(loss, keras.losses.SparseCategoricalCrossentropy):
+    return True
+  return loss is keras.losses.sparse_categorical_crossentropy
+
+
+def check_class_labels(name: str, labels, num_classes) -> None:
+  """Raises ``ValueError`` naming ``name`` unless its labels are class indices.
+
+  Float labels are refused (a sparse loss would silently truncate them);
+  eager integer labels must lie in ``[0, num_classes)`` when
+  ``num_classes`` is known. Symbolic labels are checked for dtype only.
+  """
+  dtype = tf.as_dtype(labels.dtype)
+  if not dtype.is_integer:
+    raise ValueError(
+        f"TaskBatch.{name} is {dtype.name}, but the loss takes integer class "
+        "indices (sparse categorical cross-entropy): cast the labels to "
+        "int32, or use CategoricalCrossentropy for one-hot or soft labels")
+  if not num_classes or not tf.executing_eagerly() or not hasattr(
+      labels, "numpy"):
+    return
+  values = labels.numpy()
+  if values.size and (values.min() < 0 or values.max() >= num_classes):
+    raise ValueError(
+        f"TaskBatch.{name} holds labels {int(values.min())}..{int(values.max())}"
+        f", outside the model's {num_classes} outputs (0..{num_classes - 1})")
+
+
 def multi_step_loss_weights(iteration, num_steps: int, anneal_iterations: int):
   """MAML++ multi-step loss weights (Antoniou et al. 2019), a ``[num_steps]`` tensor.
 

@@ -70,6 +70,14 @@ def validate_task_batch(batch: TaskBatch) -> TaskBatch:
       raise ValueError(
           f"TaskBatch.{name} must have a task axis and an example axis "
           f"[T, N, ...]; got shape {s}")
+  for name, s in (("support_x", sx), ("query_x", qx)):
+    if s[1] == 0:
+      raise ValueError(
+          f"TaskBatch.{name} has no examples per task (shape {s}): the "
+          + ("inner loop adapts on at least one support example (shot, "
+             "k_shot >= 1)" if name == "support_x" else
+             "meta-objective scores at least one query example (query, "
+             "k_query >= 1)"))
   tasks = {n: s[0] for n, s in zip(names, (sx, sy, qx, qy))}
   if len({t for t in tasks.values() if t is not None}) > 1:
     raise ValueError(f"TaskBatch fields disagree on the number of tasks: {tasks}")

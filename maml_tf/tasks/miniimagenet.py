@@ -193,7 +193,8 @@ def _decode_split(classes, image_size, images_per_class, num_threads, where):
       raise ValueError(
           f"{where}: classes have different numbers of images "
           f"({min(counts.values())} to {max(counts.values())}); pass "
-          f"images_per_class=N to keep the first N of each")
+          f"images_per_class=N (launcher flag --images_per_class=N) to keep "
+          f"the first N of each")
     n = next(iter(counts.values()))
   else:
     n = int(images_per_class)

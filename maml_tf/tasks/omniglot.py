@@ -83,7 +83,7 @@ _PNG_RE = re.compile(
 _WHAT_TO_DO = (
     f"Put the official Omniglot zips {ZIP_FILES[0]} and {ZIP_FILES[1]} in one "
     f"folder and pass it as data_dir (or set the environment variable "
-    f"{ENV_VAR}, or the launcher flag --omniglot_dir), or call "
+    f"{ENV_VAR}, or the launchers' flag --data_dir), or call "
     f"load_omniglot() with neither to let TFDS download its public 'omniglot' "
     f"data set (needs a network).")
 

@@ -92,18 +92,34 @@ def make_checkpoint(learner, workdir: str, max_to_keep: int = 3,
 
 
 def restore_latest(ckpt, manager, log=print) -> bool:
-  """Restores the newest checkpoint if there is one; True when restored."""
-  if not manager.latest_checkpoint:
+  """Restores the newest readable checkpoint; True when one was restored.
+
+  An unreadable checkpoint (truncated or corrupt files) is reported and the
+  next older one is tried. A readable checkpoint of another model or
+  configuration is an error (nothing older is tried: it would be the same).
+  """
+  if not manager.checkpoints:
     return False
-  try:
-    ckpt.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-  except (tf.errors.OpError, AssertionError, ValueError) as e:
-    raise RuntimeError(
-        f"could not restore checkpoint {manager.latest_checkpoint} ({e}); it "
-        "belongs to a different model or configuration, or is corrupt. Use "
-        "another workdir or start afresh (resume=False).") from e
-  log(f"resumed from {manager.latest_checkpoint}")
-  return True
+  unreadable = []
+  for path in reversed(manager.checkpoints):
+    try:
+      ckpt.restore(path).assert_existing_objects_matched()
+    except (AssertionError, ValueError) as e:
+      raise RuntimeError(
+          f"could not restore checkpoint {path} ({e}); it belongs to a "
+          "different model or configuration. Use another --logdir or start "
+          "afresh (--noresume).") from e
+    except (tf.errors.OpError, IndexError, OSError) as e:
+      log(f"checkpoint {path} is unreadable ({type(e).__name__}: "
+          f"{str(e).splitlines()[0][:200]}); trying an older one")
+      unreadable.append(path)
+      continue
+    log(f"resumed from {path}")
+    return True
+  raise RuntimeError(
+      f"no readable checkpoint under {manager.directory}: "
+      f"{', '.join(unreadable)} are all unreadable. Use another --logdir or "
+      "start afresh (--noresume).")
 
 
 def _accepts(fn, name: str) -> bool:
@@ -193,6 +209,12 @@ def meta_train(learner, batch_for_step: Callable[[int], object],
   writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
   jsonl = JsonlLog(os.path.join(workdir, "train_log.jsonl"))
   start = int(step.numpy())
+  optimizer = getattr(learner, "meta_optimizer", None)
+
+  def optimizer_steps() -> int:
+    counter = step if optimizer is None else optimizer.iterations
+    return int(counter.numpy())
+  optimizer_steps_at_start = optimizer_steps()
   if start >= iterations:
     log(f"already trained {start} >= {iterations} iterations")
     return start
@@ -258,7 +280,10 @@ def meta_train(learner, batch_for_step: Callable[[int], object],
     except Interrupted:
       raise
     except KeyboardInterrupt:
-      done = int(step.numpy())
+      # The interrupt may land after a compiled call updated the weights and
+      # before the step counter was advanced: count the optimizer's steps.
+      done = start + int(optimizer_steps() - optimizer_steps_at_start)
+      step.assign(done)
       manager.save(checkpoint_number=done)
       log(f"interrupted: saved a checkpoint at step {done}")
       raise Interrupted(done) from None

@@ -220,3 +220,45 @@ def test_options_the_plan_depends_on_are_read_only():
                       ("recompute", True), ("task_chunk", None)):
     with pytest.raises(AttributeError, match=f"MAML.{name} is fixed"):
       setattr(maml, name, value)
+
+
+def _labels_batch(sy, qy, k=2, q=3):
+  rng = np.random.default_rng(0)
+  return TaskBatch(rng.normal(size=(2, k, 4)).astype("f4"), sy,
+                   rng.normal(size=(2, q, 4)).astype("f4"), qy)
+
+
+def _classifier_maml():
+  model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+  return MAML(model, keras.losses.SparseCategoricalCrossentropy(
+      from_logits=True), inner_lr=0.1)
+
+
+def test_degenerate_batches_are_refused_naming_the_field():
+  maml = _classifier_maml()
+  ints = lambda n: np.zeros((2, n), "i4")
+  with pytest.raises(ValueError, match="support_x has no examples"):
+    maml.train_step(_labels_batch(ints(0), ints(3), k=0))
+  with pytest.raises(ValueError, match="query_x has no examples"):
+    maml.train_step(_labels_batch(ints(2), ints(0), q=0))
+  # Float labels with a sparse loss would be truncated silently.
+  with pytest.raises(ValueError, match="support_y is float32, but the loss "
+                     "takes integer class indices"):
+    maml.train_step(_labels_batch(np.full((2, 2), 1.7, "f4"), ints(3)))
+  # A label beyond the model's 3 outputs, without a graph trace.
+  bad = ints(3)
+  bad[1, 2] = 3
+  with pytest.raises(ValueError, match=r"query_y holds labels 0\.\.3, outside "
+                     r"the model's 3 outputs \(0\.\.2\)"):
+    maml.train_step(_labels_batch(ints(2), bad))
+  assert np.isfinite(maml.train_step(_labels_batch(ints(2), ints(3)))[
+      "loss_after"])
+
+
+def test_a_frozen_model_is_named_frozen_not_unbuilt():
+  model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+  model.trainable = False
+  with pytest.raises(ValueError, match="all of its 2 weights are frozen"):
+    MAML(model, "mse")
+  with pytest.raises(ValueError, match="no trainable weights yet: build it first"):
+    MAML(keras.Sequential([keras.layers.Dense(3)]), "mse")

@@ -199,7 +199,11 @@ def test_missing_zip_names_the_file_and_remedy(tmp_path):
     omniglot.load_omniglot(str(tmp_path), source="zip")
   msg = str(err.value)
   assert "images_background.zip" in msg and "images_evaluation.zip" in msg
-  assert omniglot.ENV_VAR in msg and "--omniglot_dir" in msg
+  # The flag the hint names is a real flag of the launcher.
+  assert omniglot.ENV_VAR in msg and "--data_dir" in msg
+  launcher = os.path.join(REPO_ROOT, "launch", "classification.py")
+  with open(launcher) as f:
+    assert 'DEFINE_string(\n    "data_dir"' in f.read()
   with pytest.raises(FileNotFoundError, match="not found"):
     omniglot.load_omniglot(str(tmp_path / "nope"))
 

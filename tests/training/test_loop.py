@@ -1,0 +1,93 @@
+"""meta_train's guarantees: consistent interrupts, checkpoint fallback."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+
+from maml_tf import MAML
+from maml_tf.models.mlp import mlp
+from maml_tf.tasks import sinusoid
+from maml_tf.training import loop
+
+
+def _batch(i):
+  return sinusoid.sample_batch(4, 5, 5, np.random.default_rng([7, i]))[0]
+
+
+class _InterruptAfterUpdate:
+  """A learner whose ``stop_at``-th step is interrupted after it updated the
+  weights, before meta_train could advance its step counter (Ctrl-C landing
+  right after a compiled call returns)."""
+
+  def __init__(self, maml, stop_at):
+    self.maml, self.stop_at, self.calls = maml, stop_at, 0
+    self.model, self.meta_optimizer = maml.model, maml.meta_optimizer
+
+  def checkpoint_items(self):
+    return self.maml.checkpoint_items()
+
+  def train_step_tensors(self, batch, pre_update_metrics=True):
+    out = self.maml.train_step_tensors(batch, pre_update_metrics)
+    self.calls += 1
+    if self.calls == self.stop_at:
+      raise KeyboardInterrupt
+    return out
+
+
+def _maml():
+  keras.utils.set_random_seed(0)
+  return MAML(mlp(1, 1, hidden=(8,)), "mse", inner_lr=0.01)
+
+
+def test_ctrl_c_after_an_update_saves_a_consistent_step(tmp_path):
+  workdir = str(tmp_path / "run")
+  maml = _maml()
+  with pytest.raises(loop.Interrupted) as stopped:
+    loop.meta_train(_InterruptAfterUpdate(maml, stop_at=7), _batch, 20,
+                    workdir, log_every=5, checkpoint_every=5, log=lambda m: 0)
+  assert stopped.value.step == 7
+  # The checkpoint's step equals the optimizer's steps: resuming does the
+  # remaining 13 meta-steps, not 14, and ends where an uninterrupted run does.
+  resumed = _maml()
+  ckpt, manager, step = loop.make_checkpoint(resumed, workdir)
+  assert loop.restore_latest(ckpt, manager, log=lambda m: 0)
+  assert int(step.numpy()) == int(resumed.meta_optimizer.iterations.numpy()) == 7
+  loop.meta_train(resumed, _batch, 20, workdir, log_every=5,
+                  checkpoint_every=5, log=lambda m: 0)
+  straight = _maml()
+  loop.meta_train(straight, _batch, 20, str(tmp_path / "straight"),
+                  log_every=5, checkpoint_every=5, log=lambda m: 0)
+  assert int(resumed.meta_optimizer.iterations.numpy()) == 20
+  for a, b in zip(resumed.model.weights, straight.model.weights):
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_an_unreadable_newest_checkpoint_falls_back_to_an_older_one(tmp_path):
+  workdir = str(tmp_path / "run")
+  maml = _maml()
+  loop.meta_train(maml, _batch, 10, workdir, log_every=5, checkpoint_every=5,
+                  log=lambda m: 0)
+  ckpt, manager, step = loop.make_checkpoint(_maml(), workdir)
+  newest = manager.latest_checkpoint
+  assert newest.endswith("-10")
+  data = [f for f in os.listdir(os.path.dirname(newest))
+          if f.startswith(os.path.basename(newest) + ".data")]
+  for name in data:                         # truncate the newest's data
+    path = os.path.join(os.path.dirname(newest), name)
+    with open(path, "r+b") as f:
+      f.truncate(os.path.getsize(path) // 3)
+  lines = []
+  assert loop.restore_latest(ckpt, manager, log=lines.append)
+  assert int(step.numpy()) == 5
+  assert any("unreadable" in l and newest in l for l in lines), lines
+  assert lines[-1].endswith("ckpt-5")
+  # Every checkpoint unreadable: a clear error, not a raw IndexError.
+  for name in os.listdir(os.path.dirname(newest)):
+    if ".data" in name:
+      path = os.path.join(os.path.dirname(newest), name)
+      with open(path, "r+b") as f:
+        f.truncate(1)
+  with pytest.raises(RuntimeError, match="no readable checkpoint"):
+    loop.restore_latest(ckpt, manager, log=lines.append)
