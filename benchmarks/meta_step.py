@@ -70,6 +70,7 @@ def matmul_gflops(n: int = 1024, repeats: int = 20) -> float:
 def count_gflop(concrete_function) -> float:
   """Float operations of a concrete function's graph (TF profiler)."""
   profiler = tf.compat.v1.profiler
+  tf.get_logger().setLevel("ERROR")     # the v1 profiler's deprecation notes
   opts = (profiler.ProfileOptionBuilder(
       profiler.ProfileOptionBuilder.float_operation())
           .with_empty_output().build())

@@ -29,7 +29,7 @@ from typing import Optional
 
 import keras
 
-from maml_tf.core.maml import MAML
+from maml_tf.core.learner import MAML
 from maml_tf.core.reptile import Reptile
 
 ALGORITHMS = ("maml", "fomaml", "metasgd", "anil", "mamlpp", "reptile")

@@ -16,7 +16,7 @@ import json
 import os
 from typing import Dict, List, Sequence, Tuple
 
-from maml_tf.training.stats import paired_difference
+from maml_tf.common.stats import paired_difference
 
 _SAME = ("env", "seed", "eval_tasks")
 
@@ -42,7 +42,7 @@ def paired_returns(a: Dict, b: Dict) -> List[Dict[str, float]]:
       environment, seed and number of test tasks.
 
   Returns:
-    one :func:`~maml_tf.training.stats.paired_difference` dict per number of
+    one :func:`~maml_tf.common.stats.paired_difference` dict per number of
     gradient steps both runs were evaluated after.
 
   Raises:

@@ -42,7 +42,8 @@ from maml_tf.rl.baseline import process_trajectories
 from maml_tf.rl.maml_trpo import MAMLTRPO
 from maml_tf.rl.policy import build_gaussian_mlp_policy
 from maml_tf.rl.sampler import make_sampler
-from maml_tf.training.results import write_json
+from maml_tf.common import run_config
+from maml_tf.common.results import write_json
 
 ALGORITHMS = ("maml", "pretrained", "random", "oracle")
 
@@ -259,6 +260,7 @@ def train_and_evaluate(config: RLConfig, workdir: str) -> Dict:
     >>> train_and_evaluate(RLConfig(env="navigation", iterations=5), "/tmp/nav")
   """
   os.makedirs(workdir, exist_ok=True)
+  changes = run_config.check_resume(config, workdir, print)
   start_time = time.time()
   tf.random.set_seed(config.seed)
   oracle = config.algorithm == "oracle"
@@ -333,7 +335,7 @@ def train_and_evaluate(config: RLConfig, workdir: str) -> Dict:
     writer.flush()
     rates = [h["iterations_per_second"] for h in history[-1:]]
     results = {
-        "config": dataclasses.asdict(config),
+        "config": dataclasses.asdict(config), "config_changes": changes,
         # per_task[k][i]: test task i's mean return after k steps; the test
         # tasks depend on the seed only, so methods pair up task by task.
         "eval": {"returns": ev["returns"], "stderr": ev["stderr"],

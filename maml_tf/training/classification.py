@@ -77,7 +77,7 @@ import tensorflow as tf
 
 from maml_tf.core import distribute
 from maml_tf.core import family
-from maml_tf.core.maml import MAML
+from maml_tf.core.learner import MAML
 from maml_tf.core.task_batch import TaskBatch
 from maml_tf.export import export_adapted
 from maml_tf.models import paper_nets
@@ -85,7 +85,8 @@ from maml_tf.tasks import episodes
 from maml_tf.tasks import miniimagenet
 from maml_tf.tasks import omniglot
 from maml_tf.training import config as config_lib
-from maml_tf.training import loop, results, stats
+from maml_tf.common import results, run_config, stats
+from maml_tf.training import loop
 
 DATASETS = ("omniglot", "miniimagenet")
 NETWORKS = ("conv", "mlp")
@@ -634,6 +635,7 @@ def train_and_evaluate(config: ClassificationConfig, workdir: str,
   strategy = distribute.make_strategy(config.distribute)   # before any TF op
   workdir = distribute.worker_workdir(workdir, strategy)
   os.makedirs(workdir, exist_ok=True)
+  changes = run_config.check_resume(config, workdir, log)
   t0 = time.perf_counter()
   splits = to_cpu_variables(load_splits(config))
   log(f"{_name(config)}: classes train/val/test = "
@@ -675,7 +677,7 @@ def train_and_evaluate(config: ClassificationConfig, workdir: str,
       stream.close()   # stops the prefetching pipeline
   train_seconds = time.perf_counter() - t_train
   session_steps = max(done - start, 0)
-  out = {"config": dataclasses.asdict(config),
+  out = {"config": dataclasses.asdict(config), "config_changes": changes,
          "data": {k: v.shape.as_list() for k, v in splits.items()},
          "iterations": done,
          "train_seconds": train_seconds,

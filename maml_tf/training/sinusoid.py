@@ -18,11 +18,12 @@ import tensorflow as tf
 
 from maml_tf.core import distribute
 from maml_tf.core import family
-from maml_tf.core.maml import MAML
+from maml_tf.core.learner import MAML
 from maml_tf.models.mlp import mlp
 from maml_tf.tasks import sinusoid as tasks
 from maml_tf.training import config as config_lib
-from maml_tf.training import loop, results, stats
+from maml_tf.common import results, run_config, stats
+from maml_tf.training import loop
 
 
 @dataclasses.dataclass
@@ -219,6 +220,7 @@ def train_and_evaluate(config: SinusoidConfig, workdir: str,
   strategy = distribute.make_strategy(config.distribute)   # before any TF op
   workdir = distribute.worker_workdir(workdir, strategy)
   os.makedirs(workdir, exist_ok=True)
+  changes = run_config.check_resume(config, workdir, log)
   t0 = time.perf_counter()
   with strategy.scope():
     learner = build_maml(config)
@@ -248,7 +250,7 @@ def train_and_evaluate(config: SinusoidConfig, workdir: str,
                                           config.k_query, seed=config.seed),
         steps_per_call=config.steps_per_call)
   train_seconds = time.perf_counter() - t0
-  out = {"config": dataclasses.asdict(config),
+  out = {"config": dataclasses.asdict(config), "config_changes": changes,
          "train_seconds": train_seconds,
          "maml": evaluate_table(learner, config)}
   log("MSE on fresh tasks (mean ± 95% CI; the median too where a few tasks "

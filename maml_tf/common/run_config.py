@@ -1,0 +1,100 @@
+"""A run directory remembers its config; resuming with another is refused.
+
+:func:`check_resume` is called by every experiment (sinusoid,
+classification, meta-RL) before it trains. The first start of a run writes
+``config.json`` into the run directory. A later start that resumes (the
+directory has checkpoints and ``resume`` is on) compares its config with the
+stored one:
+
+* a difference in a field that changes the experiment (step sizes,
+  meta-batch, shots, seed, the derivative order, the task stream, ...) is
+  refused with a ``ValueError`` that lists every differing field and says
+  how to proceed (a new ``--logdir``, or ``--noresume`` to start afresh);
+* a difference only in fields that are safe to change mid-run
+  (:data:`SAFE_TO_CHANGE`: the iteration count, logging, checkpointing and
+  evaluation settings, data locations) is allowed, logged and appended to
+  ``config.json``'s ``"changes"``, which the results files carry.
+
+``eval_only`` starts never train, so they only log the differences. A run
+directory from before this check (checkpoints, no ``config.json``) records
+the current config and goes on.
+"""
+
+import dataclasses
+import glob
+import json
+import os
+import time
+from typing import Callable, Dict, List, Tuple
+
+from maml_tf.common.results import write_json
+
+CONFIG_FILE = "config.json"
+SAFE_TO_CHANGE = frozenset({
+    "iterations", "resume", "eval_only", "log_every", "checkpoint_every",
+    "eval_every", "eval_tasks", "val_tasks", "eval_batch", "eval_shots",
+    "eval_steps", "eval_query", "eval_batch_size", "eval_grad_steps",
+    "plot", "export", "baseline", "baseline_iterations", "data_dir",
+    "cache_dir", "omniglot_source", "adapted_check_tasks", "num_workers",
+    "eval_inner_steps"})
+
+
+def _plain(value):
+  return json.loads(json.dumps(value, default=str))
+
+
+def has_checkpoints(workdir: str) -> bool:
+  """Does ``workdir`` (or a folder below it) hold a TF checkpoint?"""
+  return bool(glob.glob(os.path.join(workdir, "**", "checkpoint"),
+                        recursive=True))
+
+
+def check_resume(config, workdir: str, log: Callable[[str], None] = print
+                 ) -> List[Dict]:
+  """Refuses to resume ``workdir`` with a config that changes the experiment.
+
+  Arguments:
+    config: the run's config dataclass (with ``resume``, optionally
+      ``eval_only``).
+    workdir: the run directory.
+    log: where the allowed changes are reported.
+
+  Returns:
+    the list of allowed changes so far (``[{"at": time, "fields": {name:
+    [old, new]}}]``), for the results file.
+
+  Raises:
+    ValueError: the stored config differs in a field outside
+      :data:`SAFE_TO_CHANGE`; the message lists every such field.
+  """
+  path = os.path.join(workdir, CONFIG_FILE)
+  current = _plain(dataclasses.asdict(config))
+  resuming = getattr(config, "resume", True) and has_checkpoints(workdir)
+  if not resuming or not os.path.exists(path):
+    write_json(path, {"config": current, "changes": []})
+    return []
+  with open(path) as f:
+    stored = json.load(f)
+  old = stored.get("config", {})
+  diff: Dict[str, Tuple] = {k: (old.get(k), v) for k, v in current.items()
+                            if k in old and old[k] != v}
+  unsafe = {k: d for k, d in diff.items() if k not in SAFE_TO_CHANGE}
+  listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in
+                     sorted((unsafe or diff).items()))
+  if getattr(config, "eval_only", False):
+    if diff:
+      log(f"eval_only with a config other than the run's: {listed}")
+    return stored.get("changes", [])
+  if unsafe:
+    raise ValueError(
+        f"{workdir} holds a run with another configuration: {listed}. "
+        "Resuming would mix two experiments. Use a new --logdir for the new "
+        "configuration, or --noresume to start this one afresh (the safe "
+        f"fields to change on resume are: {', '.join(sorted(SAFE_TO_CHANGE))})")
+  changes = stored.get("changes", [])
+  if diff:
+    log(f"resuming with changed settings: {listed}")
+    changes.append({"at": time.strftime("%Y-%m-%d %H:%M:%S"),
+                    "fields": {k: list(d) for k, d in diff.items()}})
+  write_json(path, {"config": current, "changes": changes})
+  return changes

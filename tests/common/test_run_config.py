@@ -1,0 +1,68 @@
+"""Resuming a run directory with a config that changes the experiment is
+refused; safe changes are allowed and recorded."""
+
+import dataclasses
+import json
+import os
+
+import pytest
+
+from maml_tf.common import run_config
+from maml_tf.training import sinusoid as experiment
+
+
+@dataclasses.dataclass
+class _Config:
+  inner_lr: float = 0.1
+  meta_batch: int = 4
+  iterations: int = 10
+  resume: bool = True
+  eval_only: bool = False
+
+
+def _fake_checkpoint(workdir):
+  os.makedirs(os.path.join(workdir, "maml", "checkpoints"))
+  with open(os.path.join(workdir, "maml", "checkpoints", "checkpoint"),
+            "w") as f:
+    f.write("")
+
+
+def test_check_resume_rules(tmp_path):
+  workdir = str(tmp_path)
+  assert run_config.check_resume(_Config(), workdir) == []
+  _fake_checkpoint(workdir)
+  with pytest.raises(ValueError, match=r"inner_lr: 0\.1 -> 0\.5, meta_batch: "
+                     r"4 -> 8\. Resuming would mix two experiments\. Use a "
+                     "new --logdir"):
+    run_config.check_resume(_Config(inner_lr=0.5, meta_batch=8), workdir)
+  lines = []
+  changes = run_config.check_resume(_Config(iterations=20), workdir,
+                                    lines.append)
+  assert changes[-1]["fields"] == {"iterations": [10, 20]}
+  assert "iterations: 10 -> 20" in lines[0]
+  with open(os.path.join(workdir, "config.json")) as f:
+    stored = json.load(f)
+  assert stored["config"]["iterations"] == 20 and len(stored["changes"]) == 1
+  # eval_only never trains: differences are only logged.
+  run_config.check_resume(_Config(inner_lr=0.5, eval_only=True), workdir,
+                          lines.append)
+  assert "eval_only" in lines[-1]
+  # Starting afresh (resume=False) replaces the stored config.
+  run_config.check_resume(_Config(inner_lr=0.5, resume=False), workdir)
+  run_config.check_resume(_Config(inner_lr=0.5), workdir)
+
+
+def test_sinusoid_resume_with_another_inner_lr_is_refused(tmp_path):
+  workdir = str(tmp_path / "run")
+  base = dict(iterations=100, baseline=False, plot=False, eval_tasks=5,
+              log_every=50, checkpoint_every=50)
+  experiment.train_and_evaluate(experiment.make_config("smoke", **base),
+                                workdir, log=lambda s: None)
+  with pytest.raises(ValueError, match=r"inner_lr: 0\.01 -> 0\.02"):
+    experiment.train_and_evaluate(
+        experiment.make_config("smoke", **{**base, "inner_lr": 0.02}),
+        workdir, log=lambda s: None)
+  out = experiment.train_and_evaluate(
+      experiment.make_config("smoke", **{**base, "iterations": 150}),
+      workdir, log=lambda s: None)
+  assert out["config_changes"][-1]["fields"]["iterations"] == [100, 150]
