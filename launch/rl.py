@@ -45,6 +45,9 @@ flags.DEFINE_integer("eval_batch_size", None,
                      "--fast_batch_size; the paper's test scripts used 40).")
 flags.DEFINE_integer("eval_every", 0, "Evaluate every N iterations (0: end).")
 flags.DEFINE_integer("checkpoint_every", 10, "Checkpoint every N iterations.")
+flags.DEFINE_float("checkpoint_seconds", 600.0,
+                   "Also checkpoint when this many seconds passed since the "
+                   "last checkpoint.")
 
 
 def main(argv):
@@ -57,8 +60,10 @@ def main(argv):
       seed=FLAGS.seed, resume=FLAGS.resume, first_order=FLAGS.first_order,
       num_workers=FLAGS.num_workers, eval_tasks=FLAGS.eval_tasks,
       eval_batch_size=FLAGS.eval_batch_size,
-      eval_every=FLAGS.eval_every, checkpoint_every=FLAGS.checkpoint_every)
-  rl.train_and_evaluate(config, FLAGS.logdir)
+      eval_every=FLAGS.eval_every, checkpoint_every=FLAGS.checkpoint_every,
+      checkpoint_seconds=FLAGS.checkpoint_seconds)
+  from maml_tf.common import interrupts  # pylint: disable=g-import-not-at-top
+  interrupts.exit_if_interrupted(rl.train_and_evaluate, config, FLAGS.logdir)
 
 
 if __name__ == "__main__":

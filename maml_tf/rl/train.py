@@ -42,6 +42,7 @@ from maml_tf.rl.baseline import process_trajectories
 from maml_tf.rl.maml_trpo import MAMLTRPO
 from maml_tf.rl.policy import build_gaussian_mlp_policy
 from maml_tf.rl.sampler import make_sampler
+from maml_tf.common import interrupts
 from maml_tf.common import run_config
 from maml_tf.common.results import write_json
 
@@ -74,6 +75,8 @@ class RLConfig:
     eval_grad_steps: evaluate after 0..eval_grad_steps steps.
     eval_every: also evaluate every this many iterations (0: only at end).
     checkpoint_every: save a checkpoint every this many iterations.
+    checkpoint_seconds: also save one when this many seconds passed since
+      the last (long MuJoCo iterations).
     resume: restore the latest checkpoint of ``workdir``.
     seed: seeds the policy, task and noise generators.
   """
@@ -100,6 +103,7 @@ class RLConfig:
   eval_grad_steps: int = 3
   eval_every: int = 0
   checkpoint_every: int = 10
+  checkpoint_seconds: float = 600.0
   resume: bool = True
   seed: int = 0
 
@@ -294,35 +298,61 @@ def train_and_evaluate(config: RLConfig, workdir: str) -> Dict:
         config.eval_tasks, np.random.default_rng([config.seed, 999_999]))
     iterations = 0 if config.algorithm == "random" else config.iterations
     train_start, first = time.time(), int(step)
-    while int(step) < iterations:
-      it = int(step)
-      rng = np.random.default_rng([config.seed, it])
-      stats = _train_iteration(config, learner, sampler, rng)
-      step.assign_add(1)
-      done = int(step) - first
-      rate = done / (time.time() - train_start)
-      stats.update(iteration=it, iterations_per_second=rate)
-      history.append(stats)
-      with writer.as_default(step=it):
-        for key, value in stats.items():
-          if key != "iteration":
-            tf.summary.scalar(f"train/{key}", value)
-      post = stats.get("post_return")
-      print(f"[rl] {config.algorithm} {it + 1}/{iterations} "
-            f"pre {stats['pre_return']:.2f}"
-            + (f" post {post:.2f}" if post is not None else "")
-            + f" kl {stats['kl']:.4f} ls {int(stats['ls_steps'])} "
-            f"{rate:.2f} it/s", flush=True)
-      if config.eval_every and int(step) % config.eval_every == 0:
-        ev = evaluate_adaptation(
-            learner, sampler, eval_tasks, config.eval_batch_size,
-            config.eval_lrs, np.random.default_rng([config.seed, 10 ** 6, it]),
-            config.gamma, config.gae_lambda)
-        with writer.as_default(step=it):
-          for k, r in enumerate(ev["returns"]):
-            tf.summary.scalar(f"eval/return_after_{k}_steps", r)
-      if manager.save(checkpoint_number=step) is not None:
+    last_save = time.time()
+
+    def save(force: bool = False):
+      nonlocal last_save
+      due = time.time() - last_save >= config.checkpoint_seconds
+      if manager.save(checkpoint_number=step,
+                      check_interval=not (force or due)) is not None:
         write_json(history_path, history)
+        last_save = time.time()
+
+    # SIGTERM and the first Ctrl-C stop after the iteration in progress,
+    # with a checkpoint; a second Ctrl-C stops at once, with the checkpoint
+    # of the last finished iteration.
+    with interrupts.StopRequest(sigint=True) as stop:
+      try:
+        while int(step) < iterations:
+          it = int(step)
+          rng = np.random.default_rng([config.seed, it])
+          stats = _train_iteration(config, learner, sampler, rng)
+          step.assign_add(1)
+          done = int(step) - first
+          rate = done / (time.time() - train_start)
+          stats.update(iteration=it, iterations_per_second=rate)
+          history.append(stats)
+          with writer.as_default(step=it):
+            for key, value in stats.items():
+              if key != "iteration":
+                tf.summary.scalar(f"train/{key}", value)
+          post = stats.get("post_return")
+          print(f"[rl] {config.algorithm} {it + 1}/{iterations} "
+                f"pre {stats['pre_return']:.2f}"
+                + (f" post {post:.2f}" if post is not None else "")
+                + f" kl {stats['kl']:.4f} ls {int(stats['ls_steps'])} "
+                f"{rate:.2f} it/s", flush=True)
+          if config.eval_every and int(step) % config.eval_every == 0:
+            ev = evaluate_adaptation(
+                learner, sampler, eval_tasks, config.eval_batch_size,
+                config.eval_lrs,
+                np.random.default_rng([config.seed, 10 ** 6, it]),
+                config.gamma, config.gae_lambda)
+            with writer.as_default(step=it):
+              for k, r in enumerate(ev["returns"]):
+                tf.summary.scalar(f"eval/return_after_{k}_steps", r)
+          save()
+          if stop.requested:
+            save(force=True)
+            print(f"[rl] stopped: saved a checkpoint at iteration "
+                  f"{int(step)}", flush=True)
+            raise interrupts.Interrupted(int(step))
+      except interrupts.Interrupted:
+        raise
+      except KeyboardInterrupt:
+        print(f"[rl] interrupted: the checkpoint of iteration "
+              f"{manager.latest_checkpoint} is kept", flush=True)
+        raise interrupts.Interrupted(int(step)) from None
     manager.save(checkpoint_number=step, check_interval=False)
     write_json(history_path, history)
     ev = evaluate_adaptation(learner, sampler, eval_tasks,

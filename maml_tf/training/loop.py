@@ -15,7 +15,6 @@ Files under ``workdir``:
 import inspect
 import json
 import os
-import signal
 import sys
 import time
 from typing import Callable, Dict, Optional
@@ -23,29 +22,11 @@ from typing import Callable, Dict, Optional
 import numpy as np
 import tensorflow as tf
 
-
-class Interrupted(KeyboardInterrupt):
-  """Raised by :func:`meta_train` on SIGTERM/SIGINT after it saved a checkpoint.
-
-  A subclass of ``KeyboardInterrupt``, so that code which is not training
-  (evaluation, plotting) is skipped; launchers turn it into exit status 143.
-  """
-
-  def __init__(self, step: int):
-    super().__init__(f"interrupted at step {step}; checkpoint saved")
-    self.step = step
+from maml_tf.common import interrupts
 
 
-def exit_if_interrupted(fn: Callable, *args, **kwargs):
-  """Runs ``fn``; on :class:`Interrupted` prints how to resume and exits 143.
-
-  For launchers: a stopped run must not look like a crash.
-  """
-  try:
-    return fn(*args, **kwargs)
-  except Interrupted as e:
-    print(f"{e}; run the same command again to resume", flush=True)
-    sys.exit(143)
+Interrupted = interrupts.Interrupted
+exit_if_interrupted = interrupts.exit_if_interrupted
 
 
 def format_duration(seconds: float) -> str:
@@ -53,29 +34,6 @@ def format_duration(seconds: float) -> str:
   h, rem = divmod(seconds, 3600)
   m, s = divmod(rem, 60)
   return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
-
-
-class _StopRequest:
-  """Turns SIGTERM into a graceful stop (checkpoint, then return)."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-
-  def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:   # not in the main thread
-      self._previous = None
-    return self
-
-  def _handle(self, signum, frame):  # pylint: disable=unused-argument
-    self.requested = True
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-    return False
 
 
 def make_checkpoint(learner, workdir: str, max_to_keep: int = 3,
@@ -225,7 +183,7 @@ def meta_train(learner, batch_for_step: Callable[[int], object],
   t_window, done_window = time.perf_counter(), 0
   t_start = time.perf_counter()
   it = start           # meta-steps done
-  with _StopRequest() as stop:
+  with interrupts.StopRequest() as stop:
     try:
       while it < iterations:
         # Steps in this call: up to the next log/eval/checkpoint boundary.
