@@ -30,3 +30,45 @@ def write_json(path: str, data: Any) -> str:
     f.write("\n")
   os.replace(tmp, path)
   return path
+
+
+def check_writable(workdir: str, names=()) -> None:
+  """Fails early when the run's outputs could not be written at the end.
+
+  Creates ``workdir`` and a scratch file in it, and opens every existing
+  output ``workdir/name`` for appending (nothing is written to it).
+
+  Raises:
+    PermissionError: naming the folder or output that cannot be written.
+  """
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=workdir, suffix=".probe")
+    os.close(fd)
+    os.remove(tmp)
+  except OSError as e:
+    raise PermissionError(f"cannot write to the output folder {workdir} "
+                          f"({e}); choose another --logdir") from e
+  for name in names:
+    path = os.path.join(workdir, name)
+    if not os.path.lexists(path):
+      continue
+    try:
+      with open(path, "ab"):
+        pass
+    except OSError as e:
+      raise PermissionError(
+          f"the output {path} cannot be written ({type(e).__name__}: {e}); "
+          "remove it or choose another --logdir") from e
+
+
+def try_figure(make, log, *args, **kwargs):
+  """``make(*args, **kwargs)`` (a figure's path), or ``None`` with a logged
+  reason: a figure that cannot be drawn or written never stops the results
+  and checkpoints from being written."""
+  try:
+    return make(*args, **kwargs)
+  except Exception as e:  # pylint: disable=broad-except
+    log(f"could not write a figure ({type(e).__name__}: {e}); the results "
+        "are written without it")
+    return None

@@ -44,7 +44,7 @@ from maml_tf.rl.policy import build_gaussian_mlp_policy
 from maml_tf.rl.sampler import make_sampler
 from maml_tf.common import interrupts
 from maml_tf.common import run_config
-from maml_tf.common.results import write_json
+from maml_tf.common.results import check_writable, try_figure, write_json
 
 ALGORITHMS = ("maml", "pretrained", "random", "oracle")
 
@@ -263,7 +263,8 @@ def train_and_evaluate(config: RLConfig, workdir: str) -> Dict:
   Example:
     >>> train_and_evaluate(RLConfig(env="navigation", iterations=5), "/tmp/nav")
   """
-  os.makedirs(workdir, exist_ok=True)
+  check_writable(workdir, ("results.json", "returns.png",
+                           "train_history.json", "config.json"))
   changes = run_config.check_resume(config, workdir, print)
   start_time = time.time()
   tf.random.set_seed(config.seed)
@@ -379,9 +380,10 @@ def train_and_evaluate(config: RLConfig, workdir: str) -> Dict:
     write_json(os.path.join(workdir, "results.json"), results)
     print(f"[rl] {config.algorithm} eval returns after 0..{config.eval_grad_steps}"
           f" steps: " + " ".join(f"{r:.2f}" for r in ev["returns"]), flush=True)
-    plot_returns(sibling_results(workdir, config),
-                 os.path.join(workdir, "returns.png"),
-                 title=config.env.split("/")[-1])
+    try_figure(plot_returns, lambda m: print(f"[rl] {m}", flush=True),
+               sibling_results(workdir, config),
+               os.path.join(workdir, "returns.png"),
+               title=config.env.split("/")[-1])
     return results
   finally:
     sampler.close()

@@ -635,6 +635,8 @@ def train_and_evaluate(config: ClassificationConfig, workdir: str,
   strategy = distribute.make_strategy(config.distribute)   # before any TF op
   workdir = distribute.worker_workdir(workdir, strategy)
   os.makedirs(workdir, exist_ok=True)
+  results.check_writable(workdir, ("results.json", "accuracy_vs_steps.png",
+                                   "training_curve.png", "config.json"))
   changes = run_config.check_resume(config, workdir, log)
   t0 = time.perf_counter()
   splits = to_cpu_variables(load_splits(config))
@@ -720,18 +722,21 @@ def train_and_evaluate(config: ClassificationConfig, workdir: str,
   if config.plot:
     from maml_tf.training import plots  # pylint: disable=g-import-not-at-top
     out["plots"] = {
-        "accuracy_vs_steps": plots.curves_figure(
+        "accuracy_vs_steps": results.try_figure(
+            plots.curves_figure, log,
             list(steps), {f"MAML, {config.eval_tasks} test tasks":
                           (acc["mean"], acc["ci95"])},
             os.path.join(workdir, "accuracy_vs_steps.png"),
             "inner gradient steps", "query accuracy (95% CI)",
             title=f"{_name(config)}, {done} meta-iterations"),
-        "training_curve": training_curve_figure(
+        "training_curve": results.try_figure(
+            training_curve_figure, log,
             records, os.path.join(workdir, "training_curve.png"),
             title=_name(config)),
     }
-    log(f"wrote {out['plots']['accuracy_vs_steps']} and "
-        f"{out['plots']['training_curve']}")
+    written = [p for p in out["plots"].values() if p]
+    if written:
+      log(f"wrote {' and '.join(written)}")
   out["total_seconds"] = time.perf_counter() - t0
   path = results.write_json(os.path.join(workdir, "results.json"), out)
   log(f"wrote {path}")

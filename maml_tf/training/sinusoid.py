@@ -220,6 +220,8 @@ def train_and_evaluate(config: SinusoidConfig, workdir: str,
   strategy = distribute.make_strategy(config.distribute)   # before any TF op
   workdir = distribute.worker_workdir(workdir, strategy)
   os.makedirs(workdir, exist_ok=True)
+  results.check_writable(workdir, ("results.json", "sinusoid.png",
+                                   "config.json"))
   changes = run_config.check_resume(config, workdir, log)
   t0 = time.perf_counter()
   with strategy.scope():
@@ -277,10 +279,11 @@ def train_and_evaluate(config: SinusoidConfig, workdir: str,
       f"{out['maml'][f'K={k}'][f'steps={s1}']['mean']:.3f}")
   if config.plot:
     from maml_tf.training import plots  # pylint: disable=g-import-not-at-top
-    path = plots.sinusoid_figure(learner, baseline, config,
-                                 os.path.join(workdir, "sinusoid.png"))
+    path = results.try_figure(plots.sinusoid_figure, log, learner, baseline,
+                              config, os.path.join(workdir, "sinusoid.png"))
     out["plot"] = path
-    log(f"wrote {path}")
+    if path:
+      log(f"wrote {path}")
   out["total_seconds"] = time.perf_counter() - t0
   results.write_json(os.path.join(workdir, "results.json"), out)
   log(f"wrote {os.path.join(workdir, 'results.json')}")

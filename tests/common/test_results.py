@@ -1,0 +1,43 @@
+"""Outputs are probed before training; a failing figure never costs the
+results file."""
+
+import json
+import os
+
+import pytest
+
+from maml_tf.common import results
+from maml_tf.training import plots
+from maml_tf.training import sinusoid as experiment
+
+_SMALL = dict(iterations=20, baseline=False, eval_tasks=5, log_every=10,
+              checkpoint_every=10)
+
+
+def test_an_unwritable_output_fails_before_training(tmp_path):
+  workdir = tmp_path / "run"
+  os.makedirs(workdir / "sinusoid.png")      # a folder where a file goes
+  lines = []
+  with pytest.raises(PermissionError, match="sinusoid.png cannot be written"):
+    experiment.train_and_evaluate(experiment.make_config("smoke", **_SMALL),
+                                  str(workdir), log=lines.append)
+  assert not any("meta-training" in line for line in lines)
+  (tmp_path / "file").write_text("")
+  with pytest.raises(PermissionError, match="cannot write to the output"):
+    results.check_writable(str(tmp_path / "file" / "below"), ())
+  results.check_writable(str(tmp_path / "fresh"), ("results.json",))
+
+
+def test_a_failing_figure_still_writes_results(tmp_path, monkeypatch):
+  def broken(*args, **kwargs):
+    raise RuntimeError("no display")
+  monkeypatch.setattr(plots, "sinusoid_figure", broken)
+  lines = []
+  out = experiment.train_and_evaluate(
+      experiment.make_config("smoke", **_SMALL), str(tmp_path / "run"),
+      log=lines.append)
+  assert out["plot"] is None
+  assert any("could not write a figure (RuntimeError: no display)" in l
+             for l in lines)
+  with open(tmp_path / "run" / "results.json") as f:
+    assert json.load(f)["maml"]
