@@ -5,35 +5,19 @@ Algorithm (Finn, Abbeel & Levine 2017, Algorithm 1), for each task ``i``::
     theta_i' = theta - alpha * grad_theta L_support_i(theta)     (inner_steps times)
     theta   <- theta - beta * grad_theta mean_i L_query_i(theta_i')
 
-The outer gradient differentiates *through* the inner gradient (second order)
-unless ``first_order=True``, which treats the inner gradients as constants.
-
-How a batch runs is its :class:`~maml_tf.core.plan.ExecutionPlan`
-(:meth:`MAML.plan`); the strategies of :mod:`maml_tf.core.strategies` run it
-and the :class:`~maml_tf.core.runner.Runner` compiles it. Every path adapts
-through the one :class:`~maml_tf.core.inner_loop.InnerLoop`
-(:attr:`MAML.inner_loop`), also used by :meth:`MAML.adapt` and the adaptable
-SavedModel.
-
-Extension points (public, traceable inside ``tf.function``):
-:meth:`MAML.compute_gradients` (what a meta-step differentiates; Reptile
-overrides it), :meth:`MAML.apply_gradients`, :meth:`MAML.write_state` and
-:meth:`MAML.meta_step` (their composition, what ``train_step`` compiles).
-:class:`maml_tf.core.distribute.DistributedMAML` is built on them.
-
-BatchNorm and other non-trainable state: the inner and outer loops call the
-model with ``training=True`` as in the paper's code, so normalisation uses the
-statistics of the batch at hand (support batch while adapting, query batch
-when scoring: transductive, as the paper). The non-trainable variables are
-passed through the inner loop explicitly; a meta-step writes the tasks'
-mean BatchNorm moving statistics back, advances RNG seeds, and writes
-nothing else. ``MAML.adapt`` returns a model whose moving statistics are
-those of the support set under the adapted weights, so the adapted model
-also predicts in inference mode (``training=False``), e.g. once exported.
+A batch runs as its :class:`~maml_tf.core.plan.ExecutionPlan`
+(:meth:`MAML.plan`), through :mod:`maml_tf.core.strategies`, compiled by
+:class:`~maml_tf.core.runner.Runner`; every path adapts through
+:attr:`MAML.inner_loop`. Extension points (traceable): ``compute_gradients``
+(Reptile overrides it), ``apply_gradients``, ``write_state`` and
+``meta_step``, their composition; ``DistributedMAML`` is built on them.
+The model runs with ``training=True`` in both loops (batch statistics, as
+the paper); a meta-step writes the tasks' mean BatchNorm moving statistics,
+advances RNG seeds and writes no other state.
 """
 
 import math
-from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import keras
 import numpy as np
@@ -48,9 +32,11 @@ from maml_tf.core import inner_loop as inner_loop_lib
 from maml_tf.core import keras_compat
 from maml_tf.core import losses
 from maml_tf.core import numerics
+from maml_tf.core import objective as objective_lib
 from maml_tf.core import plan as plan_lib
 from maml_tf.core import runner as runner_lib
 from maml_tf.core import strategies
+from maml_tf.core.objective import StepResult
 from maml_tf.core.task_batch import TaskBatch, prepare_batch, validate_task_batch
 
 INNER_LR_MODES = inner_loop_lib.INNER_LR_MODES
@@ -58,21 +44,6 @@ EXECUTIONS = plan_lib.EXECUTIONS
 _CONV_LAYERS = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D,
                 keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D,
                 keras.layers.Conv2DTranspose)
-
-
-class StepResult(NamedTuple):
-  """What :meth:`MAML.compute_gradients` returns (traced tensors).
-
-  Attributes:
-    grads: one per meta-variable (:attr:`MAML.meta_variables`).
-    loss: the meta-objective.
-    metrics: ``{name: scalar}`` (:meth:`MAML.metric_names`).
-    new_state: one per non-trainable variable: the value to write.
-  """
-  grads: list
-  loss: tf.Tensor
-  metrics: Dict[str, tf.Tensor]
-  new_state: list
 
 
 def _fixed(name: str):
@@ -108,52 +79,38 @@ class MAML:
     meta_optimizer: a Keras optimizer for the outer step; default Adam(1e-3).
     accuracy: report accuracy; ``None`` (auto) does so when labels are
       integers (classification with logits).
-    vectorize: how the tasks of a meta-batch are run. ``"auto"`` (default)
-      picks ``"batched"`` (task-batched fast-weights kernels,
-      :mod:`maml_tf.core.fast_weights`) when the model is made of supported
-      layers, else ``"vectorized_map"``, else (when that cannot trace)
-      ``"map_fn"``. All give the same numbers. ``True``/``False`` mean
-      ``"vectorized_map"``/``"map_fn"``.
-    conv_impl: convolution kernel of the batched path: ``"auto"``,
-      ``"patches"``, ``"grouped"`` or ``"map"`` (rules in
-      :mod:`maml_tf.core.plan`).
+    vectorize: ``"auto"`` (default: ``"batched"`` task-batched kernels
+      where the model's layers allow, else ``"vectorized_map"``, else
+      ``"map_fn"``), one of those three, or ``True``/``False``
+      (``"vectorized_map"``/``"map_fn"``). All give the same numbers.
+    conv_impl: the batched path's convolution kernel: ``"auto"``,
+      ``"patches"``, ``"grouped"`` or ``"map"``.
     learn_inner_lr: meta-learn the inner step sizes: ``None`` (fixed),
-      ``"scalar"`` (one alpha), ``"per_parameter"`` (Meta-SGD: an alpha per
-      weight) or ``"per_layer_per_step"`` (MAML++ LSLR: an alpha per weight
-      tensor and inner step).
+      ``"scalar"``, ``"per_parameter"`` (Meta-SGD) or
+      ``"per_layer_per_step"`` (MAML++ LSLR).
     adapt: which parameters the inner loop adapts: ``"all"`` (MAML),
-      ``"head"`` (ANIL: the last layer that has weights), a list of layer
-      names, or a predicate ``f(variable) -> bool``. The others stay at
-      theta for every task but are still meta-learned.
-    multi_step_loss_iterations: MAML++ multi-step loss: the meta-loss is a
-      weighted sum of the query losses after every inner step, annealed to
-      the last step's alone over this many iterations (0: off).
-    first_order_until: MAML++ derivative-order annealing: first-order
-      meta-gradients for the first this-many iterations, then second order.
-    recompute: gradient checkpointing (second-order training only): each
-      inner step keeps only its inputs and is recomputed in the backward
-      pass; on the task-batched path the query pass is checkpointed too
-      (:func:`maml_tf.core.plan.query_chunk_size`). Costs roughly one more
-      forward and inner backward per step; memory stops growing with the
-      activations of each inner step.
-    task_chunk: the meta-gradient is computed for chunks of this many tasks,
-      one chunk after another: the same update with one chunk's query
-      activations alive. ``None``: all tasks at once; ``"auto"`` (default):
-      the rule of :mod:`maml_tf.core.plan`. A value that does not divide the
-      meta-batch is lowered to the largest divisor below it.
-    closed_form: compute the meta-gradient in closed form
-      (:mod:`maml_tf.core.dense_chain`) when the model is a
-      ``keras.Sequential`` of ``Dense`` layers with ReLU or linear
-      activations, the loss is Keras' mean squared error, the inner step size
-      is fixed, every weight is adapted and there is no multi-step loss or
-      recomputation. ``"auto"`` (default): whenever possible; ``True``: a
-      ``ValueError`` says why not; ``False``: never. The same numbers.
-    jit_compile: compile :meth:`train_steps` with XLA. ``None`` (default):
-      when the closed form runs; never under ``tf.distribute``. The XLA loop
-      tests the loss and meta-gradients for NaN/Inf itself (XLA ignores
-      ``tf.debugging`` checks) and stops before a non-finite update. XLA's
-      stateless random ops draw other numbers than the graph executor's, so
-      an in-graph sampler gives other (equally distributed) tasks with XLA.
+      ``"head"`` (ANIL: the last layer with weights), layer names, or a
+      predicate ``f(variable) -> bool``; the others are still meta-learned.
+    multi_step_loss_iterations: MAML++ multi-step loss, annealed to the last
+      step's over this many iterations (0: off).
+    first_order_until: MAML++ derivative-order annealing: first order for
+      this many iterations, then second order.
+    recompute: gradient checkpointing of the inner loop (and, batched, of the
+      query pass): memory stops growing with the inner steps' activations,
+      for about one more forward and inner backward per step.
+    task_chunk: meta-gradient chunks of this many tasks, one after another
+      (the same update, one chunk's activations alive); ``None``: all at
+      once; ``"auto"``: the plan's rule.
+    closed_form: the written-out meta-gradient of Dense/ReLU chains under
+      Keras' MSE with a fixed step size, every weight adapted, no multi-step
+      loss or recomputation (:mod:`maml_tf.core.dense_chain`): ``"auto"``
+      (whenever possible), ``True`` (a ``ValueError`` says why not) or
+      ``False``. The same numbers.
+    jit_compile: compile :meth:`train_steps` with XLA; ``None``: when the
+      closed form runs. The XLA loop tests for NaN/Inf itself; its random
+      ops draw other (equally distributed) tasks than the graph executor's.
+
+  Every "auto" is resolved in :mod:`maml_tf.core.plan`.
 
   Example:
     >>> model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(40,
@@ -272,6 +229,8 @@ class MAML:
         batched=self._batched_model, objective=self._objective,
         chain=self._chain)
     self.state_kinds = functional.state_kinds(self.model)
+    self.objective = objective_lib.Objective(
+        self.inner_steps, self.multi_step_loss_iterations, self.state_kinds)
 
   # ------------------------------------------------------- meta-parameters
   @property
@@ -385,47 +344,21 @@ class MAML:
   def training_pass(self, plan: plan_lib.ExecutionPlan,
                     pre_update_metrics: bool = True) -> strategies.TaskPass:
     """Steps scored while training: the objective's, and 0 if asked."""
-    before = bool(pre_update_metrics)
-    if self.multi_step_loss_iterations:
-      steps = tuple(range(0 if before else 1, self.inner_steps + 1))
-    else:
-      steps = (0, self.inner_steps) if before else (self.inner_steps,)
-    return strategies.TaskPass(steps, None, plan.first_order)
+    return self.objective.training_pass(plan.first_order, pre_update_metrics)
 
   def _objective(self, task_losses, task_pass):
-    weights = None
-    if self.multi_step_loss_iterations:
-      weights = losses.multi_step_loss_weights(
-          self.meta_optimizer.iterations, self.inner_steps,
-          self.multi_step_loss_iterations)
-    return losses.meta_objective(task_losses, task_pass.scored_before, weights)
+    return self.objective.meta_loss(task_losses, task_pass,
+                                    self.meta_optimizer.iterations)
 
   def metric_names(self, plan: plan_lib.ExecutionPlan,
                    pre_update_metrics: bool) -> Tuple[str, ...]:
     """The keys of a meta-step's metrics."""
-    before = bool(pre_update_metrics)
-    names = ["loss_after"] + (["loss_before"] if before else [])
-    if self.multi_step_loss_iterations:
-      names.append("meta_loss")
-    if plan.accuracy:
-      names += ["accuracy_after"] + (["accuracy_before"] if before else [])
-    return tuple(names)
+    return self.objective.metric_names(plan.accuracy, pre_update_metrics)
 
   def step_result(self, grads, out, loss, state, plan, task_pass) -> StepResult:
     """The :class:`StepResult` of a task pass's outputs ``out``."""
-    value = {
-        "loss_after": lambda: tf.reduce_mean(out["loss"][:, -1]),
-        "loss_before": lambda: tf.reduce_mean(out["loss"][:, 0]),
-        "meta_loss": lambda: loss,
-        "accuracy_after": lambda: tf.reduce_mean(out["accuracy"][:, -1]),
-        "accuracy_before": lambda: tf.reduce_mean(out["accuracy"][:, 0])}
-    metrics = {name: value[name]()
-               for name in self.metric_names(plan, task_pass.scored_before)}
-    new_state = []
-    for kind, old, per_task in zip(self.state_kinds, state, out["state"]):
-      new_state.append(tf.reduce_mean(per_task, axis=0) if kind == "mean"
-                       else per_task[0] if kind == "first" else old)
-    return StepResult(list(grads), loss, metrics, new_state)
+    return self.objective.result(grads, out, loss, state, plan.accuracy,
+                                 task_pass)
 
   def compute_gradients(self, batch: TaskBatch, plan: plan_lib.ExecutionPlan,
                         pre_update_metrics: bool = True) -> StepResult:
@@ -557,22 +490,17 @@ class MAML:
                   ) -> Dict[str, tf.Tensor]:
     """``num_steps`` meta-updates in one compiled call (a ``tf.while_loop``).
 
-    Removes the per-call cost of a ``tf.function`` and host-side batch
-    building, which rival the meta-step itself for small models.
-
     Arguments:
       sample_batch: ``iteration -> TaskBatch``, traceable TensorFlow code
-        (e.g. :func:`maml_tf.tasks.sinusoid.batch_sampler`), called with the
-        meta-optimizer's iteration count (an int64 scalar tensor) before
-        each step. Sampling from it statelessly makes runs reproducible and
-        resumable. It is called once eagerly per new compiled loop, to plan.
-      num_steps: meta-updates per call (>= 1). One compiled function per
-        ``(sample_batch, num_steps)`` and plan.
+        (e.g. :func:`maml_tf.tasks.sinusoid.batch_sampler`) called with the
+        meta-optimizer's iteration count before each step (stateless
+        sampling makes runs reproducible and resumable); called once
+        eagerly per new compiled loop, to plan.
+      num_steps: meta-updates per call (>= 1).
       pre_update_metrics: also average ``loss_before``/``accuracy_before``.
 
     Returns:
-      The metrics of :meth:`train_step_tensors`, each the mean over the
-      ``num_steps`` steps.
+      The metrics of :meth:`train_step_tensors`, means over the steps.
 
     Example:
       >>> sample = sinusoid.batch_sampler(25, 10, 10, seed=0)

@@ -1,0 +1,94 @@
+"""The meta-objective of a training step, its metrics and the state it writes.
+
+An :class:`Objective` is fixed by a learner's options: which inner-step
+counts a training pass scores (the last, every step with MAML++'s multi-step
+loss, and step 0 when pre-update metrics are asked for), how the query
+losses make the meta-loss, which metrics a step reports, and how the tasks'
+non-trainable state is written back (BatchNorm statistics: the task mean;
+RNG seeds: advanced; frozen weights: kept).
+"""
+
+import dataclasses
+from typing import Dict, NamedTuple, Optional, Tuple
+
+import tensorflow as tf
+
+from maml_tf.core import losses
+from maml_tf.core.strategies import TaskPass
+
+
+class StepResult(NamedTuple):
+  """What :meth:`maml_tf.MAML.compute_gradients` returns (traced tensors).
+
+  Attributes:
+    grads: one per meta-variable (:attr:`maml_tf.MAML.meta_variables`).
+    loss: the meta-objective.
+    metrics: ``{name: scalar}`` (:meth:`Objective.metric_names`).
+    new_state: one per non-trainable variable: the value to write.
+  """
+  grads: list
+  loss: tf.Tensor
+  metrics: Dict[str, tf.Tensor]
+  new_state: list
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """The training objective of a learner.
+
+  Attributes:
+    inner_steps: inner steps during meta-training.
+    multi_step_iterations: MAML++ multi-step loss annealing (0: off).
+    state_kinds: per non-trainable variable, ``"mean"``, ``"first"`` or
+      ``"keep"`` (:func:`maml_tf.core.functional.state_kinds`).
+  """
+  inner_steps: int
+  multi_step_iterations: int
+  state_kinds: Tuple[str, ...]
+
+  def training_pass(self, first_order: bool,
+                    pre_update_metrics: bool = True) -> TaskPass:
+    """Steps scored while training: the objective's, and 0 if asked."""
+    before = bool(pre_update_metrics)
+    if self.multi_step_iterations:
+      steps = tuple(range(0 if before else 1, self.inner_steps + 1))
+    else:
+      steps = (0, self.inner_steps) if before else (self.inner_steps,)
+    return TaskPass(steps, None, first_order)
+
+  def meta_loss(self, task_losses, task_pass: TaskPass,
+                iteration: Optional[tf.Tensor] = None):
+    """The meta-loss of ``[T, S]`` query losses (``iteration``: MAML++)."""
+    weights = None
+    if self.multi_step_iterations:
+      weights = losses.multi_step_loss_weights(
+          iteration, self.inner_steps, self.multi_step_iterations)
+    return losses.meta_objective(task_losses, task_pass.scored_before, weights)
+
+  def metric_names(self, accuracy: bool,
+                   pre_update_metrics: bool) -> Tuple[str, ...]:
+    """The keys of a meta-step's metrics."""
+    before = bool(pre_update_metrics)
+    names = ["loss_after"] + (["loss_before"] if before else [])
+    if self.multi_step_iterations:
+      names.append("meta_loss")
+    if accuracy:
+      names += ["accuracy_after"] + (["accuracy_before"] if before else [])
+    return tuple(names)
+
+  def result(self, grads, out, loss, state, accuracy: bool,
+             task_pass: TaskPass) -> StepResult:
+    """The :class:`StepResult` of a task pass's outputs ``out``."""
+    value = {
+        "loss_after": lambda: tf.reduce_mean(out["loss"][:, -1]),
+        "loss_before": lambda: tf.reduce_mean(out["loss"][:, 0]),
+        "meta_loss": lambda: loss,
+        "accuracy_after": lambda: tf.reduce_mean(out["accuracy"][:, -1]),
+        "accuracy_before": lambda: tf.reduce_mean(out["accuracy"][:, 0])}
+    metrics = {name: value[name]() for name in
+               self.metric_names(accuracy, task_pass.scored_before)}
+    new_state = []
+    for kind, old, per_task in zip(self.state_kinds, state, out["state"]):
+      new_state.append(tf.reduce_mean(per_task, axis=0) if kind == "mean"
+                       else per_task[0] if kind == "first" else old)
+    return StepResult(list(grads), loss, metrics, new_state)
