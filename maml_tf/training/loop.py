@@ -107,6 +107,22 @@ class JsonlLog:
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
 
+  def drop_after(self, step: int) -> int:
+    """Removes the records of steps after ``step`` (written after the
+    checkpoint a run resumes from, by the run that was killed); returns how
+    many. The file is replaced atomically."""
+    if not os.path.exists(self.path):
+      return 0
+    with open(self.path) as f:
+      lines = [l for l in f if l.strip()]
+    keep = [l for l in lines if json.loads(l).get("step", 0) <= step]
+    if len(keep) != len(lines):
+      tmp = self.path + ".tmp"
+      with open(tmp, "w") as f:
+        f.writelines(keep)
+      os.replace(tmp, self.path)
+    return len(lines) - len(keep)
+
 
 def meta_train(learner, batch_for_step: Callable[[int], object],
                iterations: int, workdir: str, *, log_every: int = 100,
@@ -167,6 +183,7 @@ def meta_train(learner, batch_for_step: Callable[[int], object],
   writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
   jsonl = JsonlLog(os.path.join(workdir, "train_log.jsonl"))
   start = int(step.numpy())
+  jsonl.drop_after(start)          # what a killed run logged past its checkpoint
   optimizer = getattr(learner, "meta_optimizer", None)
 
   def optimizer_steps() -> int:

@@ -1,5 +1,6 @@
 """meta_train's guarantees: consistent interrupts, checkpoint fallback."""
 
+import json
 import os
 
 import keras
@@ -91,3 +92,20 @@ def test_an_unreadable_newest_checkpoint_falls_back_to_an_older_one(tmp_path):
         f.truncate(1)
   with pytest.raises(RuntimeError, match="no readable checkpoint"):
     loop.restore_latest(ckpt, manager, log=lines.append)
+
+
+def test_log_lines_past_the_checkpoint_are_not_repeated_after_a_kill(
+    tmp_path):
+  workdir = str(tmp_path / "run")
+  loop.meta_train(_maml(), _batch, 10, workdir, log_every=5,
+                  checkpoint_every=10, log=lambda m: 0)
+  log_path = os.path.join(workdir, "train_log.jsonl")
+  # A killed run had logged step 15 but never checkpointed it.
+  with open(log_path, "a") as f:
+    f.write('{"step": 15, "kind": "train", "loss_after": 9.0}\n')
+  resumed = _maml()
+  loop.meta_train(resumed, _batch, 20, workdir, log_every=5,
+                  checkpoint_every=10, log=lambda m: 0)
+  with open(log_path) as f:
+    steps = [json.loads(l)["step"] for l in f if l.strip()]
+  assert steps == [5, 10, 15, 20]
