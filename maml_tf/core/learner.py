@@ -282,10 +282,16 @@ class MAML:
         or ``first_order_until``).
       distributed: plan for one replica of a ``tf.distribute`` strategy.
     """
-    shape = plan_lib.BatchShape.of(validate_task_batch(batch))
+    return self._plan_of(validate_task_batch(batch), first_order,
+                         distributed)
+
+  def _plan_of(self, batch: TaskBatch, first_order: Optional[bool] = None,
+               distributed: bool = False):
+    """:meth:`plan` of a batch already validated (by :meth:`prepare`)."""
     if first_order is None:
       first_order = self.first_order_now()
-    return self._plan_for(shape, bool(first_order), distributed)
+    return self._plan_for(plan_lib.BatchShape.of(batch), bool(first_order),
+                          distributed)
 
   def _plan_for(self, shape, first_order: bool, distributed: bool):
     key = (shape, first_order, distributed, len(self._runner.fallbacks))
@@ -430,7 +436,7 @@ class MAML:
       >>> grads = tape.gradient(loss, model.trainable_variables)
     """
     batch = self.prepare(batch)
-    plan = self.plan(batch, first_order=self.first_order).for_task_passes()
+    plan = self._plan_of(batch, self.first_order).for_task_passes()
     plan = plan.replace(accuracy=False)       # a loss only
 
     def make(plan):
@@ -455,7 +461,7 @@ class MAML:
     ``maml.plan(batch).replace(task_chunk=None)``).
     """
     batch = self.prepare(batch)
-    plan = plan or self.plan(batch)
+    plan = plan or self._plan_of(batch)
     if plan.xla:                    # XLA is for the train_steps loop only
       plan = plan.replace(xla=False)
     before = bool(pre_update_metrics)
@@ -552,7 +558,7 @@ class MAML:
     batch = self.prepare(batch)
     ordered = tuple(sorted(set(steps)))
     task_pass = strategies.TaskPass(ordered, inner_lr, True)
-    plan = self.plan(batch, first_order=True).for_task_passes()
+    plan = self._plan_of(batch, True).for_task_passes()
 
     def make(plan):
       def evaluate(batch):
