@@ -20,6 +20,8 @@ from --data_dir, else $MAML_TF_MINIIMAGENET_DIR. A run killed (or sent
 SIGTERM) resumes from its newest checkpoint in --logdir when started again.
 """
 
+import quiet  # launch/quiet.py: before TensorFlow is imported  # pylint: disable=unused-import,g-bad-import-order
+
 from absl import app
 from absl import flags
 from absl import logging

@@ -17,6 +17,8 @@ Example:
       --num_workers=2 --logdir=runs/rl/cheetah_dir/maml
 """
 
+import quiet  # launch/quiet.py: before TensorFlow is imported  # pylint: disable=unused-import,g-bad-import-order
+
 from absl import app
 from absl import flags
 

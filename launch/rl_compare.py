@@ -8,6 +8,8 @@ Example:
       --pairs=runs/rl/navigation/maml:runs/rl/navigation/pretrained
 """
 
+import quiet  # launch/quiet.py: before TensorFlow is imported  # pylint: disable=unused-import,g-bad-import-order
+
 from absl import app
 from absl import flags
 

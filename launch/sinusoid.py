@@ -7,6 +7,8 @@ Examples:
   python launch/sinusoid.py --preset=demo --meta_batch=24 --distribute=mirrored
 """
 
+import quiet  # launch/quiet.py: before TensorFlow is imported  # pylint: disable=unused-import,g-bad-import-order
+
 from absl import app
 from absl import flags
 from absl import logging

@@ -144,3 +144,25 @@ def test_results_table_shows_the_median_where_tasks_diverged():
   text = experiment.format_table("MAML", {"K=5": row})
   assert "steps=1: 0.660±0.050  steps=5: 0.777±0.700 (median 0.199)" in text
   assert text.count("median") == 1
+
+
+def test_launcher_console_has_no_tensorflow_cpp_lines_unless_verbose(
+    tmp_path):
+  import re  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+  noise = re.compile(r"^[IWE]\d{4} |absl::InitializeLog|cpu_feature_guard|"
+                     r"rebuild TensorFlow", re.M)
+  outputs = {}
+  for verbose in (False, True):
+    cmd = [sys.executable, os.path.join(REPO, "launch", "sinusoid.py"),
+           "--preset=smoke", "--iterations=20", "--eval_tasks=2",
+           "--nobaseline", f"--logdir={tmp_path / str(verbose)}"]
+    proc = subprocess.run(cmd + (["--verbose"] if verbose else []), cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    outputs[verbose] = proc.stdout + proc.stderr
+  assert "meta-training iterations 0 -> 20" in outputs[False]
+  assert not noise.search(outputs[False]), outputs[False][:2000]
+  assert noise.search(outputs[True])         # the check can fail
