@@ -217,7 +217,8 @@ class MAML:
         fused_update=self._fused_update is not None)
     self._device = plan_lib.Device.local()
     self._runner = runner_lib.Runner(self.model.name)
-    self._plans = {}
+    self._plans = {}         # (batch shape, order, distributed, fallbacks) -> plan
+    self._step_plans = {}    # train_steps key -> plan of its sampled batch
     self.inner_loop = inner_loop_lib.InnerLoop(
         self.model, self.loss_fn, tuple(self.adapt_mask),
         self.step_sizes)
@@ -517,9 +518,9 @@ class MAML:
     first_order = self.first_order_now()
     before = bool(pre_update_metrics)
     key = ("train_steps", id(sample_batch), num_steps, first_order, before)
-    plan = self._plans.get(key)
+    plan = self._step_plans.get(key)
     if plan is None:
-      plan = self._plans[key] = self.plan(
+      plan = self._step_plans[key] = self.plan(
           self.prepare(sample_batch(self.meta_optimizer.iterations)),
           first_order)
     dtype = self.model.trainable_variables[0].dtype
