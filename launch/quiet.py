@@ -16,3 +16,23 @@ VERBOSE = flags.DEFINE_bool(
 if not any(arg in ("--verbose", "--verbose=true", "--verbose=True",
                    "--verbose=1") for arg in sys.argv[1:]):
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  # Some TensorFlow builds write their start-up lines (absl's pre-init
+  # warning, oneDNN's notice) before they read TF_CPP_MIN_LOG_LEVEL: import
+  # TensorFlow with the process's stderr held aside, and show what it wrote
+  # only if the import fails.
+  import tempfile  # pylint: disable=g-import-not-at-top
+
+  sys.stderr.flush()
+  _saved = os.dup(2)
+  with tempfile.TemporaryFile() as _held:
+    os.dup2(_held.fileno(), 2)
+    try:
+      import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
+    except BaseException:
+      os.dup2(_saved, 2)
+      _held.seek(0)
+      sys.stderr.write(_held.read().decode(errors="replace"))
+      raise
+    finally:
+      os.dup2(_saved, 2)
+      os.close(_saved)

@@ -308,7 +308,13 @@ class DistributedMAML:
 
     def replica_step(local_batch):
       context = tf.distribute.get_replica_context()
-      result = maml.compute_gradients(local_batch, plan, before)
+      if any(maml.inner_loop.seed_mask):
+        # Random layers draw what these tasks draw on one device.
+        first_task = (tf.cast(context.replica_id_in_sync_group, tf.int64)
+                      * local_batch.num_tasks)
+        result = maml.compute_gradients(local_batch, plan, before, first_task)
+      else:
+        result = maml.compute_gradients(local_batch, plan, before)
       # The Keras optimizer all-reduces gradients with SUM in a replica
       # context; 1/R makes that the mean over replicas (= over all tasks).
       maml.apply_gradients([g * tf.cast(scale, g.dtype) for g in result.grads],

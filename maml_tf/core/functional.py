@@ -87,16 +87,43 @@ def state_kinds(model: keras.Model) -> Tuple[str, ...]:
   """How a meta-step writes each non-trainable variable of ``model``.
 
   ``"mean"``: BatchNorm moving statistics, the mean over the tasks;
-  ``"first"``: non-float state (RNG seeds), advanced; ``"keep"``: anything
-  else (frozen weights), never written.
+  ``"seed"``: the state of a random layer's ``keras.random.SeedGenerator``
+  (Dropout, GaussianNoise, ...), advanced once per meta-step;
+  ``"first"``: other non-float state, the first task's; ``"keep"``:
+  anything else (frozen weights), never written.
   """
-  bn_ids = set()
+  bn_ids, seed_ids = set(), set()
   for layer in keras_compat.flatten_layers(model):
     if isinstance(layer, keras.layers.BatchNormalization):
       bn_ids.update(id(v) for v in (layer.moving_mean, layer.moving_variance))
+    for value in vars(layer).values():
+      if isinstance(value, keras.random.SeedGenerator):
+        seed_ids.add(id(value.state))
   return tuple("mean" if id(v) in bn_ids else
+               "seed" if id(v) in seed_ids else
                "first" if not v.dtype.startswith("float") else "keep"
                for v in model.non_trainable_variables)
+
+
+_RATES = ("rate", "stddev", "dropout", "recurrent_dropout")
+
+
+def draws_random(model: keras.Model) -> bool:
+  """Does a layer of ``model`` draw random numbers in training mode?
+
+  A layer with a ``keras.random.SeedGenerator`` draws unless all of its
+  rates (``rate``, ``stddev``, ``dropout``, ``recurrent_dropout``) are 0
+  (e.g. a GRU without dropout).
+  """
+  for layer in keras_compat.flatten_layers(model):
+    if not any(isinstance(v, keras.random.SeedGenerator)
+               for v in vars(layer).values()):
+      continue
+    rates = [getattr(layer, name) for name in _RATES
+             if isinstance(getattr(layer, name, None), (int, float))]
+    if not rates or any(r > 0 for r in rates):
+      return True
+  return False
 
 
 def ensure_built(model: keras.Model) -> keras.Model:

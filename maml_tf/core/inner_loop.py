@@ -6,6 +6,18 @@ SavedModel and distributed training all run it, through an
 :class:`InnerLoop` that fixes what a learner adapts and with which step
 sizes. It is pure: weights in, weights out.
 
+Random layers (Dropout, GaussianNoise, ...): every forward call of the
+inner loop draws from its own stream of the layers' seeds, a function of
+(the seed state, the task's index in the meta-batch, the call): support
+step ``k`` of task ``t`` uses stream ``2k`` of task ``t``, its query pass
+after ``k`` steps stream ``2k + 1``, so no two calls share a mask, and the
+same seed state gives the same masks (``keras.utils.set_random_seed`` or a
+layer's ``seed=`` makes runs reproducible). The outer backward pass
+differentiates through the masks its forward pass drew. A meta-step
+advances the seed state once (:func:`next_seed`), so the next meta-step
+draws fresh masks; ``MAML.adapt`` and evaluation never advance it, so they
+are repeatable.
+
 Step sizes (:class:`StepSizes`): a fixed alpha, or meta-learned ones
 (one scalar, one per parameter as Meta-SGD, one per weight tensor and inner
 step as MAML++); an explicit ``inner_lr`` overrides them with one fixed
@@ -42,12 +54,80 @@ def inner_update(params: Sequence[tf.Tensor], grads: Sequence[tf.Tensor],
           for p, g, lr in zip(params, grads, lrs)]
 
 
+_TASK_STRIDE = 1_000_003
+_SEED_MODULUS = 2 ** 31 - 1
+DRAWS_PER_CALL = 64      # seed counters a forward call may use up
+
+
+def offset_task_seeds(state, seed_mask: Sequence[bool], tasks) -> list:
+  """``state`` with each RNG seed moved ``tasks`` task streams on.
+
+  Linear in ``tasks``, so offsetting by ``a`` and then by ``b`` equals
+  offsetting by ``a + b``: a chunk of a meta-batch (or a replica's share of
+  it) offset by the index of its first task draws exactly what those tasks
+  draw in the whole batch.
+
+  Arguments:
+    state: the non-trainable state (seeds are ``[2]`` integer tensors).
+    seed_mask: one bool per entry of ``state``: is it a seed?
+    tasks: an int or a scalar integer tensor.
+  """
+  if not any(seed_mask):
+    return list(state)
+  out = list(state)
+  for i, is_seed in enumerate(seed_mask):
+    if is_seed:
+      s = tf.convert_to_tensor(state[i])
+      key = tf.math.floormod(
+          s[0] + tf.cast(tasks, s.dtype) * _TASK_STRIDE, _SEED_MODULUS)
+      out[i] = tf.stack([key, s[1]])
+  return out
+
+
+def call_seeds(state, seed_mask: Sequence[bool], stream) -> list:
+  """``state`` with each seed set to the stream one forward call draws from.
+
+  ``stream`` (int or scalar tensor): ``2k`` for support step ``k``,
+  ``2k + 1`` for the query pass after ``k`` steps.
+  """
+  if not seed_mask or not any(seed_mask):
+    return list(state)
+  out = list(state)
+  for i, is_seed in enumerate(seed_mask):
+    if is_seed:
+      s = tf.convert_to_tensor(state[i])
+      key = tf.math.floormod(s[0] * 7919 + tf.cast(stream, s.dtype) + 1,
+                             _SEED_MODULUS)
+      out[i] = tf.stack([key, s[1] * DRAWS_PER_CALL])
+  return out
+
+
+def next_seed(seed: tf.Tensor) -> tf.Tensor:
+  """The seed state of the next meta-step."""
+  return seed + tf.constant([0, 1], seed.dtype)
+
+
+def _dense(grad):
+  """Embedding gradients come as IndexedSlices; a fast weight is dense."""
+  if isinstance(grad, tf.IndexedSlices):
+    return tf.convert_to_tensor(grad)
+  return grad
+
+
+def _keep_seeds(new_state, state, seed_mask) -> list:
+  if not seed_mask:
+    return list(new_state)
+  return [old if m else new for new, old, m in zip(new_state, state, seed_mask)]
+
+
 def adapt_params(model: keras.Model, loss_fn: LossFn, params, state, x, y,
                  inner_lr, steps, first_order: bool = False,
                  on_step: Optional[Callable[[int, list, list], None]] = None,
                  adapt_mask: Optional[Sequence[bool]] = None,
                  forward: Optional[Callable] = None,
-                 recompute: bool = False):
+                 recompute: bool = False,
+                 seed_mask: Optional[Sequence[bool]] = None,
+                 loss_scale=None):
   """Runs ``steps`` inner gradient steps from ``params`` on ``(x, y)`` (pure).
 
   Arguments:
@@ -74,6 +154,12 @@ def adapt_params(model: keras.Model, loss_fn: LossFn, params, state, x, y,
       only its inputs and is recomputed during the outer backward pass, so
       peak memory no longer grows with the activations of every step (about
       one extra forward and inner backward per step in time).
+    seed_mask: one bool per entry of ``state``, ``True`` for RNG seeds:
+      step ``k`` draws from :func:`call_seeds` stream ``2k`` and the seeds
+      come back unchanged (see the module docstring).
+    loss_scale: a scalar (or ``None``) the support loss is multiplied by
+      before its gradient, which is divided by it again: keeps float16
+      gradients from underflowing (mixed precision).
 
   Returns:
     ``(fast_params, state)``.
@@ -87,18 +173,24 @@ def adapt_params(model: keras.Model, loss_fn: LossFn, params, state, x, y,
   mask = list(adapt_mask) if adapt_mask is not None else [True] * len(params)
   lr_at = inner_lr if callable(inner_lr) else (lambda step: inner_lr)
 
-  def step_fn(fast, state, lr):
+  def step_fn(fast, state, lr, step):
     watched = [f for f, m in zip(fast, mask) if m]
     with tf.GradientTape(watch_accessed_variables=False) as tape:
       tape.watch(watched)
-      pred, state = forward(fast, state, x)
+      pred, new_state = forward(fast, call_seeds(state, seed_mask, 2 * step), x)
       loss = loss_fn(y, pred)
+      if loss_scale is not None:
+        loss = loss * tf.cast(loss_scale, loss.dtype)
     grads = iter(tape.gradient(
         loss, watched, unconnected_gradients=tf.UnconnectedGradients.ZERO))
-    grads = [next(grads) if m else None for m in mask]
+    grads = [_dense(next(grads)) if m else None for m in mask]
+    if loss_scale is not None:
+      grads = [None if g is None else g / tf.cast(loss_scale, g.dtype)
+               for g in grads]
     if first_order:
       grads = [None if g is None else tf.stop_gradient(g) for g in grads]
-    return inner_update(fast, grads, lr), list(state)
+    return inner_update(fast, grads, lr), _keep_seeds(new_state, state,
+                                                      seed_mask)
 
   fast, state = list(params), list(state)
   if not isinstance(steps, (int, np.integer)):
@@ -107,7 +199,7 @@ def adapt_params(model: keras.Model, loss_fn: LossFn, params, state, x, y,
                        "neither on_step nor recompute")
 
     def body(i, fast, state):
-      fast, state = step_fn(list(fast), list(state), lr_at(i))
+      fast, state = step_fn(list(fast), list(state), lr_at(i), i)
       return i + 1, fast, state
     _, fast, state = tf.while_loop(
         lambda i, *_: i < tf.cast(steps, tf.int32), body,
@@ -115,9 +207,11 @@ def adapt_params(model: keras.Model, loss_fn: LossFn, params, state, x, y,
     return list(fast), list(state)
   for step in range(int(steps)):
     if recompute:
-      fast, state = _recomputed_step(step_fn, fast, state, lr_at(step))
+      fast, state = _recomputed_step(
+          lambda f, s, l, step=step: step_fn(f, s, l, step), fast, state,
+          lr_at(step))
     else:
-      fast, state = step_fn(fast, state, lr_at(step))
+      fast, state = step_fn(fast, state, lr_at(step), step)
     if on_step is not None:
       on_step(step + 1, fast, state)
   return fast, state
@@ -130,7 +224,8 @@ def _recomputed_step(step_fn, fast, state, lr):
   tape and differentiates it there, so the second-order terms are exact
   while the step's activations are freed after the forward pass. Step sizes
   are passed as arguments so that learned ones still get gradients.
-  Non-float state (RNG seeds) stays outside and is not advanced by the step.
+  Non-float state (RNG seeds) stays outside the checkpoint; the step keeps
+  its seeds as they are (each step draws from its own stream).
   """
   per_param_lr = isinstance(lr, (list, tuple))
   lrs = [tf.convert_to_tensor(v, fast[0].dtype)
@@ -240,11 +335,17 @@ class InnerLoop:
     loss_fn: ``(y_true, y_pred) -> scalar`` on one task's support set.
     adapt_mask: one bool per trainable variable (``False``: kept at theta).
     step_sizes: the step-size rule.
+    seed_mask: one bool per non-trainable variable, ``True`` for the seeds
+      of random layers (empty: none).
+    loss_scale: ``() -> scalar`` or ``None``: the support loss scale
+      (mixed float16 with a ``LossScaleOptimizer``).
   """
   model: keras.Model
   loss_fn: LossFn
   adapt_mask: Tuple[bool, ...]
   step_sizes: StepSizes
+  seed_mask: Tuple[bool, ...] = ()
+  loss_scale: Optional[Callable[[], tf.Tensor]] = None
 
   def adapt(self, params, state, x, y, steps, lrs=(), inner_lr=None,
             first_order: bool = False, on_step=None, forward=None,
@@ -266,7 +367,13 @@ class InnerLoop:
                         x, y, self.step_sizes.schedule(lrs, inner_lr), steps,
                         first_order, on_step=on_step,
                         adapt_mask=self.adapt_mask, forward=forward,
-                        recompute=recompute)
+                        recompute=recompute, seed_mask=self.seed_mask,
+                        loss_scale=(None if self.loss_scale is None
+                                    else self.loss_scale()))
+
+  def query_state(self, state, step) -> list:
+    """The state a query pass after ``step`` inner steps runs with."""
+    return call_seeds(state, self.seed_mask, 2 * step + 1)
 
 
 def support_statistics(model: keras.Model, params, state, x) -> list:

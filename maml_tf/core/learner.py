@@ -17,6 +17,7 @@ advances RNG seeds and writes no other state.
 """
 
 import math
+import warnings
 from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import keras
@@ -37,6 +38,7 @@ from maml_tf.core import plan as plan_lib
 from maml_tf.core import runner as runner_lib
 from maml_tf.core import strategies
 from maml_tf.core.objective import StepResult
+from maml_tf.core.plan import PlanWarning
 from maml_tf.core.task_batch import TaskBatch, prepare_batch, validate_task_batch
 
 INNER_LR_MODES = inner_loop_lib.INNER_LR_MODES
@@ -185,7 +187,7 @@ class MAML:
     self.step_sizes = inner_loop_lib.StepSizes(learn_inner_lr, inner_lr,
                                                self.inner_steps)
     self.inner_lr_variables = self.step_sizes.variables(self.model)
-    self.meta_optimizer = meta_optimizer or keras.optimizers.Adam(1e-3)
+    self.meta_optimizer = _meta_optimizer(meta_optimizer)
     self.meta_optimizer.build(self.meta_variables)
     self._fused_update = fused_adam.fused_adam_update(self.meta_optimizer,
                                                       self.meta_variables)
@@ -197,7 +199,17 @@ class MAML:
         self._batched_model(None)
       except fast_weights.Unsupported as e:
         batched_error = str(e)
-    execution = plan_lib.resolve_execution(vectorize, batched_error)
+    kinds = functional.state_kinds(self.model)
+    has_conv = any(isinstance(l, _CONV_LAYERS)
+                   for l in keras_compat.flatten_layers(self.model))
+    not_vectorizable = _why_not_vectorizable(self.model, has_conv)
+    execution = plan_lib.resolve_execution(vectorize, batched_error,
+                                           not_vectorizable)
+    if batched_error and vectorize == "auto":
+      warnings.warn(
+          f"maml_tf: model {self.model.name!r} runs task by task ({execution})"
+          f", not on the faster task-batched path: {batched_error}",
+          PlanWarning, stacklevel=2)
     blocker = plan_lib.closed_form_blocker(
         learned_step_sizes=learn_inner_lr is not None,
         all_adapted=all(self.adapt_mask),
@@ -211,25 +223,27 @@ class MAML:
         multi_step=self.multi_step_loss_iterations > 0, accuracy=accuracy)
     self._facts = plan_lib.ModelFacts(
         execution=execution,
-        has_conv=any(isinstance(l, _CONV_LAYERS)
-                     for l in keras_compat.flatten_layers(self.model)),
+        has_conv=has_conv,
         closed_form=self._chain is not None,
-        fused_update=self._fused_update is not None)
+        fused_update=self._fused_update is not None,
+        not_batched=batched_error, not_vectorizable=not_vectorizable)
     self._device = plan_lib.Device.local()
     self._runner = runner_lib.Runner(self.model.name)
     self._plans = {}         # (batch shape, order, distributed, fallbacks) -> plan
     self._step_plans = {}    # train_steps key -> plan of its sampled batch
+    self.state_kinds = kinds
     self.inner_loop = inner_loop_lib.InnerLoop(
         self.model, self.loss_fn, tuple(self.adapt_mask),
-        self.step_sizes)
+        self.step_sizes,
+        seed_mask=tuple(kind == "seed" for kind in self.state_kinds),
+        loss_scale=self._loss_scale())
     task_losses = losses.per_task_loss_fn(loss)
     self.context = strategies.Context(
         model=self.model, inner=self.inner_loop, loss_fn=self.loss_fn,
         task_loss=task_losses or (lambda y, pred: tf.vectorized_map(
             lambda a: self.loss_fn(a[0], a[1]), (y, pred))),
         batched=self._batched_model, objective=self._objective,
-        chain=self._chain)
-    self.state_kinds = functional.state_kinds(self.model)
+        chain=self._chain, loss_scale=self._loss_scale())
     self.objective = objective_lib.Objective(
         self.inner_steps, self.multi_step_loss_iterations, self.state_kinds)
 
@@ -254,6 +268,11 @@ class MAML:
     params, state = functional.read_weights(self.model)
     return params, state, [tf.convert_to_tensor(v)
                            for v in self.inner_lr_variables]
+
+  def task_state(self, state, first_task=0) -> list:
+    """``state`` with the random layers' seeds moved on to ``first_task``."""
+    return inner_loop_lib.offset_task_seeds(state, self.inner_loop.seed_mask,
+                                            first_task)
 
   # ------------------------------------------------------------- the plan
   def _batched_model(self, conv_impl: Optional[str]):
@@ -368,12 +387,19 @@ class MAML:
                                  task_pass)
 
   def compute_gradients(self, batch: TaskBatch, plan: plan_lib.ExecutionPlan,
-                        pre_update_metrics: bool = True) -> StepResult:
-    """The meta-gradient of ``batch`` under ``plan`` (traceable; no writes)."""
+                        pre_update_metrics: bool = True,
+                        first_task=0) -> StepResult:
+    """The meta-gradient of ``batch`` under ``plan`` (traceable; no writes).
+
+    ``first_task``: the index of ``batch``'s first task in a larger
+    meta-batch (a replica's share): random layers then draw what those
+    tasks draw in the whole batch.
+    """
     params, state, lrs = self.meta_values()
     task_pass = self.training_pass(plan, pre_update_metrics)
     grads, out, loss = strategies.select(plan).meta_gradients(
-        self.context, plan, task_pass, params, state, lrs, batch)
+        self.context, plan, task_pass, params,
+        self.task_state(state, first_task), lrs, batch)
     return self.step_result(grads, out, loss, state, plan, task_pass)
 
   def apply_gradients(self, grads, plan: plan_lib.ExecutionPlan, loss=None):
@@ -383,6 +409,18 @@ class MAML:
     one is False), else ``None`` (``check_numerics`` raises instead).
     """
     variables = self.meta_variables
+    if isinstance(self.meta_optimizer, keras.optimizers.LossScaleOptimizer):
+      # It skips steps with non-finite gradients itself (and lowers its
+      # scale); it takes scaled gradients.
+      # An overflowed meta-loss can leave zero gradients: make them NaN so
+      # that the optimizer sees the overflow.
+      scale = tf.convert_to_tensor(self.meta_optimizer.dynamic_scale)
+      if loss is not None:
+        scale = tf.where(tf.math.is_finite(tf.cast(loss, scale.dtype)),
+                         scale, tf.constant(np.nan, scale.dtype))
+      self.meta_optimizer.apply_gradients(zip(
+          [g * tf.cast(scale, g.dtype) for g in grads], variables))
+      return numerics.finite_flags(loss, grads) if plan.xla else None
     if plan.xla:
       flags = numerics.finite_flags(loss, grads)
 
@@ -400,6 +438,13 @@ class MAML:
       self._fused_update(grads)
     else:
       self.meta_optimizer.apply_gradients(zip(grads, self.meta_variables))
+
+  def _loss_scale(self) -> Optional[Callable[[], tf.Tensor]]:
+    """The dynamic loss scale of a ``LossScaleOptimizer``, else ``None``."""
+    if not isinstance(self.meta_optimizer,
+                      keras.optimizers.LossScaleOptimizer):
+      return None
+    return lambda: tf.convert_to_tensor(self.meta_optimizer.dynamic_scale)
 
   def write_state(self, new_state, ok=None) -> None:
     """Writes the non-trainable state a step computed (where ``ok``)."""
@@ -607,16 +652,15 @@ class MAML:
     steps = self.inner_steps if steps is None else int(steps)
     if steps < 0:
       raise ValueError(f"steps must be >= 0, got {steps}")
-    x = tf.convert_to_tensor(support_x)
-    y = tf.convert_to_tensor(support_y)
-    if x.shape[0] != y.shape[0]:
-      raise ValueError(f"support_x has {x.shape[0]} examples but support_y has "
-                       f"{y.shape[0]} (shapes {x.shape} vs {y.shape})")
     dtype = self.model.trainable_variables[0].dtype
-    if x.dtype.is_floating:
-      x = tf.cast(x, dtype)
-    if y.dtype.is_floating:
-      y = tf.cast(y, dtype)
+    x, y = (tf.nest.map_structure(
+        lambda t: _cast_floats(tf.convert_to_tensor(t), dtype), v)
+            for v in (support_x, support_y))
+    for leaf in tf.nest.flatten(x):
+      if leaf.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"support_x has {leaf.shape[0]} examples but support_y has "
+            f"{y.shape[0]} (shapes {leaf.shape} vs {y.shape})")
     params, state, lrs = self.meta_values()
     fast, _ = self.inner_loop.adapt(
         params, state, x, y, steps, lrs,
@@ -625,3 +669,47 @@ class MAML:
       state = inner_loop_lib.support_statistics(self.model, fast, state, x)
     return cloning.clone_with_weights(self.model, fast, state)
 
+
+def _cast_floats(t: tf.Tensor, dtype) -> tf.Tensor:
+  return tf.cast(t, dtype) if t.dtype.is_floating and t.dtype != dtype else t
+
+
+def _why_not_vectorizable(model: keras.Model, has_conv: bool
+                          ) -> Optional[str]:
+  """Why ``tf.vectorized_map`` cannot run ``model`` per task, or ``None``."""
+  if functional.draws_random(model):
+    return ("random layers draw per-task seeds, which tf.vectorized_map "
+            "cannot vectorise")
+  if has_conv:
+    return ("tf.vectorized_map cannot vectorise convolutions with per-task "
+            "filters")
+  if any(isinstance(l, keras.layers.RNN)
+         for l in keras_compat.flatten_layers(model)):
+    return "tf.vectorized_map cannot vectorise recurrent layers' loops"
+  return None
+
+
+def _meta_optimizer(optimizer):
+  """``optimizer``, or Adam(1e-3); loss-scaled under ``mixed_float16``.
+
+  As ``keras.Model.compile`` does, the default optimizer is wrapped in a
+  ``keras.optimizers.LossScaleOptimizer`` when the global dtype policy is
+  ``mixed_float16``; a given optimizer is used as it is (a warning says
+  when float16 gradients then go unscaled). A ``LossScaleOptimizer``'s
+  dynamic scale multiplies the support losses of the inner loop and the
+  meta-loss; a step whose scaled gradients overflow (its metrics are then
+  NaN) is skipped and the scale halved, as in any loss-scaled training.
+  """
+  policy = keras.config.dtype_policy().name
+  if optimizer is None:
+    optimizer = keras.optimizers.Adam(1e-3)
+    if policy == "mixed_float16":
+      optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+  elif (policy == "mixed_float16" and not isinstance(
+      optimizer, keras.optimizers.LossScaleOptimizer)):
+    warnings.warn(
+        "maml_tf: the dtype policy is mixed_float16 but meta_optimizer is not "
+        "a keras.optimizers.LossScaleOptimizer: float16 gradients may "
+        "underflow; wrap it (maml_tf scales the inner and outer losses with "
+        "its dynamic scale)", PlanWarning, stacklevel=3)
+  return optimizer

@@ -13,6 +13,7 @@ from typing import Dict, NamedTuple, Optional, Tuple
 
 import tensorflow as tf
 
+from maml_tf.core import inner_loop
 from maml_tf.core import losses
 from maml_tf.core.strategies import TaskPass
 
@@ -39,8 +40,8 @@ class Objective:
   Attributes:
     inner_steps: inner steps during meta-training.
     multi_step_iterations: MAML++ multi-step loss annealing (0: off).
-    state_kinds: per non-trainable variable, ``"mean"``, ``"first"`` or
-      ``"keep"`` (:func:`maml_tf.core.functional.state_kinds`).
+    state_kinds: per non-trainable variable, ``"mean"``, ``"seed"``, ``"first"``
+      or ``"keep"`` (:func:`maml_tf.core.functional.state_kinds`).
   """
   inner_steps: int
   multi_step_iterations: int
@@ -90,5 +91,6 @@ class Objective:
     new_state = []
     for kind, old, per_task in zip(self.state_kinds, state, out["state"]):
       new_state.append(tf.reduce_mean(per_task, axis=0) if kind == "mean"
+                       else inner_loop.next_seed(old) if kind == "seed"
                        else per_task[0] if kind == "first" else old)
     return StepResult(list(grads), loss, metrics, new_state)

@@ -8,9 +8,13 @@ every compiled step is keyed by its plan. The rules:
 
 * execution: ``"batched"`` (task-batched fast-weights kernels) when the
   model compiles to them and ``vectorize`` allows it, else
-  ``"vectorized_map"``, else ``"map_fn"``; a model that ``tf.vectorized_map``
-  cannot trace falls back to ``"map_fn"`` (recorded, with the reason, so
-  later plans of the learner say so).
+  ``"vectorized_map"``, else ``"map_fn"``; models with random layers
+  (Dropout, GaussianNoise: per-task seeds), convolutions (per-task filters)
+  or recurrent layers (loops) get ``"map_fn"``; a model that
+  ``tf.vectorized_map`` cannot trace falls back to ``"map_fn"`` (recorded,
+  with the reason, so later plans of the learner say so). Under "auto", a
+  model that cannot run task-batched says why in a :class:`PlanWarning`
+  when the learner is built, and its plans carry the reason.
 * conv_impl (batched path with convolutions): the learner's ``conv_impl``;
   ``"auto"`` picks ``"grouped"`` with a GPU, else ``"map"`` (one
   convolution per task), except that small tasks on CPU (one task's
@@ -48,6 +52,10 @@ import tensorflow as tf
 from maml_tf.core import fast_weights
 
 EXECUTIONS = ("batched", "vectorized_map", "map_fn")
+
+
+class PlanWarning(UserWarning):
+  """A learner runs a slower path than it could, or a setting is risky."""
 SMALL_TASK_VALUES = 2 ** 15
 
 
@@ -139,11 +147,17 @@ class ModelFacts:
     has_conv: the model has convolution layers.
     closed_form: a closed-form meta-gradient exists for model and loss.
     fused_update: the meta-optimizer can take the fused Adam step.
+    not_batched: why the model cannot run task-batched (``None``: it can,
+      or was not asked to).
+    not_vectorizable: why ``tf.vectorized_map`` cannot run the model
+      (``None``: it can).
   """
   execution: str
   has_conv: bool = False
   closed_form: bool = False
   fused_update: bool = False
+  not_batched: Optional[str] = None
+  not_vectorizable: Optional[str] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,12 +186,13 @@ class BatchShape:
   @classmethod
   def of(cls, batch) -> "BatchShape":
     """From a :class:`maml_tf.TaskBatch` of tensors or arrays."""
-    sx, qx = batch.support_x, batch.query_x
+    inputs = tf.nest.flatten(batch.support_x)
+    sx, qx = inputs[0], tf.nest.flatten(batch.query_x)[0]
     sy = batch.support_y
     dtype = getattr(sy, "dtype", None)
     integer = bool(tf.as_dtype(dtype).is_integer) if dtype is not None else False
-    return cls(sx.shape[0], sx.shape[1], qx.shape[1],
-               int(np.prod([d or 1 for d in sx.shape[2:]])), integer)
+    values = sum(int(np.prod([d or 1 for d in x.shape[2:]])) for x in inputs)
+    return cls(sx.shape[0], sx.shape[1], qx.shape[1], values, integer)
 
   @property
   def small(self) -> bool:
@@ -206,12 +221,20 @@ def check_task_chunk(task_chunk):
   return int(task_chunk)
 
 
-def resolve_execution(vectorize, batched_error: Optional[str]) -> str:
-  """The model-level execution from ``vectorize`` and whether it batches.
+def resolve_execution(vectorize, batched_error: Optional[str],
+                      not_vectorizable: Optional[str] = None) -> str:
+  """The model-level execution from ``vectorize`` and what the model allows.
+
+  ``"auto"``: ``"batched"`` where possible, else ``"map_fn"`` for a model
+  that ``tf.vectorized_map`` cannot vectorise (random layers: per-task
+  seeds; convolutions: per-task filters; recurrent layers: their loops),
+  else ``"vectorized_map"``.
 
   Arguments:
     vectorize: ``"auto"``, ``True``, ``False`` or one of :data:`EXECUTIONS`.
     batched_error: why the model cannot run task-batched (``None``: it can).
+    not_vectorizable: why ``tf.vectorized_map`` cannot run the model
+      (``None``: it can).
 
   Raises:
     ValueError: a bad ``vectorize``, or ``"batched"`` for a model that
@@ -226,7 +249,7 @@ def resolve_execution(vectorize, batched_error: Optional[str]) -> str:
       return "batched"
     if mode == "batched":
       raise ValueError(f"vectorize='batched' is not possible: {batched_error}")
-    return "vectorized_map"
+    return "map_fn" if not_vectorizable else "vectorized_map"
   return mode
 
 
@@ -301,6 +324,11 @@ def resolve_plan(options: Options, facts: ModelFacts, shape: BatchShape,
   """
   reasons = []
   batched = facts.execution == "batched"
+  if facts.not_batched:
+    reasons.append(("execution", "not task-batched: " + facts.not_batched))
+  if facts.not_batched and facts.not_vectorizable and (
+      facts.execution == "map_fn"):
+    reasons.append(("execution", facts.not_vectorizable))
   cpu_conv_auto = facts.has_conv and not device.gpu and batched
   conv_impl = support_conv_impl = None
   if batched and facts.has_conv:

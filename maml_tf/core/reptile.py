@@ -62,14 +62,14 @@ class Reptile(MAML):
                          outer_step_size), **kwargs)
     self.outer_step_size = float(outer_step_size)
 
-  def compute_gradients(self, batch, plan, pre_update_metrics: bool = True
-                        ) -> StepResult:
+  def compute_gradients(self, batch, plan, pre_update_metrics: bool = True,
+                        first_task=0) -> StepResult:
     """``theta - mean_i theta_i'`` as the gradient (traceable; no writes)."""
     params, state, lrs = self.meta_values()
     task_pass = self.training_pass(plan, pre_update_metrics)
     out = strategies.select(plan).run_tasks(
-        self.context, plan, task_pass, params, state, lrs, batch,
-        return_fast=True)
+        self.context, plan, task_pass, params,
+        self.task_state(state, first_task), lrs, batch, return_fast=True)
     pseudo_grads = [p - tf.reduce_mean(f, axis=0)
                     for p, f in zip(params, out["fast"])]
     loss = numerics.check_meta_loss(tf.reduce_mean(out["loss"][:, -1]),

@@ -11,6 +11,11 @@ class TaskBatch(NamedTuple):
   Every field has a leading task axis ``[T, ...]``: ``support_x[i]`` holds the
   K support inputs of task ``i``, ``query_y[i]`` the labels of its query set.
 
+  Inputs may be nested: for a model with several inputs, ``support_x`` and
+  ``query_x`` are a tuple, list or dict of tensors (the structure the model
+  takes), each with the task and example axes; support and query share the
+  structure.
+
   Arguments:
     support_x: ``[T, K, *input_shape]`` inputs the inner loop adapts on.
     support_y: ``[T, K, *label_shape]`` their labels.
@@ -32,7 +37,7 @@ class TaskBatch(NamedTuple):
 
   @property
   def num_tasks(self) -> int:
-    return int(self.support_x.shape[0])
+    return int(first_leaf(self.support_x).shape[0])
 
   def validate(self) -> "TaskBatch":
     """Checks that the four fields agree in shape; raises ``ValueError`` naming the field."""
@@ -43,16 +48,27 @@ def _shape(x):
   return tuple(getattr(x, "shape", ()))
 
 
+def first_leaf(x):
+  """The first tensor of a (possibly nested) input."""
+  return tf.nest.flatten(x)[0]
+
+
+def is_nested(x) -> bool:
+  """Is ``x`` a structure of several tensors (a multi-input model's input)?"""
+  return tf.nest.is_nested(x)
+
+
+def _as_tensors(x, dtype):
+  def convert(t):
+    t = tf.convert_to_tensor(t)
+    return tf.cast(t, dtype) if t.dtype.is_floating and t.dtype != dtype else t
+  return tf.nest.map_structure(convert, x)
+
+
 def prepare_batch(batch, dtype) -> TaskBatch:
   """``batch`` validated, as tensors, float fields cast to ``dtype``."""
   batch = validate_task_batch(batch)
-  sx, qx = (tf.convert_to_tensor(t) for t in (batch.support_x, batch.query_x))
-  if sx.dtype.is_floating and sx.dtype != dtype:
-    sx, qx = tf.cast(sx, dtype), tf.cast(qx, dtype)
-  sy, qy = (tf.convert_to_tensor(t) for t in (batch.support_y, batch.query_y))
-  if sy.dtype.is_floating and sy.dtype != dtype:
-    sy, qy = tf.cast(sy, dtype), tf.cast(qy, dtype)
-  return TaskBatch(sx, sy, qx, qy)
+  return TaskBatch(*(_as_tensors(field, dtype) for field in batch))
 
 
 def validate_task_batch(batch: TaskBatch) -> TaskBatch:
@@ -63,8 +79,29 @@ def validate_task_batch(batch: TaskBatch) -> TaskBatch:
     else:
       raise TypeError(f"expected a maml_tf.TaskBatch, got {type(batch).__name__}")
 
-  sx, sy, qx, qy = (_shape(f) for f in batch)
   names = ("support_x", "support_y", "query_x", "query_y")
+  for name in ("support_x", "query_x"):
+    _check_leaves(name, getattr(batch, name))
+  for name in ("support_y", "query_y"):
+    if is_nested(getattr(batch, name)):
+      raise ValueError(
+          f"TaskBatch.{name} must be one tensor (models with several outputs "
+          "are not supported; several inputs are)")
+  try:
+    tf.nest.assert_same_structure(batch.support_x, batch.query_x)
+  except (ValueError, TypeError) as e:
+    raise ValueError("support_x and query_x must have the same structure "
+                     f"(the model's inputs): {e}") from None
+  if is_nested(batch.support_x):
+    for path, s, q in zip(_paths(batch.support_x),
+                          tf.nest.flatten(batch.support_x),
+                          tf.nest.flatten(batch.query_x)):
+      if _shape(s)[2:] != _shape(q)[2:]:
+        raise ValueError(
+            f"support and query inputs {path} disagree in shape: support_x "
+            f"{_shape(s)} vs query_x {_shape(q)} (everything after the first "
+            "two axes must match)")
+  sx, sy, qx, qy = (_shape(first_leaf(f)) for f in batch)
   for name, s in zip(names, (sx, sy, qx, qy)):
     if len(s) < 2:
       raise ValueError(
@@ -89,7 +126,7 @@ def validate_task_batch(batch: TaskBatch) -> TaskBatch:
     raise ValueError(
         f"query_x has {qx[1]} examples per task but query_y has {qy[1]} "
         f"(shapes {qx} vs {qy})")
-  if sx[2:] != qx[2:]:
+  if sx[2:] != qx[2:] and not is_nested(batch.support_x):
     raise ValueError(
         f"support and query inputs disagree in shape: support_x {sx} vs "
         f"query_x {qx} (everything after the first two axes must match)")
@@ -98,3 +135,27 @@ def validate_task_batch(batch: TaskBatch) -> TaskBatch:
         f"support and query labels disagree in shape: support_y {sy} vs "
         f"query_y {qy} (everything after the first two axes must match)")
   return batch
+
+
+def _paths(x):
+  """Names of the leaves of ``x`` for messages: ``[0]``, ``['ids']``."""
+  if isinstance(x, dict):
+    return [f"[{k!r}]" for k in sorted(x)]
+  return [f"[{i}]" for i in range(len(tf.nest.flatten(x)))]
+
+
+def _check_leaves(name, x):
+  """Every input of a nested ``x`` has the same task and example axes."""
+  leaves = tf.nest.flatten(x)
+  if not leaves:
+    raise ValueError(f"TaskBatch.{name} is empty")
+  if len(leaves) == 1:
+    return
+  heads = {path: _shape(t)[:2] for path, t in zip(_paths(x), leaves)}
+  for path, head in heads.items():
+    if len(head) < 2:
+      raise ValueError(f"TaskBatch.{name}{path} must have a task axis and an "
+                       f"example axis [T, N, ...]; got shape {head}")
+  if len(set(heads.values())) > 1:
+    raise ValueError(f"the inputs of TaskBatch.{name} disagree on the task "
+                     f"and example axes [T, N]: {heads}")

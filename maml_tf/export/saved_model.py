@@ -51,8 +51,9 @@ def export_adapted(model: keras.Model, path: str,
     path: output folder (created; an existing SavedModel is replaced).
     input_signature: ``tf.TensorSpec`` list; inferred from ``model.inputs``
       (or the build shape) when omitted.
-    verify_with: optional input batch: reload the SavedModel and check its
-      outputs equal ``model(verify_with, training=False)`` within ``atol``.
+    verify_with: optional input batch (for several inputs: their tuple,
+      list or dict): reload the SavedModel and check its outputs equal
+      ``model(verify_with, training=False)`` within ``atol``.
     atol: tolerance of that check.
     batchnorm: ``"inference"`` (default): ``serve`` normalises with the
       model's moving statistics (for ``MAML.adapt`` models: the support set's
@@ -85,15 +86,24 @@ def export_adapted(model: keras.Model, path: str,
   if len(signature) == 1:
     fn = call
   else:
-    fn = lambda *xs: call(list(xs))
+    try:
+      structure = model.input      # the inputs' nesting (list, dict)
+    except (AttributeError, ValueError):
+      structure = None
+    fn = lambda *xs: call(tf.nest.pack_sequence_as(structure, list(xs))
+                          if structure is not None else list(xs))
   archive.add_endpoint("serve", fn, input_signature=signature)
   os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
   archive.write_out(path, verbose=False)
   if verify_with is not None:
     loaded = tf.saved_model.load(path)
-    x = tf.cast(verify_with, signature[0].dtype)
-    got = np.asarray(loaded.serve(x))
-    want = np.asarray(call(x))
+    xs = [tf.cast(x, spec.dtype) for x, spec in
+          zip(tf.nest.flatten(verify_with), signature)]
+    if len(xs) != len(signature):
+      raise ValueError(f"verify_with has {len(xs)} inputs; the model takes "
+                       f"{len(signature)}")
+    got = np.asarray(loaded.serve(*xs))
+    want = np.asarray(fn(*xs))
     if not np.allclose(got, want, atol=atol):
       raise AssertionError(
           f"exported SavedModel at {path} differs from the model by "

@@ -96,3 +96,62 @@ def test_support_statistics_are_the_batch_moments_and_leave_momentum():
   # The model's own variables are never written.
   np.testing.assert_array_equal(model.non_trainable_variables[0].numpy(),
                                 np.zeros(5, "f4"))
+
+
+# ------------------------------------------------------------ random layers
+def _dropout_learner(**kwargs):
+  from maml_tf import MAML  # pylint: disable=g-import-not-at-top
+  keras.utils.set_random_seed(5)
+  model = keras.Sequential([
+      keras.Input((3,)), keras.layers.Dense(16, activation="tanh"),
+      keras.layers.Dropout(0.5), keras.layers.Dense(1)])
+  return MAML(model, "mse", inner_lr=0.1, inner_steps=2,
+              meta_optimizer=keras.optimizers.SGD(0.05), **kwargs)
+
+
+def _same_task(tasks):
+  from maml_tf import TaskBatch  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(2)
+  one = [rng.normal(size=(1, n, d)).astype("float32")
+         for n, d in ((5, 3), (5, 1), (7, 3), (7, 1))]
+  return TaskBatch(*(np.repeat(t, tasks, axis=0) for t in one))
+
+
+def _grads(maml, batch, **kwargs):
+  batch = maml.prepare(batch)
+  result = maml.compute_gradients(batch, maml.plan(batch), **kwargs)
+  return np.concatenate([g.numpy().ravel() for g in result.grads])
+
+
+def test_dropout_draws_per_task_and_chunks_draw_what_the_batch_draws():
+  maml = _dropout_learner()
+  assert maml.plan(_same_task(4)).execution == "map_fn"
+  # Four copies of one task: with one mask for all they would give the
+  # one-task gradient; per-task masks give another.
+  one, four = _grads(maml, _same_task(1)), _grads(maml, _same_task(4))
+  assert np.abs(one - four).max() > 1e-3
+  # Copy 0 of a batch draws what a one-task batch draws.
+  np.testing.assert_allclose(_grads(maml, _same_task(1)), one, atol=0)
+  # Task chunks (and replicas: first_task) draw exactly the whole batch's.
+  chunked = _dropout_learner(task_chunk=2)
+  assert chunked.plan(_same_task(4)).task_chunk == 2
+  np.testing.assert_allclose(_grads(chunked, _same_task(4)), four, atol=1e-6)
+  halves = [_grads(maml, _same_task(2), first_task=f) for f in (0, 2)]
+  np.testing.assert_allclose((halves[0] + halves[1]) / 2, four, atol=1e-6)
+
+
+def test_dropout_runs_are_reproducible_and_steps_draw_fresh_masks():
+  runs = []
+  for _ in range(2):
+    maml = _dropout_learner()
+    seed = [v for v, kind in zip(maml.model.non_trainable_variables,
+                                 maml.state_kinds) if kind == "seed"]
+    assert len(seed) == 1
+    start = seed[0].numpy().copy()
+    repeat = [float(maml.meta_loss(_same_task(3))) for _ in range(2)]
+    assert repeat[0] == repeat[1]       # evaluation never advances seeds
+    runs.append([maml.train_step(_same_task(3))["loss_after"]
+                 for _ in range(3)])
+    np.testing.assert_array_equal(seed[0].numpy() - start, [0, 3])
+  assert runs[0] == runs[1]             # the same seed, the same run
+  assert len(set(runs[0])) == 3         # each step draws new masks

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from maml_tf import MAML, ExecutionPlan, TaskBatch
+from maml_tf import PlanWarning, MAML, ExecutionPlan, TaskBatch
 from maml_tf.core.plan import (BatchShape, Device, ModelFacts, Options,
                                query_chunk_size, resolve_execution,
                                resolve_plan)
@@ -141,7 +141,8 @@ def test_maml_plan_is_the_pure_resolution_and_keys_the_compiled_step():
 def test_a_runtime_fallback_is_a_new_plan_not_a_changed_learner():
   gru = keras.Sequential([keras.Input((3, 2)), keras.layers.GRU(4),
                           keras.layers.Dense(1)])
-  maml = MAML(gru, "mse", inner_lr=0.01)
+  # Asked for explicitly: "auto" would pick map_fn for a recurrent model.
+  maml = MAML(gru, "mse", inner_lr=0.01, vectorize="vectorized_map")
   rng = np.random.default_rng(0)
   batch = TaskBatch(rng.normal(size=(2, 4, 3, 2)).astype("f4"),
                     rng.normal(size=(2, 4, 1)).astype("f4"),
@@ -157,6 +158,24 @@ def test_a_runtime_fallback_is_a_new_plan_not_a_changed_learner():
   assert dict(after.reasons)["execution"]
   assert maml.fallbacks["execution"][0] == "map_fn"
   assert maml.execution == "map_fn"
+
+
+@pytest.mark.parametrize("layer, why", [
+    (lambda: keras.layers.GRU(4), "recurrent"),
+    (lambda: keras.layers.Conv1D(2, 2), "convolutions"),
+    (lambda: keras.layers.GaussianNoise(0.1), "random layers"),
+])
+def test_auto_runs_what_vectorized_map_cannot_trace_under_map_fn(layer, why):
+  model = keras.Sequential([keras.Input((3, 2)), layer(),
+                            keras.layers.Flatten(), keras.layers.Dense(1)])
+  with pytest.warns(PlanWarning, match="task-batched"):
+    maml = MAML(model, "mse", inner_lr=0.01)
+  rng = np.random.default_rng(0)
+  x = lambda: rng.normal(size=(2, 4, 3, 2)).astype("f4")
+  y = lambda: rng.normal(size=(2, 4, 1)).astype("f4")
+  plan = maml.plan(TaskBatch(x(), y(), x(), y()))
+  assert plan.execution == "map_fn"
+  assert why in " ".join(w for f, w in plan.reasons if f == "execution")
 
 
 def _images(tasks, n, side):

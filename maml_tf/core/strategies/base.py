@@ -49,6 +49,8 @@ class Context:
     batched: ``conv_impl -> BatchedModel`` (the task-batched kernels).
     objective: ``(losses [T, S], task_pass) -> scalar`` meta-loss.
     chain: the model's closed-form :class:`DenseChain`, or ``None``.
+    loss_scale: ``() -> scalar`` or ``None``: the meta-loss is scaled by it
+      before its gradient (which is unscaled again), mixed float16.
   """
   model: keras.Model
   inner: inner_loop_lib.InnerLoop
@@ -57,6 +59,7 @@ class Context:
   batched: Callable
   objective: Callable
   chain: Optional[object] = None
+  loss_scale: Optional[Callable] = None
 
   @property
   def adapt_mask(self) -> Tuple[bool, ...]:
@@ -87,13 +90,23 @@ class Strategy:
 
     The default differentiates :meth:`run_tasks` with one tape.
     """
+    scale = None if ctx.loss_scale is None else ctx.loss_scale()
     with tf.GradientTape(watch_accessed_variables=False) as tape:
       tape.watch(list(params) + list(lrs))
       out = self.run_tasks(ctx, plan, task_pass, params, state, lrs, batch)
-      # Inside the tape: a check outside it would cut the gradient path.
-      loss = numerics.check_meta_loss(ctx.objective(out["loss"], task_pass))
-    grads = tape.gradient(loss, list(params) + list(lrs),
+      loss = ctx.objective(out["loss"], task_pass)
+      if scale is None:
+        # Inside the tape: a check outside it would cut the gradient path.
+        loss = numerics.check_meta_loss(loss)
+        scaled = loss
+      else:
+        # Loss-scaled steps overflow now and then: the LossScaleOptimizer
+        # skips those and lowers its scale.
+        scaled = loss * tf.cast(scale, loss.dtype)
+    grads = tape.gradient(scaled, list(params) + list(lrs),
                           unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    if scale is not None:
+      grads = [g / tf.cast(scale, g.dtype) for g in grads]
     return grads, out, loss
 
 

@@ -26,16 +26,20 @@ class Chunked(base.Wrapper):
 
   def meta_gradients(self, ctx, plan, task_pass, params, state, lrs, batch):
     chunk = plan.task_chunk
-    num_chunks = batch.support_x.shape[0] // chunk
-    chunks = tuple(inner_loop.split_tasks(t, num_chunks, chunk) for t in batch)
+    num_chunks = batch.num_tasks // chunk
+    chunks = tf.nest.map_structure(
+        lambda t: inner_loop.split_tasks(t, num_chunks, chunk), tuple(batch))
     dtype = params[0].dtype
     with_acc = plan.accuracy
 
-    def body(c):
+    def body(args):
+      index, c = args
       # Identities make the captured weights local to the loop body, where
-      # the tape can watch them.
+      # the tape can watch them. Seeds move on to the chunk's first task.
+      chunk_state = inner_loop.offset_task_seeds(
+          state, ctx.inner.seed_mask, index * chunk)
       grads, out, loss = self.tasks.meta_gradients(
-          ctx, plan, task_pass, [tf.identity(p) for p in params], state,
+          ctx, plan, task_pass, [tf.identity(p) for p in params], chunk_state,
           [tf.identity(l) for l in lrs], TaskBatch(*c))
       out.pop("fast", None)
       out["loss"] = tf.cast(out["loss"], dtype)
@@ -52,7 +56,8 @@ class Chunked(base.Wrapper):
     spec = ([tf.TensorSpec(p.shape, p.dtype) for p in list(params) + list(lrs)],
             out_spec, tf.TensorSpec([], dtype))
     grads, out, chunk_losses = tf.map_fn(
-        body, chunks, fn_output_signature=spec,
+        body, (tf.range(num_chunks, dtype=tf.int64), chunks),
+        fn_output_signature=spec,
         parallel_iterations=plan.chunks_in_flight)
     out = tf.nest.map_structure(inner_loop.merge_chunks, out)
     return ([tf.reduce_mean(g, axis=0) for g in grads], out,
