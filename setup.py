@@ -7,6 +7,8 @@ setup(
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["maml_tf", "maml_tf.*"]),
+    # The shipped meta-initialisations (maml_tf.models.pretrained).
+    package_data={"maml_tf.models": ["weights/*.json", "weights/*.h5"]},
     python_requires=">=3.10",
     install_requires=[
         "tensorflow-cpu>=2.21,<2.22; platform_machine!='aarch64'",

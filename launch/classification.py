@@ -65,6 +65,9 @@ _SEED = flags.DEFINE_integer("seed", None,
                              "Seed of the weights and the training tasks.")
 _RESUME = flags.DEFINE_bool("resume", None,
                             "Continue from the newest checkpoint in logdir.")
+_PRETRAINED = flags.DEFINE_bool(
+    "pretrained", None, "With --eval_only: evaluate the shipped "
+    "meta-initialisation of --preset (maml_tf.models.pretrained).")
 _EVAL_ONLY = flags.DEFINE_bool("eval_only", None,
                                "Only evaluate the checkpoint in logdir.")
 _EVAL_TASKS = flags.DEFINE_integer("eval_tasks", None,
@@ -98,6 +101,7 @@ def main(argv):
         meta_batch=_META_BATCH.value, meta_lr=_META_LR.value,
         iterations=_ITERATIONS.value, first_order=_FIRST_ORDER.value,
         seed=_SEED.value, resume=_RESUME.value, eval_only=_EVAL_ONLY.value,
+        pretrained=_PRETRAINED.value,
         eval_tasks=_EVAL_TASKS.value, eval_every=_EVAL_EVERY.value,
         train_on_val=_TRAIN_ON_VAL.value, image_size=_IMAGE_SIZE.value,
         images_per_class=_IMAGES_PER_CLASS.value,

@@ -31,7 +31,8 @@ from maml_tf.common.results import write_json
 
 CONFIG_FILE = "config.json"
 SAFE_TO_CHANGE = frozenset({
-    "iterations", "resume", "eval_only", "log_every", "checkpoint_every",
+    "iterations", "resume", "eval_only", "pretrained", "log_every",
+    "checkpoint_every",
     "eval_every", "eval_tasks", "val_tasks", "eval_batch", "eval_shots",
     "eval_steps", "eval_query", "eval_batch_size", "eval_grad_steps",
     "plot", "export", "baseline", "baseline_iterations", "data_dir",

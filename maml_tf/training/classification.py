@@ -128,6 +128,8 @@ class ClassificationConfig:
     checkpoint_every: iterations between checkpoints.
     resume: continue from the newest checkpoint in the workdir.
     eval_only: skip training; evaluate the newest checkpoint.
+    pretrained: with ``eval_only``, evaluate the shipped meta-initialisation
+      of the preset (:mod:`maml_tf.models.pretrained`) instead.
     train_on_val: Omniglot: meta-train on the validation characters too
       (the paper's 1200); validation accuracy is then not held out.
     image_size: MiniImagenet side length (84 in the paper; >= 16).
@@ -170,6 +172,7 @@ class ClassificationConfig:
   checkpoint_every: int = 1000
   resume: bool = True
   eval_only: bool = False
+  pretrained: bool = False
   train_on_val: bool = False
   image_size: int = 84
   images_per_class: Optional[int] = None
@@ -597,6 +600,20 @@ def _checkpoint_step(workdir: str) -> int:
     return 0
 
 
+def _name_of_preset(config: ClassificationConfig) -> str:
+  """The shipped setting whose configuration is ``config``'s."""
+  from maml_tf.models import pretrained  # pylint: disable=g-import-not-at-top
+  for name in pretrained.available():
+    want = pretrained.config(name)
+    fields = ("dataset", "network", "way", "shot", "inner_lr", "inner_steps")
+    if all(getattr(want, f) == getattr(config, f) for f in fields):
+      return name
+  raise ValueError(
+      f"no shipped weights for {_name(config)} with inner_lr="
+      f"{config.inner_lr}, inner_steps={config.inner_steps}; shipped: "
+      f"{pretrained.available() or 'none'}")
+
+
 def _name(config: ClassificationConfig) -> str:
   net = "" if config.network == "conv" else f" {config.network}"
   return f"{config.dataset}{net} {config.way}-way {config.shot}-shot"
@@ -658,7 +675,17 @@ def train_and_evaluate(config: ClassificationConfig, workdir: str,
             "val_loss": float(out["loss"][-1].mean())}
 
   t_train = time.perf_counter()
-  if config.eval_only:
+  if config.pretrained:
+    if not config.eval_only:
+      raise ValueError("pretrained=True evaluates shipped weights: it needs "
+                       "eval_only=True (--pretrained --eval_only)")
+    from maml_tf.models import pretrained  # pylint: disable=g-import-not-at-top
+    name = _name_of_preset(config)
+    pretrained.load_into(learner, name)
+    start = done = int(pretrained.card(name)["iterations"])
+    log(f"evaluating the shipped weights {name!r} "
+        f"({done} meta-iterations)")
+  elif config.eval_only:
     ckpt, manager, step = loop.make_checkpoint(learner, workdir)
     if not loop.restore_latest(ckpt, manager, log):
       raise FileNotFoundError(

@@ -1,0 +1,78 @@
+"""Shipped meta-initialisations: ``pretrained(name)`` returns a ready learner.
+
+Each shipped setting is two files in ``maml_tf/models/weights/``:
+``NAME.weights.h5`` (the meta-trained weights, Keras format) and
+``NAME.json`` (the preset and overrides it was trained with, the exact
+training command, its iterations, its test result, and the weights'
+SHA-256). :func:`pretrained` rebuilds the learner of that configuration,
+checks the checksum and loads the weights;
+``launch/classification.py --preset=NAME --pretrained --eval_only``
+evaluates it.
+"""
+
+import hashlib
+import json
+import os
+from typing import Dict, List
+
+WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                           "weights")
+
+
+def available() -> List[str]:
+  """The names of the shipped settings."""
+  if not os.path.isdir(WEIGHTS_DIR):
+    return []
+  return sorted(f[:-len(".json")] for f in os.listdir(WEIGHTS_DIR)
+                if f.endswith(".json"))
+
+
+def card(name: str) -> Dict:
+  """The record of a shipped setting (see the module docstring)."""
+  path = os.path.join(WEIGHTS_DIR, f"{name}.json")
+  if not os.path.exists(path):
+    raise ValueError(f"no shipped weights named {name!r}; shipped: "
+                     f"{available() or 'none'}")
+  with open(path) as f:
+    return json.load(f)
+
+
+def weights_path(name: str) -> str:
+  """The checked path of ``name``'s weights file."""
+  info = card(name)
+  path = os.path.join(WEIGHTS_DIR, f"{name}.weights.h5")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"shipped weights {path} are missing (the "
+                            "package is incomplete; reinstall it)")
+  with open(path, "rb") as f:
+    digest = hashlib.sha256(f.read()).hexdigest()
+  if digest != info["sha256"]:
+    raise ValueError(f"shipped weights {path} are corrupt: SHA-256 {digest} "
+                     f"!= {info['sha256']} in {name}.json")
+  return path
+
+
+def config(name: str):
+  """The :class:`ClassificationConfig` ``name`` was trained with."""
+  from maml_tf.training import classification  # pylint: disable=g-import-not-at-top
+  info = card(name)
+  return classification.make_config(info["preset"], **info["overrides"])
+
+
+def load_into(learner, name: str):
+  """Loads ``name``'s weights into ``learner.model`` (returns ``learner``)."""
+  learner.model.load_weights(weights_path(name))
+  return learner
+
+
+def pretrained(name: str):
+  """A :class:`maml_tf.MAML` holding the shipped meta-initialisation ``name``.
+
+  Its inner step size and steps are the ones it was trained with.
+
+  Example:
+    >>> maml = pretrained("omniglot_5w1s")
+    >>> adapted = maml.adapt(support_x, support_y)   # 28x28x1, 5 classes
+  """
+  from maml_tf.training import classification  # pylint: disable=g-import-not-at-top
+  return load_into(classification.build_learner(config(name)), name)

@@ -1,0 +1,54 @@
+"""Shipped meta-initialisations: checked, loaded, evaluated by the launcher."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from maml_tf.models import pretrained
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
+DATA = os.path.join(REPO, "..", "shared", "data", "omniglot")
+
+
+def test_every_shipped_setting_has_a_card_and_intact_weights():
+  assert "omniglot_5w1s" in pretrained.available()
+  for name in pretrained.available():
+    card = pretrained.card(name)
+    assert {"preset", "overrides", "sha256", "command", "iterations",
+            "test"} <= set(card)
+    assert os.path.exists(pretrained.weights_path(name))
+
+
+def test_corrupt_or_unknown_weights_are_refused(tmp_path, monkeypatch):
+  for f in ("omniglot_5w1s.json", "omniglot_5w1s.weights.h5"):
+    shutil.copy(os.path.join(pretrained.WEIGHTS_DIR, f), tmp_path / f)
+  with open(tmp_path / "omniglot_5w1s.weights.h5", "r+b") as f:
+    f.seek(-8, 2)
+    f.write(b"corrupt!")
+  monkeypatch.setattr(pretrained, "WEIGHTS_DIR", str(tmp_path))
+  with pytest.raises(ValueError, match="corrupt"):
+    pretrained.weights_path("omniglot_5w1s")
+  with pytest.raises(ValueError, match="no shipped weights named 'nope'"):
+    pretrained.pretrained("nope")
+
+
+@pytest.mark.skipif(not os.path.isdir(DATA), reason="no Omniglot data")
+def test_launcher_evaluates_the_shipped_5w1s_weights(tmp_path):
+  card = pretrained.card("omniglot_5w1s")
+  out = tmp_path / "run"
+  subprocess.run(
+      [sys.executable, os.path.join(REPO, "launch", "classification.py"),
+       "--preset=omniglot_5w1s", "--pretrained", "--eval_only",
+       "--eval_tasks=40", "--noplot", f"--logdir={out}",
+       f"--data_dir={DATA}"], check=True, cwd=REPO, capture_output=True)
+  with open(out / "results.json") as f:
+    results = json.load(f)
+  accuracy = results["test"]["accuracy"]["mean"][-1]
+  # 40 tasks: within a few points of the card's 600-task figure.
+  assert accuracy > card["test"]["accuracy"] - 0.04, accuracy
+  assert results["iterations"] == card["iterations"]
