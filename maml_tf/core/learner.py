@@ -582,6 +582,28 @@ class MAML:
         xla_auto=self._options.jit_compile is None,
         variables=self.meta_variables)
 
+  def task_metrics(self, batch: TaskBatch, plan: plan_lib.ExecutionPlan,
+                   task_pass: Optional[strategies.TaskPass] = None
+                   ) -> Dict[str, tf.Tensor]:
+    """Per-task query metrics after adaptation (traceable; no writes).
+
+    Arguments:
+      batch: a prepared batch (:meth:`prepare`).
+      plan: e.g. ``maml.plan(batch).for_task_passes()``.
+      task_pass: the steps to score; default ``inner_steps`` only, first
+        order (no meta-gradient is taken).
+
+    Returns:
+      ``{"loss": [T, S], "accuracy": [T, S] (classification)}``.
+    """
+    task_pass = task_pass or strategies.TaskPass((self.inner_steps,), None,
+                                                 True)
+    params, state, lrs = self.meta_values()
+    out = strategies.select(plan).run_tasks(
+        self.context, plan, task_pass, params, state, lrs, batch)
+    out.pop("state")
+    return out
+
   def evaluate(self, batch: TaskBatch, steps: Sequence[int] = (0, 1, 5, 10),
                inner_lr: Optional[float] = None,
                per_task: bool = False) -> Dict[str, np.ndarray]:
@@ -607,13 +629,7 @@ class MAML:
     plan = self._plan_of(batch, True).for_task_passes()
 
     def make(plan):
-      def evaluate(batch):
-        params, state, lrs = self.meta_values()
-        out = strategies.select(plan).run_tasks(
-            self.context, plan, task_pass, params, state, lrs, batch)
-        out.pop("state")
-        return out
-      return evaluate
+      return lambda batch: self.task_metrics(batch, plan, task_pass)
     out = self._runner.function(("eval", task_pass), make, plan, batch,
                                 second_order=False,
                                 reduce_retracing=True)(batch)

@@ -1,0 +1,176 @@
+"""``MetaModel``: MAML as a ``keras.Model`` (compile, fit, evaluate, callbacks).
+
+::
+
+    meta = maml_tf.MetaModel(net, "mse", inner_lr=0.01)
+    meta.compile(optimizer=keras.optimizers.Adam(1e-3))
+    meta.fit(dataset, epochs=10, steps_per_epoch=100,
+             callbacks=[keras.callbacks.TensorBoard("runs/tb")])
+    meta.evaluate(test_dataset)              # post-adaptation metrics
+    adapted = meta.adapt(support_x, support_y)
+
+Elements of the dataset (a ``tf.data.Dataset``, a generator or a
+``keras.utils.PyDataset``) are :class:`maml_tf.TaskBatch` es or
+``(support_x, support_y, query_x, query_y)`` tuples. Each ``fit`` step is
+:meth:`maml_tf.MAML.meta_step` on one element, so it runs every execution
+path and family member with :class:`maml_tf.MAML`'s numbers. The logs hold
+``loss`` (the query loss after adaptation) and, for classification,
+``accuracy``. With ``pre_update_metrics=True`` they also hold
+``loss_before``/``accuracy_before``.
+
+``compile`` makes the learner. The rules:
+
+* ``optimizer`` is the meta-optimizer. Under ``mixed_float16`` it is
+  wrapped in a ``LossScaleOptimizer``, as ``keras.Model.compile`` does.
+* ``jit_compile`` defaults to False (XLA over the meta-step is the
+  learner's ``jit_compile`` option).
+
+The model's weights, the learned step sizes and the optimizer are the
+MetaModel's own, so ``save_weights``, ``ModelCheckpoint`` and
+``BackupAndRestore`` keep all of them.
+"""
+
+from typing import Optional
+
+import keras
+import tensorflow as tf
+
+from maml_tf.core import family
+from maml_tf.core import losses
+from maml_tf.core.task_batch import TaskBatch
+
+
+def as_task_batch(data) -> TaskBatch:
+  """A dataset element as a :class:`TaskBatch`."""
+  if isinstance(data, TaskBatch):
+    return data
+  if isinstance(data, dict) and set(data) == set(TaskBatch._fields):
+    return TaskBatch(**data)
+  if isinstance(data, (tuple, list)) and len(data) == 4:
+    return TaskBatch(*data)
+  raise ValueError(
+      "MetaModel takes datasets whose elements are TaskBatch or "
+      "(support_x, support_y, query_x, query_y) tuples; got "
+      f"{type(data).__name__} of {len(data) if hasattr(data, '__len__') else '?'}"
+      " parts")
+
+
+class MetaModel(keras.Model):
+  """A meta-learner of ``model`` that Keras can fit (see the module docstring).
+
+  Arguments:
+    model: the built Keras model to meta-train (its weights are theta).
+    loss: the task loss, as for :class:`maml_tf.MAML`.
+    algorithm: a member of the family (:data:`maml_tf.core.family.ALGORITHMS`:
+      ``"maml"``, ``"fomaml"``, ``"anil"``, ``"metasgd"``, ``"mamlpp"``,
+      ``"reptile"``).
+    iterations: planned meta-iterations (MAML++'s schedules).
+    pre_update_metrics: also log the metrics before adaptation (one more
+      forward pass per step).
+    **options: the learner's options (``inner_lr``, ``inner_steps``,
+      ``vectorize``, ``task_chunk``, ...).
+  """
+
+  def __init__(self, model: keras.Model, loss, algorithm: str = "maml",
+               iterations: int = 10_000, pre_update_metrics: bool = False,
+               **options):
+    super().__init__(name=f"meta_{model.name}")
+    self.net = model
+    self._learner_args = (algorithm, loss, int(iterations), dict(options))
+    self.pre_update_metrics = bool(pre_update_metrics)
+    self.learner = None
+    self.built = True
+
+  def compile(self, optimizer="adam", jit_compile=False, **kwargs):
+    """Makes the learner with ``optimizer`` as its meta-optimizer.
+
+    Other arguments go to ``keras.Model.compile``. ``loss`` and
+    ``metrics`` are not taken: the meta-objective is the learner's.
+    """
+    for name in ("loss", "metrics"):
+      if kwargs.get(name) is not None:
+        raise ValueError(f"MetaModel.compile takes no {name}: the "
+                         "meta-objective is MAML's (give the task loss to "
+                         "MetaModel(model, loss))")
+    algorithm, loss, iterations, options = self._learner_args
+    optimizer = keras.optimizers.get(optimizer)
+    if (keras.config.dtype_policy().name == "mixed_float16"
+        and not isinstance(optimizer, keras.optimizers.LossScaleOptimizer)):
+      optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    options = dict(options)
+    inner_lr = options.pop("inner_lr", 0.01)
+    inner_steps = options.pop("inner_steps", 1)
+    first_order = options.pop("first_order", False)
+    learning_rate = float(keras.ops.convert_to_numpy(
+        getattr(optimizer, "learning_rate", 1e-3)))
+    self.learner = family.make_learner(
+        algorithm, self.net, loss, inner_lr=inner_lr, inner_steps=inner_steps,
+        meta_lr=learning_rate, iterations=iterations, first_order=first_order,
+        meta_optimizer=optimizer, **options)
+    # Tracked, so that weights files and checkpoints hold them.
+    self.inner_lrs = list(self.learner.inner_lr_variables)
+    accuracy = self.learner.accuracy
+    if accuracy is None:
+      accuracy = losses.takes_class_indices(loss)
+    names = ["loss"] + (["accuracy"] if accuracy else [])
+    if self.pre_update_metrics:
+      names += [f"{n}_before" for n in names]
+    self.trackers = [keras.metrics.Mean(name=n) for n in names]
+    super().compile(optimizer=self.learner.meta_optimizer,
+                    jit_compile=jit_compile, **kwargs)
+
+  @property
+  def metrics(self):
+    """The running means ``fit`` and ``evaluate`` report (reset per epoch)."""
+    return list(getattr(self, "trackers", []))
+
+  def _update(self, values):
+    for tracker in self.trackers:
+      if tracker.name in values:
+        tracker.update_state(values[tracker.name])
+    return {t.name: t.result() for t in self.trackers}
+
+  def _check_compiled(self):
+    if self.learner is None:
+      raise RuntimeError("MetaModel: call compile(optimizer=...) before "
+                         "fit, evaluate or adapt")
+
+  def call(self, inputs, training=False):
+    """The meta-model itself (no adaptation)."""
+    return self.net(inputs, training=training)
+
+  def _prepared(self, data):
+    self._check_compiled()
+    return self.learner.prepare(as_task_batch(data))
+
+  @staticmethod
+  def _logs(metrics):
+    names = {"loss_after": "loss", "accuracy_after": "accuracy"}
+    return {names.get(k, k): v for k, v in metrics.items()}
+
+  def train_step(self, data):
+    """One meta-step on a meta-batch (``MAML.meta_step``)."""
+    batch = self._prepared(data)
+    plan = self.learner.plan(batch)
+    if plan.xla:                      # XLA is for MAML.train_steps only
+      plan = plan.replace(xla=False)
+    out = self.learner.meta_step(batch, plan, self.pre_update_metrics)
+    return self._update(self._logs(out.metrics))
+
+  def test_step(self, data):
+    """Query metrics after ``inner_steps`` steps of adaptation."""
+    batch = self._prepared(data)
+    plan = self.learner.plan(batch).for_task_passes()
+    out = self.learner.task_metrics(batch, plan)
+    return self._update({k: tf.reduce_mean(v[:, -1]) for k, v in out.items()})
+
+  def predict_step(self, data):
+    x = data[0] if isinstance(data, tuple) and len(data) == 1 else data
+    return self.net(x, training=False)
+
+  def adapt(self, support_x, support_y, steps: Optional[int] = None,
+            inner_lr: Optional[float] = None) -> keras.Model:
+    """A new model adapted to one task (``MAML.adapt``)."""
+    self._check_compiled()
+    return self.learner.adapt(support_x, support_y, steps=steps,
+                              inner_lr=inner_lr)

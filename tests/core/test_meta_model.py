@@ -1,0 +1,108 @@
+"""MetaModel: MAML as a keras.Model; fit gives MAML.train_step's numbers."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from maml_tf import MAML, MetaModel, TaskBatch
+from maml_tf.models.mlp import mlp
+from maml_tf.tasks import sinusoid
+
+
+def _batches(seed, n, tasks=6):
+  return [tuple(np.asarray(t, np.float32) for t in sinusoid.sample_batch(
+      tasks, 10, 10, np.random.default_rng([seed, i]))[0]) for i in range(n)]
+
+
+def _dataset(batches):
+  return tf.data.Dataset.from_tensor_slices(
+      tuple(np.stack([b[i] for b in batches]) for i in range(4)))
+
+
+def _net():
+  keras.utils.set_random_seed(0)
+  return mlp(1, 1, hidden=(16, 16))
+
+
+@pytest.mark.parametrize("algorithm, options", [
+    ("maml", {}), ("metasgd", {}), ("fomaml", {"inner_steps": 2})])
+def test_fit_takes_the_steps_of_train_step(algorithm, options, tmp_path):
+  from maml_tf.core import family  # pylint: disable=g-import-not-at-top
+  batches = _batches(1, 6)
+  learner = family.make_learner(
+      algorithm, _net(), "mse", inner_lr=0.02, meta_lr=3e-3, iterations=6,
+      inner_steps=options.get("inner_steps", 1),
+      meta_optimizer=keras.optimizers.Adam(3e-3))
+  start = [w.copy() for w in learner.model.get_weights()]
+  for b in batches:
+    learner.train_step(TaskBatch(*b))
+  meta = MetaModel(_net(), "mse", algorithm=algorithm, iterations=6,
+                   inner_lr=0.02, **options)
+  meta.compile(optimizer=keras.optimizers.Adam(3e-3))
+  path = str(tmp_path / "meta.weights.h5")
+  history = meta.fit(_dataset(batches), epochs=1, verbose=0, callbacks=[
+      keras.callbacks.ModelCheckpoint(path, save_weights_only=True)])
+  assert np.isfinite(history.history["loss"][0])
+  for a, b, s in zip(learner.model.get_weights(), meta.net.get_weights(),
+                     start):
+    assert np.abs(a - s).max() > 1e-4                # it trained
+    np.testing.assert_allclose(a, b, atol=1e-6)
+  for a, b in zip(learner.inner_lr_variables, meta.inner_lrs):
+    np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-6)
+  # The weights file holds the learned step sizes too.
+  other = MetaModel(_net(), "mse", algorithm=algorithm, iterations=6,
+                    inner_lr=0.02, **options)
+  other.compile(optimizer="adam")
+  other.load_weights(path)
+  for a, b in zip(meta.weights, other.weights):
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_evaluate_callbacks_and_classification_metrics(tmp_path):
+  rng = np.random.default_rng(0)
+  def batches(n, tasks=4):
+    """Each task: its own random class prototypes (adaptation is needed)."""
+    out = []
+    for _ in range(n):
+      protos = 2 * rng.normal(size=(tasks, 5, 3)).astype("f4")
+      def draw(per_class):
+        y = np.tile(np.arange(5, dtype="i4"), (tasks, per_class))
+        x = np.take_along_axis(protos, y[..., None], axis=1)
+        return x + 0.3 * rng.normal(size=x.shape).astype("f4"), y
+      out.append(draw(1) + draw(4))
+    return out
+  keras.utils.set_random_seed(0)
+  net = keras.Sequential([keras.Input((3,)), keras.layers.Dense(16, "tanh"),
+                          keras.layers.Dense(5)])
+  loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+  meta = MetaModel(net, loss, inner_lr=0.5, inner_steps=2,
+                   pre_update_metrics=True)
+  with pytest.raises((RuntimeError, ValueError), match="compile"):
+    meta.fit(_dataset(batches(1)), verbose=0)
+  with pytest.raises(ValueError, match="no loss"):
+    meta.compile(optimizer="adam", loss="mse")
+  meta.compile(optimizer=keras.optimizers.Adam(1e-2))
+  train, test = batches(8), batches(2)
+  history = meta.fit(
+      _dataset(train).repeat(), epochs=4, steps_per_epoch=8, verbose=0,
+      validation_data=_dataset(test), callbacks=[
+          keras.callbacks.TensorBoard(str(tmp_path / "tb")),
+          keras.callbacks.EarlyStopping(monitor="val_loss", patience=10),
+          keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))])
+  h = history.history
+  assert set(h) >= {"loss", "accuracy", "loss_before", "accuracy_before",
+                    "val_loss", "val_accuracy"}
+  assert h["accuracy"][-1] > h["accuracy_before"][-1] + 0.1
+  assert os.listdir(tmp_path / "tb")
+  # evaluate: the post-adaptation metrics of MAML.evaluate.
+  got = meta.evaluate(_dataset(test), verbose=0, return_dict=True)
+  want = [meta.learner.evaluate(TaskBatch(*b), steps=(2,)) for b in test]
+  assert got["loss"] == pytest.approx(
+      np.mean([w["loss"][0] for w in want]), rel=1e-5)
+  assert got["accuracy"] == pytest.approx(
+      np.mean([w["accuracy"][0] for w in want]), rel=1e-5)
+  adapted = meta.adapt(test[0][0][0], test[0][1][0])
+  assert adapted(test[0][2][0]).shape == (20, 5)
