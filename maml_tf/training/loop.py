@@ -200,6 +200,8 @@ def meta_train(learner, batch_for_step: Callable[[int], object],
   t_window, done_window = time.perf_counter(), 0
   t_start = time.perf_counter()
   it = start           # meta-steps done
+  compiling = True
+  log("compiling the meta-step (its first call traces it) ...")
   with interrupts.StopRequest() as stop:
     try:
       while it < iterations:
@@ -219,23 +221,34 @@ def meta_train(learner, batch_for_step: Callable[[int], object],
         step.assign(it)
         done_window += n
         last = it == iterations
+        if compiling:
+          # Rates and the ETA leave the compilation out.
+          tf.nest.map_structure(lambda t: t.numpy(), pending[-1][0])
+          compiling = False
+          t_window, done_window = time.perf_counter(), 0
+          log(f"compiled in {format_duration(t_window - t_start)}; "
+              f"training (progress every {log_every} steps)")
         if it % log_every == 0 or last:
           means = _window_means(pending)
           pending.clear()
           now = time.perf_counter()
-          rate = done_window / max(now - t_window, 1e-9)
+          timed = done_window > 0      # the compiling call is not timed
+          rate = done_window / max(now - t_window, 1e-9) if timed else None
           t_window, done_window = now, 0
-          eta = (iterations - it) / max(rate, 1e-9)
+          speed = (f"{rate:.1f} it/s, elapsed {format_duration(now - t_start)}"
+                   f", left {format_duration((iterations - it) / max(rate, 1e-9))}"
+                   if timed else f"elapsed {format_duration(now - t_start)} "
+                   "(with compilation)")
           log(f"step {it}/{iterations} "
               + " ".join(f"{k} {v:.4g}" for k, v in means.items())
-              + f" | {rate:.1f} it/s, elapsed "
-              f"{format_duration(now - t_start)}, left {format_duration(eta)}")
+              + f" | {speed}")
           with writer.as_default(step=it):
             for k, v in means.items():
               tf.summary.scalar(f"train/{k}", v)
-            tf.summary.scalar("train/iterations_per_second", rate)
+            if timed:
+              tf.summary.scalar("train/iterations_per_second", rate)
           jsonl.write({"step": it, "kind": "train", **means,
-                       "iterations_per_second": rate})
+                       **({"iterations_per_second": rate} if timed else {})})
         if eval_fn is not None and eval_every and (
             it % eval_every == 0 or last):
           scores = eval_fn(it)
@@ -245,6 +258,7 @@ def meta_train(learner, batch_for_step: Callable[[int], object],
             for k, v in scores.items():
               tf.summary.scalar(f"eval/{k}", v)
           jsonl.write({"step": it, "kind": "eval", **scores})
+          t_window = time.perf_counter()    # rates leave evaluation out
         if it % checkpoint_every == 0 or last:
           manager.save(checkpoint_number=it)
         if stop.requested:

@@ -109,3 +109,21 @@ def test_log_lines_past_the_checkpoint_are_not_repeated_after_a_kill(
   with open(log_path) as f:
     steps = [json.loads(l)["step"] for l in f if l.strip()]
   assert steps == [5, 10, 15, 20]
+
+
+def test_progress_names_compilation_and_times_only_what_follows(tmp_path):
+  lines = []
+  loop.meta_train(_maml(), _batch, 6, str(tmp_path), log_every=2,
+                  checkpoint_every=6, log=lines.append)
+  compiling = [i for i, l in enumerate(lines) if l.startswith("compiling")]
+  compiled = [i for i, l in enumerate(lines) if l.startswith("compiled in")]
+  steps = [l for l in lines if l.startswith("step ")]
+  assert compiling and compiled and compiling[0] < compiled[0]
+  assert lines.index(steps[0]) > compiled[0]
+  assert [l.split()[1] for l in steps] == ["2/6", "4/6", "6/6"]
+  # Every line has a rate and an ETA from timed steps (the compiling call
+  # is left out of the first window).
+  assert all(" it/s, elapsed " in l and ", left " in l for l in steps), steps
+  with open(tmp_path / "train_log.jsonl") as f:
+    records = [json.loads(l) for l in f]
+  assert all(r["iterations_per_second"] > 0 for r in records)
