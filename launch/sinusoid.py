@@ -37,6 +37,10 @@ _RESUME = flags.DEFINE_bool("resume", None,
                             "Continue from the newest checkpoint in logdir.")
 _EVAL_ONLY = flags.DEFINE_bool("eval_only", None,
                                "Only evaluate the checkpoint in logdir.")
+_PRETRAINED = flags.DEFINE_bool(
+    "pretrained", None, "With --eval_only: evaluate the shipped "
+    "meta-initialisation 'sinusoid' (maml_tf.models.pretrained).")
+_PLOT = flags.DEFINE_bool("plot", None, "Write sinusoid.png.")
 _BASELINE = flags.DEFINE_bool("baseline", None,
                               "Also train/evaluate the pretrained baseline.")
 _INIT = flags.DEFINE_enum("init", None, ["glorot", "finn"],
@@ -61,6 +65,7 @@ def main(argv):
       k_shot=_K.value, inner_lr=_INNER_LR.value, inner_steps=_INNER_STEPS.value,
       meta_lr=_META_LR.value, first_order=_FIRST_ORDER.value, seed=_SEED.value,
       resume=_RESUME.value, eval_only=_EVAL_ONLY.value,
+      pretrained=_PRETRAINED.value, plot=_PLOT.value,
       baseline=_BASELINE.value, eval_tasks=_EVAL_TASKS.value,
       init=_INIT.value, steps_per_call=_STEPS_PER_CALL.value, xla=_XLA.value,
       **learner_flags.overrides())

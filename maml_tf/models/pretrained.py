@@ -6,8 +6,8 @@ Each shipped setting is two files in ``maml_tf/models/weights/``:
 training command, its iterations, its test result, and the weights'
 SHA-256). :func:`pretrained` rebuilds the learner of that configuration,
 checks the checksum and loads the weights;
-``launch/classification.py --preset=NAME --pretrained --eval_only``
-evaluates it.
+``launch/classification.py --preset=NAME --pretrained --eval_only`` (and
+``launch/sinusoid.py --pretrained --eval_only``) evaluates it.
 """
 
 import hashlib
@@ -52,11 +52,19 @@ def weights_path(name: str) -> str:
   return path
 
 
-def config(name: str):
-  """The :class:`ClassificationConfig` ``name`` was trained with."""
+def _family(name: str):
+  """The training module of ``name``'s task family."""
   from maml_tf.training import classification  # pylint: disable=g-import-not-at-top
+  from maml_tf.training import sinusoid  # pylint: disable=g-import-not-at-top
+  return {"classification": classification, "sinusoid": sinusoid}[
+      card(name).get("family", "classification")]
+
+
+def config(name: str):
+  """The config (``ClassificationConfig``, ``SinusoidConfig``) ``name``
+  was trained with."""
   info = card(name)
-  return classification.make_config(info["preset"], **info["overrides"])
+  return _family(name).make_config(info["preset"], **info["overrides"])
 
 
 def load_into(learner, name: str):
@@ -73,6 +81,8 @@ def pretrained(name: str):
   Example:
     >>> maml = pretrained("omniglot_5w1s")
     >>> adapted = maml.adapt(support_x, support_y)   # 28x28x1, 5 classes
+    >>> pretrained("sinusoid").adapt(x, y)           # x, y: [K, 1]
   """
-  from maml_tf.training import classification  # pylint: disable=g-import-not-at-top
-  return load_into(classification.build_learner(config(name)), name)
+  family = _family(name)
+  build = getattr(family, "build_learner", None) or family.build_maml
+  return load_into(build(config(name)), name)

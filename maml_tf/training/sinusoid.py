@@ -52,6 +52,7 @@ class SinusoidConfig:
   checkpoint_every: int = 5000
   resume: bool = True
   eval_only: bool = False
+  pretrained: bool = False          # with eval_only: the shipped weights
   plot: bool = True
   # Meta-batch split across replicas: "none", "mirrored" (the local
   # devices) or "multi_worker" (the cluster in TF_CONFIG); see
@@ -235,7 +236,15 @@ def train_and_evaluate(config: SinusoidConfig, workdir: str,
     return {"mse_before": float(out["loss"][0]),
             "mse_after": float(out["loss"][1])}
 
-  if config.eval_only:
+  if config.pretrained:
+    if not config.eval_only:
+      raise ValueError("pretrained=True evaluates shipped weights: it needs "
+                       "eval_only=True (--pretrained --eval_only)")
+    from maml_tf.models import pretrained  # pylint: disable=g-import-not-at-top
+    pretrained.load_into(learner, "sinusoid")
+    log("evaluating the shipped weights 'sinusoid' "
+        f"({pretrained.card('sinusoid')['iterations']} meta-iterations)")
+  elif config.eval_only:
     ckpt, manager, _ = loop.make_checkpoint(learner, maml_dir)
     if not loop.restore_latest(ckpt, manager, log):
       raise FileNotFoundError(
@@ -259,7 +268,7 @@ def train_and_evaluate(config: SinusoidConfig, workdir: str,
       "diverge):")
   log(format_table(config.algorithm.upper(), out["maml"]))
   baseline = None
-  if config.baseline:
+  if config.baseline and not config.pretrained:
     if config.eval_only:
       baseline = MAML(mlp(1, 1, hidden=config.hidden, init=config.init), "mse",
                       inner_lr=config.inner_lr)

@@ -52,3 +52,25 @@ def test_launcher_evaluates_the_shipped_5w1s_weights(tmp_path):
   # 40 tasks: within a few points of the card's 600-task figure.
   assert accuracy > card["test"]["accuracy"] - 0.04, accuracy
   assert results["iterations"] == card["iterations"]
+
+
+def test_sinusoid_weights_adapt_and_the_launcher_evaluates_them(tmp_path):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from maml_tf.tasks import sinusoid  # pylint: disable=g-import-not-at-top
+  card = pretrained.card("sinusoid")
+  maml = pretrained.pretrained("sinusoid")
+  assert maml.inner_lr == card["overrides"].get("inner_lr", 0.01)
+  batch = sinusoid.sample_batch(100, 10, 100, np.random.default_rng(5))[0]
+  before, after = maml.evaluate(batch, steps=(0, 1))["loss"]
+  assert after < 0.5 * before, (before, after)     # one step adapts
+  out = tmp_path / "sin"
+  subprocess.run(
+      [sys.executable, os.path.join(REPO, "launch", "sinusoid.py"),
+       "--pretrained", "--eval_only", "--eval_tasks=100", "--noplot",
+       f"--logdir={out}"], check=True, cwd=REPO, capture_output=True)
+  with open(out / "results.json") as f:
+    results = json.load(f)
+  got = results["maml"]["K=10"]["steps=1"]["mean"]
+  want = card["test"]["K=10"]["steps=1"]["mean"]
+  assert abs(got - want) < 0.25 * want, (got, want)
+  assert "pretrained" not in results                  # no baseline to load
