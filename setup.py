@@ -1,8 +1,14 @@
+import re
+
 from setuptools import find_packages, setup
+
+# One version, in maml_tf/__init__.py.
+with open("maml_tf/__init__.py") as f:
+  VERSION = re.search(r'__version__ = "([^"]+)"', f.read()).group(1)
 
 setup(
     name="maml_tf",
-    version="0.1.0",
+    version=VERSION,
     description="Model-Agnostic Meta-Learning (Finn et al. 2017) for TensorFlow 2 / Keras 3",
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",

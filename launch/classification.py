@@ -29,6 +29,7 @@ from absl import logging
 from maml_tf.training import loop
 from maml_tf.training import classification
 
+import config_flags  # launch/config_flags.py  # pylint: disable=g-bad-import-order
 import learner_flags  # launch/learner_flags.py, beside this script
 
 _PRESET = flags.DEFINE_enum("preset", "omniglot_5w1s",
@@ -87,25 +88,17 @@ _EXPORT = flags.DEFINE_bool("export", None,
 _PLOT = flags.DEFINE_bool("plot", None, "Write the PNG figures.")
 
 
+config_flags.define(classification.ClassificationConfig)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
   try:
     config = classification.make_config(
-        _PRESET.value, dataset=_DATASET.value, data_dir=_DATA_DIR.value,
-        network=_NETWORK.value, way=_WAY.value, shot=_SHOT.value,
-        query=_QUERY.value, train_query=_TRAIN_QUERY.value,
-        inner_lr=_INNER_LR.value, inner_steps=_INNER_STEPS.value,
-        eval_inner_steps=_EVAL_INNER_STEPS.value,
-        meta_batch=_META_BATCH.value, meta_lr=_META_LR.value,
-        iterations=_ITERATIONS.value, first_order=_FIRST_ORDER.value,
-        seed=_SEED.value, resume=_RESUME.value, eval_only=_EVAL_ONLY.value,
-        pretrained=_PRETRAINED.value,
-        eval_tasks=_EVAL_TASKS.value, eval_every=_EVAL_EVERY.value,
-        train_on_val=_TRAIN_ON_VAL.value, image_size=_IMAGE_SIZE.value,
-        images_per_class=_IMAGES_PER_CLASS.value,
-        export=_EXPORT.value, plot=_PLOT.value, **learner_flags.overrides())
+        _PRESET.value, **config_flags.overrides(
+            classification.ClassificationConfig))
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   loop.exit_if_interrupted(

@@ -52,10 +52,18 @@ flags.DEFINE_float("checkpoint_seconds", 600.0,
                    "last checkpoint.")
 
 
+from maml_tf.rl.train import RLConfig  # pylint: disable=g-bad-import-order,g-import-not-at-top
+import config_flags  # launch/config_flags.py  # pylint: disable=g-bad-import-order,g-import-not-at-top
+
+# The fields without a hand-written flag above (gamma, hidden_sizes, ...).
+_GENERATED = config_flags.define(RLConfig)
+
+
 def main(argv):
   del argv
   import maml_tf.rl as rl  # pylint: disable=g-import-not-at-top
   config = rl.RLConfig(
+      **config_flags.overrides(RLConfig, _GENERATED),
       env=FLAGS.env, algorithm=FLAGS.algorithm, iterations=FLAGS.iterations,
       meta_batch=FLAGS.meta_batch, fast_batch_size=FLAGS.fast_batch_size,
       fast_lr=FLAGS.fast_lr, max_kl=FLAGS.max_kl, horizon=FLAGS.horizon,

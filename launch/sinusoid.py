@@ -16,6 +16,7 @@ from absl import logging
 from maml_tf.training import loop
 from maml_tf.training import sinusoid
 
+import config_flags  # launch/config_flags.py  # pylint: disable=g-bad-import-order
 import learner_flags  # launch/learner_flags.py, beside this script
 
 _PRESET = flags.DEFINE_enum("preset", "paper", sorted(sinusoid.PRESETS),
@@ -56,19 +57,15 @@ _XLA = flags.DEFINE_enum(
     "(auto: when the closed-form meta-gradient runs, e.g. the paper's MLP).")
 
 
+config_flags.define(sinusoid.SinusoidConfig)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
   config = sinusoid.make_config(
-      _PRESET.value, iterations=_ITERATIONS.value, meta_batch=_META_BATCH.value,
-      k_shot=_K.value, inner_lr=_INNER_LR.value, inner_steps=_INNER_STEPS.value,
-      meta_lr=_META_LR.value, first_order=_FIRST_ORDER.value, seed=_SEED.value,
-      resume=_RESUME.value, eval_only=_EVAL_ONLY.value,
-      pretrained=_PRETRAINED.value, plot=_PLOT.value,
-      baseline=_BASELINE.value, eval_tasks=_EVAL_TASKS.value,
-      init=_INIT.value, steps_per_call=_STEPS_PER_CALL.value, xla=_XLA.value,
-      **learner_flags.overrides())
+      _PRESET.value, **config_flags.overrides(sinusoid.SinusoidConfig))
   loop.exit_if_interrupted(
       sinusoid.train_and_evaluate, config, _LOGDIR.value)
 

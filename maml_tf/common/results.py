@@ -20,6 +20,32 @@ def _plain(obj):
   return obj
 
 
+def environment() -> dict:
+  """What produced a result: versions, the git commit, the machine.
+
+  The commit is that of the checkout maml_tf was imported from (``None``
+  outside a git checkout).
+  """
+  import platform  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  import keras  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import maml_tf  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(maml_tf.__file__)))
+  try:
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+        text=True, timeout=10, check=True).stdout.strip() or None
+  except (OSError, subprocess.SubprocessError):
+    commit = None
+  return {"maml_tf": maml_tf.__version__, "tensorflow": tf.__version__,
+          "keras": keras.__version__, "numpy": np.__version__,
+          "python": sys.version.split()[0], "commit": commit,
+          "machine": platform.machine(), "processor": platform.processor(),
+          "cpus": os.cpu_count()}
+
+
 def write_json(path: str, data: Any) -> str:
   """Writes ``data`` as JSON atomically (a killed run never leaves half a file)."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

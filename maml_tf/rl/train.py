@@ -44,7 +44,8 @@ from maml_tf.rl.policy import build_gaussian_mlp_policy
 from maml_tf.rl.sampler import make_sampler
 from maml_tf.common import interrupts
 from maml_tf.common import run_config
-from maml_tf.common.results import check_writable, try_figure, write_json
+from maml_tf.common.results import (check_writable, environment, try_figure,
+                                    write_json)
 
 ALGORITHMS = ("maml", "pretrained", "random", "oracle")
 
@@ -377,6 +378,7 @@ def train_and_evaluate(config: RLConfig, workdir: str) -> Dict:
         "seconds": time.time() - start_time,
         "tracing_counts": learner.tracing_counts(),
     }
+    results["environment"] = environment()
     write_json(os.path.join(workdir, "results.json"), results)
     print(f"[rl] {config.algorithm} eval returns after 0..{config.eval_grad_steps}"
           f" steps: " + " ".join(f"{r:.2f}" for r in ev["returns"]), flush=True)

@@ -429,7 +429,30 @@ def public_tfds_to_array(labels: np.ndarray, images: np.ndarray,
   return _examples_to_array(labels, None, small, "tfds omniglot", strict)
 
 
+TFDS_HOST = ("storage.googleapis.com", 443)   # where TFDS downloads from
+
+
+def _prepared_public_tfds(tfds_dir: Optional[str]) -> bool:
+  root = tfds_dir or os.environ.get("TFDS_DATA_DIR") or os.path.join(
+      os.path.expanduser("~"), "tensorflow_datasets")
+  return os.path.isdir(os.path.join(root, "omniglot"))
+
+
+def _check_network(what: str) -> None:
+  """Raises at once (not after TFDS's download retries) when offline."""
+  import socket  # pylint: disable=g-import-not-at-top
+  try:
+    socket.create_connection(TFDS_HOST, timeout=5).close()
+  except OSError as e:
+    raise RuntimeError(
+        f"No local Omniglot found (no data_dir argument, ${ENV_VAR} unset) "
+        f"and {what} cannot be downloaded: {TFDS_HOST[0]} is unreachable "
+        f"({type(e).__name__}: {e}). {_WHAT_TO_DO}") from None
+
+
 def _load_public_tfds(tfds_dir: Optional[str], strict: bool) -> np.ndarray:
+  if not _prepared_public_tfds(tfds_dir):
+    _check_network("TFDS's 'omniglot' data set")
   tfds = _import_tfds()
   try:
     splits = tfds.load("omniglot", split=["train", "test"], data_dir=tfds_dir,

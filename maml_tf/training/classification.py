@@ -765,6 +765,7 @@ def train_and_evaluate(config: ClassificationConfig, workdir: str,
     if written:
       log(f"wrote {' and '.join(written)}")
   out["total_seconds"] = time.perf_counter() - t0
+  out["environment"] = results.environment()
   path = results.write_json(os.path.join(workdir, "results.json"), out)
   log(f"wrote {path}")
   return out

@@ -28,7 +28,44 @@ from maml_tf.training import loop
 
 @dataclasses.dataclass
 class SinusoidConfig:
-  """Everything a sinusoid run needs; defaults are the paper's."""
+  """Everything a sinusoid run needs; defaults are the paper's.
+
+  Attributes:
+    iterations: meta-iterations.
+    meta_batch: tasks per meta-batch.
+    k_shot: support points per task (K) during meta-training.
+    k_query: query points per task during meta-training.
+    inner_lr: inner step size alpha.
+    inner_steps: inner gradient steps during meta-training.
+    meta_lr: Adam step size beta of the outer loop.
+    first_order: first-order MAML (no second derivatives).
+    hidden: hidden layer widths of the MLP.
+    init: weight initialisation: "glorot" (Keras) or "finn" (the paper
+      code's truncated N(0, 0.01)).
+    seed: seeds the weights and the task streams.
+    eval_tasks: fresh test tasks per K of the final evaluation.
+    eval_shots: the Ks of the final evaluation.
+    eval_steps: inner step counts reported by the final evaluation.
+    eval_query: query points per test task.
+    eval_every: iterations between quick evaluations (0: none).
+    baseline: also train and evaluate the "pretrained" baseline.
+    baseline_iterations: its iterations (default: iterations).
+    log_every: iterations between progress lines.
+    checkpoint_every: iterations between checkpoints.
+    resume: continue from the newest checkpoint of the run directory.
+    eval_only: skip training; evaluate the newest checkpoint.
+    pretrained: with eval_only, evaluate the shipped weights instead.
+    plot: write sinusoid.png.
+    distribute: "none", "mirrored" (the local devices) or "multi_worker"
+      (the cluster in TF_CONFIG).
+    algorithm: the learner of the family (maml, fomaml, metasgd, anil,
+      mamlpp, reptile).
+    recompute: gradient checkpointing of the inner loop.
+    steps_per_call: meta-steps per compiled call, tasks sampled in the
+      graph (1: one call per step with numpy batches, another task stream).
+    xla: XLA for the in-graph steps: "auto" (when the closed-form
+      meta-gradient runs), "on" or "off".
+  """
   iterations: int = 70000
   meta_batch: int = 25
   k_shot: int = 10
@@ -294,6 +331,7 @@ def train_and_evaluate(config: SinusoidConfig, workdir: str,
     if path:
       log(f"wrote {path}")
   out["total_seconds"] = time.perf_counter() - t0
+  out["environment"] = results.environment()
   results.write_json(os.path.join(workdir, "results.json"), out)
   log(f"wrote {os.path.join(workdir, 'results.json')}")
   return out

@@ -219,9 +219,26 @@ def test_no_location_falls_back_to_public_tfds(monkeypatch, tmp_path):
     raise ConnectionError("no network")
 
   monkeypatch.setattr(tfds, "load", fake_load)
+  monkeypatch.setattr(omniglot, "_check_network", lambda what: None)
   with pytest.raises(RuntimeError, match=omniglot.ENV_VAR):
     omniglot.load_omniglot(tfds_dir=str(tmp_path))
   assert calls and calls[0][0] == "omniglot"
+
+
+def test_offline_without_data_fails_at_once_naming_the_flag(monkeypatch,
+                                                           tmp_path):
+  import socket  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  monkeypatch.delenv(omniglot.ENV_VAR, raising=False)
+  def offline(*args, **kwargs):
+    raise OSError("Network is unreachable")
+  monkeypatch.setattr(socket, "create_connection", offline)
+  monkeypatch.setattr(tfds, "load", lambda *a, **k: pytest.fail("retried"))
+  start = time.perf_counter()
+  with pytest.raises(RuntimeError, match="unreachable.*--data_dir"):
+    omniglot.load_omniglot(tfds_dir=str(tmp_path))
+  assert time.perf_counter() - start < 5
 
 
 def test_public_tfds_conversion_matches_zip_path(synthetic_dir):

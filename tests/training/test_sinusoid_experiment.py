@@ -36,6 +36,12 @@ def test_smoke_run_writes_results_plot_and_lowers_post_update_mse(tmp_path):
   assert any("pre-update MSE" in l for l in lines)
   assert os.listdir(tmp_path / "maml" / "tensorboard")
   assert out["maml"] == saved["maml"]
+  env = saved["environment"]       # what produced it
+  import maml_tf  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  assert env["maml_tf"] == maml_tf.__version__
+  assert env["tensorflow"] == tf.__version__
+  assert env["commit"] is None or len(env["commit"]) == 40
 
 
 def _train(workdir, iterations, **kw):

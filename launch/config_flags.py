@@ -1,0 +1,121 @@
+"""Every field of a config dataclass as a flag, generated from the dataclass.
+
+``define(Config)`` defines ``--field`` for each field that no launcher flag
+defines already, typed from the field's annotation (bool, int, float, str,
+tuples of them as comma-separated lists; ``Optional`` allowed), with the
+field's documentation (its ``Arguments:``/``Attributes:`` entry, or the
+comment beside it) as the help text, and ``None`` as the default: an unset
+flag keeps the preset's value. ``overrides(Config)`` returns the fields the
+command line set. The library never reads flags; launchers pass these
+values into the config.
+"""
+
+import dataclasses
+import inspect
+import re
+import typing
+from typing import Dict, List, Optional
+
+from absl import flags
+
+FLAGS = flags.FLAGS
+_SCALARS = {bool: "bool", int: "integer", float: "float", str: "string"}
+
+
+def field_docs(cls) -> Dict[str, str]:
+  """``{field: its documentation}`` from the class docstring and comments."""
+  docs = {}
+  lines = (cls.__doc__ or "").splitlines()
+  in_args, current = False, None
+  for line in lines:
+    stripped = line.strip()
+    if stripped in ("Arguments:", "Attributes:", "Args:"):
+      in_args = True
+      continue
+    if not in_args:
+      continue
+    match = re.match(r"^\s{2,6}([a-z_][a-z0-9_, ]*):\s*(.*)$", line)
+    if match and all(n.strip().isidentifier()
+                     for n in match.group(1).split(",")):
+      current = [n.strip() for n in match.group(1).split(",")]
+      for name in current:
+        docs[name] = match.group(2)
+    elif stripped and current and line.startswith(" " * 6):
+      for name in current:
+        docs[name] += " " + stripped
+    elif not stripped:
+      current = None
+  try:
+    source = inspect.getsource(cls)
+  except (OSError, TypeError):
+    source = ""
+  for match in re.finditer(r"^\s+([a-z_][a-z0-9_]*)\s*:[^#\n]*#\s*(.+)$",
+                           source, re.MULTILINE):
+    docs.setdefault(match.group(1), match.group(2).strip())
+  return docs
+
+
+def _kind(annotation):
+  """``(flag kind, element type)`` of a field annotation, or ``None``."""
+  origin = typing.get_origin(annotation)
+  if origin is typing.Union:
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if len(args) != 1:
+      return None
+    return _kind(args[0])
+  if annotation in _SCALARS:
+    return _SCALARS[annotation], annotation
+  if origin in (tuple, list):
+    args = [a for a in typing.get_args(annotation) if a is not Ellipsis]
+    if args and all(a is args[0] for a in args) and args[0] in (int, float,
+                                                                 str):
+      return "list", args[0]
+  return None
+
+
+def define(cls, skip=()) -> List[str]:
+  """Defines a flag for every field of ``cls`` that has none yet.
+
+  Returns:
+    The names of the flags it defined.
+  """
+  hints = typing.get_type_hints(cls)
+  docs = field_docs(cls)
+  made = []
+  for field in dataclasses.fields(cls):
+    name = field.name
+    if name in skip or name in FLAGS:
+      continue
+    kind = _kind(hints[name])
+    if kind is None:
+      continue
+    flag_kind, _ = kind
+    default = field.default if field.default is not dataclasses.MISSING else (
+        field.default_factory() if field.default_factory
+        is not dataclasses.MISSING else None)
+    help_text = docs.get(name, name.replace("_", " "))
+    help_text = f"{help_text} (default: the preset's; plain default {default!r})"
+    getattr(flags, f"DEFINE_{flag_kind}")(name, None, help_text)
+    made.append(name)
+  return made
+
+
+def overrides(cls, names: Optional[List[str]] = None) -> Dict[str, object]:
+  """The fields of ``cls`` set on the command line, typed as the fields.
+
+  ``names``: only these fields (default every field that is a flag).
+  """
+  hints = typing.get_type_hints(cls)
+  out = {}
+  for field in dataclasses.fields(cls):
+    name = field.name
+    if (names is not None and name not in names) or name not in FLAGS:
+      continue
+    value = FLAGS[name].value
+    if value is None:
+      continue
+    kind = _kind(hints[name])
+    if kind and kind[0] == "list":
+      value = tuple(kind[1](v) for v in value)
+    out[name] = value
+  return out
