@@ -574,8 +574,9 @@ def training_curve_figure(log_records: List[Dict], path: str,
               if r.get("kind") == kind and key in r]
     if points:
       x, y = zip(*points)
+      # A series of one point is drawn as a marker (a line would not show).
       ax.plot(x, y, ls=style, color=color, label=label,
-              marker="o" if kind == "eval" else None, ms=3)
+              marker="o" if kind == "eval" or len(x) == 1 else None, ms=3)
   ax.set_xlabel("meta-iteration")
   ax.set_ylabel("query accuracy")
   ax.set_ylim(0, 1)
@@ -755,7 +756,8 @@ def train_and_evaluate(config: ClassificationConfig, workdir: str,
                           (acc["mean"], acc["ci95"])},
             os.path.join(workdir, "accuracy_vs_steps.png"),
             "inner gradient steps", "query accuracy (95% CI)",
-            title=f"{_name(config)}, {done} meta-iterations"),
+            title=f"{_name(config)}, {done} meta-iterations",
+            chance=1.0 / config.way),
         "training_curve": results.try_figure(
             training_curve_figure, log,
             records, os.path.join(workdir, "training_curve.png"),
@@ -765,6 +767,10 @@ def train_and_evaluate(config: ClassificationConfig, workdir: str,
     if written:
       log(f"wrote {' and '.join(written)}")
   out["total_seconds"] = time.perf_counter() - t0
+  loop.write_run_summary(
+      workdir, config,
+      {f"accuracy_after_{s}_steps": float(m)
+       for s, m in zip(steps, acc["mean"])}, done)
   out["environment"] = results.environment()
   path = results.write_json(os.path.join(workdir, "results.json"), out)
   log(f"wrote {path}")

@@ -284,3 +284,27 @@ def meta_train(learner, batch_for_step: Callable[[int], object],
       writer.flush()
   sys.stdout.flush()
   return int(step.numpy())
+
+
+def write_run_summary(workdir: str, config, metrics: Dict[str, float],
+                      step: int) -> None:
+  """TensorBoard's record of a finished run, beside its training curves.
+
+  ``test/*`` scalars (``metrics``) at ``step``, the config as text, and the
+  config's plain fields as HParams with the test metrics (the HParams
+  dashboard compares runs under one parent folder).
+  """
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from tensorboard.plugins.hparams import api as hp  # pylint: disable=g-import-not-at-top
+  fields = dataclasses.asdict(config)
+  hparams = {k: v for k, v in fields.items()
+             if isinstance(v, (bool, int, float, str))}
+  writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+  with writer.as_default(step=step):
+    for key, value in metrics.items():
+      tf.summary.scalar(f"test/{key}", value)
+    tf.summary.text("config", "```\n" + json.dumps(fields, indent=1,
+                                                   default=str) + "\n```")
+    hp.hparams(hparams, trial_id=os.path.basename(os.path.abspath(workdir)))
+  writer.flush()
+  writer.close()

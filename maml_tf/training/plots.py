@@ -31,11 +31,12 @@ def sinusoid_figure(maml, pretrained, config, path: str, steps=(1, 10),
                                  if pretrained is not None else [])
   fig, axes = plt.subplots(1, len(learners), figsize=(6 * len(learners), 4.2),
                            squeeze=False)
-  colors = ["tab:green", "tab:orange", "tab:red", "tab:purple"]
+  # Ground truth black; each prediction its own colour (none reuses red).
+  colors = ["tab:blue", "tab:green", "tab:orange", "tab:purple"]
   for ax, (name, learner) in zip(axes[0], learners):
-    ax.plot(grid, tasks.sinusoid(grid, amp[0], phase[0]), color="tab:red",
+    ax.plot(grid, tasks.sinusoid(grid, amp[0], phase[0]), color="black",
             lw=2, label="ground truth")
-    ax.scatter(xs, ys, color="black", marker="^", s=50, zorder=5,
+    ax.scatter(xs, ys, color="tab:red", marker="^", s=50, zorder=5,
                label=f"{k} points used for gradient")
     for i, n in enumerate((0,) + tuple(steps)):
       model = learner.adapt(xs, ys, steps=n) if n else learner.model
@@ -46,6 +47,7 @@ def sinusoid_figure(maml, pretrained, config, path: str, steps=(1, 10),
     ax.set_title(f"{name}, K={k}")
     ax.set_ylim(-6, 6)
     ax.set_xlabel("x")
+    ax.set_ylabel("y")
     ax.legend(loc="lower right", fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
@@ -54,9 +56,16 @@ def sinusoid_figure(maml, pretrained, config, path: str, steps=(1, 10),
 
 
 def curves_figure(x, curves, path: str, xlabel: str, ylabel: str,
-                  title: str = "") -> str:
-  """Generic line plot: ``curves`` maps a label to (y, optional ci)."""
+                  title: str = "", chance: float = None) -> str:
+  """Generic line plot: ``curves`` maps a label to (y, optional ci).
+
+  Integer ``x`` get integer ticks; ``chance`` draws a dashed chance line.
+  """
   fig, ax = plt.subplots(figsize=(6, 4))
+  if all(float(v).is_integer() for v in x):
+    ax.set_xticks(list(x))
+  if chance is not None:
+    ax.axhline(chance, color="gray", ls="--", lw=1, label=f"chance ({chance:g})")
   for label, (y, ci) in curves.items():
     y = np.asarray(y, dtype=float)
     ax.plot(x, y, marker="o", label=label)

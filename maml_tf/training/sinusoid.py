@@ -331,6 +331,11 @@ def train_and_evaluate(config: SinusoidConfig, workdir: str,
     if path:
       log(f"wrote {path}")
   out["total_seconds"] = time.perf_counter() - t0
+  loop.write_run_summary(
+      maml_dir, config,
+      {f"mse_{k}_after_{st}".replace("=", ""): float(v["mean"])
+       for k, row in out["maml"].items() for st, v in row.items()},
+      int(learner.meta_optimizer.iterations.numpy()))
   out["environment"] = results.environment()
   results.write_json(os.path.join(workdir, "results.json"), out)
   log(f"wrote {os.path.join(workdir, 'results.json')}")

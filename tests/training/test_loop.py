@@ -127,3 +127,26 @@ def test_progress_names_compilation_and_times_only_what_follows(tmp_path):
   with open(tmp_path / "train_log.jsonl") as f:
     records = [json.loads(l) for l in f]
   assert all(r["iterations_per_second"] > 0 for r in records)
+
+
+def test_run_summary_writes_test_metrics_config_text_and_hparams(tmp_path):
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  import glob  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from maml_tf.training import sinusoid as experiment  # pylint: disable=g-import-not-at-top
+  config = experiment.make_config("smoke")
+  loop.write_run_summary(str(tmp_path), config, {"mse_after_1": 0.25}, 300)
+  tags, values = set(), {}
+  for path in glob.glob(str(tmp_path / "tensorboard" / "*")):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for v in event.summary.value:
+        tags.add(v.tag)
+        if v.tag == "test/mse_after_1":
+          values[v.tag] = (event.step, float(tf.make_ndarray(v.tensor)))
+        if v.tag.startswith("config"):
+          text = tf.make_ndarray(v.tensor).item().decode()
+          assert f'"iterations": {config.iterations}' in text
+  assert values["test/mse_after_1"] == (300, 0.25)
+  assert any(t.startswith("config") for t in tags)
+  assert "_hparams_/session_start_info" in tags
+  assert dataclasses.asdict(config)
