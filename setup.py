@@ -14,22 +14,48 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["maml_tf", "maml_tf.*"]),
     # The shipped meta-initialisations (maml_tf.models.pretrained).
-    package_data={"maml_tf.models": ["weights/*.json", "weights/*.h5"]},
+    package_data={"maml_tf": ["py.typed"],
+                  "maml_tf.models": ["weights/*.json", "weights/*.h5"]},
     python_requires=">=3.10",
+    # TensorFlow comes from an extra, so that each install has exactly one:
+    # [cpu] tensorflow-cpu, [gpu] tensorflow[and-cuda] (BUILD_NOTES.md).
     install_requires=[
-        "tensorflow-cpu>=2.21,<2.22; platform_machine!='aarch64'",
         "keras>=3.15,<3.16",
         "tensorboard>=2.21,<2.22",
         "tensorflow-datasets>=4.9,<4.10",
+        "importlib_resources>=6",
         "numpy>=1.26",
         "absl-py>=2.0",
         "matplotlib>=3.8",
         "pillow>=10",
     ],
     extras_require={
+        "cpu": ["tensorflow-cpu>=2.21,<2.22"],
+        "gpu": ["tensorflow[and-cuda]>=2.21,<2.22"],
         "test": ["pytest>=8", "pytest-xdist>=3"],
-        # tf-keras must match the TF minor version; TFP 0.25 imports it.
-        "rl": ["tensorflow-probability>=0.25,<0.26", "tf-keras>=2.21,<2.22",
+        # TFP 0.25 imports tf-keras, whose metadata requires the full
+        # `tensorflow` wheel: install it with --no-deps (BUILD_NOTES.md), so
+        # that it is not listed here and cannot pull in a second TensorFlow.
+        "rl": ["tensorflow-probability>=0.25,<0.26",
                "gymnasium>=1.4,<1.5", "mujoco>=3.2", "imageio>=2.30"],
     },
+    entry_points={"console_scripts": [
+        "maml-tf-sinusoid=maml_tf.launch.sinusoid:run",
+        "maml-tf-classification=maml_tf.launch.classification:run",
+        "maml-tf-rl=maml_tf.launch.rl:run",
+        "maml-tf-rl-compare=maml_tf.launch.rl_compare:run",
+    ]},
+    license="MIT",
+    license_files=["LICENSE"],
+    classifiers=[
+        "Development Status :: 4 - Beta",
+        "Intended Audience :: Science/Research",
+        "License :: OSI Approved :: MIT License",
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3.10",
+        "Programming Language :: Python :: 3.11",
+        "Programming Language :: Python :: 3.12",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+        "Typing :: Typed",
+    ],
 )

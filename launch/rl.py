@@ -1,80 +1,10 @@
-"""Meta-RL experiments of the MAML paper (§5.3) from the command line.
+"""`python launch/rl.py`: the launcher maml_tf/launch/rl.py.
 
-Parses absl flags into :class:`maml_tf.rl.RLConfig` and calls
-:func:`maml_tf.rl.train_and_evaluate`. Runs of several algorithms under one
-parent directory are plotted together (``returns.png``, like Figure 5).
-
-Example:
-  python launch/rl.py --env=navigation --algorithm=maml --iterations=100 \
-      --logdir=runs/rl/navigation/maml
-  python launch/rl.py --env=navigation --algorithm=random \
-      --logdir=runs/rl/navigation/random
-  # the paper code's navigation protocol (step 0.5, then 0.25; 40 test
-  # trajectories per step):
-  python launch/rl.py --env=navigation --fast_lr=0.5 --eval_batch_size=40 \
-      --logdir=runs/rl/navigation/maml_lr05
-  python launch/rl.py --env=cheetah_dir --iterations=5 --meta_batch=40 \
-      --num_workers=2 --logdir=runs/rl/cheetah_dir/maml
+Also installed as the console script `maml-tf-rl`; see its module
+docstring (`--help`) for the flags.
 """
 
-import quiet  # launch/quiet.py: before TensorFlow is imported  # pylint: disable=unused-import,g-bad-import-order
-
-from absl import app
-from absl import flags
-
-FLAGS = flags.FLAGS
-flags.DEFINE_enum("env", "navigation",
-                  ["navigation", "cheetah_vel", "cheetah_dir", "ant_vel",
-                   "ant_dir"], "Task distribution.")
-flags.DEFINE_enum("algorithm", "maml", ["maml", "pretrained", "random",
-                                        "oracle"], "Method to train.")
-flags.DEFINE_integer("meta_batch", None,
-                     "Tasks per meta-iteration (default 20 navigation, 40 "
-                     "locomotion).")
-flags.DEFINE_integer("fast_batch_size", 20, "Trajectories per task per step.")
-flags.DEFINE_float("fast_lr", 0.1, "Inner (REINFORCE) step size alpha.")
-flags.DEFINE_float("max_kl", 0.01, "TRPO KL constraint.")
-flags.DEFINE_integer("iterations", 100, "Meta-iterations.")
-flags.DEFINE_integer("horizon", None, "Episode length (default 100 / 200).")
-flags.DEFINE_integer("seed", 0, "Random seed.")
-flags.DEFINE_string("logdir", "runs/rl/navigation/maml", "Output directory.")
-flags.DEFINE_bool("resume", True, "Resume from the latest checkpoint.")
-flags.DEFINE_bool("first_order", False, "First-order MAML.")
-flags.DEFINE_integer("num_workers", 2, "Sampler processes (MuJoCo envs).")
-flags.DEFINE_integer("eval_tasks", 40, "Test tasks.")
-flags.DEFINE_integer("eval_batch_size", None,
-                     "Trajectories per test task per step (default: "
-                     "--fast_batch_size; the paper's test scripts used 40).")
-flags.DEFINE_integer("eval_every", 0, "Evaluate every N iterations (0: end).")
-flags.DEFINE_integer("checkpoint_every", 10, "Checkpoint every N iterations.")
-flags.DEFINE_float("checkpoint_seconds", 600.0,
-                   "Also checkpoint when this many seconds passed since the "
-                   "last checkpoint.")
-
-
-from maml_tf.rl.train import RLConfig  # pylint: disable=g-bad-import-order,g-import-not-at-top
-import config_flags  # launch/config_flags.py  # pylint: disable=g-bad-import-order,g-import-not-at-top
-
-# The fields without a hand-written flag above (gamma, hidden_sizes, ...).
-_GENERATED = config_flags.define(RLConfig)
-
-
-def main(argv):
-  del argv
-  import maml_tf.rl as rl  # pylint: disable=g-import-not-at-top
-  config = rl.RLConfig(
-      **config_flags.overrides(RLConfig, _GENERATED),
-      env=FLAGS.env, algorithm=FLAGS.algorithm, iterations=FLAGS.iterations,
-      meta_batch=FLAGS.meta_batch, fast_batch_size=FLAGS.fast_batch_size,
-      fast_lr=FLAGS.fast_lr, max_kl=FLAGS.max_kl, horizon=FLAGS.horizon,
-      seed=FLAGS.seed, resume=FLAGS.resume, first_order=FLAGS.first_order,
-      num_workers=FLAGS.num_workers, eval_tasks=FLAGS.eval_tasks,
-      eval_batch_size=FLAGS.eval_batch_size,
-      eval_every=FLAGS.eval_every, checkpoint_every=FLAGS.checkpoint_every,
-      checkpoint_seconds=FLAGS.checkpoint_seconds)
-  from maml_tf.common import interrupts  # pylint: disable=g-import-not-at-top
-  interrupts.exit_if_interrupted(rl.train_and_evaluate, config, FLAGS.logdir)
-
+from maml_tf.launch import rl
 
 if __name__ == "__main__":
-  app.run(main)
+  rl.run()

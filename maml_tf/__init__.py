@@ -1,10 +1,33 @@
-"""maml_tf: Model-Agnostic Meta-Learning for TensorFlow 2 / Keras 3."""
+"""maml_tf: Model-Agnostic Meta-Learning for TensorFlow 2 / Keras 3.
+
+The public names load on first use, so that ``import maml_tf.launch.*``
+can set up logging before TensorFlow is imported.
+"""
+
+import importlib
 
 __version__ = "0.2.0"
 
-from maml_tf.core.task_batch import TaskBatch
-from maml_tf.core.inner_loop import adapt_params, inner_update
-from maml_tf.core.learner import MAML
-from maml_tf.core.plan import ExecutionPlan, PlanWarning
-from maml_tf.core.reptile import Reptile
-from maml_tf.core.meta_model import MetaModel
+_PUBLIC = {
+    "TaskBatch": "maml_tf.core.task_batch",
+    "adapt_params": "maml_tf.core.inner_loop",
+    "inner_update": "maml_tf.core.inner_loop",
+    "MAML": "maml_tf.core.learner",
+    "ExecutionPlan": "maml_tf.core.plan",
+    "PlanWarning": "maml_tf.core.plan",
+    "Reptile": "maml_tf.core.reptile",
+    "MetaModel": "maml_tf.core.meta_model",
+}
+__all__ = sorted(_PUBLIC) + ["__version__"]
+
+
+def __getattr__(name):
+  if name in _PUBLIC:
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    globals()[name] = value
+    return value
+  raise AttributeError(f"module 'maml_tf' has no attribute {name!r}")
+
+
+def __dir__():
+  return __all__

@@ -7,7 +7,7 @@ support set, more points of the same task its query set.
 
 import dataclasses
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -133,3 +133,25 @@ def batch_sampler(num_tasks: int, k_support: int, k_query: int,
     return TaskBatch(x[:, :k_support], y[:, :k_support], x[:, k_support:],
                      y[:, k_support:])
   return sample
+
+
+def dataset(num_tasks: int, k_support: int, k_query: int, seed: int = 0,
+            num_batches: Optional[int] = None, first: int = 0,
+            distribution: SinusoidDistribution = SinusoidDistribution(),
+            dtype=tf.float32) -> tf.data.Dataset:
+  """A ``tf.data.Dataset`` of meta-batches (for ``MetaModel.fit``).
+
+  Element ``i`` is ``batch_sampler(...)(first + i)``: the in-graph stream of
+  :meth:`maml_tf.MAML.train_steps`, so ``fit`` and ``train_steps`` see the
+  same tasks. Infinite unless ``num_batches`` is given.
+
+  Example:
+    >>> meta.fit(dataset(25, 10, 10), epochs=5, steps_per_epoch=1000)
+  """
+  sample = batch_sampler(num_tasks, k_support, k_query, seed, distribution,
+                         dtype)
+  if num_batches is None:
+    indices = tf.data.Dataset.counter(start=first, dtype=tf.int64)
+  else:
+    indices = tf.data.Dataset.range(first, first + int(num_batches))
+  return indices.map(sample).prefetch(tf.data.AUTOTUNE)

@@ -676,6 +676,7 @@ def train_and_evaluate(config: ClassificationConfig, workdir: str,
             "val_loss": float(out["loss"][-1].mean())}
 
   t_train = time.perf_counter()
+  timing = {}
   if config.pretrained:
     if not config.eval_only:
       raise ValueError("pretrained=True evaluates shipped weights: it needs "
@@ -702,17 +703,19 @@ def train_and_evaluate(config: ClassificationConfig, workdir: str,
           config.iterations, workdir,
           log_every=config.log_every, checkpoint_every=config.checkpoint_every,
           resume=config.resume, eval_fn=validation,
-          eval_every=config.eval_every, log=log)
+          eval_every=config.eval_every, log=log, timing=timing)
     finally:
       stream.close()   # stops the prefetching pipeline
   train_seconds = time.perf_counter() - t_train
-  session_steps = max(done - start, 0)
   out = {"config": dataclasses.asdict(config), "config_changes": changes,
          "data": {k: v.shape.as_list() for k, v in splits.items()},
          "iterations": done,
          "train_seconds": train_seconds,
-         "seconds_per_iteration": (train_seconds / session_steps
-                                   if session_steps else None)}
+         # Without compilation and validation (training.loop.meta_train).
+         "timing": timing,
+         "seconds_per_iteration": (
+             timing["train_seconds"] / timing["timed_steps"]
+             if timing.get("timed_steps") else None)}
 
   t_eval = time.perf_counter()
   test = evaluate_tasks(learner, config, splits["test"], config.eval_tasks,

@@ -131,7 +131,8 @@ def meta_train(learner, batch_for_step: Callable[[int], object],
                eval_every: int = 0, log: Callable[[str], None] = print,
                extra_checkpoint: Optional[Dict] = None,
                graph_sampler: Optional[Callable] = None,
-               steps_per_call: int = 1) -> int:
+               steps_per_call: int = 1,
+               timing: Optional[Dict[str, float]] = None) -> int:
   """Runs meta-training up to ``iterations`` meta-steps; returns the last step.
 
   Arguments:
@@ -154,6 +155,10 @@ def meta_train(learner, batch_for_step: Callable[[int], object],
       sampling their batches in the graph (``batch_for_step`` is then
       unused). Calls end at every log, evaluation and checkpoint boundary.
     steps_per_call: meta-steps per compiled call (see ``graph_sampler``).
+    timing: a dict this fills with ``compile_seconds`` (the first call),
+      ``eval_seconds`` (the evaluations), ``train_seconds`` (the rest) and
+      ``timed_steps`` (the steps after the first call); results files
+      report ``train_seconds / timed_steps`` as seconds per iteration.
 
   The pre-update metrics (``loss_before``, ``accuracy_before``: one more
   query forward pass per task) are computed on the last step of each log
@@ -202,6 +207,11 @@ def meta_train(learner, batch_for_step: Callable[[int], object],
   it = start           # meta-steps done
   compiling = True
   log("compiling the meta-step (its first call traces it) ...")
+  timing = {} if timing is None else timing
+  timing.update(compile_seconds=0.0, eval_seconds=0.0, train_seconds=0.0,
+                timed_steps=0)
+  t_timed = None                   # the clock of the steps after compiling
+  first_steps = 0
   with interrupts.StopRequest() as stop:
     try:
       while it < iterations:
@@ -226,6 +236,8 @@ def meta_train(learner, batch_for_step: Callable[[int], object],
           tf.nest.map_structure(lambda t: t.numpy(), pending[-1][0])
           compiling = False
           t_window, done_window = time.perf_counter(), 0
+          timing["compile_seconds"] = t_window - t_start
+          t_timed, first_steps = t_window, it
           log(f"compiled in {format_duration(t_window - t_start)}; "
               f"training (progress every {log_every} steps)")
         if it % log_every == 0 or last:
@@ -251,7 +263,9 @@ def meta_train(learner, batch_for_step: Callable[[int], object],
                        **({"iterations_per_second": rate} if timed else {})})
         if eval_fn is not None and eval_every and (
             it % eval_every == 0 or last):
+          t_eval = time.perf_counter()
           scores = eval_fn(it)
+          timing["eval_seconds"] += time.perf_counter() - t_eval
           log(f"eval @ {it}: "
               + " ".join(f"{k} {v:.4g}" for k, v in scores.items()))
           with writer.as_default(step=it):
@@ -283,6 +297,10 @@ def meta_train(learner, batch_for_step: Callable[[int], object],
     finally:
       writer.flush()
   sys.stdout.flush()
+  if t_timed is not None:
+    timing["train_seconds"] = (time.perf_counter() - t_timed
+                               - timing["eval_seconds"])
+    timing["timed_steps"] = it - first_steps
   return int(step.numpy())
 
 

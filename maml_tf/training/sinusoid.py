@@ -273,6 +273,7 @@ def train_and_evaluate(config: SinusoidConfig, workdir: str,
     return {"mse_before": float(out["loss"][0]),
             "mse_after": float(out["loss"][1])}
 
+  timing = {}
   if config.pretrained:
     if not config.eval_only:
       raise ValueError("pretrained=True evaluates shipped weights: it needs "
@@ -296,10 +297,15 @@ def train_and_evaluate(config: SinusoidConfig, workdir: str,
         eval_fn=quick_eval, eval_every=config.eval_every, log=log,
         graph_sampler=tasks.batch_sampler(config.meta_batch, config.k_shot,
                                           config.k_query, seed=config.seed),
-        steps_per_call=config.steps_per_call)
+        steps_per_call=config.steps_per_call, timing=timing)
   train_seconds = time.perf_counter() - t0
   out = {"config": dataclasses.asdict(config), "config_changes": changes,
          "train_seconds": train_seconds,
+         # Without compilation and evaluation (training.loop.meta_train).
+         "timing": timing,
+         "seconds_per_iteration": (
+             timing["train_seconds"] / timing["timed_steps"]
+             if timing.get("timed_steps") else None),
          "maml": evaluate_table(learner, config)}
   log("MSE on fresh tasks (mean ± 95% CI; the median too where a few tasks "
       "diverge):")

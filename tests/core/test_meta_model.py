@@ -106,3 +106,27 @@ def test_evaluate_callbacks_and_classification_metrics(tmp_path):
       np.mean([w["accuracy"][0] for w in want]), rel=1e-5)
   adapted = meta.adapt(test[0][0][0], test[0][1][0])
   assert adapted(test[0][2][0]).shape == (20, 5)
+
+
+def test_fit_on_the_sinusoid_dataset_with_tensorboard_and_checkpoints(
+    tmp_path):
+  meta = MetaModel(_net(), "mse", inner_lr=0.01)
+  meta.compile(optimizer=keras.optimizers.Adam(3e-3))
+  history = meta.fit(
+      sinusoid.dataset(10, 10, 10, seed=3), epochs=3, steps_per_epoch=300,
+      verbose=0, callbacks=[
+          keras.callbacks.TensorBoard(str(tmp_path / "tb")),
+          keras.callbacks.ModelCheckpoint(
+              str(tmp_path / "ckpt-{epoch}.weights.h5"),
+              save_weights_only=True)])
+  losses = history.history["loss"]
+  assert losses[-1] < 0.85 * losses[0], losses
+  assert sorted(os.listdir(tmp_path)) == [
+      "ckpt-1.weights.h5", "ckpt-2.weights.h5", "ckpt-3.weights.h5", "tb"]
+  events = [f for _, _, files in os.walk(tmp_path / "tb") for f in files]
+  assert any(f.startswith("events.out.tfevents") for f in events)
+  # The dataset is train_steps' in-graph stream.
+  first = next(iter(sinusoid.dataset(10, 10, 10, seed=3)))
+  want = sinusoid.batch_sampler(10, 10, 10, seed=3)(tf.constant(0))
+  np.testing.assert_array_equal(first.support_x.numpy(),
+                                want.support_x.numpy())

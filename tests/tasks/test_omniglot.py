@@ -201,7 +201,7 @@ def test_missing_zip_names_the_file_and_remedy(tmp_path):
   assert "images_background.zip" in msg and "images_evaluation.zip" in msg
   # The flag the hint names is a real flag of the launcher.
   assert omniglot.ENV_VAR in msg and "--data_dir" in msg
-  launcher = os.path.join(REPO_ROOT, "launch", "classification.py")
+  launcher = os.path.join(REPO_ROOT, "maml_tf", "launch", "classification.py")
   with open(launcher) as f:
     assert 'DEFINE_string(\n    "data_dir"' in f.read()
   with pytest.raises(FileNotFoundError, match="not found"):

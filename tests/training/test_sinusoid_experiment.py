@@ -36,6 +36,10 @@ def test_smoke_run_writes_results_plot_and_lowers_post_update_mse(tmp_path):
   assert any("pre-update MSE" in l for l in lines)
   assert os.listdir(tmp_path / "maml" / "tensorboard")
   assert out["maml"] == saved["maml"]
+  timing = saved["timing"]         # compilation and evaluation apart
+  assert timing["compile_seconds"] > 0 and timing["timed_steps"] > 0
+  assert saved["seconds_per_iteration"] == pytest.approx(
+      timing["train_seconds"] / timing["timed_steps"])
   env = saved["environment"]       # what produced it
   import maml_tf  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top

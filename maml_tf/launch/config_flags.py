@@ -55,6 +55,12 @@ def field_docs(cls) -> Dict[str, str]:
   return docs
 
 
+def _plain_text(doc: str) -> str:
+  """A docstring fragment without reST markup (``x``, :mod:`y`)."""
+  doc = re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", doc)
+  return doc.replace("``", "`")
+
+
 def _kind(annotation):
   """``(flag kind, element type)`` of a field annotation, or ``None``."""
   origin = typing.get_origin(annotation)
@@ -93,7 +99,7 @@ def define(cls, skip=()) -> List[str]:
     default = field.default if field.default is not dataclasses.MISSING else (
         field.default_factory() if field.default_factory
         is not dataclasses.MISSING else None)
-    help_text = docs.get(name, name.replace("_", " "))
+    help_text = _plain_text(docs.get(name, name.replace("_", " ")))
     help_text = f"{help_text} (default: the preset's; plain default {default!r})"
     getattr(flags, f"DEFINE_{flag_kind}")(name, None, help_text)
     made.append(name)
@@ -119,3 +125,21 @@ def overrides(cls, names: Optional[List[str]] = None) -> Dict[str, object]:
       value = tuple(kind[1](v) for v in value)
     out[name] = value
   return out
+
+
+def show_as_main(launcher, doc: str) -> None:
+  """Makes a wrapper script (or console script) show ``launcher``'s help.
+
+  ``--help`` prints ``doc`` and ``--helpshort`` the flags of ``launcher``
+  and of this module, as if ``launcher`` were the script being run.
+  """
+  import sys  # pylint: disable=g-import-not-at-top
+  main = sys.modules.get("__main__")
+  if main is None or main is launcher:
+    return
+  main.__doc__ = doc
+  for module in (launcher.__name__, __name__,
+                 "maml_tf.launch.learner_flags"):
+    for flag in FLAGS.get_key_flags_for_module(module):
+      FLAGS.register_key_flag_for_module(sys.argv[0], flag)  # absl names
+      # the main module by its path

@@ -1,0 +1,57 @@
+"""Sinusoid regression with MAML (Finn et al. 2017, section 5.1).
+
+Examples:
+  python launch/sinusoid.py --preset=demo --logdir=runs/demo
+  python launch/sinusoid.py --logdir=runs/paper            # 70k iterations
+  python launch/sinusoid.py --logdir=runs/paper --eval_only
+  python launch/sinusoid.py --preset=demo --meta_batch=24 --distribute=mirrored
+"""
+
+from maml_tf.launch import quiet  # before TensorFlow is imported  # pylint: disable=unused-import,g-bad-import-order
+
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from maml_tf.training import loop
+from maml_tf.training import sinusoid
+
+from maml_tf.launch import config_flags  # pylint: disable=g-bad-import-order
+from maml_tf.launch import learner_flags  # pylint: disable=g-bad-import-order
+
+_PRESET = flags.DEFINE_enum("preset", "paper", sorted(sinusoid.PRESETS),
+                            "Named configuration; other flags override it.")
+_LOGDIR = flags.DEFINE_string("logdir", "runs/sinusoid",
+                              "Output folder: checkpoints, TensorBoard, "
+                              "results.json, sinusoid.png.")
+_INIT = flags.DEFINE_enum("init", None, ["glorot", "finn"],
+                          "Weight initialisation: Keras' Glorot or the "
+                          "paper code's N(0, 0.01).")
+_XLA = flags.DEFINE_enum(
+    "xla", None, ["auto", "on", "off"], "XLA for the in-graph meta-steps "
+    "(auto: when the closed-form meta-gradient runs, e.g. the paper's MLP).")
+
+
+config_flags.define(sinusoid.SinusoidConfig)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)
+  config = sinusoid.make_config(
+      _PRESET.value, **config_flags.overrides(sinusoid.SinusoidConfig))
+  loop.exit_if_interrupted(
+      sinusoid.train_and_evaluate, config, _LOGDIR.value)
+
+
+def run():
+  """The console script's entry point (and ``launch/*.py``'s)."""
+  config_flags.show_as_main(sys.modules[__name__], __doc__)
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()
