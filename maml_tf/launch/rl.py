@@ -54,7 +54,13 @@ flags.DEFINE_float("checkpoint_seconds", 600.0,
                    "last checkpoint.")
 
 
-from maml_tf.rl.train import RLConfig  # pylint: disable=g-bad-import-order,g-import-not-at-top
+try:
+  from maml_tf.rl.train import RLConfig  # pylint: disable=g-bad-import-order,g-import-not-at-top
+except ModuleNotFoundError as e:     # the [rl] extra is not installed
+  raise SystemExit(
+      f"maml-tf-rl needs the meta-RL dependencies ({e.name} is missing): "
+      "pip install 'maml_tf[cpu,rl]' (or [gpu,rl]), then "
+      "pip install --no-deps tf-keras==2.21.0 (BUILD_NOTES.md)") from None
 from maml_tf.launch import config_flags  # pylint: disable=g-bad-import-order
 
 # The fields without a hand-written flag above (gamma, hidden_sizes, ...).
