@@ -434,7 +434,8 @@ def _eval_batches(config: ClassificationConfig, class_images, num_tasks: int):
 
 
 def evaluate_tasks(learner: MAML, config: ClassificationConfig, class_images,
-                   num_tasks: int, steps) -> Dict[str, np.ndarray]:
+                   num_tasks: int, steps, log=None,
+                   what: str = "evaluation") -> Dict[str, np.ndarray]:
   """Per-task query accuracy and loss after each step count in ``steps``.
 
   Arguments:
@@ -443,6 +444,9 @@ def evaluate_tasks(learner: MAML, config: ClassificationConfig, class_images,
     class_images: the split's ``[classes, n, H, W, C]`` array.
     num_tasks: tasks (fixed ones: task ``i`` depends only on ``eval_seed``).
     steps: inner step counts.
+    log: where progress lines go (every 8 batches and at the end; None:
+      silent).
+    what: the name progress lines give the evaluation.
 
   Returns:
     ``{"steps": [S], "accuracy": [S, num_tasks], "loss": [S, num_tasks]}``.
@@ -451,8 +455,13 @@ def evaluate_tasks(learner: MAML, config: ClassificationConfig, class_images,
     >>> out = evaluate_tasks(learner, config, splits["test"], 600, (0, 1, 3))
     >>> out["accuracy"].mean(axis=1)
   """
-  parts = [learner.evaluate(batch, steps=steps, per_task=True)
-           for batch in _eval_batches(config, class_images, num_tasks)]
+  parts, done, t0 = [], 0, time.perf_counter()
+  for batch in _eval_batches(config, class_images, num_tasks):
+    parts.append(learner.evaluate(batch, steps=steps, per_task=True))
+    done += parts[-1]["loss"].shape[1]
+    if log is not None and (done == num_tasks or len(parts) % 8 == 0):
+      log(f"  {what}: {done}/{num_tasks} tasks evaluated "
+          f"({time.perf_counter() - t0:.0f}s)")
   return {"steps": np.asarray(steps),
           "accuracy": np.concatenate([p["accuracy"] for p in parts], axis=1),
           "loss": np.concatenate([p["loss"] for p in parts], axis=1)}
@@ -657,6 +666,7 @@ def train_and_evaluate(config: ClassificationConfig, workdir: str,
                                    "training_curve.png", "config.json"))
   changes = run_config.check_resume(config, workdir, log)
   t0 = time.perf_counter()
+  log(f"loading {config.dataset} ...")
   splits = to_cpu_variables(load_splits(config))
   log(f"{_name(config)}: classes train/val/test = "
       + "/".join(str(splits[k].shape[0]) for k in ("train", "val", "test"))
@@ -669,7 +679,7 @@ def train_and_evaluate(config: ClassificationConfig, workdir: str,
 
   def validation(step):  # pylint: disable=unused-argument
     out = evaluate_tasks(learner, config, splits["val"], config.val_tasks,
-                         steps)
+                         steps, log, "validation")
     acc = out["accuracy"].mean(axis=1)
     return {"val_accuracy_before": float(acc[0]),
             "val_accuracy": float(acc[-1]),
@@ -718,8 +728,9 @@ def train_and_evaluate(config: ClassificationConfig, workdir: str,
              if timing.get("timed_steps") else None)}
 
   t_eval = time.perf_counter()
+  log(f"testing on {config.eval_tasks} tasks ...")
   test = evaluate_tasks(learner, config, splits["test"], config.eval_tasks,
-                        steps)
+                        steps, log, "test")
   out["test"] = {"tasks": config.eval_tasks, "steps": list(steps),
                  "accuracy": _summary(test["accuracy"], steps),
                  "loss": _summary(test["loss"], steps)}

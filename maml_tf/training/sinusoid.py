@@ -193,7 +193,7 @@ def pretrain_baseline(config: SinusoidConfig, workdir: str,
     with tf.GradientTape() as tape:
       loss = learner.loss_fn(y, model(x, training=True))
     opt.apply_gradients(zip(tape.gradient(loss, variables), variables))
-    return {"mse": loss}
+    return {"loss": loss}      # the same names as MAML's (loss_*) runs
 
   class _Supervised:   # adapts the plain step to meta_train's interface
     def __init__(self):
@@ -270,8 +270,8 @@ def train_and_evaluate(config: SinusoidConfig, workdir: str,
 
   def quick_eval(step):
     out = learner.evaluate(fixed_eval, steps=(0, config.inner_steps))
-    return {"mse_before": float(out["loss"][0]),
-            "mse_after": float(out["loss"][1])}
+    return {"val_loss_before": float(out["loss"][0]),
+            "val_loss": float(out["loss"][1])}
 
   timing = {}
   if config.pretrained:
@@ -339,7 +339,8 @@ def train_and_evaluate(config: SinusoidConfig, workdir: str,
   out["total_seconds"] = time.perf_counter() - t0
   loop.write_run_summary(
       maml_dir, config,
-      {f"mse_{k}_after_{st}".replace("=", ""): float(v["mean"])
+      {f"loss_{k.replace('=', '')}_after_{st.split('=')[1]}_steps":
+       float(v["mean"])
        for k, row in out["maml"].items() for st, v in row.items()},
       int(learner.meta_optimizer.iterations.numpy()))
   out["environment"] = results.environment()
