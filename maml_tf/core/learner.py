@@ -39,7 +39,8 @@ from maml_tf.core import runner as runner_lib
 from maml_tf.core import strategies
 from maml_tf.core.objective import StepResult
 from maml_tf.core.plan import PlanWarning
-from maml_tf.core.task_batch import TaskBatch, prepare_batch, validate_task_batch
+from maml_tf.core.task_batch import (TaskBatch, as_tensors, prepare_batch,
+                                     validate_task_batch)
 
 INNER_LR_MODES = inner_loop_lib.INNER_LR_MODES
 EXECUTIONS = plan_lib.EXECUTIONS
@@ -414,7 +415,7 @@ class MAML:
       # scale); it takes scaled gradients.
       # An overflowed meta-loss can leave zero gradients: make them NaN so
       # that the optimizer sees the overflow.
-      scale = tf.convert_to_tensor(self.meta_optimizer.dynamic_scale)
+      scale = self._loss_scale()()
       if loss is not None:
         scale = tf.where(tf.math.is_finite(tf.cast(loss, scale.dtype)),
                          scale, tf.constant(np.nan, scale.dtype))
@@ -669,9 +670,7 @@ class MAML:
     if steps < 0:
       raise ValueError(f"steps must be >= 0, got {steps}")
     dtype = self.model.trainable_variables[0].dtype
-    x, y = (tf.nest.map_structure(
-        lambda t: _cast_floats(tf.convert_to_tensor(t), dtype), v)
-            for v in (support_x, support_y))
+    x, y = as_tensors(support_x, dtype), as_tensors(support_y, dtype)
     for leaf in tf.nest.flatten(x):
       if leaf.shape[0] != y.shape[0]:
         raise ValueError(
@@ -685,9 +684,6 @@ class MAML:
       state = inner_loop_lib.support_statistics(self.model, fast, state, x)
     return cloning.clone_with_weights(self.model, fast, state)
 
-
-def _cast_floats(t: tf.Tensor, dtype) -> tf.Tensor:
-  return tf.cast(t, dtype) if t.dtype.is_floating and t.dtype != dtype else t
 
 
 def _why_not_vectorizable(model: keras.Model, has_conv: bool

@@ -58,7 +58,8 @@ def is_nested(x) -> bool:
   return tf.nest.is_nested(x)
 
 
-def _as_tensors(x, dtype):
+def as_tensors(x, dtype):
+  """``x`` (one input or a structure of them) as tensors, floats as ``dtype``."""
   def convert(t):
     t = tf.convert_to_tensor(t)
     return tf.cast(t, dtype) if t.dtype.is_floating and t.dtype != dtype else t
@@ -68,7 +69,7 @@ def _as_tensors(x, dtype):
 def prepare_batch(batch, dtype) -> TaskBatch:
   """``batch`` validated, as tensors, float fields cast to ``dtype``."""
   batch = validate_task_batch(batch)
-  return TaskBatch(*(_as_tensors(field, dtype) for field in batch))
+  return TaskBatch(*(as_tensors(field, dtype) for field in batch))
 
 
 def validate_task_batch(batch: TaskBatch) -> TaskBatch:
