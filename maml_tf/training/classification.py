@@ -128,8 +128,11 @@ class ClassificationConfig:
     checkpoint_every: iterations between checkpoints.
     resume: continue from the newest checkpoint in the workdir.
     eval_only: skip training; evaluate the newest checkpoint.
-    pretrained: with ``eval_only``, evaluate the shipped meta-initialisation
-      of the preset (:mod:`maml_tf.models.pretrained`) instead.
+    pretrained: start from the shipped meta-initialisation of the preset
+      (:mod:`maml_tf.models.pretrained`): with ``eval_only``, evaluate it;
+      otherwise continue meta-training from it, counting iterations from
+      the card's (fresh meta-optimizer state; a workdir that already holds
+      a checkpoint resumes from that instead).
     train_on_val: Omniglot: meta-train on the validation characters too
       (the paper's 1200); validation accuracy is then not held out.
     image_size: MiniImagenet side length (84 in the paper; >= 16).
@@ -217,6 +220,10 @@ class ClassificationConfig:
       if (isinstance(value, bool) or not isinstance(value, (int, np.integer))
           or value < low):
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if self.pretrained and not (self.eval_only or self.resume):
+      raise ValueError("pretrained=True without eval_only continues "
+                       "meta-training from the shipped weights through a "
+                       "checkpoint: it needs resume=True")
     if self.images_per_class is not None and self.images_per_class < 1:
       raise ValueError(f"images_per_class must be >= 1, got "
                        f"{self.images_per_class}")
@@ -624,6 +631,19 @@ def _name_of_preset(config: ClassificationConfig) -> str:
       f"{pretrained.available() or 'none'}")
 
 
+def _start_from_shipped(learner, config: ClassificationConfig, workdir: str,
+                        log) -> None:
+  """Seeds ``workdir`` with the shipped weights of ``config``'s setting, as
+  the checkpoint of their iteration count, unless it holds a checkpoint."""
+  from maml_tf.models import pretrained  # pylint: disable=g-import-not-at-top
+  if _checkpoint_step(workdir):
+    return
+  name = _name_of_preset(config)
+  pretrained.load_into(learner, name)
+  loop.seed_checkpoint(learner, workdir, pretrained.card(name)["iterations"],
+                       log)
+
+
 def _name(config: ClassificationConfig) -> str:
   net = "" if config.network == "conv" else f" {config.network}"
   return f"{config.dataset}{net} {config.way}-way {config.shot}-shot"
@@ -687,10 +707,9 @@ def train_and_evaluate(config: ClassificationConfig, workdir: str,
 
   t_train = time.perf_counter()
   timing = {}
-  if config.pretrained:
-    if not config.eval_only:
-      raise ValueError("pretrained=True evaluates shipped weights: it needs "
-                       "eval_only=True (--pretrained --eval_only)")
+  if config.pretrained and not config.eval_only:
+    _start_from_shipped(learner, config, workdir, log)
+  if config.pretrained and config.eval_only:
     from maml_tf.models import pretrained  # pylint: disable=g-import-not-at-top
     name = _name_of_preset(config)
     pretrained.load_into(learner, name)

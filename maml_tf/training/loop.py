@@ -49,6 +49,25 @@ def make_checkpoint(learner, workdir: str, max_to_keep: int = 3,
   return ckpt, manager, step
 
 
+def seed_checkpoint(learner, workdir: str, step: int, log=print,
+                    **extra) -> bool:
+  """Writes the learner's current state as the checkpoint of ``step``.
+
+  A run that starts from given weights (e.g. shipped ones) instead of the
+  random initialisation calls this before :func:`meta_train`, which then
+  resumes from it and continues the iteration count at ``step``. Nothing is
+  written (False) when ``workdir`` already holds a checkpoint: a restarted
+  run resumes from its own newest one.
+  """
+  ckpt, manager, step_var = make_checkpoint(learner, workdir, **extra)
+  if manager.latest_checkpoint:
+    return False
+  step_var.assign(int(step))
+  path = manager.save(checkpoint_number=int(step))
+  log(f"starting from the given weights at iteration {int(step)} ({path})")
+  return True
+
+
 def restore_latest(ckpt, manager, log=print) -> bool:
   """Restores the newest readable checkpoint; True when one was restored.
 

@@ -54,6 +54,25 @@ def test_launcher_evaluates_the_shipped_5w1s_weights(tmp_path):
   assert results["iterations"] == card["iterations"]
 
 
+@pytest.mark.skipif(not os.path.isdir(DATA), reason="no Omniglot data")
+def test_meta_training_continues_from_the_shipped_5w1s_weights(tmp_path):
+  from maml_tf.training import classification  # pylint: disable=g-import-not-at-top
+  card = pretrained.card("omniglot_5w1s")
+  start = card["iterations"]
+  config = classification.make_config(
+      "omniglot_5w1s", pretrained=True, iterations=start + 2, meta_batch=2,
+      train_query=1, data_dir=DATA, eval_tasks=10, eval_every=0,
+      adapted_check_tasks=0, plot=False)
+  results = classification.train_and_evaluate(config, str(tmp_path / "run"),
+                                              log=lambda m: 0)
+  assert results["iterations"] == start + 2
+  # Two meta-steps from the shipped weights, not from a random init.
+  assert results["test"]["accuracy"]["mean"][-1] > 0.9
+  with pytest.raises(ValueError, match="needs resume=True"):
+    classification.make_config("omniglot_5w1s", pretrained=True,
+                               resume=False).validate()
+
+
 def test_sinusoid_weights_adapt_and_the_launcher_evaluates_them(tmp_path):
   import numpy as np  # pylint: disable=g-import-not-at-top
   from maml_tf.tasks import sinusoid  # pylint: disable=g-import-not-at-top

@@ -94,6 +94,31 @@ def test_an_unreadable_newest_checkpoint_falls_back_to_an_older_one(tmp_path):
     loop.restore_latest(ckpt, manager, log=lines.append)
 
 
+def test_a_run_seeded_with_given_weights_continues_from_their_iteration(
+    tmp_path):
+  workdir = str(tmp_path / "run")
+  given = _maml()
+  for v in given.model.trainable_variables:
+    v.assign(v + 0.5)                       # weights unlike a fresh init
+  seeded = [v.numpy() for v in given.model.trainable_variables]
+  assert loop.seed_checkpoint(given, workdir, 100, log=lambda m: 0)
+  learner = _maml()                         # another initialisation
+  lines = []
+  done = loop.meta_train(learner, _batch, 102, workdir, log_every=1,
+                         checkpoint_every=10, log=lines.append)
+  assert done == 102
+  assert any("iterations 100 -> 102" in l for l in lines), lines
+  assert int(learner.meta_optimizer.iterations.numpy()) == 2
+  # Two Adam steps of 1e-3 from the seeded weights, not from learner's own.
+  for a, b in zip(learner.model.trainable_variables, seeded):
+    np.testing.assert_allclose(a.numpy(), b, atol=3e-3)
+  # A workdir holding a checkpoint is not reseeded.
+  assert not loop.seed_checkpoint(_maml(), workdir, 5, log=lambda m: 0)
+  ckpt, manager, step = loop.make_checkpoint(_maml(), workdir)
+  assert loop.restore_latest(ckpt, manager, log=lambda m: 0)
+  assert int(step.numpy()) == 102
+
+
 def test_log_lines_past_the_checkpoint_are_not_repeated_after_a_kill(
     tmp_path):
   workdir = str(tmp_path / "run")
