@@ -8,9 +8,10 @@ maml_tf reads a private Keras/TF attribute.
 """
 
 import contextlib
+import itertools
 import threading
 import warnings
-from typing import Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import keras
 import tensorflow as tf
@@ -174,3 +175,78 @@ def function_graphs(graph) -> list:
   """The graphs of the functions defined in ``graph`` (loop bodies, ...)."""
   return [f.graph for f in graph._functions.values()  # pylint: disable=protected-access
           if getattr(f, "graph", None) is not None]
+
+
+# ------------------------------------------------------------- fast calls
+def direct_caller(concrete) -> Optional[Callable]:
+  """``f(flat_tensors) -> outputs`` running the traced ``concrete`` function.
+
+  It skips ``tf.function``'s per-call Python (argument binding, signature
+  matching, the tape bookkeeping of a differentiable call): the function
+  runs as one op, with the call attributes ``tf.function`` gives it, its inputs the flat tensors of the arguments it was traced
+  with followed by its captured variables. Valid only where
+  :func:`can_call_directly`, for arguments of the traced shapes and dtypes.
+  Needs ``ConcreteFunction._inference_function`` and TensorFlow's
+  ``execute``; ``None`` (the caller keeps the ``tf.function``) when a
+  future version moves them.
+  """
+  try:
+    from tensorflow.python.eager import context  # pylint: disable=g-import-not-at-top,g-direct-tensorflow-import
+    from tensorflow.python.eager import execute  # pylint: disable=g-import-not-at-top,g-direct-tensorflow-import
+    name = concrete._inference_function.name  # pylint: disable=protected-access
+    captured = list(concrete.captured_inputs)
+    structure = concrete.structured_outputs
+    num_outputs = len(concrete.outputs)
+  except (AttributeError, ImportError):
+    return None
+  if num_outputs != len(tf.nest.flatten(structure, expand_composites=True)):
+    return None              # outputs that are not all tensors (None, ...)
+  run = execute.execute
+  ctx = context.context()
+  # The attributes tf.function passes (executor, session config): the same
+  # function instantiation, so the same numbers.
+  attrs = tuple(itertools.chain(
+      *ctx.function_call_options.as_attrs().items()))
+  pack = _packer(structure)
+
+  def call(flat):
+    return pack(run(name, num_outputs, flat + captured, attrs, ctx))
+  return call
+
+
+def _packer(structure) -> Callable[[list], object]:
+  """``flat -> structure`` with the flat outputs in ``tf.nest`` order: fast
+  for tuples of tensors and of dicts of tensors, ``tf.nest`` otherwise."""
+  if isinstance(structure, tuple) and not hasattr(structure, "_fields"):
+    parts, start = [], 0
+    for item in structure:
+      if isinstance(item, tf.Tensor):
+        parts.append((None, start))
+        start += 1
+      elif (type(item) is dict  # pylint: disable=unidiomatic-typecheck
+            and all(isinstance(v, tf.Tensor) for v in item.values())):
+        keys = sorted(item)
+        parts.append((keys, start))
+        start += len(keys)
+      else:
+        break
+    else:
+      def pack(flat):
+        return tuple(flat[i] if keys is None else
+                     dict(zip(keys, flat[i:i + len(keys)]))
+                     for keys, i in parts)
+      return pack
+  return lambda flat: tf.nest.pack_sequence_as(structure, flat,
+                                               expand_composites=True)
+
+
+def can_call_directly() -> bool:
+  """Eager, and no gradient tape is recording (which would need the call's
+  gradient): the case where :func:`direct_caller` may be used."""
+  if not tf.executing_eagerly():
+    return False
+  try:
+    from tensorflow.python.eager import record  # pylint: disable=g-import-not-at-top,g-direct-tensorflow-import
+    return not record.could_possibly_record()
+  except (ImportError, AttributeError):
+    return False

@@ -43,6 +43,8 @@ from maml_tf.core.task_batch import (TaskBatch, as_tensors, prepare_batch,
                                      validate_task_batch)
 
 INNER_LR_MODES = inner_loop_lib.INNER_LR_MODES
+# train_steps warns when it has compiled loops for this many samplers.
+MANY_SAMPLERS = 8
 EXECUTIONS = plan_lib.EXECUTIONS
 _CONV_LAYERS = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D,
                 keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D,
@@ -232,6 +234,7 @@ class MAML:
     self._runner = runner_lib.Runner(self.model.name)
     self._plans = {}         # (batch shape, order, distributed, fallbacks) -> plan
     self._step_plans = {}    # train_steps key -> plan of its sampled batch
+    self._samplers = {}      # id -> the sample_batch functions seen (alive)
     self.state_kinds = kinds
     self.inner_loop = inner_loop_lib.InnerLoop(
         self.model, self.loss_fn, tuple(self.adapt_mask),
@@ -512,12 +515,11 @@ class MAML:
     if plan.xla:                    # XLA is for the train_steps loop only
       plan = plan.replace(xla=False)
     before = bool(pre_update_metrics)
-    fn = self._runner.function(
-        ("train", before),
-        lambda p: lambda b: self.meta_step(b, p, before).metrics,
-        plan, batch, second_order=not plan.first_order)
-    with numerics.floating_point_errors():
-      return fn(batch)
+    return self._runner.call_step(
+        ("train", before), lambda p: lambda b: self.meta_step(b, p, before),
+        plan, (batch,), second_order=not plan.first_order,
+        xla_auto=self._options.jit_compile is None,
+        variables=lambda: self.meta_variables)
 
   def train_step(self, batch: TaskBatch,
                  pre_update_metrics: bool = True) -> Dict[str, float]:
@@ -566,6 +568,7 @@ class MAML:
     key = ("train_steps", id(sample_batch), num_steps, first_order, before)
     plan = self._step_plans.get(key)
     if plan is None:
+      self._warn_if_many_samplers(sample_batch)
       plan = self._step_plans[key] = self.plan(
           self.prepare(sample_batch(self.meta_optimizer.iterations)),
           first_order)
@@ -582,6 +585,20 @@ class MAML:
         key, make_loop, plan, second_order=not first_order,
         xla_auto=self._options.jit_compile is None,
         variables=self.meta_variables)
+
+  def _warn_if_many_samplers(self, sample_batch) -> None:
+    """Each new ``sample_batch`` compiles a new loop (XLA: seconds and
+    memory each): warn once when that looks like a new function per call."""
+    # Held so that no later function gets a cached one's id.
+    self._samplers[id(sample_batch)] = sample_batch
+    if len(self._samplers) == MANY_SAMPLERS:
+      warnings.warn(
+          f"maml_tf: train_steps has compiled a loop for {MANY_SAMPLERS} "
+          "different sample_batch functions: each new function (e.g. a "
+          "lambda or batch_sampler(...) made inside the training loop) "
+          "traces and compiles a new loop, which costs time and memory "
+          "every call. Make the sampler once and pass the same function.",
+          plan_lib.PlanWarning, stacklevel=3)
 
   def task_metrics(self, batch: TaskBatch, plan: plan_lib.ExecutionPlan,
                    task_pass: Optional[strategies.TaskPass] = None

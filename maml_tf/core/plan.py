@@ -43,6 +43,7 @@ every compiled step is keyed by its plan. The rules:
 """
 
 import dataclasses
+import math
 import os
 from typing import Callable, Optional, Tuple, Union
 
@@ -190,8 +191,11 @@ class BatchShape:
     sx, qx = inputs[0], tf.nest.flatten(batch.query_x)[0]
     sy = batch.support_y
     dtype = getattr(sy, "dtype", None)
-    integer = bool(tf.as_dtype(dtype).is_integer) if dtype is not None else False
-    values = sum(int(np.prod([d or 1 for d in x.shape[2:]])) for x in inputs)
+    if isinstance(dtype, tf.dtypes.DType):
+      integer = dtype.is_integer
+    else:
+      integer = dtype is not None and bool(np.issubdtype(dtype, np.integer))
+    values = sum(math.prod(d or 1 for d in x.shape[2:]) for x in inputs)
     return cls(sx.shape[0], sx.shape[1], qx.shape[1], values, integer)
 
   @property

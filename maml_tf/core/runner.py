@@ -20,6 +20,7 @@ from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import tensorflow as tf
 
+from maml_tf.core import keras_compat
 from maml_tf.core import numerics
 from maml_tf.core.plan import ExecutionPlan
 
@@ -60,6 +61,7 @@ class Runner:
     self.model_name = model_name
     self.fallbacks: Dict[str, Tuple[object, str]] = {}
     self._cache: Dict[tuple, object] = {}
+    self._direct: Dict[tuple, object] = {}
     self._ran = set()
 
   @property
@@ -80,7 +82,7 @@ class Runner:
 
   def function(self, key: tuple, make: Callable[[ExecutionPlan], Callable],
                plan: ExecutionPlan, example, second_order: bool,
-               reduce_retracing: bool = False):
+               reduce_retracing: bool = False, jit_compile: bool = False):
     """The ``tf.function`` of ``make(plan)``, traced for ``example``.
 
     Falls back to ``map_fn`` (recorded) when ``vectorized_map`` cannot
@@ -91,7 +93,8 @@ class Runner:
     fn = self._cache.get(full)
     if fn is not None:
       return fn
-    fn = tf.function(make(plan), reduce_retracing=reduce_retracing)
+    fn = tf.function(make(plan), reduce_retracing=reduce_retracing,
+                     jit_compile=jit_compile)
     try:
       self.trace(fn, example, second_order)
     except (ValueError, NotImplementedError, TypeError,
@@ -105,7 +108,7 @@ class Runner:
           "more slowly.")
       self.fallbacks["execution"] = ("map_fn", why)
       return self.function(key, make, plan, example, second_order,
-                           reduce_retracing)
+                           reduce_retracing, jit_compile)
     self._cache[full] = fn
     return fn
 
@@ -146,41 +149,84 @@ class Runner:
             "UpSampling2D(interpolation='bilinear') by "
             "interpolation='nearest' or Conv2DTranspose).")
 
-  def call_steps(self, key: tuple, make_loop: Callable[[ExecutionPlan],
-                                                       Callable],
-                 plan: ExecutionPlan, second_order: bool, xla_auto: bool,
-                 variables: Sequence):
-    """Runs the compiled loop ``make_loop(plan)``; returns its metrics.
+  def call_step(self, key: tuple, make: Callable[[ExecutionPlan], Callable],
+                plan: ExecutionPlan, args: tuple, second_order: bool,
+                xla_auto: bool, variables: Sequence):
+    """Runs the compiled ``make(plan)(*args)``; returns its metrics.
 
-    Raises ``FloatingPointError`` naming the first non-finite value of an
-    XLA loop. An automatically chosen XLA loop that XLA cannot compile is
-    recorded as a fallback and run without XLA.
+    ``make(plan)`` returns a traceable function of ``args`` (tensors, or
+    structures of them) returning ``(metrics, finite flags or None)`` (a
+    :class:`StepOutput`). Compiled with XLA when ``plan.xla``; raises
+    ``FloatingPointError`` naming the first non-finite value (the flags of
+    an XLA step, the graph's own checks otherwise). An automatically chosen
+    XLA step that XLA cannot compile is recorded as a fallback and run
+    without XLA. ``variables`` (or a function returning them) name the
+    meta-gradients in that error. Eager calls after the first with arguments of known shapes
+    run the traced function directly (:func:`keras_compat.direct_caller`).
     """
-    plan = self.resolved(plan)
+    fn = self.function(key, lambda p: _tensors_only(make(p)), plan,
+                       args[0] if args else None, second_order,
+                       jit_compile=self.resolved(plan).xla)
+    plan = self.resolved(plan)        # after a map_fn fallback
     full = key + (plan,)
-    fn = self._cache.get(full)
-    if fn is None:
-      fn = tf.function(make_loop(plan), jit_compile=plan.xla)
-      self.trace(fn, None, second_order)
-      self._cache[full] = fn
     try:
       with numerics.floating_point_errors():
-        metrics, flags = fn()
+        out = self._call(full, fn, args)
     except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError,
             tf.errors.InternalError) as e:
       if not (xla_auto and plan.xla and full not in self._ran
               and "XLA" in str(e)):
         raise
-      warnings.warn(f"maml_tf: XLA could not compile train_steps "
+      warnings.warn(f"maml_tf: XLA could not compile {key[0]} "
                     f"({root_cause(e)}); running it without XLA.")
       self.fallbacks["xla"] = (False, root_cause(e))
       self._cache.pop(full, None)
-      return self.call_steps(key, make_loop, plan, second_order, xla_auto,
-                             variables)
+      return self.call_step(key, make, plan, args, second_order, xla_auto,
+                            variables)
     self._ran.add(full)
-    if flags is not None:
-      numerics.raise_for_flags(flags.numpy(), variables)
-    return metrics
+    if len(out) == 2:
+      flags = out[1].numpy()
+      if not flags.all():
+        numerics.raise_for_flags(
+            flags, variables() if callable(variables) else variables)
+    return out[0]
+
+  def call_steps(self, key: tuple, make_loop: Callable[[ExecutionPlan],
+                                                       Callable],
+                 plan: ExecutionPlan, second_order: bool, xla_auto: bool,
+                 variables: Sequence):
+    """:meth:`call_step` of a function of no arguments (a step loop)."""
+    return self.call_step(key, make_loop, plan, (), second_order, xla_auto,
+                          variables)
+
+  def _call(self, full: tuple, fn, args: tuple):
+    """``fn(*args)``; directly where :func:`keras_compat.direct_caller`
+    serves (eager, no tape, a signature seen before)."""
+    if not keras_compat.can_call_directly():
+      return fn(*args)
+    flat = tf.nest.flatten(args, expand_composites=True)
+    if not all(isinstance(t, tf.Tensor) for t in flat):   # eager tensors
+      return fn(*args)
+    signature = (full,) + tuple((tuple(t.shape), t.dtype) for t in flat)
+    direct = self._direct.get(signature)
+    if direct is None:
+      out = fn(*args)                    # traces (once) and registers fn
+      self._direct[signature] = (
+          keras_compat.direct_caller(fn.get_concrete_function(*args))
+          or False)
+      return out
+    if direct is False:
+      return fn(*args)
+    return direct(flat)
+
+
+def _tensors_only(step: Callable) -> Callable:
+  """``step`` returning ``(metrics,)`` or ``(metrics, finite)``: no None
+  among the outputs of a compiled function."""
+  def run(*args):
+    metrics, finite = step(*args)
+    return (metrics,) if finite is None else (metrics, finite)
+  return run
 
 
 def check_num_steps(num_steps) -> int:

@@ -58,12 +58,17 @@ def is_nested(x) -> bool:
   return tf.nest.is_nested(x)
 
 
+def _as_tensor(t, dtype):
+  if not isinstance(t, tf.Tensor):
+    t = tf.convert_to_tensor(t)
+  return tf.cast(t, dtype) if t.dtype.is_floating and t.dtype != dtype else t
+
+
 def as_tensors(x, dtype):
   """``x`` (one input or a structure of them) as tensors, floats as ``dtype``."""
-  def convert(t):
-    t = tf.convert_to_tensor(t)
-    return tf.cast(t, dtype) if t.dtype.is_floating and t.dtype != dtype else t
-  return tf.nest.map_structure(convert, x)
+  if not is_nested(x):
+    return _as_tensor(x, dtype)
+  return tf.nest.map_structure(lambda t: _as_tensor(t, dtype), x)
 
 
 def prepare_batch(batch, dtype) -> TaskBatch:

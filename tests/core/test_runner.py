@@ -71,3 +71,41 @@ def test_train_steps_for_classification_report_accuracy():
   assert 0.0 <= float(metrics["accuracy_after"]) <= 1.0
   assert int(maml.meta_optimizer.iterations.numpy()) == 4
   assert float(metrics["loss_after"]) < float(metrics["loss_before"])
+
+
+def test_a_new_sampler_per_call_warns_and_ids_are_never_reused():
+  from maml_tf.core import learner as learner_lib  # pylint: disable=g-import-not-at-top
+  maml = MAML(mlp(1, 1, hidden=(4,)), "mse", jit_compile=False)
+  batch = sinusoid.sample_batch(2, 3, 3, np.random.default_rng(0))[0]
+  with pytest.warns(UserWarning, match="same function"):
+    for _ in range(learner_lib.MANY_SAMPLERS):
+      maml.train_steps(lambda iteration: batch, 1)
+  # Every sampler stayed alive, so none took a compiled one's id: one loop
+  # each.
+  assert len([k for k in maml.compiled if k[0] == "train_steps"]) == (
+      learner_lib.MANY_SAMPLERS)
+  assert int(maml.meta_optimizer.iterations.numpy()) == learner_lib.MANY_SAMPLERS
+
+
+def test_repeated_calls_equal_the_compiled_function_and_respect_tapes():
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(3)
+  batches = [sinusoid.sample_batch(3, 4, 4, rng)[0] for _ in range(3)]
+  runs = []
+  for direct in (True, False):
+    keras.utils.set_random_seed(2)
+    maml = MAML(mlp(1, 1, hidden=(8,)), "mse", inner_lr=0.01)
+    losses = []
+    for b in batches:
+      if direct:                 # eager: the traced function called directly
+        losses.append(float(maml.train_step(b)["loss_after"]))
+      else:                      # a recording tape: the tf.function itself
+        with tf.GradientTape():
+          losses.append(float(maml.train_step(b)["loss_after"]))
+    runs.append((losses, _weights(maml.model)))
+  (l1, w1), (l2, w2) = runs
+  np.testing.assert_allclose(l1, l2, rtol=1e-6)
+  for a, b in zip(w1, w2):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8)
+  # One compiled function served all three calls (same shapes).
+  assert len([k for k in maml.compiled if k[0] == "train"]) == 1
