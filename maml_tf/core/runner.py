@@ -10,6 +10,13 @@ records the two runtime fallbacks as facts that later plans apply
 * ``xla``: when XLA cannot compile an automatically chosen XLA loop, the
   loop runs in the graph executor, with a warning.
 
+:meth:`Runner.call_step` runs a compiled step (``train_step``'s and
+``train_steps``' alike): after the first call, eager calls with arguments of
+a known signature run the traced function directly
+(:func:`maml_tf.core.keras_compat.direct_caller`), skipping
+``tf.function``'s per-call Python; under a gradient tape or inside another
+graph the ``tf.function`` itself runs.
+
 :func:`steps_loop` builds the body of ``train_steps``: many meta-steps in one
 ``tf.while_loop`` whose metrics are averaged; under XLA it stops at the first
 step whose loss or meta-gradient is not finite, before that step's update.
