@@ -4,6 +4,8 @@
   python -m benchmarks.compare --workloads omniglot_20w1s --iters 3 \\
       --warmup 1 --implementations maml_tf jax --json_out runs/compare.jsonl
   python -m benchmarks.compare --from_json runs/compare.jsonl   # table again
+  python -m benchmarks.compare --workloads sinusoid --implementations \
+      maml_tf jax --rounds 5 --cpus 1       # interleaved, median of rounds
 
 Runs, one after another in subprocesses (so that each gets the machine to
 itself and its own peak RSS), ``benchmarks/meta_step.py`` (maml_tf, in this
@@ -15,7 +17,10 @@ maml_tf, the first call (trace/compile + first run) and peak RSS. The load
 average before and after is printed under the table: on a busy machine the
 numbers mean little, multi-threaded ones least (threads that wait for each
 other at every op while another process holds the cores): ``--cpus 1`` pins
-every run to one CPU and one thread. Implementations whose interpreter is
+every run to one CPU and one thread. ``--rounds N`` runs the implementations
+of a workload in turn N times (A B A B ...), so that the machine's drift
+over minutes reaches all of them alike, and reports each one's median over
+the rounds with every round's figure. Implementations whose interpreter is
 missing are skipped with a note.
 """
 
@@ -100,6 +105,18 @@ def run_one(impl: str, workload: str, iters: int, warmup: int,
   return result
 
 
+def median_round(runs: list) -> dict:
+  """The run with the median seconds per iteration, listing every round's
+  figure under ``rounds`` (several rounds), or the first error."""
+  good = [r for r in runs if "median_s_per_iter" in r]
+  if len(good) < len(runs) or len(runs) == 1:
+    return next((r for r in runs if "median_s_per_iter" not in r), runs[0])
+  ordered = sorted(good, key=lambda r: r["median_s_per_iter"])
+  chosen = dict(ordered[(len(ordered) - 1) // 2])
+  chosen["rounds"] = [r["median_s_per_iter"] for r in good]
+  return chosen
+
+
 def describe(impl: str, r: dict) -> str:
   """Implementation label with its version and the variant that ran."""
   label = IMPLEMENTATIONS[impl][0]
@@ -124,9 +141,12 @@ def describe(impl: str, r: dict) -> str:
 def table(results, first_order: bool) -> str:
   """The markdown table of ``[(workload, impl, result dict)]``."""
   order = "first-order" if first_order else "second-order"
+  rounds = any("rounds" in r for _, _, r in results)
   rows = [f"| workload ({order}) | implementation | s/iter | it/s | "
-          "speed vs maml_tf | first call s | peak RSS MB |",
-          "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+          "speed vs maml_tf | first call s | peak RSS MB |"
+          + (" s/iter of each round |" if rounds else ""),
+          "| --- | --- | ---: | ---: | ---: | ---: | ---: |"
+          + (" --- |" if rounds else "")]
   tf_s = {w: r["median_s_per_iter"] for w, i, r in results
           if i == "maml_tf" and "error" not in r}
   for workload, impl, r in results:
@@ -140,8 +160,30 @@ def table(results, first_order: bool) -> str:
     ratio = f"{tf_s[workload] / s:.2f}x" if workload in tf_s else "-"
     rows.append(f"| {workload} | {describe(impl, r)} | {s:.4g} | "
                 f"{1 / s:.4g} | {ratio} | {r.get('compile_s', float('nan')):.3g}"
-                f" | {r['peak_rss_mb']:.0f} |")
+                f" | {r['peak_rss_mb']:.0f} |"
+                + (" " + ", ".join(f"{x:.4g}" for x in r.get("rounds", []))
+                   + " |" if rounds else ""))
   return "\n".join(rows)
+
+
+def cpu_description() -> str:
+  """The CPU's model name and widest vector ISA (for the table's note)."""
+  model, flags = "unknown CPU", set()
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and model == "unknown CPU":
+          model = value.strip()
+        elif key.strip() == "flags" and not flags:
+          flags = set(value.split())
+  except OSError:
+    pass
+  isa = ("AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags
+         else "no AVX2")
+  if "amx_tile" in flags:
+    isa += ", AMX"
+  return f"{model} ({isa})"
 
 
 def main():
@@ -162,6 +204,9 @@ def main():
   parser.add_argument("--peers_python", default=PEERS_PYTHON)
   parser.add_argument("--timeout", type=float, default=900,
                       help="seconds per benchmark subprocess")
+  parser.add_argument("--rounds", type=int, default=1,
+                      help="run the implementations of a workload in turn "
+                      "this many times; report each one's median round")
   parser.add_argument("--json_out", help="also write the JSON lines here")
   parser.add_argument("--from_json",
                       help="print the table of a --json_out file; run nothing")
@@ -181,16 +226,21 @@ def main():
     iters, warmup = DEFAULT_ITERS[workload]
     iters = args.iters or iters
     warmup = warmup if args.warmup is None else args.warmup
+    runs = {impl: [] for impl in args.implementations}
+    for round_ in range(args.rounds):
+      for impl in args.implementations:
+        print(f"[compare] {workload} / {impl} ({iters} iters, {warmup} "
+              f"warmup, round {round_ + 1}/{args.rounds}) ...",
+              file=sys.stderr, flush=True)
+        r = run_one(impl, workload, iters, warmup, args.first_order,
+                    args.peers_python, args.timeout, args.cpus)
+        r.setdefault("workload", workload)
+        r.setdefault("implementation", impl)
+        print(f"[compare]   -> {r.get('median_s_per_iter', r.get('error', r.get('skipped')))}",
+              file=sys.stderr, flush=True)
+        runs[impl].append(r)
     for impl in args.implementations:
-      print(f"[compare] {workload} / {impl} ({iters} iters, {warmup} warmup)"
-            " ...", file=sys.stderr, flush=True)
-      r = run_one(impl, workload, iters, warmup, args.first_order,
-                  args.peers_python, args.timeout, args.cpus)
-      r.setdefault("workload", workload)
-      r.setdefault("implementation", impl)
-      print(f"[compare]   -> {r.get('median_s_per_iter', r.get('error', r.get('skipped')))}",
-            file=sys.stderr, flush=True)
-      results.append((workload, impl, r))
+      results.append((workload, impl, median_round(runs[impl])))
   load_after = os.getloadavg()
 
   if args.json_out:
@@ -199,8 +249,8 @@ def main():
         f.write(json.dumps(r) + "\n")
   print(table(results, args.first_order))
   print()
-  print(f"{started}, runs pinned to {args.cpus} of {os.cpu_count()} CPUs; "
-        "load average (1/5/15 min) "
+  print(f"{started}, {cpu_description()}, runs pinned to {args.cpus} of "
+        f"{os.cpu_count()} CPUs; {args.rounds} round(s); load average (1/5/15 min) "
         f"before {'/'.join(f'{x:.2f}' for x in load_before)}, after "
         f"{'/'.join(f'{x:.2f}' for x in load_after)}. s/iter: median over the"
         " timed iterations; first call: trace/compile + first iteration.")

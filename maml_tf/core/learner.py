@@ -111,9 +111,10 @@ class MAML:
       loss or recomputation (:mod:`maml_tf.core.dense_chain`): ``"auto"``
       (whenever possible), ``True`` (a ``ValueError`` says why not) or
       ``False``. The same numbers.
-    jit_compile: compile :meth:`train_steps` with XLA; ``None``: when the
-      closed form runs. The XLA loop tests for NaN/Inf itself; its random
-      ops draw other (equally distributed) tasks than the graph executor's.
+    jit_compile: compile :meth:`train_step` and :meth:`train_steps` with
+      XLA; ``None``: when the closed form runs. An XLA step tests for NaN/Inf
+      itself; its random ops draw other (equally distributed) tasks than the
+      graph executor's.
 
   Every "auto" is resolved in :mod:`maml_tf.core.plan`.
 
@@ -347,7 +348,8 @@ class MAML:
 
   @property
   def jit_compile(self) -> bool:
-    """Whether :meth:`train_steps` compiles with XLA (after fallbacks)."""
+    """Whether :meth:`train_step` and :meth:`train_steps` compile with XLA
+    (after fallbacks)."""
     return self._model_plan().xla
 
   @property
@@ -364,11 +366,15 @@ class MAML:
   def prepare(self, batch) -> TaskBatch:
     """``batch`` validated, as tensors, floats cast to the model's dtype."""
     batch = prepare_batch(batch, self.model.trainable_variables[0].dtype)
+    self._check_labels(batch)
+    return batch
+
+  def _check_labels(self, batch: TaskBatch) -> None:
+    """Class-index labels must index the model's outputs (checked eagerly)."""
     if self._class_indices:
       for name in ("support_y", "query_y"):
         losses.check_class_labels(name, getattr(batch, name),
                                   self._num_classes)
-    return batch
 
   # --------------------------------------------------- the meta-step pieces
   def training_pass(self, plan: plan_lib.ExecutionPlan,
@@ -505,21 +511,37 @@ class MAML:
                          pre_update_metrics: bool = True,
                          plan: Optional[plan_lib.ExecutionPlan] = None
                          ) -> Dict[str, tf.Tensor]:
-    """As :meth:`train_step` but returns tensors (no host synchronisation).
+    """As :meth:`train_step` but returns tensors (no host synchronisation
+    in the graph executor; an XLA step reads its finite flags).
 
     ``plan`` runs the step with another plan than :meth:`plan`'s (e.g.
-    ``maml.plan(batch).replace(task_chunk=None)``).
+    ``maml.plan(batch).replace(task_chunk=None)``). A batch of eager
+    tensors whose shapes and dtypes were seen before (and needed no
+    conversion) is validated and planned once, not again on every call.
     """
-    batch = self.prepare(batch)
-    plan = plan or self._plan_of(batch)
-    if plan.xla:                    # XLA is for the train_steps loop only
-      plan = plan.replace(xla=False)
     before = bool(pre_update_metrics)
+    ready_key = flat = None
+    if plan is None and keras_compat.can_call_directly():
+      flat = tf.nest.flatten(batch)
+      if type(batch) is TaskBatch and all(   # pylint: disable=unidiomatic-typecheck
+          isinstance(t, tf.Tensor) for t in flat):
+        ready_key = ("train", before, self.first_order_now(),
+                     len(self._runner.fallbacks))
+        step = self._runner.ready_step(ready_key, flat)
+        if step is not None:
+          self._check_labels(batch)
+          return step(flat)
+    prepared = self.prepare(batch)
+    if ready_key is not None and not all(
+        a is b for a, b in zip(flat, tf.nest.flatten(prepared))):
+      ready_key = None                # converted: not this signature's step
+    plan = plan or self._plan_of(prepared)
     return self._runner.call_step(
-        ("train", before), lambda p: lambda b: self.meta_step(b, p, before),
-        plan, (batch,), second_order=not plan.first_order,
+        ("train", before),
+        lambda p: lambda b: self.meta_step(b, p, before),
+        plan, (prepared,), second_order=not plan.first_order,
         xla_auto=self._options.jit_compile is None,
-        variables=lambda: self.meta_variables)
+        variables=lambda: self.meta_variables, ready_key=ready_key)
 
   def train_step(self, batch: TaskBatch,
                  pre_update_metrics: bool = True) -> Dict[str, float]:

@@ -152,7 +152,7 @@ class MetaModel(keras.Model):
     """One meta-step on a meta-batch (``MAML.meta_step``)."""
     batch = self._prepared(data)
     plan = self.learner.plan(batch)
-    if plan.xla:                      # XLA is for MAML.train_steps only
+    if plan.xla:               # Keras compiles this step (compile(jit_compile=))
       plan = plan.replace(xla=False)
     out = self.learner.meta_step(batch, plan, self.pre_update_metrics)
     return self._update(self._logs(out.metrics))

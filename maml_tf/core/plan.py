@@ -35,9 +35,9 @@ every compiled step is keyed by its plan. The rules:
   task chunk, or of the meta-batch).
 * closed_form: the written-out meta-gradient of Dense/MSE chains when the
   learner found one and the batch has no accuracy to report.
-* xla: ``train_steps`` compiles its loop with XLA when ``jit_compile`` is
-  True, or is None and the closed form runs; never under ``tf.distribute``.
-  ``train_step`` never uses XLA.
+* xla: ``train_step`` and ``train_steps`` compile with XLA when
+  ``jit_compile`` is True, or is None and the closed form runs; never under
+  ``tf.distribute``.
 * fused_update: the fused Adam outer step where the meta-optimizer allows
   it (:mod:`maml_tf.core.fused_adam`), never under ``tf.distribute``.
 """
@@ -76,7 +76,7 @@ class ExecutionPlan:
     recompute: gradient checkpointing of the inner loop (second order).
     query_chunk: tasks per recomputed query chunk (``None``: all at once).
     closed_form: the closed-form meta-gradient (Dense/MSE chains).
-    xla: ``train_steps`` compiles with XLA.
+    xla: ``train_step`` and ``train_steps`` compile with XLA.
     fused_update: the fused Adam outer step.
     first_order: this step's derivative order.
     accuracy: the step reports accuracy (integer labels, or forced).

@@ -15,7 +15,11 @@ records the two runtime fallbacks as facts that later plans apply
 a known signature run the traced function directly
 (:func:`maml_tf.core.keras_compat.direct_caller`), skipping
 ``tf.function``'s per-call Python; under a gradient tape or inside another
-graph the ``tf.function`` itself runs.
+graph the ``tf.function`` itself runs. A caller that names a ``ready_key``
+also gets the step as a ready callable for that signature
+(:meth:`Runner.ready_step`): the next call with eager tensors of the same
+shapes and dtypes runs it without preparing, planning or looking up
+anything else.
 
 :func:`steps_loop` builds the body of ``train_steps``: many meta-steps in one
 ``tf.while_loop`` whose metrics are averaged; under XLA it stops at the first
@@ -69,6 +73,7 @@ class Runner:
     self.fallbacks: Dict[str, Tuple[object, str]] = {}
     self._cache: Dict[tuple, object] = {}
     self._direct: Dict[tuple, object] = {}
+    self._ready: Dict[tuple, Callable[[list], dict]] = {}
     self._ran = set()
 
   @property
@@ -158,7 +163,8 @@ class Runner:
 
   def call_step(self, key: tuple, make: Callable[[ExecutionPlan], Callable],
                 plan: ExecutionPlan, args: tuple, second_order: bool,
-                xla_auto: bool, variables: Sequence):
+                xla_auto: bool, variables: Sequence,
+                ready_key: Optional[tuple] = None):
     """Runs the compiled ``make(plan)(*args)``; returns its metrics.
 
     ``make(plan)`` returns a traceable function of ``args`` (tensors, or
@@ -168,8 +174,11 @@ class Runner:
     an XLA step, the graph's own checks otherwise). An automatically chosen
     XLA step that XLA cannot compile is recorded as a fallback and run
     without XLA. ``variables`` (or a function returning them) name the
-    meta-gradients in that error. Eager calls after the first with arguments of known shapes
-    run the traced function directly (:func:`keras_compat.direct_caller`).
+    meta-gradients in that error. Eager calls after the first with
+    arguments of known shapes run the traced function directly
+    (:func:`keras_compat.direct_caller`). With ``ready_key``, once the
+    direct call serves these arguments, :meth:`ready_step` returns the step
+    for ``ready_key`` and flat arguments of this signature.
     """
     fn = self.function(key, lambda p: _tensors_only(make(p)), plan,
                        args[0] if args else None, second_order,
@@ -189,14 +198,37 @@ class Runner:
       self.fallbacks["xla"] = (False, root_cause(e))
       self._cache.pop(full, None)
       return self.call_step(key, make, plan, args, second_order, xla_auto,
-                            variables)
+                            variables, ready_key)
     self._ran.add(full)
-    if len(out) == 2:
-      flags = out[1].numpy()
-      if not flags.all():
-        numerics.raise_for_flags(
-            flags, variables() if callable(variables) else variables)
-    return out[0]
+    if ready_key is not None:
+      self._make_ready(ready_key, full, args, variables)
+    return _checked(out, variables)
+
+  def ready_step(self, ready_key: tuple, flat: list
+                 ) -> Optional[Callable[[list], dict]]:
+    """The step registered by :meth:`call_step` for ``ready_key`` and the
+    signature of ``flat`` (eager tensors), else ``None``.
+
+    The returned ``step(flat) -> metrics`` runs the traced function
+    directly, raises ``FloatingPointError`` as :meth:`call_step` does, and
+    is valid only where :func:`keras_compat.can_call_directly`.
+    """
+    return self._ready.get((ready_key, signature(flat)))
+
+  def _make_ready(self, ready_key: tuple, full: tuple, args: tuple,
+                  variables) -> None:
+    flat = tf.nest.flatten(args, expand_composites=True)
+    if not all(isinstance(t, tf.Tensor) for t in flat):
+      return
+    direct = self._direct.get((full,) + signature(flat))
+    if not direct:
+      return
+
+    def step(flat):
+      with numerics.floating_point_errors():
+        out = direct(flat)
+      return _checked(out, variables)
+    self._ready[(ready_key, signature(flat))] = step
 
   def call_steps(self, key: tuple, make_loop: Callable[[ExecutionPlan],
                                                        Callable],
@@ -214,17 +246,33 @@ class Runner:
     flat = tf.nest.flatten(args, expand_composites=True)
     if not all(isinstance(t, tf.Tensor) for t in flat):   # eager tensors
       return fn(*args)
-    signature = (full,) + tuple((tuple(t.shape), t.dtype) for t in flat)
-    direct = self._direct.get(signature)
+    sig = (full,) + signature(flat)
+    direct = self._direct.get(sig)
     if direct is None:
       out = fn(*args)                    # traces (once) and registers fn
-      self._direct[signature] = (
+      self._direct[sig] = (
           keras_compat.direct_caller(fn.get_concrete_function(*args))
           or False)
       return out
     if direct is False:
       return fn(*args)
     return direct(flat)
+
+
+def signature(flat: Sequence[tf.Tensor]) -> tuple:
+  """The shapes and dtypes of tensors: what a traced function is for."""
+  return tuple((tuple(t.shape), t.dtype) for t in flat)
+
+
+def _checked(out: tuple, variables) -> dict:
+  """The metrics of a step's outputs; raises ``FloatingPointError`` where
+  an XLA step's finite flags (``out[1]``) say it skipped its update."""
+  if len(out) == 2:
+    flags = out[1].numpy()
+    if not flags.all():
+      numerics.raise_for_flags(
+          flags, variables() if callable(variables) else variables)
+  return out[0]
 
 
 def _tensors_only(step: Callable) -> Callable:

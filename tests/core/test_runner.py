@@ -109,3 +109,89 @@ def test_repeated_calls_equal_the_compiled_function_and_respect_tapes():
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8)
   # One compiled function served all three calls (same shapes).
   assert len([k for k in maml.compiled if k[0] == "train"]) == 1
+
+
+def _tensor_batch(batch, dtype="float32"):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return TaskBatch(*(tf.constant(np.asarray(x).astype(dtype))
+                     for x in batch))
+
+
+def test_a_known_tensor_signature_is_prepared_once_with_the_same_numbers():
+  rng = np.random.default_rng(7)
+  batches = [sinusoid.sample_batch(3, 4, 4, rng)[0] for _ in range(4)]
+  runs = []
+  for tensors in (True, False):
+    keras.utils.set_random_seed(2)
+    maml = MAML(mlp(1, 1, hidden=(8,)), "mse", inner_lr=0.01)
+    prepared = []
+    real = maml.prepare
+    maml.prepare = lambda b, real=real: prepared.append(1) or real(b)
+    losses = [float(maml.train_step(_tensor_batch(b) if tensors else b,
+                                    pre_update_metrics=False)["loss_after"])
+              for b in batches]
+    runs.append((losses, _weights(maml.model), len(prepared)))
+  (l1, w1, n1), (l2, w2, n2) = runs
+  # Tensors of a seen signature skip preparation; NumPy batches never do.
+  assert (n1, n2) == (1, 4)
+  assert l1 == l2
+  for a, b in zip(w1, w2):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_train_step_runs_the_closed_form_under_xla_with_the_same_numbers():
+  rng = np.random.default_rng(8)
+  batches = [_tensor_batch(sinusoid.sample_batch(4, 5, 5, rng)[0])
+             for _ in range(3)]
+  runs = []
+  for jit in (None, False):
+    keras.utils.set_random_seed(3)
+    maml = MAML(mlp(1, 1, hidden=(8, 8)), "mse", inner_lr=0.01,
+                jit_compile=jit)
+    assert maml.plan(batches[0]).xla == (jit is None)
+    losses = [maml.train_step(b, pre_update_metrics=False)["loss_after"]
+              for b in batches]
+    runs.append((losses, _weights(maml.model)))
+    assert [k[-1].xla for k in maml.compiled if k[0] == "train"] == [
+        jit is None]
+  (l1, w1), (l2, w2) = runs
+  np.testing.assert_allclose(l1, l2, rtol=1e-5)
+  for a, b in zip(w1, w2):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("jit", [None, False])
+def test_a_known_signature_still_refuses_bad_values(jit):
+  rng = np.random.default_rng(9)
+  maml = MAML(mlp(1, 1, hidden=(4,)), "mse", inner_lr=0.01, jit_compile=jit)
+  batch = sinusoid.sample_batch(3, 4, 4, rng)[0]
+  for _ in range(2):
+    maml.train_step(_tensor_batch(batch))
+  before = _weights(maml.model)
+  bad = list(batch)
+  bad[2] = np.array(bad[2])
+  bad[2][0, 0, 0] = np.nan
+  with pytest.raises(FloatingPointError, match="NaN or Inf"):
+    maml.train_step(_tensor_batch(bad))
+  for a, b in zip(before, _weights(maml.model)):
+    np.testing.assert_array_equal(a, b)
+  # A new signature is validated again.
+  with pytest.raises(ValueError, match="examples per task"):
+    maml.train_step(_tensor_batch(batch)._replace(
+        support_y=_tensor_batch(batch).support_y[:, :2]))
+
+
+def test_a_known_signature_still_checks_class_labels():
+  rng = np.random.default_rng(10)
+  maml = MAML(mlp(3, 4, hidden=(8,)),
+              keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+              inner_lr=0.1)
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  labels = tf.constant(rng.integers(0, 4, size=(2, 6)), tf.int32)
+  x = tf.constant(rng.normal(size=(2, 6, 3)), tf.float32)
+  good = TaskBatch(x, labels, x, labels)
+  for _ in range(2):
+    maml.train_step(good)
+  bad = good._replace(query_y=labels + 4)
+  with pytest.raises(ValueError, match="outside the model's 4 outputs"):
+    maml.train_step(bad)

@@ -92,6 +92,18 @@ def _conv_geometry(h, w, kh, kw, sh, sw, padding):
   return oh, ow, [[0, 0], [0, 0]]
 
 
+# Patches at most this deep come from a convolution with a one-hot filter.
+ONE_HOT_PATCH_DEPTH = 32
+
+
+def _one_hot_filter(kh: int, kw: int, c: int, dtype):
+  """``[kh, kw, C, kh*kw*C]``: output channel ``(i*kw + j)*C + ch`` copies
+  input ``(i, j, ch)``: a convolution with it extracts the patches, in
+  ``extract_patches``' depth order."""
+  k = kh * kw * c
+  return tf.reshape(tf.eye(k, dtype=dtype), [kh, kw, c, k])
+
+
 def _flat_patches(x, kh: int, kw: int, strides, padding):
   """``([T, N*H'*W', kh*kw*C] patches, H', W')`` of ``x [T, N, H, W, C]``.
 
@@ -104,6 +116,9 @@ def _flat_patches(x, kh: int, kw: int, strides, padding):
   merged = tf.reshape(x, [-1, h, w, c])
   if kh == kw == 1:   # no padding either way; a strided subsample
     patches = merged[:, ::sh, ::sw, :]
+  elif kh * kw * c <= ONE_HOT_PATCH_DEPTH:
+    patches = tf.nn.conv2d(merged, _one_hot_filter(kh, kw, c, merged.dtype),
+                           strides=[1, sh, sw, 1], padding=padding.upper())
   else:
     patches = tf.image.extract_patches(
         merged, sizes=[1, kh, kw, 1], strides=[1, sh, sw, 1],

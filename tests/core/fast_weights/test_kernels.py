@@ -28,3 +28,33 @@ def test_conv_kernels_match_tf(size, kernel, stride, padding, impl):
                   for t in range(T)])
   assert y.shape == ref.shape
   np.testing.assert_allclose(y, ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_shallow_patches_by_one_hot_convolution_equal_extract_patches(
+    channels, monkeypatch):
+  """Patches at most ONE_HOT_PATCH_DEPTH deep come from a one-hot
+  convolution: the same values and first and second derivatives as
+  tf.image.extract_patches (float64)."""
+  assert 9 * channels <= kernels.ONE_HOT_PATCH_DEPTH
+  rng = np.random.default_rng(4)
+  x = tf.constant(rng.normal(size=(T, 2, 9, 9, channels)))
+  w = tf.constant(rng.normal(size=(T, 3, 3, channels, 5)))
+  v = tf.constant(rng.normal(size=(T, 2, 5, 5, 5)))
+
+  def derivatives():
+    with tf.GradientTape() as outer:
+      outer.watch([x, w])
+      with tf.GradientTape() as inner:
+        inner.watch([x, w])
+        y = kernels.conv2d_patches(x, w, (2, 2), "same")
+        loss = tf.reduce_sum(tf.tanh(y) * v)
+      gx, gw = inner.gradient(loss, [x, w])
+      second = tf.reduce_sum(gx ** 2) + tf.reduce_sum(gw ** 2)
+    return [y, gx, gw] + outer.gradient(second, [x, w])
+  one_hot = derivatives()
+  monkeypatch.setattr(kernels, "ONE_HOT_PATCH_DEPTH", 0)
+  extracted = derivatives()
+  np.testing.assert_array_equal(one_hot[0], extracted[0])
+  for a, b in zip(one_hot[1:], extracted[1:]):
+    np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
