@@ -19,8 +19,9 @@ every compiled step is keyed by its plan. The rules:
   ``"auto"`` picks ``"grouped"`` with a GPU, else ``"map"`` (one
   convolution per task), except that small tasks on CPU (one task's
   support + query inputs under 2**15 values) get ``"patches"`` (im2col).
-  support_conv_impl: the same rule for the support sets alone (the inner
-  loops of ``split_gradients``).
+  support_conv_impl (the inner loops of ``split_gradients``): ``"patches"``
+  on CPU where one task's support set holds under 2**13 values (Omniglot
+  5-way 1-shot's 5 images, not 20-way 1-shot's 20), else ``conv_impl``.
 * task_chunk: an explicit value is capped at the meta-batch and lowered to
   the largest divisor of it; ``"auto"`` picks 1 for convolutional models on
   the batched path without a GPU when a task is not small, else all tasks
@@ -58,6 +59,7 @@ EXECUTIONS = ("batched", "vectorized_map", "map_fn")
 class PlanWarning(UserWarning):
   """A learner runs a slower path than it could, or a setting is risky."""
 SMALL_TASK_VALUES = 2 ** 15
+SMALL_SUPPORT_VALUES = 2 ** 13
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,6 +199,11 @@ class BatchShape:
       integer = dtype is not None and bool(np.issubdtype(dtype, np.integer))
     values = sum(math.prod(d or 1 for d in x.shape[2:]) for x in inputs)
     return cls(sx.shape[0], sx.shape[1], qx.shape[1], values, integer)
+
+  @property
+  def small_support(self) -> bool:
+    """One task's support inputs hold fewer than 2**13 values."""
+    return (self.support or 0) * self.example_values < SMALL_SUPPORT_VALUES
 
   @property
   def small(self) -> bool:
@@ -342,7 +349,7 @@ def resolve_plan(options: Options, facts: ModelFacts, shape: BatchShape,
     if im2col and shape.small:
       conv_impl = "patches"
       reasons.append(("conv_impl", "im2col for small tasks on CPU"))
-    if im2col and dataclasses.replace(shape, query=0).small:
+    if im2col and shape.small_support:
       support_conv_impl = "patches"
   num_tasks = shape.num_tasks
   chunk = options.task_chunk

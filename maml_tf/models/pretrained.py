@@ -67,6 +67,30 @@ def config(name: str):
   return _family(name).make_config(info["preset"], **info["overrides"])
 
 
+def save(learner, name: str, info: Dict, directory: str = None) -> str:
+  """Writes ``learner``'s meta-initialisation as the setting ``name``.
+
+  ``NAME.weights.h5`` and ``NAME.json`` (``info`` with the weights'
+  SHA-256) in ``directory`` (default :data:`WEIGHTS_DIR`, the package's
+  own). ``info`` needs ``preset``, ``overrides``, ``command``,
+  ``iterations`` and ``test``; returns the weights' path.
+  """
+  missing = {"preset", "overrides", "command", "iterations", "test"} - set(
+      info)
+  if missing:
+    raise ValueError(f"the card of {name!r} lacks {sorted(missing)}")
+  directory = directory or WEIGHTS_DIR
+  os.makedirs(directory, exist_ok=True)
+  path = os.path.join(directory, f"{name}.weights.h5")
+  learner.model.save_weights(path)
+  with open(path, "rb") as f:
+    digest = hashlib.sha256(f.read()).hexdigest()
+  with open(os.path.join(directory, f"{name}.json"), "w") as f:
+    json.dump({**info, "sha256": digest}, f, indent=1)
+    f.write("\n")
+  return path
+
+
 def load_into(learner, name: str):
   """Loads ``name``'s weights into ``learner.model`` (returns ``learner``)."""
   learner.model.load_weights(weights_path(name))

@@ -284,13 +284,15 @@ def meta_train(learner, batch_for_step: Callable[[int], object],
             it % eval_every == 0 or last):
           t_eval = time.perf_counter()
           scores = eval_fn(it)
-          timing["eval_seconds"] += time.perf_counter() - t_eval
+          eval_seconds = time.perf_counter() - t_eval
+          timing["eval_seconds"] += eval_seconds
           log(f"eval @ {it}: "
               + " ".join(f"{k} {v:.4g}" for k, v in scores.items()))
           with writer.as_default(step=it):
             for k, v in scores.items():
               tf.summary.scalar(f"eval/{k}", v)
-          jsonl.write({"step": it, "kind": "eval", **scores})
+          jsonl.write({"step": it, "kind": "eval", **scores,
+                       "seconds": eval_seconds})
           t_window = time.perf_counter()    # rates leave evaluation out
         if it % checkpoint_every == 0 or last:
           manager.save(checkpoint_number=it)

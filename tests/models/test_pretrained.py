@@ -93,3 +93,21 @@ def test_sinusoid_weights_adapt_and_the_launcher_evaluates_them(tmp_path):
   want = card["test"]["K=10"]["steps=1"]["mean"]
   assert abs(got - want) < 0.25 * want, (got, want)
   assert "pretrained" not in results                  # no baseline to load
+
+
+def test_a_saved_setting_loads_back_checked(tmp_path, monkeypatch):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from maml_tf.training import sinusoid  # pylint: disable=g-import-not-at-top
+  config = sinusoid.make_config("smoke")
+  maml = sinusoid.build_maml(config)
+  info = {"family": "sinusoid", "preset": "smoke", "overrides": {},
+          "command": "test", "iterations": 0, "test": {}}
+  with pytest.raises(ValueError, match="lacks \\['test'\\]"):
+    pretrained.save(maml, "mine", {k: v for k, v in info.items()
+                                   if k != "test"}, str(tmp_path))
+  pretrained.save(maml, "mine", info, str(tmp_path))
+  monkeypatch.setattr(pretrained, "WEIGHTS_DIR", str(tmp_path))
+  assert pretrained.available() == ["mine"]
+  loaded = pretrained.pretrained("mine")
+  for a, b in zip(maml.model.weights, loaded.model.weights):
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
