@@ -220,7 +220,8 @@ class Runner:
     flat = tf.nest.flatten(args, expand_composites=True)
     if not all(isinstance(t, tf.Tensor) for t in flat):
       return
-    direct = self._direct.get((full,) + signature(flat))
+    sig = signature(flat)
+    direct = self._direct.get((full,) + sig)
     if not direct:
       return
 
@@ -228,7 +229,7 @@ class Runner:
       with numerics.floating_point_errors():
         out = direct(flat)
       return _checked(out, variables)
-    self._ready[(ready_key, signature(flat))] = step
+    self._ready[(ready_key, sig)] = step
 
   def call_steps(self, key: tuple, make_loop: Callable[[ExecutionPlan],
                                                        Callable],

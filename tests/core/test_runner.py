@@ -87,55 +87,47 @@ def test_a_new_sampler_per_call_warns_and_ids_are_never_reused():
   assert int(maml.meta_optimizer.iterations.numpy()) == learner_lib.MANY_SAMPLERS
 
 
-def test_repeated_calls_equal_the_compiled_function_and_respect_tapes():
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  rng = np.random.default_rng(3)
-  batches = [sinusoid.sample_batch(3, 4, 4, rng)[0] for _ in range(3)]
-  runs = []
-  for direct in (True, False):
-    keras.utils.set_random_seed(2)
-    maml = MAML(mlp(1, 1, hidden=(8,)), "mse", inner_lr=0.01)
-    losses = []
-    for b in batches:
-      if direct:                 # eager: the traced function called directly
-        losses.append(float(maml.train_step(b)["loss_after"]))
-      else:                      # a recording tape: the tf.function itself
-        with tf.GradientTape():
-          losses.append(float(maml.train_step(b)["loss_after"]))
-    runs.append((losses, _weights(maml.model)))
-  (l1, w1), (l2, w2) = runs
-  np.testing.assert_allclose(l1, l2, rtol=1e-6)
-  for a, b in zip(w1, w2):
-    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8)
-  # One compiled function served all three calls (same shapes).
-  assert len([k for k in maml.compiled if k[0] == "train"]) == 1
-
-
 def _tensor_batch(batch, dtype="float32"):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   return TaskBatch(*(tf.constant(np.asarray(x).astype(dtype))
                      for x in batch))
 
 
-def test_a_known_tensor_signature_is_prepared_once_with_the_same_numbers():
-  rng = np.random.default_rng(7)
+def test_repeated_calls_equal_the_compiled_function_and_respect_tapes():
+  """Three ways to call train_step give the same numbers: NumPy batches
+  (prepared every call, the traced function called directly), the same
+  under a recording tape (the tf.function itself), and eager tensors
+  (prepared once per signature, then the ready step)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(3)
   batches = [sinusoid.sample_batch(3, 4, 4, rng)[0] for _ in range(4)]
-  runs = []
-  for tensors in (True, False):
+  runs = {}
+  for mode in ("direct", "tape", "tensors"):
     keras.utils.set_random_seed(2)
     maml = MAML(mlp(1, 1, hidden=(8,)), "mse", inner_lr=0.01)
     prepared = []
     real = maml.prepare
     maml.prepare = lambda b, real=real: prepared.append(1) or real(b)
-    losses = [float(maml.train_step(_tensor_batch(b) if tensors else b,
-                                    pre_update_metrics=False)["loss_after"])
-              for b in batches]
-    runs.append((losses, _weights(maml.model), len(prepared)))
-  (l1, w1, n1), (l2, w2, n2) = runs
-  # Tensors of a seen signature skip preparation; NumPy batches never do.
-  assert (n1, n2) == (1, 4)
-  assert l1 == l2
+    losses = []
+    for b in batches:
+      if mode == "tape":
+        with tf.GradientTape():
+          losses.append(float(maml.train_step(b)["loss_after"]))
+      else:
+        b = _tensor_batch(b) if mode == "tensors" else b
+        losses.append(float(maml.train_step(b)["loss_after"]))
+    runs[mode] = (losses, _weights(maml.model), len(prepared))
+    # One compiled function served all calls (same shapes).
+    assert len([k for k in maml.compiled if k[0] == "train"]) == 1
+  (l1, w1, n1), (l2, w2, n2), (l3, w3, n3) = runs.values()
+  np.testing.assert_allclose(l1, l2, rtol=1e-6)
   for a, b in zip(w1, w2):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8)
+  # Tensors of a seen signature skip preparation; NumPy batches never do;
+  # the same compiled function gives the same bits.
+  assert (n1, n2, n3) == (4, 4, 1)
+  assert l3 == l1
+  for a, b in zip(w3, w1):
     np.testing.assert_array_equal(a, b)
 
 

@@ -16,7 +16,9 @@ task axis and every layer is one task-batched kernel:
   - ``'map'`` (CPU default): one ``tf.nn.conv2d`` per task, unrolled over a
     static task axis (``tf.map_fn`` when T is unknown).
   - ``'patches'``: ``tf.image.extract_patches`` on ``[T*N, H, W, C]`` (TF's
-    own 'SAME'/'VALID' geometry), then one batched matmul
+    own 'SAME'/'VALID' geometry; patches at most
+    ``kernels.ONE_HOT_PATCH_DEPTH`` deep, a first layer's, by a convolution
+    with a one-hot filter instead), then one batched matmul
     ``[T, N*H'*W', kh*kw*C] x [T, kh*kw*C, F]``. Linear ops only, exact
     derivatives of every order. (:func:`conv2d_slices` is the same with
     patches built from kh*kw strided slices; exact but slow on CPU.)

@@ -109,7 +109,11 @@ def _flat_patches(x, kh: int, kw: int, strides, padding):
 
   ``tf.image.extract_patches`` (TF's own 'SAME'/'VALID' geometry; depth
   ordered as ``(row, col, channel)``, the order of a reshaped
-  ``[kh, kw, C, F]`` kernel); a strided subsample for 1x1 kernels.
+  ``[kh, kw, C, F]`` kernel); a strided subsample for 1x1 kernels; for
+  patches at most :data:`ONE_HOT_PATCH_DEPTH` deep a convolution with a
+  one-hot filter, which gives the same values (each output is one input
+  times 1 plus zeros) and whose gradients are convolutions, not the sparse
+  scatter of ``extract_patches``' gradient.
   """
   _, _, h, w, c = x.shape
   sh, sw = strides
