@@ -13,7 +13,7 @@ checks the checksum and loads the weights;
 import hashlib
 import json
 import os
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                            "weights")
@@ -44,12 +44,16 @@ def weights_path(name: str) -> str:
   if not os.path.exists(path):
     raise FileNotFoundError(f"shipped weights {path} are missing (the "
                             "package is incomplete; reinstall it)")
-  with open(path, "rb") as f:
-    digest = hashlib.sha256(f.read()).hexdigest()
+  digest = _sha256(path)
   if digest != info["sha256"]:
     raise ValueError(f"shipped weights {path} are corrupt: SHA-256 {digest} "
                      f"!= {info['sha256']} in {name}.json")
   return path
+
+
+def _sha256(path: str) -> str:
+  with open(path, "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()
 
 
 def _family(name: str):
@@ -67,7 +71,8 @@ def config(name: str):
   return _family(name).make_config(info["preset"], **info["overrides"])
 
 
-def save(learner, name: str, info: Dict, directory: str = None) -> str:
+def save(learner, name: str, info: Dict,
+         directory: Optional[str] = None) -> str:
   """Writes ``learner``'s meta-initialisation as the setting ``name``.
 
   ``NAME.weights.h5`` and ``NAME.json`` (``info`` with the weights'
@@ -83,10 +88,8 @@ def save(learner, name: str, info: Dict, directory: str = None) -> str:
   os.makedirs(directory, exist_ok=True)
   path = os.path.join(directory, f"{name}.weights.h5")
   learner.model.save_weights(path)
-  with open(path, "rb") as f:
-    digest = hashlib.sha256(f.read()).hexdigest()
   with open(os.path.join(directory, f"{name}.json"), "w") as f:
-    json.dump({**info, "sha256": digest}, f, indent=1)
+    json.dump({**info, "sha256": _sha256(path)}, f, indent=1)
     f.write("\n")
   return path
 
