@@ -14,7 +14,8 @@ import tensorflow as tf
 
 from maml_tf.core.fast_weights.base import _Op
 from maml_tf.core.fast_weights.kernels import (
-    _CONV_KERNELS, _dims, _flat_patches, _per_task_vector, _static_or_dynamic)
+    _CONV_KERNELS, ONE_HOT_PATCH_DEPTH, _dims, _flat_patches, _per_task_vector,
+    _static_or_dynamic)
 
 
 def moments(x, axes):
@@ -224,7 +225,7 @@ class _ConvBatchNorm(_Op):
     if beta is not None:
       shift = shift + beta
     folded = w * scale                                           # [T, K, F]
-    if conv.impl == "patches":
+    if conv.impl == "patches" or k <= ONE_HOT_PATCH_DEPTH:
       y = tf.reshape(tf.matmul(flat, folded), [t, n, oh, ow, f])
     else:
       y = _CONV_KERNELS[conv.impl](
