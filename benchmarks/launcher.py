@@ -81,6 +81,7 @@ def launcher_seconds(args, workdir, eval_every: int) -> dict:
   return {"with_validation": training + validation, "training_only": training,
           "validation_s": evals[-1], "windows": len(rates), "config": config}
 
+
 def benchmark_seconds(args, config) -> dict:
   """``benchmarks.meta_step`` for the launcher's config."""
   cmd = [sys.executable, "-m", "benchmarks.meta_step",
