@@ -33,13 +33,31 @@ from maml_tf.core.learner import MAML
 from maml_tf.core.reptile import Reptile
 
 ALGORITHMS = ("maml", "fomaml", "metasgd", "anil", "mamlpp", "reptile")
+META_LR_SCHEDULES = ("auto", "constant", "cosine")
+
+
+def resolve_meta_lr_schedule(schedule: str, algorithm: str) -> str:
+  """``'auto'`` picks ``'cosine'`` for mamlpp and ``'constant'`` otherwise.
+
+  ``ValueError`` names an unknown schedule, or ``'cosine'`` for reptile
+  (whose outer step size is a plain float).
+  """
+  if schedule not in META_LR_SCHEDULES:
+    raise ValueError(f"meta_lr_schedule must be one of "
+                     f"{list(META_LR_SCHEDULES)}, got {schedule!r}")
+  if schedule == "auto":
+    return "cosine" if algorithm == "mamlpp" else "constant"
+  if schedule == "cosine" and algorithm == "reptile":
+    raise ValueError("meta_lr_schedule='cosine' is not available for reptile "
+                     "(its outer step size is a constant epsilon)")
+  return schedule
 
 
 def make_learner(algorithm: str, model: keras.Model, loss, *,
                  inner_lr: float, inner_steps: int, meta_lr: float,
                  iterations: int, first_order: bool = False,
                  meta_optimizer: Optional[keras.optimizers.Optimizer] = None,
-                 **kwargs) -> MAML:
+                 meta_lr_schedule: str = "auto", **kwargs) -> MAML:
   """A learner of the family for ``model``.
 
   Arguments:
@@ -49,10 +67,15 @@ def make_learner(algorithm: str, model: keras.Model, loss, *,
     inner_lr: inner step size (the initial value where it is learned).
     inner_steps: inner steps during meta-training.
     meta_lr: the outer learning rate (Reptile: its step size epsilon).
-    iterations: planned meta-iterations (MAML++'s schedules depend on it).
+    iterations: planned meta-iterations (the cosine schedule and MAML++'s
+      annealing depend on it).
     first_order: for ``maml`` only (``fomaml`` is the same with True).
     meta_optimizer: overrides the default outer optimizer (Adam(meta_lr);
       MAML++: Adam with cosine decay; Reptile: SGD(meta_lr)).
+    meta_lr_schedule: the default outer optimizer's step size over
+      ``iterations``: ``'constant'``, ``'cosine'`` (from ``meta_lr`` down to
+      ``meta_lr / 100`` at ``iterations``, then constant) or ``'auto'``
+      (:func:`resolve_meta_lr_schedule`).
     **kwargs: passed to the learner (``vectorize``, ``recompute``, ...).
 
   Example:
@@ -64,6 +87,7 @@ def make_learner(algorithm: str, model: keras.Model, loss, *,
                      f"{ALGORITHMS}")
   if first_order and algorithm not in ("maml", "fomaml"):
     raise ValueError(f"first_order applies to maml/fomaml, not {algorithm}")
+  schedule = resolve_meta_lr_schedule(meta_lr_schedule, algorithm)
   common = dict(inner_lr=inner_lr, inner_steps=inner_steps, **kwargs)
   if algorithm == "reptile":
     return Reptile(model, loss, outer_step_size=meta_lr,
@@ -79,7 +103,7 @@ def make_learner(algorithm: str, model: keras.Model, loss, *,
   }[algorithm]
   if meta_optimizer is None:
     rate = meta_lr
-    if algorithm == "mamlpp":
+    if schedule == "cosine":
       rate = keras.optimizers.schedules.CosineDecay(
           meta_lr, decay_steps=max(1, iterations), alpha=0.01)
     meta_optimizer = keras.optimizers.Adam(rate)

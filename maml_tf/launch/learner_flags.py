@@ -12,6 +12,10 @@ from maml_tf.core import family
 ALGORITHM = flags.DEFINE_enum(
     "algorithm", None, list(family.ALGORITHMS),
     "Learner of the family: maml, fomaml, metasgd, anil, mamlpp, reptile.")
+META_LR_SCHEDULE = flags.DEFINE_enum(
+    "meta_lr_schedule", None, list(family.META_LR_SCHEDULES),
+    "Outer step size over --iterations: constant, cosine (meta_lr decayed to "
+    "meta_lr/100) or auto (cosine for mamlpp only). Default auto.")
 RECOMPUTE = flags.DEFINE_bool(
     "recompute", None, "Gradient checkpointing through the inner loop "
     "(less memory for many inner steps).")
@@ -24,5 +28,7 @@ DISTRIBUTE = flags.DEFINE_enum(
 
 def overrides() -> dict:
   """The config fields these flags set (``None``: keep the preset's)."""
-  return {"algorithm": ALGORITHM.value, "recompute": RECOMPUTE.value,
+  return {"algorithm": ALGORITHM.value,
+          "meta_lr_schedule": META_LR_SCHEDULE.value,
+          "recompute": RECOMPUTE.value,
           "distribute": DISTRIBUTE.value}

@@ -115,6 +115,9 @@ class ClassificationConfig:
       reported after each of ``0..eval_inner_steps``.
     meta_batch: tasks per meta-update.
     meta_lr: Adam step size of the meta-update.
+    meta_lr_schedule: ``'constant'``, ``'cosine'`` (``meta_lr`` decayed to
+      ``meta_lr / 100`` over ``iterations``) or ``'auto'`` (cosine for
+      ``algorithm='mamlpp'`` only).
     iterations: meta-iterations (a resumed run continues up to it).
     first_order: first-order MAML (no second derivatives).
     seed: seeds the initial weights and the meta-training task stream.
@@ -186,6 +189,7 @@ class ClassificationConfig:
   plot: bool = True
   distribute: str = "none"
   algorithm: str = "maml"           # maml_tf.core.family.ALGORITHMS
+  meta_lr_schedule: str = "auto"    # constant | cosine | auto
   recompute: bool = False           # gradient checkpointing of the inner loop
 
   def validate(self) -> "ClassificationConfig":
@@ -429,6 +433,7 @@ def build_learner(config: ClassificationConfig) -> MAML:
       keras.losses.SparseCategoricalCrossentropy(from_logits=True),
       inner_lr=config.inner_lr, inner_steps=config.inner_steps,
       meta_lr=config.meta_lr, iterations=config.iterations,
+      meta_lr_schedule=config.meta_lr_schedule,
       first_order=config.first_order, recompute=config.recompute)
 
 

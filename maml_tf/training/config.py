@@ -12,13 +12,16 @@ C = TypeVar("C")
 def check_learner_fields(config) -> None:
   """Validates the learner fields every experiment config shares.
 
-  ``config.algorithm`` (a member of :data:`maml_tf.core.family.ALGORITHMS`)
-  and ``config.distribute`` (:data:`maml_tf.core.distribute.STRATEGIES`);
+  ``config.algorithm`` (a member of :data:`maml_tf.core.family.ALGORITHMS`),
+  ``config.meta_lr_schedule`` (see
+  :func:`maml_tf.core.family.resolve_meta_lr_schedule`) and
+  ``config.distribute`` (:data:`maml_tf.core.distribute.STRATEGIES`);
   ``ValueError`` naming the field otherwise.
   """
   if config.algorithm not in family.ALGORITHMS:
     raise ValueError(f"algorithm must be one of {list(family.ALGORITHMS)}, "
                      f"got {config.algorithm!r}")
+  family.resolve_meta_lr_schedule(config.meta_lr_schedule, config.algorithm)
   if config.distribute not in distribute.STRATEGIES:
     raise ValueError(f"distribute must be one of {list(distribute.STRATEGIES)}"
                      f", got {config.distribute!r}")

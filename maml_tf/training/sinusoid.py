@@ -60,6 +60,8 @@ class SinusoidConfig:
       (the cluster in TF_CONFIG).
     algorithm: the learner of the family (maml, fomaml, metasgd, anil,
       mamlpp, reptile).
+    meta_lr_schedule: "constant", "cosine" (meta_lr decayed to meta_lr/100
+      over ``iterations``) or "auto" (cosine for mamlpp only).
     recompute: gradient checkpointing of the inner loop.
     steps_per_call: meta-steps per compiled call, tasks sampled in the
       graph (1: one call per step with numpy batches, another task stream).
@@ -97,6 +99,7 @@ class SinusoidConfig:
   distribute: str = "none"
   # Which learner of the family (maml_tf.core.family.ALGORITHMS).
   algorithm: str = "maml"
+  meta_lr_schedule: str = "auto"    # constant | cosine | auto
   recompute: bool = False           # gradient checkpointing of the inner loop
   # Meta-steps per compiled call (MAML.train_steps), the tasks sampled in
   # the graph by tasks.batch_sampler; 1: one call per step with numpy
@@ -165,6 +168,7 @@ def build_maml(config: SinusoidConfig) -> MAML:
       config.algorithm, model, keras.losses.MeanSquaredError(),
       inner_lr=config.inner_lr, inner_steps=config.inner_steps,
       meta_lr=config.meta_lr, iterations=config.iterations,
+      meta_lr_schedule=config.meta_lr_schedule,
       first_order=config.first_order, recompute=config.recompute,
       jit_compile=_XLA[config.xla])
 

@@ -205,3 +205,43 @@ def test_make_learner_names_the_family():
     assert np.isfinite(learner.train_step(_batch())["loss_after"])
   with pytest.raises(ValueError, match="unknown algorithm 'maml2'"):
     family.make_learner("maml2", _mlp64(), _mse64(), **kw)
+
+
+def test_cosine_meta_lr_schedule_decays_through_the_fused_step():
+  from maml_tf.core import family  # pylint: disable=g-import-not-at-top
+
+  class KerasAdam(keras.optimizers.Adam):   # not fused: Keras' own update
+    pass
+
+  def mlp32():   # float32, so the fused Adam applies
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([keras.Input((2,)), keras.layers.Dense(5, "tanh"),
+                             keras.layers.Dense(1)])
+
+  kw = dict(inner_lr=0.1, inner_steps=1, meta_lr=1e-2, iterations=4)
+  cosine = family.make_learner("maml", mlp32(), "mse",
+                               meta_lr_schedule="cosine", **kw)
+  reference = family.make_learner(
+      "maml", mlp32(), "mse", meta_optimizer=KerasAdam(
+          keras.optimizers.schedules.CosineDecay(1e-2, 4, alpha=0.01)), **kw)
+  rates = []
+  for i in range(6):
+    rates.append(float(cosine.meta_optimizer.learning_rate))
+    for learner in (cosine, reference):
+      learner.train_step(_batch(seed=i))
+  # 1e-2 * (0.99 * (1 + cos(pi * t / 4)) / 2 + 0.01), flat after t = 4.
+  t = np.minimum(np.arange(6), 4)
+  np.testing.assert_allclose(
+      rates, 1e-2 * (0.99 * (1 + np.cos(np.pi * t / 4)) / 2 + 0.01), rtol=1e-6)
+  for a, b, init in zip(cosine.model.trainable_variables,
+                        reference.model.trainable_variables,
+                        mlp32().trainable_variables):
+    np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
+    assert np.abs(a.numpy() - init.numpy()).max() > 1e-3   # it trained
+  assert family.resolve_meta_lr_schedule("auto", "mamlpp") == "cosine"
+  assert family.resolve_meta_lr_schedule("auto", "maml") == "constant"
+  with pytest.raises(ValueError, match="meta_lr_schedule must be one of"):
+    family.resolve_meta_lr_schedule("linear", "maml")
+  with pytest.raises(ValueError, match="not available for reptile"):
+    family.make_learner("reptile", _mlp64(), _mse64(),
+                        meta_lr_schedule="cosine", **kw)
