@@ -419,8 +419,14 @@ def build_network(config: ClassificationConfig) -> keras.Model:
                           filters=32, pooling="max", name="miniimagenet_conv")
 
 
-def build_learner(config: ClassificationConfig) -> MAML:
+def build_learner(config: ClassificationConfig,
+                  optimizer_steps: Optional[int] = None) -> MAML:
   """A fresh MAML learner (seeded weights, Adam meta-optimizer).
+
+  ``optimizer_steps`` (default ``config.iterations``) is the number of
+  meta-updates the learner's schedules span (``meta_lr_schedule``, MAML++'s
+  annealing): fewer when training continues from shipped weights with a
+  fresh optimizer.
 
   Example:
     >>> learner = build_learner(make_config("smoke"))
@@ -432,7 +438,9 @@ def build_learner(config: ClassificationConfig) -> MAML:
       config.algorithm, build_network(config),
       keras.losses.SparseCategoricalCrossentropy(from_logits=True),
       inner_lr=config.inner_lr, inner_steps=config.inner_steps,
-      meta_lr=config.meta_lr, iterations=config.iterations,
+      meta_lr=config.meta_lr,
+      iterations=config.iterations if optimizer_steps is None
+      else optimizer_steps,
       meta_lr_schedule=config.meta_lr_schedule,
       first_order=config.first_order, recompute=config.recompute)
 
@@ -636,6 +644,11 @@ def _name_of_preset(config: ClassificationConfig) -> str:
       f"{pretrained.available() or 'none'}")
 
 
+def _shipped_iterations(config: ClassificationConfig) -> int:
+  from maml_tf.models import pretrained  # pylint: disable=g-import-not-at-top
+  return int(pretrained.card(_name_of_preset(config))["iterations"])
+
+
 def _start_from_shipped(learner, config: ClassificationConfig, workdir: str,
                         log) -> None:
   """Seeds ``workdir`` with the shipped weights of ``config``'s setting, as
@@ -643,10 +656,8 @@ def _start_from_shipped(learner, config: ClassificationConfig, workdir: str,
   from maml_tf.models import pretrained  # pylint: disable=g-import-not-at-top
   if _checkpoint_step(workdir):
     return
-  name = _name_of_preset(config)
-  pretrained.load_into(learner, name)
-  loop.seed_checkpoint(learner, workdir, pretrained.card(name)["iterations"],
-                       log)
+  pretrained.load_into(learner, _name_of_preset(config))
+  loop.seed_checkpoint(learner, workdir, _shipped_iterations(config), log)
 
 
 def _name(config: ClassificationConfig) -> str:
@@ -696,8 +707,11 @@ def train_and_evaluate(config: ClassificationConfig, workdir: str,
   log(f"{_name(config)}: classes train/val/test = "
       + "/".join(str(splits[k].shape[0]) for k in ("train", "val", "test"))
       + f" (loaded in {time.perf_counter() - t0:.1f}s)")
+  optimizer_steps = config.iterations
+  if config.pretrained and not config.eval_only:   # a fresh optimizer from
+    optimizer_steps -= _shipped_iterations(config)  # the shipped iteration
   with strategy.scope():
-    learner = build_learner(config)
+    learner = build_learner(config, max(1, optimizer_steps))
   # Validation records the same step counts as the test (one compiled
   # evaluation serves both) and logs the first and the last.
   steps = tuple(range(config.eval_inner_steps + 1))

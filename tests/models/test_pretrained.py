@@ -55,17 +55,26 @@ def test_launcher_evaluates_the_shipped_5w1s_weights(tmp_path):
 
 
 @pytest.mark.skipif(not os.path.isdir(DATA), reason="no Omniglot data")
-def test_meta_training_continues_from_the_shipped_5w1s_weights(tmp_path):
+def test_meta_training_continues_from_the_shipped_5w1s_weights(
+    tmp_path, monkeypatch):
   from maml_tf.training import classification  # pylint: disable=g-import-not-at-top
   card = pretrained.card("omniglot_5w1s")
   start = card["iterations"]
   config = classification.make_config(
       "omniglot_5w1s", pretrained=True, iterations=start + 2, meta_batch=2,
       train_query=1, data_dir=DATA, eval_tasks=10, eval_every=0,
-      adapted_check_tasks=0, plot=False)
+      adapted_check_tasks=0, plot=False, meta_lr_schedule="cosine")
+  built = []
+  build = classification.build_learner
+  monkeypatch.setattr(classification, "build_learner", lambda *a: built.append(
+      build(*a)) or built[-1])
   results = classification.train_and_evaluate(config, str(tmp_path / "run"),
                                               log=lambda m: 0)
   assert results["iterations"] == start + 2
+  # The fresh optimizer's cosine schedule spans the 2 new meta-updates.
+  optimizer = built[0].meta_optimizer
+  assert int(optimizer.iterations) == 2
+  assert float(optimizer.learning_rate) == pytest.approx(1e-5)
   # Two meta-steps from the shipped weights, not from a random init.
   assert results["test"]["accuracy"]["mean"][-1] > 0.9
   with pytest.raises(ValueError, match="needs resume=True"):
