@@ -650,14 +650,14 @@ def _shipped_iterations(config: ClassificationConfig) -> int:
 
 
 def _start_from_shipped(learner, config: ClassificationConfig, workdir: str,
-                        log) -> None:
+                        shipped_iterations: int, log) -> None:
   """Seeds ``workdir`` with the shipped weights of ``config``'s setting, as
   the checkpoint of their iteration count, unless it holds a checkpoint."""
   from maml_tf.models import pretrained  # pylint: disable=g-import-not-at-top
   if _checkpoint_step(workdir):
     return
   pretrained.load_into(learner, _name_of_preset(config))
-  loop.seed_checkpoint(learner, workdir, _shipped_iterations(config), log)
+  loop.seed_checkpoint(learner, workdir, shipped_iterations, log)
 
 
 def _name(config: ClassificationConfig) -> str:
@@ -707,9 +707,9 @@ def train_and_evaluate(config: ClassificationConfig, workdir: str,
   log(f"{_name(config)}: classes train/val/test = "
       + "/".join(str(splits[k].shape[0]) for k in ("train", "val", "test"))
       + f" (loaded in {time.perf_counter() - t0:.1f}s)")
-  optimizer_steps = config.iterations
-  if config.pretrained and not config.eval_only:   # a fresh optimizer from
-    optimizer_steps -= _shipped_iterations(config)  # the shipped iteration
+  continues_shipped = config.pretrained and not config.eval_only
+  shipped = _shipped_iterations(config) if continues_shipped else 0
+  optimizer_steps = config.iterations - shipped   # a fresh optimizer there
   with strategy.scope():
     learner = build_learner(config, max(1, optimizer_steps))
   # Validation records the same step counts as the test (one compiled
@@ -726,8 +726,8 @@ def train_and_evaluate(config: ClassificationConfig, workdir: str,
 
   t_train = time.perf_counter()
   timing = {}
-  if config.pretrained and not config.eval_only:
-    _start_from_shipped(learner, config, workdir, log)
+  if continues_shipped:
+    _start_from_shipped(learner, config, workdir, shipped, log)
   if config.pretrained and config.eval_only:
     from maml_tf.models import pretrained  # pylint: disable=g-import-not-at-top
     name = _name_of_preset(config)
