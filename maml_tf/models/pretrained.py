@@ -7,7 +7,8 @@ training command, its iterations, its test result, and the weights'
 SHA-256). :func:`pretrained` rebuilds the learner of that configuration,
 checks the checksum and loads the weights;
 ``launch/classification.py --preset=NAME --pretrained --eval_only`` (and
-``launch/sinusoid.py --pretrained --eval_only``) evaluates it.
+``launch/sinusoid.py --pretrained --eval_only``, ``launch/rl.py --env=NAME
+--pretrained --eval_only``) evaluates it.
 """
 
 import hashlib
@@ -19,12 +20,17 @@ WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                            "weights")
 
 
-def available() -> List[str]:
-  """The names of the shipped settings."""
+def available(family: Optional[str] = None) -> List[str]:
+  """The names of the shipped settings (of one ``family`` if given:
+  ``classification``, ``sinusoid`` or ``rl``)."""
   if not os.path.isdir(WEIGHTS_DIR):
     return []
-  return sorted(f[:-len(".json")] for f in os.listdir(WEIGHTS_DIR)
-                if f.endswith(".json"))
+  names = sorted(f[:-len(".json")] for f in os.listdir(WEIGHTS_DIR)
+                 if f.endswith(".json"))
+  if family is None:
+    return names
+  return [n for n in names
+          if card(n).get("family", "classification") == family]
 
 
 def card(name: str) -> Dict:
@@ -58,15 +64,18 @@ def _sha256(path: str) -> str:
 
 def _family(name: str):
   """The training module of ``name``'s task family."""
+  family = card(name).get("family", "classification")
+  if family == "rl":   # needs the [rl] extra (gymnasium, MuJoCo)
+    from maml_tf.rl import train as rl_train  # pylint: disable=g-import-not-at-top
+    return rl_train
   from maml_tf.training import classification  # pylint: disable=g-import-not-at-top
   from maml_tf.training import sinusoid  # pylint: disable=g-import-not-at-top
-  return {"classification": classification, "sinusoid": sinusoid}[
-      card(name).get("family", "classification")]
+  return {"classification": classification, "sinusoid": sinusoid}[family]
 
 
 def config(name: str):
-  """The config (``ClassificationConfig``, ``SinusoidConfig``) ``name``
-  was trained with."""
+  """The config (``ClassificationConfig``, ``SinusoidConfig``, ``RLConfig``)
+  ``name`` was trained with."""
   info = card(name)
   return _family(name).make_config(info["preset"], **info["overrides"])
 
@@ -101,14 +110,20 @@ def load_into(learner, name: str):
 
 
 def pretrained(name: str):
-  """A :class:`maml_tf.MAML` holding the shipped meta-initialisation ``name``.
+  """A learner holding the shipped meta-initialisation ``name``.
 
-  Its inner step size and steps are the ones it was trained with.
+  A :class:`maml_tf.MAML` for the classifiers and the sinusoid; a
+  :class:`maml_tf.rl.MAMLTRPO` for the meta-RL policies (``navigation``,
+  ``cheetah_dir``: cards with ``"family": "rl"``, named by the
+  environment's short name; they need the ``[rl]`` extra). Its inner step
+  size and steps are the ones it was trained with.
 
   Example:
     >>> maml = pretrained("omniglot_5w1s")
     >>> adapted = maml.adapt(support_x, support_y)   # 28x28x1, 5 classes
     >>> pretrained("sinusoid").adapt(x, y)           # x, y: [K, 1]
+    >>> learner = pretrained("navigation")           # MAMLTRPO
+    >>> learner.adapt(learner.stacked_params(1), data)
   """
   family = _family(name)
   build = getattr(family, "build_learner", None) or family.build_maml

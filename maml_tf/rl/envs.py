@@ -360,6 +360,20 @@ def default_horizon(env_id: str) -> int:
   return ENV_IDS[resolve_env_id(env_id)][1]
 
 
+def policy_dims(env_id: str, oracle: bool = False):
+  """``(obs_dim, act_dim)`` of a policy for ``env_id`` (a short name or id).
+
+  With ``oracle=True`` the task features are part of the observation.
+  """
+  register_envs()
+  probe = gymnasium.make(resolve_env_id(env_id)).unwrapped
+  task_dim = len(probe.task_features(probe.get_task())) if oracle else 0
+  obs_dim = int(probe.observation_space.shape[0]) + task_dim
+  act_dim = int(probe.action_space.shape[0])
+  probe.close()
+  return obs_dim, act_dim
+
+
 def register_envs() -> None:
   """Registers the five ids with gymnasium (idempotent)."""
   for env_id, (cls, horizon) in ENV_IDS.items():

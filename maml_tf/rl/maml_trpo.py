@@ -118,6 +118,11 @@ class MAMLTRPO:
     self._hvp = tf.function(self._hvp_impl)
 
   # ----------------------------------------------------------------- weights
+  @property
+  def model(self) -> keras.Model:
+    """The policy (the Keras model whose weights are meta-trained)."""
+    return self.policy
+
   def params(self) -> List[tf.Tensor]:
     """Current meta-parameters theta (tensors, ordered as the variables)."""
     return [tf.convert_to_tensor(v) for v in self.policy.trainable_variables]

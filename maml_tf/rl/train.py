@@ -44,6 +44,7 @@ from maml_tf.rl.policy import build_gaussian_mlp_policy
 from maml_tf.rl.sampler import make_sampler
 from maml_tf.common import interrupts
 from maml_tf.common import run_config
+from maml_tf.common.progress import format_duration
 from maml_tf.common.results import (check_writable, environment, try_figure,
                                     write_json)
 
@@ -79,6 +80,11 @@ class RLConfig:
     checkpoint_seconds: also save one when this many seconds passed since
       the last (long MuJoCo iterations).
     resume: restore the latest checkpoint of ``workdir``.
+    eval_only: skip training; evaluate the newest checkpoint of ``workdir``
+      (or, with ``pretrained``, the shipped meta-policy).
+    pretrained: evaluate the shipped meta-policy of ``env``
+      (:mod:`maml_tf.models.pretrained`, named by the environment's short
+      name); needs ``eval_only`` and ``algorithm="maml"``.
     seed: seeds the policy, task and noise generators.
   """
   env: str = "navigation"
@@ -106,6 +112,8 @@ class RLConfig:
   checkpoint_every: int = 10
   checkpoint_seconds: float = 600.0
   resume: bool = True
+  eval_only: bool = False
+  pretrained: bool = False
   seed: int = 0
 
   def __post_init__(self):
@@ -127,6 +135,14 @@ class RLConfig:
                  "eval_batch_size"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+    if self.pretrained and not self.eval_only:
+      raise ValueError("pretrained=True evaluates a shipped meta-policy: it "
+                       "needs eval_only=True (--pretrained --eval_only)")
+    if self.pretrained and self.algorithm != "maml":
+      raise ValueError("the shipped policies are MAML's: pretrained=True "
+                       f"needs algorithm='maml', not {self.algorithm!r} (the "
+                       "'pretrained' algorithm is the paper's baseline, "
+                       "trained here)")
 
   @property
   def eval_lrs(self) -> List[float]:
@@ -139,6 +155,39 @@ class RLConfig:
       return [0.0] * self.eval_grad_steps
     return ([self.fast_lr] + [self.fast_lr / 2] * (self.eval_grad_steps - 1)
             )[:self.eval_grad_steps]
+
+
+def short_name(env_id: str) -> str:
+  """The short name of a registered id (``"cheetah_dir"``)."""
+  env_id = envs.resolve_env_id(env_id)
+  return {v: k for k, v in envs.SHORT_NAMES.items()}[env_id]
+
+
+def make_config(preset: str, **overrides) -> RLConfig:
+  """The config of a shipped setting: ``preset`` is the environment's
+  short name, ``overrides`` the card's fields (see
+  :mod:`maml_tf.models.pretrained`)."""
+  return RLConfig(**{"env": preset, **overrides})
+
+
+def build_learner(config: RLConfig, obs_dim: Optional[int] = None,
+                  act_dim: Optional[int] = None) -> MAMLTRPO:
+  """A fresh policy and its :class:`MAMLTRPO` learner for ``config``.
+
+  ``obs_dim`` and ``act_dim`` default to the environment's
+  (:func:`maml_tf.rl.envs.policy_dims`).
+  """
+  if obs_dim is None or act_dim is None:
+    obs_dim, act_dim = envs.policy_dims(config.env,
+                                        config.algorithm == "oracle")
+  policy = build_gaussian_mlp_policy(obs_dim, act_dim, config.hidden_sizes,
+                                     seed=config.seed)
+  return MAMLTRPO(policy, fast_lr=config.fast_lr, max_kl=config.max_kl,
+                  cg_iters=config.cg_iters, cg_damping=config.cg_damping,
+                  ls_max_steps=config.ls_max_steps,
+                  ls_backtrack_ratio=config.ls_backtrack_ratio,
+                  first_order=config.first_order,
+                  hvp_method=config.hvp_method)
 
 
 def evaluate_adaptation(learner: MAMLTRPO, sampler, tasks: Sequence[Dict],
@@ -273,32 +322,38 @@ def train_and_evaluate(config: RLConfig, workdir: str) -> Dict:
   sampler = make_sampler(config.env, horizon=config.horizon, oracle=oracle,
                          num_workers=config.num_workers)
   try:
-    policy = build_gaussian_mlp_policy(sampler.obs_dim, sampler.act_dim,
-                                       config.hidden_sizes, seed=config.seed)
-    learner = MAMLTRPO(policy, fast_lr=config.fast_lr, max_kl=config.max_kl,
-                       cg_iters=config.cg_iters, cg_damping=config.cg_damping,
-                       ls_max_steps=config.ls_max_steps,
-                       ls_backtrack_ratio=config.ls_backtrack_ratio,
-                       first_order=config.first_order,
-                       hvp_method=config.hvp_method)
+    learner = build_learner(config, sampler.obs_dim, sampler.act_dim)
     step = tf.Variable(0, dtype=tf.int64, name="step")
-    ckpt = tf.train.Checkpoint(step=step, policy=policy)
+    ckpt = tf.train.Checkpoint(step=step, policy=learner.policy)
     manager = tf.train.CheckpointManager(
         ckpt, os.path.join(workdir, "ckpt"), max_to_keep=2, step_counter=step,
         checkpoint_interval=max(config.checkpoint_every, 1))
     history = []
     history_path = os.path.join(workdir, "train_history.json")
-    if config.resume and manager.latest_checkpoint:
+    if config.pretrained:
+      from maml_tf.models import pretrained  # pylint: disable=g-import-not-at-top
+      name = short_name(config.env)
+      pretrained.load_into(learner, name)
+      step.assign(int(pretrained.card(name)["iterations"]))
+      print(f"[rl] evaluating the shipped meta-policy {name!r} "
+            f"({int(step)} meta-iterations)", flush=True)
+    elif (config.resume or config.eval_only) and manager.latest_checkpoint:
       ckpt.restore(manager.latest_checkpoint)
       if os.path.exists(history_path):
         with open(history_path) as f:
           history = [h for h in json.load(f) if h["iteration"] < int(step)]
-      print(f"[rl] resumed {config.algorithm} from {manager.latest_checkpoint} "
+      print(f"[rl] {'evaluating' if config.eval_only else 'resumed'} "
+            f"{config.algorithm} from {manager.latest_checkpoint} "
             f"at iteration {int(step)}", flush=True)
+    elif config.eval_only:
+      raise FileNotFoundError(
+          f"eval_only: no checkpoint under {workdir}/ckpt; train first (or "
+          "pass pretrained=True / --pretrained for the shipped meta-policy)")
     writer = tf.summary.create_file_writer(os.path.join(workdir, "tb"))
     eval_tasks = sampler.sample_tasks(
         config.eval_tasks, np.random.default_rng([config.seed, 999_999]))
-    iterations = 0 if config.algorithm == "random" else config.iterations
+    iterations = (0 if config.algorithm == "random" or config.eval_only
+                  else config.iterations)
     train_start, first = time.time(), int(step)
     last_save = time.time()
 
@@ -333,7 +388,10 @@ def train_and_evaluate(config: RLConfig, workdir: str) -> Dict:
                 f"pre {stats['pre_return']:.2f}"
                 + (f" post {post:.2f}" if post is not None else "")
                 + f" kl {stats['kl']:.4f} ls {int(stats['ls_steps'])} "
-                f"{rate:.2f} it/s", flush=True)
+                f"{rate:.2f} it/s, elapsed "
+                f"{format_duration(time.time() - train_start)}, left "
+                f"{format_duration((iterations - int(step)) / rate)}",
+                flush=True)
           if config.eval_every and int(step) % config.eval_every == 0:
             ev = evaluate_adaptation(
                 learner, sampler, eval_tasks, config.eval_batch_size,
@@ -355,8 +413,9 @@ def train_and_evaluate(config: RLConfig, workdir: str) -> Dict:
         print(f"[rl] interrupted: the checkpoint of iteration "
               f"{manager.latest_checkpoint} is kept", flush=True)
         raise interrupts.Interrupted(int(step)) from None
-    manager.save(checkpoint_number=step, check_interval=False)
-    write_json(history_path, history)
+    if not config.eval_only:
+      manager.save(checkpoint_number=step, check_interval=False)
+      write_json(history_path, history)
     ev = evaluate_adaptation(learner, sampler, eval_tasks,
                              config.eval_batch_size, config.eval_lrs,
                              np.random.default_rng([config.seed, 10 ** 6]),
@@ -368,6 +427,7 @@ def train_and_evaluate(config: RLConfig, workdir: str) -> Dict:
     rates = [h["iterations_per_second"] for h in history[-1:]]
     results = {
         "config": dataclasses.asdict(config), "config_changes": changes,
+        "iterations": int(step),
         # per_task[k][i]: test task i's mean return after k steps; the test
         # tasks depend on the seed only, so methods pair up task by task.
         "eval": {"returns": ev["returns"], "stderr": ev["stderr"],
@@ -381,7 +441,10 @@ def train_and_evaluate(config: RLConfig, workdir: str) -> Dict:
     results["environment"] = environment()
     write_json(os.path.join(workdir, "results.json"), results)
     print(f"[rl] {config.algorithm} eval returns after 0..{config.eval_grad_steps}"
-          f" steps: " + " ".join(f"{r:.2f}" for r in ev["returns"]), flush=True)
+          f" steps ({config.eval_tasks} test tasks, 95% intervals): "
+          + " / ".join(f"{r:.2f} ± {1.96 * e:.2f}"
+                       for r, e in zip(ev["returns"], ev["stderr"])),
+          flush=True)
     try_figure(plot_returns, lambda m: print(f"[rl] {m}", flush=True),
                sibling_results(workdir, config),
                os.path.join(workdir, "returns.png"),

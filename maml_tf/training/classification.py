@@ -633,7 +633,7 @@ def _checkpoint_step(workdir: str) -> int:
 def _name_of_preset(config: ClassificationConfig) -> str:
   """The shipped setting whose configuration is ``config``'s."""
   from maml_tf.models import pretrained  # pylint: disable=g-import-not-at-top
-  for name in pretrained.available():
+  for name in pretrained.available("classification"):
     want = pretrained.config(name)
     fields = ("dataset", "network", "way", "shot", "inner_lr", "inner_steps")
     if all(getattr(want, f) == getattr(config, f) for f in fields):
@@ -641,7 +641,7 @@ def _name_of_preset(config: ClassificationConfig) -> str:
   raise ValueError(
       f"no shipped weights for {_name(config)} with inner_lr="
       f"{config.inner_lr}, inner_steps={config.inner_steps}; shipped: "
-      f"{pretrained.available() or 'none'}")
+      f"{pretrained.available('classification') or 'none'}")
 
 
 def _shipped_iterations(config: ClassificationConfig) -> int:

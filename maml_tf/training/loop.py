@@ -23,17 +23,11 @@ import numpy as np
 import tensorflow as tf
 
 from maml_tf.common import interrupts
+from maml_tf.common.progress import format_duration
 
 
 Interrupted = interrupts.Interrupted
 exit_if_interrupted = interrupts.exit_if_interrupted
-
-
-def format_duration(seconds: float) -> str:
-  seconds = max(0, int(seconds))
-  h, rem = divmod(seconds, 3600)
-  m, s = divmod(rem, 60)
-  return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
 def make_checkpoint(learner, workdir: str, max_to_keep: int = 3,

@@ -120,3 +120,25 @@ def test_a_saved_setting_loads_back_checked(tmp_path, monkeypatch):
   loaded = pretrained.pretrained("mine")
   for a, b in zip(maml.model.weights, loaded.model.weights):
     np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_navigation_policy_adapts_and_the_launcher_evaluates_it(tmp_path):
+  pytest.importorskip("gymnasium")
+  card = pretrained.card("navigation")
+  learner = pretrained.pretrained("navigation")
+  assert learner.fast_lr == card["overrides"]["fast_lr"]
+  out = tmp_path / "nav"
+  subprocess.run(
+      [sys.executable, os.path.join(REPO, "launch", "rl.py"), "--env=navigation",
+       "--pretrained", "--eval_only", f"--logdir={out}"],
+      check=True, cwd=REPO, capture_output=True)
+  with open(out / "results.json") as f:
+    results = json.load(f)
+  assert results["iterations"] == card["iterations"]
+  assert results["config"]["eval_batch_size"] == card["test"]["episodes_per_step"]
+  got, want = results["eval"]["returns"], card["test"]["returns"]
+  # The same 40 test tasks and noise as the card: the same figures, up to
+  # floating-point differences between machines.
+  assert abs(got[1] - want[1]) < 1.0, (got, want)
+  assert got[1] > got[0] + 20, got                   # one step adapts
+

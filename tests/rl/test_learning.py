@@ -1,5 +1,6 @@
 """Conjugate gradient, baseline, Hessian-vector products and a short run."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -156,6 +157,10 @@ def test_config_validation():
   assert rl.RLConfig(eval_batch_size=40).eval_batch_size == 40
   with pytest.raises(ValueError, match="eval_batch_size"):
     rl.RLConfig(eval_batch_size=0)
+  with pytest.raises(ValueError, match="needs eval_only=True"):
+    rl.RLConfig(pretrained=True)
+  with pytest.raises(ValueError, match="needs algorithm='maml'"):
+    rl.RLConfig(pretrained=True, eval_only=True, algorithm="pretrained")
 
 
 def test_short_navigation_run_improves_after_adaptation(tmp_path):
@@ -179,6 +184,18 @@ def test_short_navigation_run_improves_after_adaptation(tmp_path):
   assert len(again["train"]) == 6
   np.testing.assert_allclose(again["eval"]["returns"], results["eval"]["returns"],
                              rtol=1e-4)
+  # eval_only: the checkpoint is evaluated, never trained further.
+  history = (tmp_path / "maml" / "train_history.json").read_text()
+  only = rl.train_and_evaluate(
+      dataclasses.replace(config, iterations=50, eval_only=True),
+      str(tmp_path / "maml"))
+  assert only["iterations"] == 6 and len(only["train"]) == 6
+  assert (tmp_path / "maml" / "train_history.json").read_text() == history
+  np.testing.assert_allclose(only["eval"]["returns"], results["eval"]["returns"],
+                             rtol=1e-4)
+  with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    rl.train_and_evaluate(dataclasses.replace(config, eval_only=True),
+                          str(tmp_path / "empty"))
 
 
 def test_plot_compares_runs_of_the_same_seed_and_length(tmp_path):
