@@ -4,7 +4,8 @@
 flag that a training loop checks at its next consistent point;
 :class:`Interrupted` is what the loop raises after it saved a checkpoint;
 :func:`exit_if_interrupted` makes a launcher exit with status 143 and say
-how to resume.
+how to resume (and exit with status 1 and one line, no traceback, when a
+file the run needs is missing).
 """
 
 import signal
@@ -27,13 +28,18 @@ class Interrupted(KeyboardInterrupt):
 def exit_if_interrupted(fn: Callable, *args, **kwargs):
   """Runs ``fn``; on :class:`Interrupted` prints how to resume and exits 143.
 
-  For launchers: a stopped run must not look like a crash.
+  For launchers: a stopped run must not look like a crash. A
+  ``FileNotFoundError`` (missing data, checkpoint or shipped weights; its
+  message names the file and what to do) exits with status 1 and that
+  message alone.
   """
   try:
     return fn(*args, **kwargs)
   except Interrupted as e:
     print(f"{e}; run the same command again to resume", flush=True)
     sys.exit(143)
+  except FileNotFoundError as e:
+    sys.exit(f"error: {e}")
 
 
 class StopRequest:

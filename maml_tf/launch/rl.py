@@ -100,10 +100,12 @@ def main(argv):
   base = {}
   if FLAGS.pretrained:
     from maml_tf.models import pretrained  # pylint: disable=g-import-not-at-top
-    try:
-      base = dict(pretrained.card(rl.train.short_name(FLAGS.env))["overrides"])
-    except ValueError as e:
-      raise app.UsageError(f"--pretrained: {e}") from None
+    name = rl.train.short_name(FLAGS.env)
+    if name not in pretrained.available("rl"):
+      raise app.UsageError(
+          f"--pretrained: no meta-policy is shipped for --env={name}; "
+          f"shipped: {pretrained.available('rl') or 'none'}")
+    base = dict(pretrained.card(name)["overrides"])
   try:
     config = rl.RLConfig(**{**base, "env": FLAGS.env, **given})
   except ValueError as e:

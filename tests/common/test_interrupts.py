@@ -1,0 +1,24 @@
+"""How launchers end: interrupted runs and missing files."""
+
+import pytest
+
+from maml_tf.common import interrupts
+
+
+def _raise(error):
+  raise error
+
+
+def test_an_interrupted_run_exits_143_saying_how_to_resume(capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    interrupts.exit_if_interrupted(_raise, interrupts.Interrupted(7))
+  assert exit_info.value.code == 143
+  assert "interrupted at step 7" in capsys.readouterr().out
+
+
+def test_a_missing_file_exits_1_with_its_message_alone():
+  with pytest.raises(SystemExit) as exit_info:
+    interrupts.exit_if_interrupted(
+        _raise, FileNotFoundError("eval_only: no checkpoint under /x"))
+  assert exit_info.value.code == "error: eval_only: no checkpoint under /x"
+  assert interrupts.exit_if_interrupted(lambda x: x + 1, 1) == 2
