@@ -401,6 +401,10 @@ def train_and_evaluate(config: RLConfig, workdir: str) -> Dict:
             with writer.as_default(step=it):
               for k, r in enumerate(ev["returns"]):
                 tf.summary.scalar(f"eval/return_after_{k}_steps", r)
+            stats["eval_returns"] = ev["returns"]   # kept in the history
+            print(f"[rl] test returns after 0..{config.eval_grad_steps} "
+                  f"steps at iteration {int(step)}: "
+                  + " / ".join(f"{r:.2f}" for r in ev["returns"]), flush=True)
           save()
           if stop.requested:
             save(force=True)

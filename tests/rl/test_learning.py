@@ -168,8 +168,13 @@ def test_short_navigation_run_improves_after_adaptation(tmp_path):
   config = rl.RLConfig(env="navigation", iterations=6, meta_batch=10,
                        fast_batch_size=10, eval_tasks=10, eval_grad_steps=1,
                        eval_batch_size=12,
-                       hidden_sizes=(32, 32), checkpoint_every=3, seed=1)
+                       hidden_sizes=(32, 32), checkpoint_every=3, seed=1,
+                       eval_every=3)
   results = rl.train_and_evaluate(config, str(tmp_path / "maml"))
+  history = json.loads((tmp_path / "maml" / "train_history.json").read_text())
+  # The periodic test evaluations (after iterations 3 and 6) are kept.
+  assert [h["iteration"] for h in history if "eval_returns" in h] == [2, 5]
+  assert len(history[5]["eval_returns"]) == 2
   pre, post = results["eval"]["returns"]
   assert post > pre + 2.0, results["eval"]
   per_task = np.array(results["eval"]["per_task"])     # [steps + 1, tasks]
