@@ -70,7 +70,10 @@ def check_resume(config, workdir: str, log: Callable[[str], None] = print
   """
   path = os.path.join(workdir, CONFIG_FILE)
   current = _plain(dataclasses.asdict(config))
-  resuming = getattr(config, "resume", True) and has_checkpoints(workdir)
+  # An eval_only start reads the checkpoints even with resume off.
+  resuming = ((getattr(config, "resume", True)
+               or getattr(config, "eval_only", False))
+              and has_checkpoints(workdir))
   if not resuming or not os.path.exists(path):
     write_json(path, {"config": current, "changes": []})
     return []

@@ -15,10 +15,8 @@ Example:
       --logdir=runs/rl/navigation/maml_lr05
   python launch/rl.py --env=cheetah_dir --iterations=5 --meta_batch=40 \
       --num_workers=2 --logdir=runs/rl/cheetah_dir/maml
-  # the shipped meta-policies (navigation, cheetah_dir), evaluated on 40
-  # test tasks with 95% intervals:
-  python launch/rl.py --env=navigation --pretrained --eval_only \
-      --logdir=runs/rl/navigation/shipped
+  # a shipped meta-policy, evaluated on 40 test tasks with 95% intervals:
+  python launch/rl.py --env=navigation --pretrained --eval_only
 """
 
 from maml_tf.launch import quiet  # before TensorFlow is imported  # pylint: disable=unused-import,g-bad-import-order
@@ -44,7 +42,9 @@ flags.DEFINE_float("max_kl", 0.01, "TRPO KL constraint.")
 flags.DEFINE_integer("iterations", 100, "Meta-iterations.")
 flags.DEFINE_integer("horizon", None, "Episode length (default 100 / 200).")
 flags.DEFINE_integer("seed", 0, "Random seed.")
-flags.DEFINE_string("logdir", "runs/rl/navigation/maml", "Output directory.")
+flags.DEFINE_string("logdir", "runs/rl/navigation/maml",
+                    "Output directory (with --pretrained, default "
+                    "runs/rl/ENV/shipped).")
 flags.DEFINE_bool("resume", True, "Resume from the latest checkpoint.")
 flags.DEFINE_bool("first_order", False, "First-order MAML.")
 flags.DEFINE_integer("num_workers", 2, "Sampler processes (MuJoCo envs).")
@@ -62,9 +62,9 @@ flags.DEFINE_bool("eval_only", False,
                   "(with --pretrained: the shipped meta-policy).")
 flags.DEFINE_bool("pretrained", False,
                   "With --eval_only: evaluate the meta-policy shipped for "
-                  "--env (maml_tf.models.pretrained; shipped: navigation, "
-                  "cheetah_dir), with the settings it was trained with; "
-                  "flags given on the command line override them.")
+                  "--env (maml_tf.models.pretrained.available('rl')), with "
+                  "the settings it was trained with; flags given on the "
+                  "command line override them.")
 
 # The hand-written flags above that are fields of RLConfig.
 _FIELDS = ("env", "algorithm", "iterations", "meta_batch", "fast_batch_size",
@@ -95,23 +95,21 @@ def main(argv):
   # An unset flag keeps RLConfig's default, or with --pretrained the value
   # the shipped policy was trained with (its card's overrides).
   given = {name: FLAGS[name].value for name in _FIELDS
-           if FLAGS[name].present}
+           if FLAGS[name].present and name != "env"}
   given.update(config_flags.overrides(RLConfig, _GENERATED))
-  base = {}
-  if FLAGS.pretrained:
-    from maml_tf.models import pretrained  # pylint: disable=g-import-not-at-top
-    name = rl.train.short_name(FLAGS.env)
-    if name not in pretrained.available("rl"):
-      raise app.UsageError(
-          f"--pretrained: no meta-policy is shipped for --env={name}; "
-          f"shipped: {pretrained.available('rl') or 'none'}")
-    base = dict(pretrained.card(name)["overrides"])
   try:
-    config = rl.RLConfig(**{**base, "env": FLAGS.env, **given})
+    if FLAGS.pretrained:   # --eval_only stays required, as for training
+      config = rl.train.shipped_config(
+          FLAGS.env, **{**given, "eval_only": FLAGS.eval_only})
+    else:
+      config = rl.RLConfig(env=FLAGS.env, **given)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
+  logdir = FLAGS.logdir
+  if FLAGS.pretrained and not FLAGS["logdir"].present:
+    logdir = f"runs/rl/{rl.envs.short_name(FLAGS.env)}/shipped"
   from maml_tf.common import interrupts  # pylint: disable=g-import-not-at-top
-  interrupts.exit_if_interrupted(rl.train_and_evaluate, config, FLAGS.logdir)
+  interrupts.exit_if_interrupted(rl.train_and_evaluate, config, logdir)
 
 
 def run():

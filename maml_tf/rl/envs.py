@@ -360,18 +360,27 @@ def default_horizon(env_id: str) -> int:
   return ENV_IDS[resolve_env_id(env_id)][1]
 
 
-def policy_dims(env_id: str, oracle: bool = False):
-  """``(obs_dim, act_dim)`` of a policy for ``env_id`` (a short name or id).
+def short_name(env_id: str) -> str:
+  """The short name of a registered id or short name (``"cheetah_dir"``)."""
+  return {v: k for k, v in SHORT_NAMES.items()}[resolve_env_id(env_id)]
+
+
+def policy_dims(env, oracle: bool = False):
+  """``(obs_dim, act_dim)`` of a policy for ``env``: an environment
+  instance, a registered id or a short name (then a probe is made).
 
   With ``oracle=True`` the task features are part of the observation.
   """
-  register_envs()
-  probe = gymnasium.make(resolve_env_id(env_id)).unwrapped
-  task_dim = len(probe.task_features(probe.get_task())) if oracle else 0
-  obs_dim = int(probe.observation_space.shape[0]) + task_dim
-  act_dim = int(probe.action_space.shape[0])
-  probe.close()
-  return obs_dim, act_dim
+  if isinstance(env, str):
+    register_envs()
+    probe = gymnasium.make(resolve_env_id(env)).unwrapped
+    try:
+      return policy_dims(probe, oracle)
+    finally:
+      probe.close()
+  task_dim = len(env.task_features(env.get_task())) if oracle else 0
+  return (int(env.observation_space.shape[0]) + task_dim,
+          int(env.action_space.shape[0]))
 
 
 def register_envs() -> None:

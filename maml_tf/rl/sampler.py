@@ -94,7 +94,7 @@ class _SamplerBase:
     self._task_env = probe
     self.action_low = probe.action_space.low.astype(np.float64)
     self.action_high = probe.action_space.high.astype(np.float64)
-    self.obs_dim, self.act_dim = envs.policy_dims(self.env_id, oracle)
+    self.obs_dim, self.act_dim = envs.policy_dims(probe, oracle)
     self._probe = probe
 
   def sample_tasks(self, n: int, rng: np.random.Generator) -> List[Dict]:

@@ -84,7 +84,9 @@ class RLConfig:
       (or, with ``pretrained``, the shipped meta-policy).
     pretrained: evaluate the shipped meta-policy of ``env``
       (:mod:`maml_tf.models.pretrained`, named by the environment's short
-      name); needs ``eval_only`` and ``algorithm="maml"``.
+      name) with this config's step sizes and test batch;
+      :func:`shipped_config` gives the ones it was trained and scored with.
+      Needs ``eval_only`` and ``algorithm="maml"``.
     seed: seeds the policy, task and noise generators.
   """
   env: str = "navigation"
@@ -157,17 +159,34 @@ class RLConfig:
             )[:self.eval_grad_steps]
 
 
-def short_name(env_id: str) -> str:
-  """The short name of a registered id (``"cheetah_dir"``)."""
-  env_id = envs.resolve_env_id(env_id)
-  return {v: k for k, v in envs.SHORT_NAMES.items()}[env_id]
-
-
 def make_config(preset: str, **overrides) -> RLConfig:
   """The config of a shipped setting: ``preset`` is the environment's
   short name, ``overrides`` the card's fields (see
   :mod:`maml_tf.models.pretrained`)."""
   return RLConfig(**{"env": preset, **overrides})
+
+
+def shipped_config(env: str, **given) -> RLConfig:
+  """The config that evaluates the meta-policy shipped for ``env``.
+
+  The settings it was trained and scored with (its card's overrides: step
+  size, test batch, ...), then ``given`` on top (what a user set), with
+  ``pretrained`` and ``eval_only`` on unless ``given`` says otherwise.
+
+  Raises:
+    ValueError: no meta-policy is shipped for ``env`` (names those that are).
+
+  Example:
+    >>> shipped_config("navigation").fast_lr          # the card's 0.5
+    >>> shipped_config("navigation", eval_tasks=10)
+  """
+  from maml_tf.models import pretrained  # pylint: disable=g-import-not-at-top
+  name = envs.short_name(env)
+  if name not in pretrained.available("rl"):
+    raise ValueError(f"no meta-policy is shipped for env={name!r}; shipped: "
+                     f"{pretrained.available('rl') or 'none'}")
+  return make_config(name, **{**pretrained.card(name)["overrides"],
+                              "pretrained": True, "eval_only": True, **given})
 
 
 def build_learner(config: RLConfig, obs_dim: Optional[int] = None,
@@ -332,7 +351,12 @@ def train_and_evaluate(config: RLConfig, workdir: str) -> Dict:
     history_path = os.path.join(workdir, "train_history.json")
     if config.pretrained:
       from maml_tf.models import pretrained  # pylint: disable=g-import-not-at-top
-      name = short_name(config.env)
+      if manager.latest_checkpoint:
+        raise ValueError(
+            f"pretrained=True evaluates the shipped meta-policy, but {workdir} "
+            "holds a run's checkpoints, whose results it would replace; give "
+            "another directory (--logdir)")
+      name = envs.short_name(config.env)
       pretrained.load_into(learner, name)
       step.assign(int(pretrained.card(name)["iterations"]))
       print(f"[rl] evaluating the shipped meta-policy {name!r} "

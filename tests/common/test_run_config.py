@@ -66,3 +66,16 @@ def test_sinusoid_resume_with_another_inner_lr_is_refused(tmp_path):
       experiment.make_config("smoke", **{**base, "iterations": 150}),
       workdir, log=lambda s: None)
   assert out["config_changes"][-1]["fields"]["iterations"] == [100, 150]
+
+
+def test_eval_only_without_resume_keeps_the_stored_config(tmp_path):
+  workdir = str(tmp_path)
+  run_config.check_resume(_Config(), workdir)
+  _fake_checkpoint(workdir)
+  # An evaluation with another step size, resume off: it reads the
+  # checkpoint, so the run's own config.json must stay the training one.
+  run_config.check_resume(
+      _Config(inner_lr=0.5, resume=False, eval_only=True), workdir,
+      lambda m: None)
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["config"]["inner_lr"] == 0.1

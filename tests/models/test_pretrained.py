@@ -122,16 +122,37 @@ def test_a_saved_setting_loads_back_checked(tmp_path, monkeypatch):
     np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
+def test_families_and_the_shipped_rl_config():
+  assert "navigation" in pretrained.available("rl")
+  assert "omniglot_5w1s" in pretrained.available("classification")
+  assert not set(pretrained.available("rl")) & set(
+      pretrained.available("classification"))
+  pytest.importorskip("gymnasium")
+  from maml_tf.rl import train as rl_train  # pylint: disable=g-import-not-at-top
+  card = pretrained.card("navigation")
+  config = rl_train.shipped_config("navigation")
+  assert config.fast_lr == card["overrides"]["fast_lr"] == 0.5
+  assert config.eval_batch_size == card["test"]["episodes_per_step"] == 40
+  assert config.pretrained and config.eval_only
+  # What a user sets wins over the card.
+  assert rl_train.shipped_config("navigation",
+                                 eval_batch_size=20).eval_batch_size == 20
+  with pytest.raises(ValueError, match="no meta-policy is shipped for "
+                     "env='ant_dir'"):
+    rl_train.shipped_config("ant_dir")
+
+
 def test_navigation_policy_adapts_and_the_launcher_evaluates_it(tmp_path):
   pytest.importorskip("gymnasium")
   card = pretrained.card("navigation")
   learner = pretrained.pretrained("navigation")
   assert learner.fast_lr == card["overrides"]["fast_lr"]
   out = tmp_path / "nav"
-  subprocess.run(
+  proc = subprocess.run(
       [sys.executable, os.path.join(REPO, "launch", "rl.py"), "--env=navigation",
        "--pretrained", "--eval_only", f"--logdir={out}"],
-      check=True, cwd=REPO, capture_output=True)
+      cwd=REPO, capture_output=True, text=True, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
   with open(out / "results.json") as f:
     results = json.load(f)
   assert results["iterations"] == card["iterations"]
@@ -141,4 +162,3 @@ def test_navigation_policy_adapts_and_the_launcher_evaluates_it(tmp_path):
   # floating-point differences between machines.
   assert abs(got[1] - want[1]) < 1.0, (got, want)
   assert got[1] > got[0] + 20, got                   # one step adapts
-

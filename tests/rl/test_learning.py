@@ -201,6 +201,11 @@ def test_short_navigation_run_improves_after_adaptation(tmp_path):
   with pytest.raises(FileNotFoundError, match="no checkpoint"):
     rl.train_and_evaluate(dataclasses.replace(config, eval_only=True),
                           str(tmp_path / "empty"))
+  # The shipped policy is never evaluated into a run's own directory.
+  with pytest.raises(ValueError, match="holds a run's checkpoints"):
+    rl.train_and_evaluate(
+        dataclasses.replace(config, eval_only=True, pretrained=True),
+        str(tmp_path / "maml"))
 
 
 def test_plot_compares_runs_of_the_same_seed_and_length(tmp_path):
@@ -257,3 +262,12 @@ def test_evaluation_uses_eval_batch_size(tmp_path, monkeypatch):
   assert calls == [(3, 7, [0.5, 0.25])]
   assert results["config"]["eval_batch_size"] == 7
   assert np.array(results["eval"]["per_task"]).shape == (3, 3)
+
+
+def test_policy_dims():
+  from maml_tf.rl import envs  # pylint: disable=g-import-not-at-top
+  assert envs.policy_dims("navigation") == (2, 2)
+  assert envs.policy_dims("navigation", oracle=True) == (4, 2)
+  assert envs.policy_dims("maml_tf/HalfCheetahDir-v0") == (17, 6)
+  assert envs.policy_dims("cheetah_vel", oracle=True) == (18, 6)
+  assert envs.short_name("maml_tf/AntDir-v0") == "ant_dir"
