@@ -162,3 +162,24 @@ def test_navigation_policy_adapts_and_the_launcher_evaluates_it(tmp_path):
   # floating-point differences between machines.
   assert abs(got[1] - want[1]) < 1.0, (got, want)
   assert got[1] > got[0] + 20, got                   # one step adapts
+
+
+def test_cheetah_direction_policy_adapts():
+  pytest.importorskip("mujoco")
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from maml_tf.rl import train as rl_train  # pylint: disable=g-import-not-at-top
+  from maml_tf.rl.sampler import make_sampler  # pylint: disable=g-import-not-at-top
+  learner = pretrained.pretrained("cheetah_dir")
+  config = pretrained.config("cheetah_dir")
+  sampler = make_sampler(config.env, num_workers=0)
+  try:
+    tasks = [{"direction": 1.0}, {"direction": -1.0}]
+    ev = rl_train.evaluate_adaptation(learner, sampler, tasks,
+                                      config.fast_batch_size, [config.fast_lr],
+                                      np.random.default_rng(0))
+  finally:
+    sampler.close()
+  before, after = ev["returns"]
+  # Both directions: one REINFORCE step turns the policy.
+  assert after > before + 50, ev["per_task"]
+  assert min(ev["per_task"][1]) > max(ev["per_task"][0]), ev["per_task"]
