@@ -247,9 +247,17 @@ class _AntTaskEnv(_TaskMixin, _ClippedMujocoMixin, AntEnv):
   [-1, 1]), ``contact_cost = 0.5e-3 * sum(clip(cfrc_ext, -1, 1)^2)``,
   ``survive_reward = 0.05`` (while healthy); terminates when the torso height
   leaves [0.2, 1.0] (as rllab and Ant-v5).
+
+  Steps last ``dt = 0.02`` s (``frame_skip=2`` of the 0.01 s MuJoCo step), as
+  in the paper's code (rllab's ``ant.xml``: timestep 0.02, one step per
+  action), not Ant-v5's 0.05 s: at 0.05 s a random policy's torso jumps above
+  the 1.0 bound within tens of steps, ending most episodes early.
   """
 
+  PAPER_FRAME_SKIP = 2
+
   def __init__(self, task: Optional[Dict] = None, **kwargs):
+    kwargs.setdefault("frame_skip", self.PAPER_FRAME_SKIP)
     kwargs.setdefault("ctrl_cost_weight", 0.5e-2)
     kwargs.setdefault("contact_cost_weight", 0.5e-3)
     kwargs.setdefault("healthy_reward", 0.05)

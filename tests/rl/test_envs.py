@@ -154,6 +154,22 @@ def test_ant_dir_reward(direction):
     assert r == pytest.approx(direction * v + ctrl + contact + survive)
 
 
+def test_ant_steps_at_the_papers_dt():
+  """0.02 s per action (rllab's ant.xml); a random policy mostly survives."""
+  env = envs.AntDirEnv()
+  assert env.dt == pytest.approx(0.02)
+  rng = np.random.default_rng(0)
+  lengths = []
+  for seed in range(10):
+    env.reset(seed=seed)
+    for t in range(200):
+      *_, term, _, _ = env.step(rng.normal(size=8))
+      if term:
+        break
+    lengths.append(t + 1)
+  assert np.mean(lengths) > 120   # at Ant-v5's 0.05 s it is about 55
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_vector_sampler_matches_single_env(workers):
   """Sync and async vector samplers reproduce single-env rollouts per task."""
