@@ -86,8 +86,11 @@ def check_resume(config, workdir: str, log: Callable[[str], None] = print
   listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in
                      sorted((unsafe or diff).items()))
   if getattr(config, "eval_only", False):
-    if diff:
-      log(f"eval_only with a config other than the run's: {listed}")
+    # The mode of this start itself is no difference worth reporting.
+    shown = {k: d for k, d in diff.items() if k not in ("eval_only", "resume")}
+    if shown:
+      log("eval_only with a config other than the run's: " + ", ".join(
+          f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(shown.items())))
     return stored.get("changes", [])
   if unsafe:
     raise ValueError(

@@ -810,11 +810,13 @@ def train_and_evaluate(config: ClassificationConfig, workdir: str,
             "inner gradient steps", "query accuracy (95% CI)",
             title=f"{_name(config)}, {done} meta-iterations",
             chance=1.0 / config.way),
-        "training_curve": results.try_figure(
-            training_curve_figure, log,
-            records, os.path.join(workdir, "training_curve.png"),
-            title=_name(config)),
     }
+    if any(r.get("kind") in ("train", "eval") for r in records):
+      # A shipped initialisation evaluated in a fresh logdir has no curve.
+      out["plots"]["training_curve"] = results.try_figure(
+          training_curve_figure, log,
+          records, os.path.join(workdir, "training_curve.png"),
+          title=_name(config))
     written = [p for p in out["plots"].values() if p]
     if written:
       log(f"wrote {' and '.join(written)}")

@@ -46,7 +46,14 @@ def test_check_resume_rules(tmp_path):
   # eval_only never trains: differences are only logged.
   run_config.check_resume(_Config(inner_lr=0.5, eval_only=True), workdir,
                           lines.append)
-  assert "eval_only" in lines[-1]
+  assert lines[-1] == ("eval_only with a config other than the run's: "
+                       "inner_lr: 0.1 -> 0.5, iterations: 20 -> 10")
+  # Its own mode (eval_only, resume) is not reported as a difference.
+  count = len(lines)
+  run_config.check_resume(_Config(iterations=20, eval_only=True,
+                                  resume=False),
+                          workdir, lines.append)
+  assert len(lines) == count
   # Starting afresh (resume=False) replaces the stored config.
   run_config.check_resume(_Config(inner_lr=0.5, resume=False), workdir)
   run_config.check_resume(_Config(inner_lr=0.5), workdir)

@@ -41,17 +41,22 @@ def test_corrupt_or_unknown_weights_are_refused(tmp_path, monkeypatch):
 def test_launcher_evaluates_the_shipped_5w1s_weights(tmp_path):
   card = pretrained.card("omniglot_5w1s")
   out = tmp_path / "run"
-  subprocess.run(
+  run = subprocess.run(
       [sys.executable, os.path.join(REPO, "launch", "classification.py"),
        "--preset=omniglot_5w1s", "--pretrained", "--eval_only",
-       "--eval_tasks=40", "--noplot", f"--logdir={out}",
-       f"--data_dir={DATA}"], check=True, cwd=REPO, capture_output=True)
+       "--eval_tasks=40", f"--logdir={out}",
+       f"--data_dir={DATA}"], check=True, cwd=REPO, capture_output=True,
+      text=True)
   with open(out / "results.json") as f:
     results = json.load(f)
   accuracy = results["test"]["accuracy"]["mean"][-1]
   # 40 tasks: within a few points of the card's 600-task figure.
   assert accuracy > card["test"]["accuracy"] - 0.04, accuracy
   assert results["iterations"] == card["iterations"]
+  # No training in this logdir: a test figure, no training curve, no warning.
+  assert (out / "accuracy_vs_steps.png").exists()
+  assert not (out / "training_curve.png").exists()
+  assert "Warning" not in run.stderr, run.stderr
 
 
 @pytest.mark.skipif(not os.path.isdir(DATA), reason="no Omniglot data")
