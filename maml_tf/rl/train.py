@@ -16,10 +16,13 @@ fine-tuning, a constant line as in Fig. 5). The paper's navigation scripts
 used ``fast_lr=0.5`` and 40 episodes (its text says 0.1; see the README).
 
 Outputs in ``workdir``: ``results.json``, TensorBoard summaries
-(``tf.summary``), checkpoints (``ckpt/``, resumed when ``resume=True``) and
-``returns.png``: return vs number of gradient steps for this run and every
-sibling run (``workdir/../*/results.json`` of the same environment), like the
-paper's Figure 5.
+(``tf.summary``), checkpoints (``ckpt/``, resumed when ``resume=True``),
+``train_history.json`` (per iteration: returns, TRPO statistics, seconds of
+sampling and of the meta-step, periodic test returns), ``returns.png``:
+return vs number of gradient steps for this run and every sibling run
+(``workdir/../*/results.json`` of the same environment), like the paper's
+Figure 5, and ``training_curve.png`` (:func:`plot_training_curve`) when the
+run has a training history.
 
 Example:
   >>> config = RLConfig(env="navigation", algorithm="maml", iterations=100)
@@ -284,6 +287,62 @@ def plot_returns(results: Dict[str, Dict], path: str, title: str = "") -> str:
   return path
 
 
+def plot_training_curve(history: Sequence[Dict], path: str, title: str = "",
+                        window: int = 20) -> str:
+  """Training returns against meta-iteration, with the periodic test returns.
+
+  Draws each iteration's pre- and post-update training return (faint) and
+  their moving averages over ``window`` iterations, and, where the history
+  holds them (``eval_every``), the test returns after 0 and 1 steps as
+  markers.
+
+  Arguments:
+    history: ``train_history.json`` records (``iteration``, ``pre_return``,
+      optional ``post_return`` and ``eval_returns``).
+    path: output PNG.
+    title: plot title.
+    window: moving-average length (shorter histories use their length).
+
+  Example:
+    >>> plot_training_curve(json.load(open("run/train_history.json")), "c.png")
+  """
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(6.5, 4))
+  x = np.asarray([h["iteration"] + 1 for h in history])
+  for key, label, color in (("pre_return", "training, before the step",
+                             "tab:blue"),
+                            ("post_return", "training, after 1 step",
+                             "tab:red")):
+    y = np.asarray([h.get(key, np.nan) for h in history], dtype=float)
+    if np.all(np.isnan(y)):
+      continue
+    ax.plot(x, y, color=color, alpha=0.25, lw=0.8)
+    w = max(1, min(window, len(y)))
+    smooth = np.convolve(y, np.ones(w) / w, mode="valid")
+    ax.plot(x[w - 1:], smooth, color=color, lw=1.8,
+            label=f"{label} ({w}-iteration mean)")
+  evals = [(h["iteration"] + 1, h["eval_returns"]) for h in history
+           if h.get("eval_returns")]
+  if evals:
+    ex = [e[0] for e in evals]
+    ax.plot(ex, [e[1][0] for e in evals], "o", mfc="white", color="tab:blue",
+            label="test, before the step")
+    if len(evals[0][1]) > 1:
+      ax.plot(ex, [e[1][1] for e in evals], "o", color="tab:red",
+              label="test, after 1 step")
+  ax.set_xlabel("meta-iteration")
+  ax.set_ylabel("average return")
+  if title:
+    ax.set_title(title)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
 def sibling_results(workdir: str, config: RLConfig) -> Dict[str, Dict]:
   """The evaluations to plot beside this run: one per method, comparable.
 
@@ -333,7 +392,8 @@ def train_and_evaluate(config: RLConfig, workdir: str) -> Dict:
     >>> train_and_evaluate(RLConfig(env="navigation", iterations=5), "/tmp/nav")
   """
   check_writable(workdir, ("results.json", "returns.png",
-                           "train_history.json", "config.json"))
+                           "training_curve.png", "train_history.json",
+                           "config.json"))
   changes = run_config.check_resume(config, workdir, print)
   start_time = time.time()
   tf.random.set_seed(config.seed)
@@ -473,10 +533,14 @@ def train_and_evaluate(config: RLConfig, workdir: str) -> Dict:
           + " / ".join(f"{r:.2f} ± {1.96 * e:.2f}"
                        for r, e in zip(ev["returns"], ev["stderr"])),
           flush=True)
-    try_figure(plot_returns, lambda m: print(f"[rl] {m}", flush=True),
-               sibling_results(workdir, config),
+    log = lambda m: print(f"[rl] {m}", flush=True)
+    try_figure(plot_returns, log, sibling_results(workdir, config),
                os.path.join(workdir, "returns.png"),
                title=config.env.split("/")[-1])
+    if history:
+      try_figure(plot_training_curve, log, history,
+                 os.path.join(workdir, "training_curve.png"),
+                 title=f"{envs.short_name(config.env)}, {config.algorithm}")
     return results
   finally:
     sampler.close()
@@ -487,20 +551,28 @@ def _train_iteration(config: RLConfig, learner: MAMLTRPO, sampler,
   """Samples a meta-batch and takes one TRPO (meta-)step."""
   tasks = sampler.sample_tasks(config.meta_batch, rng)
   stacked = learner.stacked_params(config.meta_batch)
+  t0 = time.perf_counter()
   pre = sampler.sample(tasks, config.fast_batch_size,
                        learner.policy_fn(stacked), rng)
+  sampling = time.perf_counter() - t0
   pre_data = learner.make_data(
       pre, process_trajectories(pre, config.gamma, config.gae_lambda))
   out = {"pre_return": float(pre.returns.mean())}
   if config.algorithm == "maml":
     adapted = learner.adapt(stacked, pre_data)
+    t0 = time.perf_counter()
     post = sampler.sample(tasks, config.fast_batch_size,
                           learner.policy_fn(adapted), rng)
+    sampling += time.perf_counter() - t0
     post_data = learner.make_data(
         post, process_trajectories(post, config.gamma, config.gae_lambda))
     out["post_return"] = float(post.returns.mean())
+    t0 = time.perf_counter()
     stats = learner.meta_step([pre_data], post_data)
   else:
+    t0 = time.perf_counter()
     stats = learner.meta_step([], pre_data)
   out.update(stats)
+  out["sampling_seconds"] = sampling
+  out["meta_step_seconds"] = time.perf_counter() - t0
   return out

@@ -183,6 +183,9 @@ def test_short_navigation_run_improves_after_adaptation(tmp_path):
   assert max(results["tracing_counts"].values()) <= 2   # train + eval shapes
   for name in ("results.json", "returns.png", "train_history.json"):
     assert (tmp_path / "maml" / name).exists()
+  assert (tmp_path / "maml" / "training_curve.png").stat().st_size > 10_000
+  for h in history:   # where an iteration's time went
+    assert h["sampling_seconds"] > 0 and h["meta_step_seconds"] > 0
   assert json.loads((tmp_path / "maml" / "results.json").read_text())
   # resume: nothing left to train, same evaluation.
   again = rl.train_and_evaluate(config, str(tmp_path / "maml"))
