@@ -259,9 +259,8 @@ def plot_returns(results: Dict[str, Dict], path: str, title: str = "") -> str:
   Example:
     >>> plot_returns({"maml": {"returns": [-40, -12, -4, -3]}}, "fig5.png")
   """
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  from maml_tf.training import plots  # pylint: disable=g-import-not-at-top
+  plt = plots.plt
   styles = {"maml": ("MAML (ours)", "tab:red"),
             "pretrained": ("pretrained", "tab:blue"),
             "random": ("random", "tab:green"),
@@ -276,15 +275,9 @@ def plot_returns(results: Dict[str, Dict], path: str, title: str = "") -> str:
     if res.get("stderr"):
       se = np.asarray(res["stderr"])
       ax.fill_between(x, y - se, y + se, alpha=0.2, color=color)
-  ax.set_xlabel("number of gradient steps")
-  ax.set_ylabel("average return")
   ax.set_xticks(range(max(len(r["returns"]) for r in results.values())))
-  ax.set_title(title)
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return plots.save_figure(fig, ax, path, "number of gradient steps",
+                           "average return", title, dpi=120)
 
 
 def plot_training_curve(history: Sequence[Dict], path: str, title: str = "",
@@ -306,9 +299,8 @@ def plot_training_curve(history: Sequence[Dict], path: str, title: str = "",
   Example:
     >>> plot_training_curve(json.load(open("run/train_history.json")), "c.png")
   """
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  from maml_tf.training import plots  # pylint: disable=g-import-not-at-top
+  plt = plots.plt
   fig, ax = plt.subplots(figsize=(6.5, 4))
   x = np.asarray([h["iteration"] + 1 for h in history])
   for key, label, color in (("pre_return", "training, before the step",
@@ -332,15 +324,8 @@ def plot_training_curve(history: Sequence[Dict], path: str, title: str = "",
     if len(evals[0][1]) > 1:
       ax.plot(ex, [e[1][1] for e in evals], "o", color="tab:red",
               label="test, after 1 step")
-  ax.set_xlabel("meta-iteration")
-  ax.set_ylabel("average return")
-  if title:
-    ax.set_title(title)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  return plots.save_figure(fig, ax, path, "meta-iteration", "average return",
+                           title, legend_size=8)
 
 
 def sibling_results(workdir: str, config: RLConfig) -> Dict[str, Dict]:

@@ -606,16 +606,9 @@ def training_curve_figure(log_records: List[Dict], path: str,
       # A series of one point is drawn as a marker (a line would not show).
       ax.plot(x, y, ls=style, color=color, label=label,
               marker="o" if kind == "eval" or len(x) == 1 else None, ms=3)
-  ax.set_xlabel("meta-iteration")
-  ax.set_ylabel("query accuracy")
   ax.set_ylim(0, 1)
-  if title:
-    ax.set_title(title)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  return plots.save_figure(fig, ax, path, "meta-iteration", "query accuracy",
+                           title, legend_size=8)
 
 
 def _checkpoint_step(workdir: str) -> int:

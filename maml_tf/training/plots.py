@@ -9,6 +9,24 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 from maml_tf.tasks import sinusoid as tasks  # pylint: disable=g-import-not-at-top
 
 
+def save_figure(fig, ax, path: str, xlabel: str, ylabel: str,
+                title: str = "", legend_size=None, dpi: int = 110) -> str:
+  """Labels ``ax``, adds its legend, writes ``fig`` to ``path`` and closes it.
+
+  Returns:
+    ``path``.
+  """
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  if title:
+    ax.set_title(title)
+  ax.legend(fontsize=legend_size)
+  fig.tight_layout()
+  fig.savefig(path, dpi=dpi)
+  plt.close(fig)
+  return path
+
+
 def sinusoid_figure(maml, pretrained, config, path: str, steps=(1, 10),
                     seed: int = 7) -> str:
   """Figure 2 of the paper: one task, K points, predictions after 0/1/10 steps.
@@ -72,12 +90,4 @@ def curves_figure(x, curves, path: str, xlabel: str, ylabel: str,
     if ci is not None:
       ci = np.asarray(ci, dtype=float)
       ax.fill_between(x, y - ci, y + ci, alpha=0.2)
-  ax.set_xlabel(xlabel)
-  ax.set_ylabel(ylabel)
-  if title:
-    ax.set_title(title)
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  return save_figure(fig, ax, path, xlabel, ylabel, title)
