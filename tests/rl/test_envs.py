@@ -154,6 +154,31 @@ def test_ant_dir_reward(direction):
     assert r == pytest.approx(direction * v + ctrl + contact + survive)
 
 
+@pytest.mark.parametrize("cls", [envs.AntDirEnv, envs.AntVelEnv])
+def test_ant_step_is_ant_v5s_step_with_the_papers_reward(cls):
+  """The task env's own step equals Ant-v5's step (with this reward)."""
+  from gymnasium.envs.mujoco.ant_v5 import AntEnv  # pylint: disable=g-import-not-at-top
+  ours, theirs = cls(), cls()
+  for env in (ours, theirs):
+    env.set_task(env.sample_tasks(1, np.random.default_rng(3))[0])
+    env.reset(seed=5)
+  rng = np.random.default_rng(0)
+  steps = 0
+  for t in range(1000):   # to the end of the episode: the unhealthy step too
+    action = rng.normal(0, 3.0, 8)
+    a = ours.step(action)
+    b = AntEnv.step(theirs, np.clip(action, -1, 1))
+    np.testing.assert_array_equal(a[0], b[0])
+    assert a[1] == pytest.approx(b[1], abs=1e-12) and a[2:4] == b[2:4]
+    assert a[4].keys() == b[4].keys()
+    for k in a[4]:
+      assert a[4][k] == pytest.approx(b[4][k], abs=1e-12), k
+    steps += 1
+    if a[2]:
+      break
+  assert a[2] and a[4]["reward_survive"] == 0 and steps > 20
+
+
 def test_ant_steps_at_the_papers_dt():
   """0.02 s per action (rllab's ant.xml); a random policy mostly survives."""
   env = envs.AntDirEnv()
