@@ -19,7 +19,8 @@ mujoco/*_rand*.py`` of cbfinn/maml_rl); each class documents its formula and
 MuJoCo tasks subclass gymnasium's ``HalfCheetah-v5`` / ``Ant-v5`` (official
 ``mujoco`` bindings) and keep their observations; the forward velocity is
 gymnasium's ``x_velocity`` (finite difference of the root x position over
-``dt``), where rllab used the torso subtree's centre-of-mass velocity.
+``dt``), where rllab used the torso subtree's centre-of-mass velocity. The
+Ant steps at the paper's ``dt = 0.02`` s (Ant-v5: 0.05 s).
 Actions are clipped to the action space before they are applied and costed.
 
 Every environment has:
