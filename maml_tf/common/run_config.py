@@ -83,14 +83,14 @@ def check_resume(config, workdir: str, log: Callable[[str], None] = print
   diff: Dict[str, Tuple] = {k: (old.get(k), v) for k, v in current.items()
                             if k in old and old[k] != v}
   unsafe = {k: d for k, d in diff.items() if k not in SAFE_TO_CHANGE}
-  listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in
-                     sorted((unsafe or diff).items()))
+  listing = lambda d: ", ".join(f"{k}: {a!r} -> {b!r}"
+                                for k, (a, b) in sorted(d.items()))
+  listed = listing(unsafe or diff)
   if getattr(config, "eval_only", False):
     # The mode of this start itself is no difference worth reporting.
     shown = {k: d for k, d in diff.items() if k not in ("eval_only", "resume")}
     if shown:
-      log("eval_only with a config other than the run's: " + ", ".join(
-          f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(shown.items())))
+      log(f"eval_only with a config other than the run's: {listing(shown)}")
     return stored.get("changes", [])
   if unsafe:
     raise ValueError(

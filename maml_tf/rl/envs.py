@@ -242,7 +242,7 @@ class HalfCheetahDirEnv(_DirectionTaskMixin, _TaskMixin, _ClippedMujocoMixin,
     return forward + ctrl, {"reward_forward": forward, "reward_ctrl": ctrl}
 
 
-class _AntTaskEnv(_TaskMixin, _ClippedMujocoMixin, AntEnv):
+class _AntTaskEnv(_TaskMixin, AntEnv):
   """Ant-v5 with the paper's cost terms (``ant_env_rand*.py``).
 
   ``ctrl_cost = 0.5e-2 * sum(a^2)`` (rllab's ``0.5 * 1e-2`` on actions in
@@ -296,29 +296,30 @@ class _AntTaskEnv(_TaskMixin, _ClippedMujocoMixin, AntEnv):
     min_z, max_z = self._healthy_z_range
     healthy = bool(np.isfinite(qpos).all() and np.isfinite(qvel).all()
                    and min_z <= qpos[2] <= max_z)
-    forward = self._forward_reward(x_velocity)
-    survive = float(healthy * self._healthy_reward)
-    ctrl = -float(self._ctrl_cost_weight * np.sum(np.square(action)))
-    contact = -float(self._contact_cost_weight * np.sum(np.square(forces)))
-    reward = forward + survive + ctrl + contact
+    reward, reward_info = self._reward(x_velocity, action, healthy, forces)
     info = {"x_position": qpos[0], "y_position": qpos[1],
             "distance_from_origin": math.hypot(qpos[0], qpos[1]),
             "x_velocity": x_velocity, "y_velocity": y_velocity,
-            "reward_forward": forward, "reward_ctrl": ctrl,
-            "reward_contact": contact, "reward_survive": survive}
+            **reward_info}
     if self.render_mode == "human":
       self.render()
     terminated = (not healthy) and self._terminate_when_unhealthy
     return observation, reward, terminated, False, info
 
-  def _get_rew(self, x_velocity: float, action):
+  def _reward(self, x_velocity: float, action, healthy: bool, forces):
+    """The reward and its terms, from the clipped contact ``forces``."""
     forward = self._forward_reward(x_velocity)
-    survive = float(self.healthy_reward)
-    ctrl = -float(self.control_cost(action))
-    contact = -float(self.contact_cost)
+    survive = float(healthy * self._healthy_reward)
+    ctrl = -float(self._ctrl_cost_weight * np.sum(np.square(action)))
+    contact = -float(self._contact_cost_weight * np.sum(np.square(forces)))
     reward = forward + survive + ctrl + contact
     return reward, {"reward_forward": forward, "reward_ctrl": ctrl,
                     "reward_contact": contact, "reward_survive": survive}
+
+  def _get_rew(self, x_velocity: float, action):
+    # Ant-v5's hook (its own ``step``), the same reward as :meth:`step`.
+    return self._reward(x_velocity, action, self.is_healthy,
+                        self.contact_forces)
 
 
 class AntVelEnv(_AntTaskEnv):
