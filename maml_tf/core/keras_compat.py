@@ -240,13 +240,32 @@ def _packer(structure) -> Callable[[list], object]:
                                                expand_composites=True)
 
 
+try:
+  from tensorflow.python.eager import record as _record  # pylint: disable=g-import-not-at-top,g-direct-tensorflow-import
+  _could_possibly_record = _record.could_possibly_record
+except (ImportError, AttributeError):
+  _could_possibly_record = None
+
+
 def can_call_directly() -> bool:
   """Eager, and no gradient tape is recording (which would need the call's
-  gradient): the case where :func:`direct_caller` may be used."""
-  if not tf.executing_eagerly():
-    return False
+  gradient): the case where :func:`direct_caller` may be used. Needs TF's
+  ``record.could_possibly_record``; ``False`` when a future version moves it.
+  """
+  return (_could_possibly_record is not None and tf.executing_eagerly()
+          and not _could_possibly_record())
+
+
+def eager_signature(flat) -> Optional[tuple]:
+  """``((shape, dtype enum), ...)`` of a list of eager tensors, or ``None``
+  if an item is not one (a NumPy array, a nested structure, a symbolic
+  tensor). What a traced function is for: equal signatures, same function.
+
+  Reads ``EagerTensor._shape_tuple`` and ``_datatype_enum``, which skip
+  building a ``TensorShape`` and ``DType`` per tensor; ``None`` (the
+  caller takes its general path) when a future version moves them.
+  """
   try:
-    from tensorflow.python.eager import record  # pylint: disable=g-import-not-at-top,g-direct-tensorflow-import
-    return not record.could_possibly_record()
-  except (ImportError, AttributeError):
-    return False
+    return tuple([(t._shape_tuple(), t._datatype_enum()) for t in flat])  # pylint: disable=protected-access
+  except (AttributeError, TypeError, ValueError):
+    return None

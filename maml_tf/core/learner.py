@@ -521,16 +521,23 @@ class MAML:
     """
     before = bool(pre_update_metrics)
     ready_key = flat = None
-    if plan is None and keras_compat.can_call_directly():
-      flat = tf.nest.flatten(batch)
-      if type(batch) is TaskBatch and all(   # pylint: disable=unidiomatic-typecheck
-          isinstance(t, tf.Tensor) for t in flat):
-        ready_key = ("train", before, self.first_order_now(),
-                     len(self._runner.fallbacks))
-        step = self._runner.ready_step(ready_key, flat)
-        if step is not None:
-          self._check_labels(batch)
-          return step(flat)
+    # The hot path: a TaskBatch of eager tensors of a signature seen before
+    # runs its registered step; every statement here runs on every call.
+    if (plan is None and type(batch) is TaskBatch  # pylint: disable=unidiomatic-typecheck
+        and keras_compat.can_call_directly()):
+      ready_key = ("train", before, self.first_order_now(),
+                   len(self._runner.fallbacks))
+      flat = list(batch)
+      step = self._runner.ready_step(ready_key, flat)
+      if step is None:                 # nested inputs, or not seen yet
+        flat = tf.nest.flatten(batch)
+        if all(isinstance(t, tf.Tensor) for t in flat):
+          step = self._runner.ready_step(ready_key, flat)
+        else:
+          ready_key = None
+      if step is not None:
+        self._check_labels(batch)
+        return step(flat)
     prepared = self.prepare(batch)
     if ready_key is not None and not all(
         a is b for a, b in zip(flat, tf.nest.flatten(prepared))):

@@ -57,13 +57,19 @@ def raise_for_flags(flags, variables: Sequence) -> None:
                                    "or Inf"))
 
 
+def raise_floating_point_error(e: tf.errors.InvalidArgumentError) -> None:
+  """Raises ``FloatingPointError`` if ``e`` is one of the graph's NaN/Inf
+  checks; returns otherwise (the caller re-raises ``e``)."""
+  if "maml_tf:" in str(e):
+    msg = str(e).split("maml_tf:")[1].split("\n")[0].split(" : ")[0]
+    raise FloatingPointError(message(msg)) from None
+
+
 @contextlib.contextmanager
 def floating_point_errors():
   """Turns the graph's NaN/Inf checks into ``FloatingPointError``."""
   try:
     yield
   except tf.errors.InvalidArgumentError as e:
-    if "maml_tf:" in str(e):
-      msg = str(e).split("maml_tf:")[1].split("\n")[0].split(" : ")[0]
-      raise FloatingPointError(message(msg)) from None
+    raise_floating_point_error(e)
     raise

@@ -213,22 +213,28 @@ class Runner:
     directly, raises ``FloatingPointError`` as :meth:`call_step` does, and
     is valid only where :func:`keras_compat.can_call_directly`.
     """
-    return self._ready.get((ready_key, signature(flat)))
+    sig = keras_compat.eager_signature(flat)
+    return None if sig is None else self._ready.get((ready_key, sig))
 
   def _make_ready(self, ready_key: tuple, full: tuple, args: tuple,
                   variables) -> None:
     flat = tf.nest.flatten(args, expand_composites=True)
     if not all(isinstance(t, tf.Tensor) for t in flat):
       return
-    sig = signature(flat)
-    direct = self._direct.get((full,) + sig)
+    sig = keras_compat.eager_signature(flat)
+    direct = sig is not None and self._direct.get((full,) + sig)
     if not direct:
       return
 
-    def step(flat):
-      with numerics.floating_point_errors():
+    def step(flat):                  # the hot path: no context manager
+      try:
         out = direct(flat)
-      return _checked(out, variables)
+      except tf.errors.InvalidArgumentError as e:
+        numerics.raise_floating_point_error(e)
+        raise
+      if len(out) == 2 and not out[1].numpy().all():
+        _checked(out, variables)       # raises, naming the value
+      return out[0]
     self._ready[(ready_key, sig)] = step
 
   def call_steps(self, key: tuple, make_loop: Callable[[ExecutionPlan],
@@ -247,7 +253,10 @@ class Runner:
     flat = tf.nest.flatten(args, expand_composites=True)
     if not all(isinstance(t, tf.Tensor) for t in flat):   # eager tensors
       return fn(*args)
-    sig = (full,) + signature(flat)
+    sig = keras_compat.eager_signature(flat)
+    if sig is None:
+      return fn(*args)
+    sig = (full,) + sig
     direct = self._direct.get(sig)
     if direct is None:
       out = fn(*args)                    # traces (once) and registers fn
@@ -258,11 +267,6 @@ class Runner:
     if direct is False:
       return fn(*args)
     return direct(flat)
-
-
-def signature(flat: Sequence[tf.Tensor]) -> tuple:
-  """The shapes and dtypes of tensors: what a traced function is for."""
-  return tuple((tuple(t.shape), t.dtype) for t in flat)
 
 
 def _checked(out: tuple, variables) -> dict:

@@ -187,3 +187,36 @@ def test_a_known_signature_still_checks_class_labels():
   bad = good._replace(query_y=labels + 4)
   with pytest.raises(ValueError, match="outside the model's 4 outputs"):
     maml.train_step(bad)
+
+
+@pytest.mark.filterwarnings("ignore::maml_tf.PlanWarning")  # runs task by task
+def test_nested_eager_inputs_reach_the_ready_step_with_the_same_numbers():
+  """A dict-input model's batches of eager tensors are prepared once per
+  signature, then served by the ready step; the numbers equal NumPy's."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(11)
+
+  def batch(n):
+    x = {"a": rng.normal(size=(3, n, 3)), "b": rng.normal(size=(3, n, 2))}
+    return x, np.sin(x["a"].sum(-1, keepdims=True))
+  batches = [TaskBatch(*batch(4), *batch(5)) for _ in range(3)]
+  runs = []
+  for as_tensors in (False, True):
+    keras.utils.set_random_seed(4)
+    a, b = keras.Input((3,), name="a"), keras.Input((2,), name="b")
+    h = keras.layers.Concatenate()([a, b])
+    maml = MAML(keras.Model({"a": a, "b": b}, keras.layers.Dense(1)(
+        keras.layers.Dense(8, "tanh")(h))), "mse", inner_lr=0.1)
+    prepared = []
+    real = maml.prepare
+    maml.prepare = lambda x, real=real: prepared.append(1) or real(x)
+    to_tensors = lambda x: tf.nest.map_structure(
+        lambda v: tf.constant(v, tf.float32), x)
+    losses = [maml.train_step(to_tensors(x) if as_tensors else x)[
+        "loss_after"] for x in batches]
+    runs.append((losses, _weights(maml.model), len(prepared)))
+  (l1, w1, n1), (l2, w2, n2) = runs
+  assert (n1, n2) == (3, 1)
+  assert l1 == l2
+  for u, v in zip(w1, w2):
+    np.testing.assert_array_equal(u, v)
