@@ -114,7 +114,7 @@ def pretrained(name: str):
 
   A :class:`maml_tf.MAML` for the classifiers and the sinusoid; a
   :class:`maml_tf.rl.MAMLTRPO` for the meta-RL policies (``navigation``,
-  ``cheetah_dir``: cards with ``"family": "rl"``, named by the
+  ``cheetah_dir``, ``ant_dir``: cards with ``"family": "rl"``, named by the
   environment's short name; they need the ``[rl]`` extra). Its inner step
   size and steps are the ones it was trained with.
 

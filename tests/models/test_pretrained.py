@@ -143,8 +143,8 @@ def test_families_and_the_shipped_rl_config():
   assert rl_train.shipped_config("navigation",
                                  eval_batch_size=20).eval_batch_size == 20
   with pytest.raises(ValueError, match="no meta-policy is shipped for "
-                     "env='ant_dir'"):
-    rl_train.shipped_config("ant_dir")
+                     "env='ant_vel'"):
+    rl_train.shipped_config("ant_vel")
 
 
 def test_navigation_policy_adapts_and_the_launcher_evaluates_it(tmp_path):
@@ -169,13 +169,14 @@ def test_navigation_policy_adapts_and_the_launcher_evaluates_it(tmp_path):
   assert got[1] > got[0] + 20, got                   # one step adapts
 
 
-def test_cheetah_direction_policy_adapts():
+@pytest.mark.parametrize("name", ["cheetah_dir", "ant_dir"])
+def test_direction_policies_adapt(name):
   pytest.importorskip("mujoco")
   import numpy as np  # pylint: disable=g-import-not-at-top
   from maml_tf.rl import train as rl_train  # pylint: disable=g-import-not-at-top
   from maml_tf.rl.sampler import make_sampler  # pylint: disable=g-import-not-at-top
-  learner = pretrained.pretrained("cheetah_dir")
-  config = pretrained.config("cheetah_dir")
+  learner = pretrained.pretrained(name)
+  config = pretrained.config(name)
   sampler = make_sampler(config.env, num_workers=0)
   try:
     tasks = [{"direction": 1.0}, {"direction": -1.0}]
