@@ -47,7 +47,7 @@ from maml_tf.rl.policy import build_gaussian_mlp_policy
 from maml_tf.rl.sampler import make_sampler
 from maml_tf.common import interrupts
 from maml_tf.common import run_config
-from maml_tf.common.progress import format_duration
+from maml_tf.common.progress import format_speed
 from maml_tf.common.results import (check_writable, environment, try_figure,
                                     write_json)
 
@@ -424,6 +424,7 @@ def train_and_evaluate(config: RLConfig, workdir: str) -> Dict:
     iterations = (0 if config.algorithm == "random" or config.eval_only
                   else config.iterations)
     train_start, first = time.time(), int(step)
+    first_done = train_start
     last_save = time.time()
 
     def save(force: bool = False):
@@ -444,8 +445,11 @@ def train_and_evaluate(config: RLConfig, workdir: str) -> Dict:
           rng = np.random.default_rng([config.seed, it])
           stats = _train_iteration(config, learner, sampler, rng)
           step.assign_add(1)
-          done = int(step) - first
-          rate = done / (time.time() - train_start)
+          done, now = int(step) - first, time.time()
+          if done == 1:         # this process's first: it traced the steps
+            rate, first_done = 1 / (now - train_start), now
+          else:
+            rate = (done - 1) / (now - first_done)
           stats.update(iteration=it, iterations_per_second=rate)
           history.append(stats)
           with writer.as_default(step=it):
@@ -457,10 +461,8 @@ def train_and_evaluate(config: RLConfig, workdir: str) -> Dict:
                 f"pre {stats['pre_return']:.2f}"
                 + (f" post {post:.2f}" if post is not None else "")
                 + f" kl {stats['kl']:.4f} ls {int(stats['ls_steps'])} "
-                f"{rate:.2f} it/s, elapsed "
-                f"{format_duration(time.time() - train_start)}, left "
-                f"{format_duration((iterations - int(step)) / rate)}",
-                flush=True)
+                + format_speed(rate, time.time() - train_start,
+                               iterations - int(step)), flush=True)
           if config.eval_every and int(step) % config.eval_every == 0:
             ev = evaluate_adaptation(
                 learner, sampler, eval_tasks, config.eval_batch_size,

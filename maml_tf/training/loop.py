@@ -23,7 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from maml_tf.common import interrupts
-from maml_tf.common.progress import format_duration
+from maml_tf.common.progress import format_duration, format_speed
 
 
 Interrupted = interrupts.Interrupted
@@ -260,8 +260,7 @@ def meta_train(learner, batch_for_step: Callable[[int], object],
           timed = done_window > 0      # the compiling call is not timed
           rate = done_window / max(now - t_window, 1e-9) if timed else None
           t_window, done_window = now, 0
-          speed = (f"{rate:.1f} it/s, elapsed {format_duration(now - t_start)}"
-                   f", left {format_duration((iterations - it) / max(rate, 1e-9))}"
+          speed = (format_speed(rate, now - t_start, iterations - it)
                    if timed else f"elapsed {format_duration(now - t_start)} "
                    "(with compilation)")
           log(f"step {it}/{iterations} "

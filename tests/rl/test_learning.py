@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
@@ -163,7 +164,7 @@ def test_config_validation():
     rl.RLConfig(pretrained=True, eval_only=True, algorithm="pretrained")
 
 
-def test_short_navigation_run_improves_after_adaptation(tmp_path):
+def test_short_navigation_run_improves_after_adaptation(tmp_path, capsys):
   """A few MAML iterations: post-update beats pre-update; outputs written."""
   config = rl.RLConfig(env="navigation", iterations=6, meta_batch=10,
                        fast_batch_size=10, eval_tasks=10, eval_grad_steps=1,
@@ -171,6 +172,12 @@ def test_short_navigation_run_improves_after_adaptation(tmp_path):
                        hidden_sizes=(32, 32), checkpoint_every=3, seed=1,
                        eval_every=3)
   results = rl.train_and_evaluate(config, str(tmp_path / "maml"))
+  # One progress line per iteration, with its speed and an ETA.
+  progress = [l for l in capsys.readouterr().out.splitlines()
+              if re.match(r"\[rl\] maml \d+/", l)]
+  assert [l.split()[2] for l in progress] == [f"{i}/6" for i in range(1, 7)]
+  assert all(re.search(r" [\d.]+ (it/s|s/it), elapsed .*, left ", l)
+             for l in progress), progress
   history = json.loads((tmp_path / "maml" / "train_history.json").read_text())
   # The periodic test evaluations (after iterations 3 and 6) are kept.
   assert [h["iteration"] for h in history if "eval_returns" in h] == [2, 5]
