@@ -423,7 +423,7 @@ def train_and_evaluate(config: RLConfig, workdir: str) -> Dict:
         config.eval_tasks, np.random.default_rng([config.seed, 999_999]))
     iterations = (0 if config.algorithm == "random" or config.eval_only
                   else config.iterations)
-    train_start, first = time.time(), int(step)
+    train_start, first = time.perf_counter(), int(step)
     first_done = train_start
     last_save = time.time()
 
@@ -445,11 +445,11 @@ def train_and_evaluate(config: RLConfig, workdir: str) -> Dict:
           rng = np.random.default_rng([config.seed, it])
           stats = _train_iteration(config, learner, sampler, rng)
           step.assign_add(1)
-          done, now = int(step) - first, time.time()
+          done, now = int(step) - first, time.perf_counter()
           if done == 1:         # this process's first: it traced the steps
-            rate, first_done = 1 / (now - train_start), now
+            rate, first_done = 1 / max(now - train_start, 1e-9), now
           else:
-            rate = (done - 1) / (now - first_done)
+            rate = (done - 1) / max(now - first_done, 1e-9)
           stats.update(iteration=it, iterations_per_second=rate)
           history.append(stats)
           with writer.as_default(step=it):
@@ -461,7 +461,7 @@ def train_and_evaluate(config: RLConfig, workdir: str) -> Dict:
                 f"pre {stats['pre_return']:.2f}"
                 + (f" post {post:.2f}" if post is not None else "")
                 + f" kl {stats['kl']:.4f} ls {int(stats['ls_steps'])} "
-                + format_speed(rate, time.time() - train_start,
+                + format_speed(rate, time.perf_counter() - train_start,
                                iterations - int(step)), flush=True)
           if config.eval_every and int(step) % config.eval_every == 0:
             ev = evaluate_adaptation(
