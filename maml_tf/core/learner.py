@@ -532,6 +532,10 @@ class MAML:
       if step is None:                 # nested inputs, or not seen yet
         flat = tf.nest.flatten(batch)
         if all(isinstance(t, tf.Tensor) for t in flat):
+          if not all(isinstance(f, tf.Tensor) for f in batch):  # nested:
+            # its structure is in the key (equal leaves, other structure)
+            ready_key += (repr(tf.nest.map_structure(lambda _: 0,
+                                                     tuple(batch))),)
           step = self._runner.ready_step(ready_key, flat)
         else:
           ready_key = None

@@ -22,13 +22,29 @@ def summed_task_loss(ctx):
   return lambda y, pred: tf.reduce_sum(ctx.task_loss(y, pred))
 
 
+def plain_inputs(batch):
+  """``batch`` with its inputs as single tensors.
+
+  The task-batched model has one input. A structure holding one tensor
+  (``{"a": x}`` for a model built on ``keras.Model({"a": a}, ...)``) is
+  unwrapped to that tensor.
+  """
+  sx, sy, qx, qy = batch
+  sx, qx = tf.nest.flatten(sx), tf.nest.flatten(qx)
+  if len(sx) != 1 or len(qx) != 1:
+    raise ValueError(
+        f"the task-batched path takes one input tensor; the batch has "
+        f"{len(sx)} support and {len(qx)} query inputs")
+  return sx[0], sy, qx[0], qy
+
+
 class Batched(base.Strategy):
   """All tasks at once through the task-batched fast-weights model."""
 
   def run_tasks(self, ctx, plan, task_pass, params, state, lrs, batch,
                 return_fast=False):
     batched = ctx.batched(plan.conv_impl)
-    sx, sy, qx, qy = batch
+    sx, sy, qx, qy = plain_inputs(batch)
     with_acc = plan.accuracy
     num_tasks = sx.shape[0] if sx.shape[0] is not None else tf.shape(sx)[0]
     tile = lambda v: inner_loop.tile_tasks(v, num_tasks)

@@ -74,7 +74,7 @@ class SplitGradients(batched_lib.Batched):
   """
 
   def meta_gradients(self, ctx, plan, task_pass, params, state, lrs, batch):
-    sx, sy, qx, qy = batch
+    sx, sy, qx, qy = batched_lib.plain_inputs(batch)
     num_tasks = int(sx.shape[0])
     chunk = plan.task_chunk
     model = ctx.batched(plan.conv_impl)
