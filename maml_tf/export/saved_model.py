@@ -83,13 +83,15 @@ def export_adapted(model: keras.Model, path: str,
         training=True)[0]
   else:
     call = lambda x: model(x, training=False)
-  if len(signature) == 1:
+  try:
+    structure = model.input        # the inputs' nesting (list, dict)
+  except (AttributeError, ValueError):
+    structure = None
+  if not tf.nest.is_nested(structure):
+    structure = None
+  if len(signature) == 1 and structure is None:
     fn = call
-  else:
-    try:
-      structure = model.input      # the inputs' nesting (list, dict)
-    except (AttributeError, ValueError):
-      structure = None
+  else:                            # several inputs, or one in a dict
     fn = lambda *xs: call(tf.nest.pack_sequence_as(structure, list(xs))
                           if structure is not None else list(xs))
   archive.add_endpoint("serve", fn, input_signature=signature)

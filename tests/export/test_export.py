@@ -35,6 +35,19 @@ def test_saved_model_serve_equals_adapted_model(tmp_path):
   assert not np.allclose(got, maml.model(batch.query_x[0]), atol=1e-3)
 
 
+@pytest.mark.filterwarnings("error::UserWarning")
+def test_a_one_input_dict_model_exports_with_its_input_structure(tmp_path):
+  """Served with one tensor, called as the dict it was built on (Keras
+  warns about, and a future Keras may refuse, a bare tensor)."""
+  a = keras.Input((3,), name="a")
+  model = keras.Model({"a": a}, keras.layers.Dense(2, "tanh")(a))
+  x = np.random.default_rng(1).normal(size=(4, 3)).astype("float32")
+  path = export_adapted(model, str(tmp_path / "dict"), verify_with={"a": x})
+  loaded = tf.saved_model.load(path)
+  got = loaded.serve(tf.constant(x)).numpy()
+  np.testing.assert_allclose(got, model({"a": x}), atol=1e-6)
+
+
 def test_saved_model_with_batchnorm_loads_without_maml_tf(tmp_path):
   maml = MAML(_bn_classifier(), keras.losses.SparseCategoricalCrossentropy(
       from_logits=True), inner_lr=0.2)
