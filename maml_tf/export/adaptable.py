@@ -91,6 +91,11 @@ def export_adaptable(maml, path: str, support_x, support_y,
     ``path``.
   """
   steps = maml.inner_steps if steps is None else int(steps)
+  if tf.nest.is_nested(support_x):
+    raise ValueError(
+        "export_adaptable takes models of one input tensor; support_x is a "
+        f"{type(support_x).__name__}. Adapt in Python and export the adapted "
+        "model with export_adapted, which keeps the input structure")
   sx = tf.convert_to_tensor(support_x)
   sy = tf.convert_to_tensor(support_y)
   dtype = maml.model.trainable_variables[0].dtype

@@ -5,6 +5,7 @@ import sys
 
 import keras
 import numpy as np
+import pytest
 
 from maml_tf import MAML
 from maml_tf.export import export_adaptable
@@ -118,3 +119,12 @@ assert "maml_tf" not in sys.modules
   # The family members really adapt differently.
   assert not np.allclose(want["maml_bn0"], want["anil_bn0"], atol=1e-3)
   assert not np.allclose(want["maml_bn0"], want["metasgd_bn0"], atol=1e-3)
+
+
+def test_a_dict_input_model_is_refused_naming_the_alternative(tmp_path):
+  a = keras.Input((3,), name="a")
+  maml = MAML(keras.Model({"a": a}, keras.layers.Dense(1)(a)), "mse",
+              inner_lr=0.1)
+  x = {"a": np.zeros((5, 3), np.float32)}
+  with pytest.raises(ValueError, match="one input tensor.*export_adapted"):
+    export_adaptable(maml, str(tmp_path / "m"), x, np.zeros((5, 1)))
