@@ -218,10 +218,8 @@ class Runner:
 
   def _make_ready(self, ready_key: tuple, full: tuple, args: tuple,
                   variables) -> None:
-    flat = tf.nest.flatten(args, expand_composites=True)
-    if not all(isinstance(t, tf.Tensor) for t in flat):
-      return
-    sig = keras_compat.eager_signature(flat)
+    sig = keras_compat.eager_signature(      # None unless eager tensors
+        tf.nest.flatten(args, expand_composites=True))
     direct = sig is not None and self._direct.get((full,) + sig)
     if not direct:
       return
@@ -232,9 +230,7 @@ class Runner:
       except tf.errors.InvalidArgumentError as e:
         numerics.raise_floating_point_error(e)
         raise
-      if len(out) == 2 and not out[1].numpy().all():
-        _checked(out, variables)       # raises, naming the value
-      return out[0]
+      return _checked(out, variables)
     self._ready[(ready_key, sig)] = step
 
   def call_steps(self, key: tuple, make_loop: Callable[[ExecutionPlan],
@@ -251,9 +247,7 @@ class Runner:
     if not keras_compat.can_call_directly():
       return fn(*args)
     flat = tf.nest.flatten(args, expand_composites=True)
-    if not all(isinstance(t, tf.Tensor) for t in flat):   # eager tensors
-      return fn(*args)
-    sig = keras_compat.eager_signature(flat)
+    sig = keras_compat.eager_signature(flat)   # None unless eager tensors
     if sig is None:
       return fn(*args)
     sig = (full,) + sig
