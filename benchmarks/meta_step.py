@@ -14,7 +14,9 @@ once so that the timing is of the meta-step alone.
 
 One meta-iteration is the meta-update only, as the peers compute it
 (``pre_update_metrics=False``; ``--pre_update_metrics`` adds the query
-forward pass before adaptation that training logs). ``--steps_per_call N``
+forward pass before adaptation that training logs), one
+:meth:`maml_tf.MAML.train_step` call returning Python floats, as a user's
+loop calls it. ``--steps_per_call N``
 runs N meta-iterations per compiled call (:meth:`maml_tf.MAML.train_steps`);
 for the sinusoid the tasks are then sampled in the graph
 (:func:`maml_tf.tasks.sinusoid.batch_sampler`), a fresh batch every
@@ -162,7 +164,7 @@ def run(workload: str, iters: int, warmup: int, first_order: bool = False,
     call = lambda: learner.train_steps(sample, steps_per_call,
                                        pre_update_metrics)
   else:
-    call = lambda: learner.train_step_tensors(batch, pre_update_metrics)
+    call = lambda: learner.train_step(batch, pre_update_metrics)
   rss_before = _rss_now_mb()
   t0 = time.perf_counter()
   float(call()["loss_after"])                     # trace + first run
@@ -182,7 +184,7 @@ def run(workload: str, iters: int, warmup: int, first_order: bool = False,
   for _ in range(iters):
     t = time.perf_counter()
     out = call()
-    float(out["loss_after"])                      # wait for the result
+    float(out["loss_after"])                      # loops read a metric
     times.append((time.perf_counter() - t) / steps_per_call)
   median = statistics.median(times)
   # Peak bytes held by TF's CPU allocator during the timed steps: weights,

@@ -439,7 +439,13 @@ class MAML:
         return tf.constant(True)
       tf.cond(tf.reduce_all(flags), update, lambda: tf.constant(False))
       return flags
-    self._update(numerics.check_gradients(grads, variables), plan)
+    checked = numerics.check_gradients(grads, variables)
+    if loss is not None:
+      checked.append(numerics.check_meta_loss(loss))
+    # The whole update (the optimizer's iteration count included) waits for
+    # every check, so a failed check leaves all of it undone.
+    with tf.control_dependencies(checked):
+      self._update(checked[:len(grads)], plan)
     return None
 
   def _update(self, grads, plan):
@@ -519,7 +525,12 @@ class MAML:
     tensors whose shapes and dtypes were seen before (and needed no
     conversion) is validated and planned once, not again on every call.
     """
-    before = bool(pre_update_metrics)
+    return self._train_step(batch, bool(pre_update_metrics), plan, False)
+
+  def _train_step(self, batch: TaskBatch, before: bool,
+                  plan: Optional[plan_lib.ExecutionPlan], floats: bool):
+    """:meth:`train_step_tensors`, returning Python floats where
+    ``floats`` (:meth:`train_step`)."""
     ready_key = flat = None
     # The hot path: a TaskBatch of eager tensors of a signature seen before
     # runs its registered step; every statement here runs on every call.
@@ -541,7 +552,7 @@ class MAML:
           ready_key = None
       if step is not None:
         self._check_labels(batch)
-        return step(flat)
+        return step(flat, floats)
     prepared = self.prepare(batch)
     if ready_key is not None and not all(
         a is b for a, b in zip(flat, tf.nest.flatten(prepared))):
@@ -552,7 +563,8 @@ class MAML:
         lambda p: lambda b: self.meta_step(b, p, before),
         plan, (prepared,), second_order=not plan.first_order,
         xla_auto=self._options.jit_compile is None,
-        variables=lambda: self.meta_variables, ready_key=ready_key)
+        variables=lambda: self.meta_variables, ready_key=ready_key,
+        floats=floats)
 
   def train_step(self, batch: TaskBatch,
                  pre_update_metrics: bool = True) -> Dict[str, float]:
@@ -570,8 +582,7 @@ class MAML:
       >>> maml.train_step(batch)
       {'loss_after': 0.52, 'loss_before': 2.91}
     """
-    return {k: float(v) for k, v in
-            self.train_step_tensors(batch, pre_update_metrics).items()}
+    return self._train_step(batch, bool(pre_update_metrics), None, True)
 
   def train_steps(self, sample_batch: Callable[[tf.Tensor], TaskBatch],
                   num_steps: int, pre_update_metrics: bool = False

@@ -26,6 +26,7 @@ anything else.
 step whose loss or meta-gradient is not finite, before that step's update.
 """
 
+import math
 import warnings
 from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple
 
@@ -164,8 +165,9 @@ class Runner:
   def call_step(self, key: tuple, make: Callable[[ExecutionPlan], Callable],
                 plan: ExecutionPlan, args: tuple, second_order: bool,
                 xla_auto: bool, variables: Sequence,
-                ready_key: Optional[tuple] = None):
-    """Runs the compiled ``make(plan)(*args)``; returns its metrics.
+                ready_key: Optional[tuple] = None, floats: bool = False):
+    """Runs the compiled ``make(plan)(*args)``; returns its metrics
+    (tensors, or Python floats where ``floats``).
 
     ``make(plan)`` returns a traceable function of ``args`` (tensors, or
     structures of them) returning ``(metrics, finite flags or None)`` (a
@@ -198,20 +200,21 @@ class Runner:
       self.fallbacks["xla"] = (False, root_cause(e))
       self._cache.pop(full, None)
       return self.call_step(key, make, plan, args, second_order, xla_auto,
-                            variables, ready_key)
+                            variables, ready_key, floats)
     self._ran.add(full)
     if ready_key is not None:
       self._make_ready(ready_key, full, args, variables)
-    return _checked(out, variables)
+    return _checked(out, variables, floats)
 
   def ready_step(self, ready_key: tuple, flat: list
-                 ) -> Optional[Callable[[list], dict]]:
+                 ) -> Optional[Callable[[list, bool], dict]]:
     """The step registered by :meth:`call_step` for ``ready_key`` and the
     signature of ``flat`` (eager tensors), else ``None``.
 
-    The returned ``step(flat) -> metrics`` runs the traced function
-    directly, raises ``FloatingPointError`` as :meth:`call_step` does, and
-    is valid only where :func:`keras_compat.can_call_directly`.
+    The returned ``step(flat, floats) -> metrics`` runs the traced function
+    directly, returns what :meth:`call_step` returns, raises
+    ``FloatingPointError`` as it does, and is valid only where
+    :func:`keras_compat.can_call_directly`.
     """
     sig = keras_compat.eager_signature(flat)
     return None if sig is None else self._ready.get((ready_key, sig))
@@ -224,13 +227,13 @@ class Runner:
     if not direct:
       return
 
-    def step(flat):                  # the hot path: no context manager
+    def step(flat, floats):          # the hot path: no context manager
       try:
         out = direct(flat)
       except tf.errors.InvalidArgumentError as e:
         numerics.raise_floating_point_error(e)
         raise
-      return _checked(out, variables)
+      return _checked(out, variables, floats)
     self._ready[(ready_key, sig)] = step
 
   def call_steps(self, key: tuple, make_loop: Callable[[ExecutionPlan],
@@ -263,23 +266,45 @@ class Runner:
     return direct(flat)
 
 
-def _checked(out: tuple, variables) -> dict:
-  """The metrics of a step's outputs; raises ``FloatingPointError`` where
-  an XLA step's finite flags (``out[1]``) say it skipped its update."""
+def _checked(out: tuple, variables, floats: bool = False) -> dict:
+  """The metrics of a step's outputs (as Python floats where ``floats``);
+  raises ``FloatingPointError`` where an XLA step's finite flags
+  (``out[1]``) say it skipped its update.
+
+  Read as floats, metrics that are all finite mean the flags are all true
+  (:func:`_tensors_only` makes a skipped step's metrics NaN), so the flags
+  are read only where a metric is not finite.
+  """
+  if floats:
+    metrics = {k: float(v) for k, v in out[0].items()}
+    if len(out) == 1 or all(map(math.isfinite, metrics.values())):
+      return metrics
+  else:
+    metrics = out[0]
   if len(out) == 2:
     flags = out[1].numpy()
     if not flags.all():
       numerics.raise_for_flags(
           flags, variables() if callable(variables) else variables)
-  return out[0]
+  return metrics
 
 
 def _tensors_only(step: Callable) -> Callable:
   """``step`` returning ``(metrics,)`` or ``(metrics, finite)``: no None
-  among the outputs of a compiled function."""
+  among the outputs of a compiled function. With finite flags, the
+  floating metrics are NaN where a flag is false (:func:`_checked` reads
+  floats alone), and at least one metric must be floating."""
   def run(*args):
     metrics, finite = step(*args)
-    return (metrics,) if finite is None else (metrics, finite)
+    if finite is None:
+      return (metrics,)
+    if not any(v.dtype.is_floating for v in metrics.values()):
+      raise ValueError("a step with finite flags needs a floating metric "
+                       f"(got {sorted(metrics)})")
+    ok = tf.reduce_all(finite)
+    return ({k: tf.where(ok, v, tf.constant(float("nan"), v.dtype))
+             if v.dtype.is_floating else v for k, v in metrics.items()},
+            finite)
   return run
 
 

@@ -167,6 +167,42 @@ def test_nan_loss_raises_and_leaves_weights_unchanged():
   maml.train_step(batch)   # still usable afterwards
 
 
+class _SqrtShift(keras.layers.Layer):
+  """``x + sqrt(w)``, ``w = 0``: a finite output whose gradient is not."""
+
+  def build(self, input_shape):
+    self.w = self.add_weight(shape=(), initializer="zeros", name="w")
+
+  def call(self, x):
+    return x + tf.sqrt(self.w)
+
+
+@pytest.mark.filterwarnings("ignore::maml_tf.PlanWarning")  # a custom layer
+@pytest.mark.parametrize("jit", [True, False])
+def test_a_non_finite_meta_gradient_of_a_finite_loss_raises_naming_it(jit):
+  """Only the outer loop differentiates the shift (the inner loop adapts the
+  head), so the loss stays finite; every entry point, the ready step
+  included, raises naming the meta-gradient and leaves the weights."""
+  inputs = keras.Input((1,))
+  outputs = keras.layers.Dense(1, name="head")(_SqrtShift(name="shift")(
+      inputs))
+  maml = MAML(keras.Model(inputs, outputs), "mse", inner_lr=0.01,
+              adapt=["head"], jit_compile=jit)
+  assert maml.plan(_batch()).xla == jit
+  batch = TaskBatch(*[tf.constant(a) for a in _batch()])
+  before = _weights(maml.model)
+  calls = [maml.train_step, maml.train_step,            # traced, then ready
+           lambda b: maml.train_step(b, pre_update_metrics=False),
+           maml.train_step_tensors, maml.train_step_tensors]
+  for call in calls:
+    with pytest.raises(FloatingPointError,
+                       match=r"meta-gradient of shift/w is NaN or Inf"):
+      call(batch)
+  for a, b in zip(before, _weights(maml.model)):
+    np.testing.assert_array_equal(a, b)
+  assert int(maml.meta_optimizer.iterations) == 0
+
+
 def test_functional_call_does_not_write_variables():
   model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4),
                             keras.layers.BatchNormalization()])
