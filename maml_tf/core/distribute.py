@@ -317,28 +317,34 @@ class DistributedMAML:
         result = maml.compute_gradients(local_batch, plan, before)
       # The Keras optimizer all-reduces gradients with SUM in a replica
       # context; 1/R makes that the mean over replicas (= over all tasks).
-      maml.apply_gradients([g * tf.cast(scale, g.dtype) for g in result.grads],
-                           plan, result.loss)
+      _, checks = maml.guarded_update(
+          [g * tf.cast(scale, g.dtype) for g in result.grads], plan,
+          result.loss)
+      with tf.control_dependencies(checks):
+        checked = tf.identity(tf.constant(True))
       means = [s for s, kind in zip(result.new_state, kinds) if kind == "mean"]
       metrics, means = context.all_reduce(tf.distribute.ReduceOp.MEAN,
                                           (result.metrics, means))
       means = iter(means)
       new_state = [next(means) if kind == "mean" else s
                    for s, kind in zip(result.new_state, kinds)]
-      return metrics, new_state
+      return metrics, new_state, checked
 
     def step(per_replica_batch):
       with unscaled_keras_losses():   # the replica threads trace in here
-        metrics, new_state = strategy.run(replica_step,
-                                          args=(per_replica_batch,))
+        metrics, new_state, checked = strategy.run(
+            replica_step, args=(per_replica_batch,))
       # BatchNorm moving statistics (and RNG seeds): every replica writes
-      # its own copy with the (already averaged) value of its replica.
-      for var, kind, value in zip(maml.model.non_trainable_variables, kinds,
-                                  new_state):
-        if kind != "keep":
-          strategy.extended.update(
-              _raw_variable(var), lambda v, x: v.assign(x), args=(value,),
-              group=False)
+      # its own copy with the (already averaged) value of its replica,
+      # after every replica's finite checks passed.
+      with tf.control_dependencies(
+          strategy.experimental_local_results(checked)):
+        for var, kind, value in zip(maml.model.non_trainable_variables,
+                                    kinds, new_state):
+          if kind != "keep":
+            strategy.extended.update(
+                _raw_variable(var), lambda v, x: v.assign(x), args=(value,),
+                group=False)
       return tf.nest.map_structure(
           lambda v: strategy.experimental_local_results(v)[0], metrics)
     return step

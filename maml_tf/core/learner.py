@@ -418,6 +418,17 @@ class MAML:
     Returns the finite flags under ``plan.xla`` (the step is skipped where
     one is False), else ``None`` (``check_numerics`` raises instead).
     """
+    return self.guarded_update(grads, plan, loss)[0]
+
+  def guarded_update(self, grads, plan: plan_lib.ExecutionPlan, loss=None
+                     ) -> Tuple[Optional[tf.Tensor], list]:
+    """:meth:`apply_gradients`, returning ``(flags or None, checks)``.
+
+    ``checks``: in the graph executor, the checked tensors that the step's
+    other writes (the non-trainable state) must wait for, under
+    ``tf.control_dependencies``, so that a failed check leaves them undone
+    too; empty elsewhere (the flags gate those writes instead).
+    """
     variables = self.meta_variables
     if isinstance(self.meta_optimizer, keras.optimizers.LossScaleOptimizer):
       # It skips steps with non-finite gradients itself (and lowers its
@@ -430,7 +441,7 @@ class MAML:
                          scale, tf.constant(np.nan, scale.dtype))
       self.meta_optimizer.apply_gradients(zip(
           [g * tf.cast(scale, g.dtype) for g in grads], variables))
-      return numerics.finite_flags(loss, grads) if plan.xla else None
+      return (numerics.finite_flags(loss, grads) if plan.xla else None), []
     if plan.xla:
       flags = numerics.finite_flags(loss, grads)
 
@@ -438,7 +449,7 @@ class MAML:
         self._update(grads, plan)
         return tf.constant(True)
       tf.cond(tf.reduce_all(flags), update, lambda: tf.constant(False))
-      return flags
+      return flags, []
     checked = numerics.check_gradients(grads, variables)
     if loss is not None:
       checked.append(numerics.check_meta_loss(loss))
@@ -446,7 +457,7 @@ class MAML:
     # every check, so a failed check leaves all of it undone.
     with tf.control_dependencies(checked):
       self._update(checked[:len(grads)], plan)
-    return None
+    return None, checked
 
   def _update(self, grads, plan):
     if (plan.fused_update and self._fused_update is not None
@@ -479,9 +490,10 @@ class MAML:
                 pre_update_metrics: bool = True) -> runner_lib.StepOutput:
     """One meta-update (traceable): compute, apply, write the state."""
     result = self.compute_gradients(batch, plan, pre_update_metrics)
-    flags = self.apply_gradients(result.grads, plan, result.loss)
-    self.write_state(result.new_state,
-                     None if flags is None else tf.reduce_all(flags))
+    flags, checks = self.guarded_update(result.grads, plan, result.loss)
+    with tf.control_dependencies(checks):
+      self.write_state(result.new_state,
+                       None if flags is None else tf.reduce_all(flags))
     return runner_lib.StepOutput(result.metrics, flags)
 
   # ------------------------------------------------------------- public API

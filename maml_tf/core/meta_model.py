@@ -23,7 +23,11 @@ path and family member with :class:`maml_tf.MAML`'s numbers. The logs hold
 * ``optimizer`` is the meta-optimizer. Under ``mixed_float16`` it is
   wrapped in a ``LossScaleOptimizer``, as ``keras.Model.compile`` does.
 * ``jit_compile`` defaults to False (XLA over the meta-step is the
-  learner's ``jit_compile`` option).
+  learner's ``jit_compile`` option). With ``jit_compile=True``, a step whose
+  loss or meta-gradient is not finite leaves every variable as it was and
+  logs NaN (``keras.callbacks.TerminateOnNaN`` stops there); without XLA
+  the step's check stops ``fit`` with a ``tf.errors.InvalidArgumentError``
+  naming the value, before any write.
 
 The model's weights, the learned step sizes and the optimizer are the
 MetaModel's own, so ``save_weights``, ``ModelCheckpoint`` and
@@ -37,6 +41,7 @@ import tensorflow as tf
 
 from maml_tf.core import family
 from maml_tf.core import losses
+from maml_tf.core import numerics
 from maml_tf.core.task_batch import TaskBatch
 
 
@@ -152,10 +157,15 @@ class MetaModel(keras.Model):
     """One meta-step on a meta-batch (``MAML.meta_step``)."""
     batch = self._prepared(data)
     plan = self.learner.plan(batch)
-    if plan.xla:               # Keras compiles this step (compile(jit_compile=))
-      plan = plan.replace(xla=False)
+    # Keras compiles this step (compile(jit_compile=)); the finite guard
+    # follows: under XLA, which compiles check_numerics to nothing, a step
+    # whose loss or meta-gradient is not finite is skipped and logs NaN.
+    plan = plan.replace(xla=bool(self.jit_compile))
     out = self.learner.meta_step(batch, plan, self.pre_update_metrics)
-    return self._update(self._logs(out.metrics))
+    metrics = out.metrics
+    if out.finite is not None:
+      metrics = numerics.nan_where_skipped(metrics, out.finite)
+    return self._update(self._logs(metrics))
 
   def test_step(self, data):
     """Query metrics after ``inner_steps`` steps of adaptation."""

@@ -41,6 +41,18 @@ def finite_flags(loss, grads) -> tf.Tensor:
                                for g in grads])
 
 
+def nan_where_skipped(metrics: dict, flags: tf.Tensor) -> dict:
+  """``metrics`` with the floating ones NaN where ``flags`` (an XLA step's
+  :func:`finite_flags`) are not all true: a reader of the metrics alone sees
+  that the step was skipped. Raises ``TypeError`` if none is floating."""
+  if not any(v.dtype.is_floating for v in metrics.values()):
+    raise TypeError("a step with finite flags needs a floating metric "
+                    f"(got {sorted(metrics)})")
+  ok = tf.reduce_all(flags)
+  return {k: tf.where(ok, v, tf.constant(float("nan"), v.dtype))
+          if v.dtype.is_floating else v for k, v in metrics.items()}
+
+
 def message(msg: str) -> str:
   return (f"maml_tf:{msg}. The meta-parameters were not updated by this "
           "step. Lower inner_lr or the meta learning rate, or check the "

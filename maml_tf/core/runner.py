@@ -74,7 +74,7 @@ class Runner:
     self.fallbacks: Dict[str, Tuple[object, str]] = {}
     self._cache: Dict[tuple, object] = {}
     self._direct: Dict[tuple, object] = {}
-    self._ready: Dict[tuple, Callable[[list], dict]] = {}
+    self._ready: Dict[tuple, Callable[[list, bool], dict]] = {}
     self._ran = set()
 
   @property
@@ -292,19 +292,14 @@ def _checked(out: tuple, variables, floats: bool = False) -> dict:
 def _tensors_only(step: Callable) -> Callable:
   """``step`` returning ``(metrics,)`` or ``(metrics, finite)``: no None
   among the outputs of a compiled function. With finite flags, the
-  floating metrics are NaN where a flag is false (:func:`_checked` reads
-  floats alone), and at least one metric must be floating."""
+  floating metrics are NaN where a flag is false
+  (:func:`numerics.nan_where_skipped`), so that :func:`_checked` may read
+  the floats alone."""
   def run(*args):
     metrics, finite = step(*args)
     if finite is None:
       return (metrics,)
-    if not any(v.dtype.is_floating for v in metrics.values()):
-      raise ValueError("a step with finite flags needs a floating metric "
-                       f"(got {sorted(metrics)})")
-    ok = tf.reduce_all(finite)
-    return ({k: tf.where(ok, v, tf.constant(float("nan"), v.dtype))
-             if v.dtype.is_floating else v for k, v in metrics.items()},
-            finite)
+    return numerics.nan_where_skipped(metrics, finite), finite
   return run
 
 

@@ -172,6 +172,45 @@ def _compare(strategy, weights_out):
   return report
 
 
+def _non_finite_step_changes_nothing(strategy, errors):
+  """A finite loss whose meta-gradient is not finite (only the outer loop
+  differentiates ``sqrt(w)`` at ``w = 0``): the distributed step raises and
+  leaves every variable, BatchNorm's moving statistics (written after the
+  replicas' steps) and the iteration count included."""
+  import keras  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from maml_tf import MAML  # pylint: disable=g-import-not-at-top
+  from maml_tf.core.distribute import DistributedMAML  # pylint: disable=g-import-not-at-top
+  from maml_tf.tasks import sinusoid  # pylint: disable=g-import-not-at-top
+
+  class SqrtShift(keras.layers.Layer):
+
+    def build(self, input_shape):
+      self.w = self.add_weight(shape=(), initializer="zeros", name="w")
+
+    def call(self, x):
+      return x + tf.sqrt(self.w)
+
+  with strategy.scope():
+    keras.utils.set_random_seed(5)
+    inputs = keras.Input((1,))
+    hidden = keras.layers.BatchNormalization()(keras.layers.Dense(4)(
+        SqrtShift(name="shift")(inputs)))
+    model = keras.Model(inputs, keras.layers.Dense(1, name="head")(hidden))
+    learner = DistributedMAML(MAML(
+        model, keras.losses.MeanSquaredError(), inner_lr=0.05, adapt=["head"],
+        meta_optimizer=keras.optimizers.SGD(0.1)), strategy)
+  snapshot = lambda: ([v.numpy().copy() for v in model.variables]
+                      + [learner.maml.meta_optimizer.iterations.numpy()])
+  before = snapshot()
+  try:
+    learner.train_step(sinusoid.sample_batch(
+        4, 5, 5, np.random.default_rng(6))[0])
+  except FloatingPointError as e:
+    errors["nan"] = str(e)
+  return all(np.array_equal(a, b) for a, b in zip(before, snapshot()))
+
+
 def _mirrored_main(out_path):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   cpu = tf.config.list_physical_devices("CPU")[0]
@@ -195,6 +234,7 @@ def _mirrored_main(out_path):
     DistributedMAML(build(), strategy)
   except ValueError as e:
     errors["outside_scope"] = str(e)
+  report["nan_unchanged"] = _non_finite_step_changes_nothing(strategy, errors)
   report["errors"] = errors
   report.update(_reptile_and_steps(strategy))
   with open(out_path, "w") as f:
@@ -262,6 +302,8 @@ def test_mirrored_two_replicas_equal_one_device(tmp_path):
   assert "3 tasks" in report["errors"]["odd"]
   assert "2 replicas" in report["errors"]["odd"]
   assert "outside strategy.scope()" in report["errors"]["outside_scope"]
+  assert "meta-gradient of shift/w is NaN or Inf" in report["errors"]["nan"]
+  assert report["nan_unchanged"]
   # Reptile distributes (its compute_gradients is public) and equals one device.
   assert report["reptile"]["metric_diff"] < TOL, report["reptile"]
   assert report["reptile"]["weight_diff"] < TOL, report["reptile"]

@@ -182,10 +182,12 @@ class _SqrtShift(keras.layers.Layer):
 def test_a_non_finite_meta_gradient_of_a_finite_loss_raises_naming_it(jit):
   """Only the outer loop differentiates the shift (the inner loop adapts the
   head), so the loss stays finite; every entry point, the ready step
-  included, raises naming the meta-gradient and leaves the weights."""
+  included, raises naming the meta-gradient and leaves every variable
+  (BatchNorm's moving statistics and the iteration count included)."""
   inputs = keras.Input((1,))
-  outputs = keras.layers.Dense(1, name="head")(_SqrtShift(name="shift")(
-      inputs))
+  hidden = keras.layers.BatchNormalization()(keras.layers.Dense(4)(
+      _SqrtShift(name="shift")(inputs)))
+  outputs = keras.layers.Dense(1, name="head")(hidden)
   maml = MAML(keras.Model(inputs, outputs), "mse", inner_lr=0.01,
               adapt=["head"], jit_compile=jit)
   assert maml.plan(_batch()).xla == jit

@@ -163,3 +163,27 @@ def test_fit_on_omniglot_shaped_batches_equals_train_step():
              zip(maml.model.get_weights(), start)) > 1e-5
   for a, b in zip(maml.model.get_weights(), meta.net.get_weights()):
     np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("jit", [True, False])
+def test_a_non_finite_step_changes_nothing(jit):
+  """Under XLA (which compiles check_numerics to nothing) the step is
+  skipped and logs NaN; without it, the graph's check stops fit."""
+  batches = _batches(2, 2)
+  bad = list(batches[1])
+  bad[3] = np.full_like(bad[3], np.nan)         # NaN query targets
+  meta = MetaModel(_net(), "mse", inner_lr=0.02)
+  meta.compile(optimizer=keras.optimizers.SGD(0.01), jit_compile=jit)
+  meta.fit(_dataset(batches[:1]), epochs=1, verbose=0)
+  before = [v.numpy().copy() for v in meta.weights]
+  assert int(meta.optimizer.iterations) == 1
+  if jit:
+    history = meta.fit(_dataset([tuple(bad)]), epochs=1, verbose=0)
+    assert np.isnan(history.history["loss"][0])
+  else:
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match="meta-loss .* is NaN or Inf"):
+      meta.fit(_dataset([tuple(bad)]), epochs=1, verbose=0)
+  for a, b in zip(before, meta.weights):
+    np.testing.assert_array_equal(a, b.numpy())
+  assert int(meta.optimizer.iterations) == 1
