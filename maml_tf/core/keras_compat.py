@@ -256,6 +256,33 @@ def can_call_directly() -> bool:
           and not _could_possibly_record())
 
 
+try:
+  from tensorflow.python.ops import control_flow_util as _control_flow_util  # pylint: disable=g-import-not-at-top,g-direct-tensorflow-import
+  _in_xla = _control_flow_util.GraphOrParentsInXlaContext
+except (ImportError, AttributeError):
+  _in_xla = None
+
+
+def in_xla_context() -> bool:
+  """Whether the code being traced will be compiled by XLA: inside a
+  ``tf.function(jit_compile=True)`` (Keras' ``compile(jit_compile=True)``
+  included) or a function nested in one, where ``check_numerics`` compiles
+  to nothing. Needs TF's ``GraphOrParentsInXlaContext``; when a future
+  version moves it, warns once and answers ``False``.
+  """
+  global _in_xla
+  if _in_xla is None:
+    return False
+  try:
+    return bool(_in_xla(tf.compat.v1.get_default_graph()))
+  except (AttributeError, TypeError) as e:
+    warnings.warn(f"maml_tf: cannot tell whether a step is traced under XLA "
+                  f"({e}); a tf.function(jit_compile=True) of your own "
+                  "around meta_step would not skip non-finite updates.")
+    _in_xla = None
+    return False
+
+
 def eager_signature(flat) -> Optional[tuple]:
   """``((shape, dtype enum), ...)`` of a list of eager tensors, or ``None``
   if an item is not one (a NumPy array, a nested structure, a symbolic

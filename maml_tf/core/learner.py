@@ -424,12 +424,16 @@ class MAML:
                      ) -> Tuple[Optional[tf.Tensor], list]:
     """:meth:`apply_gradients`, returning ``(flags or None, checks)``.
 
-    ``checks``: in the graph executor, the checked tensors that the step's
-    other writes (the non-trainable state) must wait for, under
-    ``tf.control_dependencies``, so that a failed check leaves them undone
-    too; empty elsewhere (the flags gate those writes instead).
+    Flags (a ``tf.cond`` around the update) where ``plan.xla`` or the step
+    is traced inside another XLA-compiled function
+    (:func:`keras_compat.in_xla_context`), where ``check_numerics`` would
+    compile to nothing. ``checks``: in the graph executor, the checked
+    tensors that the step's other writes (the non-trainable state) must wait
+    for, under ``tf.control_dependencies``, so that a failed check leaves
+    them undone too; empty elsewhere (the flags gate those writes instead).
     """
     variables = self.meta_variables
+    xla = plan.xla or keras_compat.in_xla_context()
     if isinstance(self.meta_optimizer, keras.optimizers.LossScaleOptimizer):
       # It skips steps with non-finite gradients itself (and lowers its
       # scale); it takes scaled gradients.
@@ -443,8 +447,8 @@ class MAML:
           [g * tf.cast(scale, g.dtype) for g in grads], variables))
       # Nothing to flag: an overflowed step is the optimizer's to skip,
       # under XLA as in the graph executor (a loop goes on past it).
-      return (tf.ones([1 + len(grads)], tf.bool) if plan.xla else None), []
-    if plan.xla:
+      return (tf.ones([1 + len(grads)], tf.bool) if xla else None), []
+    if xla:
       flags = numerics.finite_flags(loss, grads)
 
       def update():

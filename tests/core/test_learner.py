@@ -177,6 +177,17 @@ class _SqrtShift(keras.layers.Layer):
     return x + tf.sqrt(self.w)
 
 
+def _sqrt_shift_maml(jit):
+  """Only the outer loop differentiates the shift (the inner loop adapts
+  the head): the loss is finite, the shift's meta-gradient is not."""
+  inputs = keras.Input((1,))
+  hidden = keras.layers.BatchNormalization()(keras.layers.Dense(4)(
+      _SqrtShift(name="shift")(inputs)))
+  outputs = keras.layers.Dense(1, name="head")(hidden)
+  return MAML(keras.Model(inputs, outputs), "mse", inner_lr=0.01,
+              adapt=["head"], jit_compile=jit)
+
+
 @pytest.mark.filterwarnings("ignore::maml_tf.PlanWarning")  # a custom layer
 @pytest.mark.parametrize("jit", [True, False])
 def test_a_non_finite_meta_gradient_of_a_finite_loss_raises_naming_it(jit):
@@ -184,12 +195,7 @@ def test_a_non_finite_meta_gradient_of_a_finite_loss_raises_naming_it(jit):
   head), so the loss stays finite; every entry point, the ready step
   included, raises naming the meta-gradient and leaves every variable
   (BatchNorm's moving statistics and the iteration count included)."""
-  inputs = keras.Input((1,))
-  hidden = keras.layers.BatchNormalization()(keras.layers.Dense(4)(
-      _SqrtShift(name="shift")(inputs)))
-  outputs = keras.layers.Dense(1, name="head")(hidden)
-  maml = MAML(keras.Model(inputs, outputs), "mse", inner_lr=0.01,
-              adapt=["head"], jit_compile=jit)
+  maml = _sqrt_shift_maml(jit)
   assert maml.plan(_batch()).xla == jit
   batch = TaskBatch(*[tf.constant(a) for a in _batch()])
   before = _weights(maml.model)
@@ -200,6 +206,25 @@ def test_a_non_finite_meta_gradient_of_a_finite_loss_raises_naming_it(jit):
     with pytest.raises(FloatingPointError,
                        match=r"meta-gradient of shift/w is NaN or Inf"):
       call(batch)
+  for a, b in zip(before, _weights(maml.model)):
+    np.testing.assert_array_equal(a, b)
+  assert int(maml.meta_optimizer.iterations) == 0
+
+
+@pytest.mark.filterwarnings("ignore::maml_tf.PlanWarning")  # a custom layer
+def test_meta_step_in_a_users_xla_function_skips_a_non_finite_update():
+  """XLA compiles check_numerics to nothing: meta_step traced inside the
+  caller's tf.function(jit_compile=True) gates its update by finite flags
+  although its plan is not XLA's."""
+  maml = _sqrt_shift_maml(False)
+  batch = maml.prepare(TaskBatch(*_batch()))
+  plan = maml.plan(batch)
+  assert not plan.xla
+  step = tf.function(lambda b: maml.meta_step(b, plan), jit_compile=True)
+  before = _weights(maml.model)
+  out = step(batch)
+  flags = out.finite.numpy()
+  assert flags[0] and not flags.all()     # a finite loss, a gradient not
   for a, b in zip(before, _weights(maml.model)):
     np.testing.assert_array_equal(a, b)
   assert int(maml.meta_optimizer.iterations) == 0

@@ -246,3 +246,21 @@ def test_a_one_input_dict_model_trains_task_batched_and_structure_is_kept():
       with pytest.raises(ValueError, match="same structure"):
         maml.train_step(batch._replace(query_x=x[1]))
   np.testing.assert_allclose(runs[0], runs[1], rtol=1e-6)
+
+
+def test_train_step_tensors_inside_a_callers_function():
+  """Inside another graph nothing can be read: the metrics come back as
+  tensors, NaN where the XLA step skipped a non-finite update."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(12)
+  maml = MAML(mlp(1, 1, hidden=(4,)), "mse", inner_lr=0.01)
+  batch = sinusoid.sample_batch(3, 4, 4, rng)[0]
+  assert maml.plan(batch).xla
+  step = tf.function(maml.train_step_tensors)
+  assert np.isfinite(float(step(_tensor_batch(batch))["loss_after"]))
+  bad = list(batch)
+  bad[3] = np.full_like(bad[3], np.nan)
+  before = _weights(maml.model)
+  assert np.isnan(float(step(_tensor_batch(bad))["loss_after"]))
+  for a, b in zip(before, _weights(maml.model)):
+    np.testing.assert_array_equal(a, b)
