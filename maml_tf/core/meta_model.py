@@ -157,10 +157,10 @@ class MetaModel(keras.Model):
     """One meta-step on a meta-batch (``MAML.meta_step``)."""
     batch = self._prepared(data)
     plan = self.learner.plan(batch)
-    # Keras compiles this step (compile(jit_compile=)); the finite guard
-    # follows: under XLA, which compiles check_numerics to nothing, a step
-    # whose loss or meta-gradient is not finite is skipped and logs NaN.
-    plan = plan.replace(xla=bool(self.jit_compile))
+    # Keras compiles this step (compile(jit_compile=)), not the learner;
+    # under Keras' XLA the update is gated by finite flags all the same
+    # (MAML.guarded_update sees the XLA context) and the logs read NaN.
+    plan = plan.replace(xla=False)
     out = self.learner.meta_step(batch, plan, self.pre_update_metrics)
     metrics = out.metrics
     if out.finite is not None:
