@@ -204,6 +204,8 @@ class Runner:
     self._ran.add(full)
     if ready_key is not None:
       self._make_ready(ready_key, full, args, variables)
+    if len(out) == 2 and not tf.executing_eagerly():
+      return out[0]     # inside a caller's graph: nothing can be read
     return _checked(out, variables, floats)
 
   def ready_step(self, ready_key: tuple, flat: list
@@ -273,12 +275,10 @@ def _checked(out: tuple, variables, floats: bool = False) -> dict:
 
   Read as floats, metrics that are all finite mean the flags are all true
   (:func:`_tensors_only` makes a skipped step's metrics NaN), so the flags
-  are read only where a metric is not finite. Inside another graph (a
-  caller's ``tf.function``) nothing can be read: the metrics are returned,
-  NaN where the step was skipped.
+  are read only where a metric is not finite. Eager outputs only (inside
+  a caller's graph :meth:`Runner.call_step` returns the metrics, NaN where
+  the step was skipped).
   """
-  if len(out) == 2 and not tf.executing_eagerly():
-    return out[0]
   if floats:
     metrics = {k: float(v) for k, v in out[0].items()}
     if len(out) == 1 or all(map(math.isfinite, metrics.values())):
