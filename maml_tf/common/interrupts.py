@@ -5,12 +5,19 @@ flag that a training loop checks at its next consistent point;
 :class:`Interrupted` is what the loop raises after it saved a checkpoint;
 :func:`exit_if_interrupted` makes a launcher exit with status 143 and say
 how to resume (and exit with status 1 and one line, no traceback, when a
-file the run needs is missing).
+file the run needs is missing or a :class:`UserFacingError` names what to
+change).
 """
 
 import signal
 import sys
 from typing import Callable
+
+
+class UserFacingError(Exception):
+  """A mixin for errors whose message names the cause and the remedy (data
+  that cannot be found, a run directory holding another experiment):
+  launchers print the message alone, without a traceback."""
 
 
 class Interrupted(KeyboardInterrupt):
@@ -30,15 +37,15 @@ def exit_if_interrupted(fn: Callable, *args, **kwargs):
 
   For launchers: a stopped run must not look like a crash. A
   ``FileNotFoundError`` (missing data, checkpoint or shipped weights; its
-  message names the file and what to do) exits with status 1 and that
-  message alone.
+  message names the file and what to do) or a :class:`UserFacingError`
+  exits with status 1 and that message alone.
   """
   try:
     return fn(*args, **kwargs)
   except Interrupted as e:
     print(f"{e}; run the same command again to resume", flush=True)
     sys.exit(143)
-  except FileNotFoundError as e:
+  except (FileNotFoundError, UserFacingError) as e:
     sys.exit(f"error: {e}")
 
 

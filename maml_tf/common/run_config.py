@@ -27,6 +27,7 @@ import os
 import time
 from typing import Callable, Dict, List, Tuple
 
+from maml_tf.common.interrupts import UserFacingError
 from maml_tf.common.results import write_json
 
 CONFIG_FILE = "config.json"
@@ -38,6 +39,10 @@ SAFE_TO_CHANGE = frozenset({
     "plot", "export", "baseline", "baseline_iterations", "data_dir",
     "cache_dir", "omniglot_source", "adapted_check_tasks", "num_workers",
     "eval_inner_steps"})
+
+
+class ConfigMismatchError(UserFacingError, ValueError):
+  """Resuming a run directory with a config that changes the experiment."""
 
 
 def _plain(value):
@@ -65,8 +70,9 @@ def check_resume(config, workdir: str, log: Callable[[str], None] = print
     [old, new]}}]``), for the results file.
 
   Raises:
-    ValueError: the stored config differs in a field outside
-      :data:`SAFE_TO_CHANGE`; the message lists every such field.
+    ConfigMismatchError: (a ``ValueError``) the stored config differs in a
+      field outside :data:`SAFE_TO_CHANGE`; the message lists every such
+      field.
   """
   path = os.path.join(workdir, CONFIG_FILE)
   current = _plain(dataclasses.asdict(config))
@@ -93,7 +99,7 @@ def check_resume(config, workdir: str, log: Callable[[str], None] = print
       log(f"eval_only with a config other than the run's: {listing(shown)}")
     return stored.get("changes", [])
   if unsafe:
-    raise ValueError(
+    raise ConfigMismatchError(
         f"{workdir} holds a run with another configuration: {listed}. "
         "Resuming would mix two experiments. Use a new --logdir for the new "
         "configuration, or --noresume to start this one afresh (the safe "

@@ -158,8 +158,13 @@ class MAML:
       outputs = model.outputs
     except (AttributeError, ValueError):    # subclassed: no graph
       outputs = None
-    self._num_classes = (outputs[0].shape[-1] if outputs
-                         and len(outputs) == 1 else None)
+    if outputs and len(outputs) > 1:
+      raise ValueError(
+          f"model {model.name!r} has {len(outputs)} outputs; MAML adapts "
+          "models with one output (several inputs are supported): combine "
+          "the outputs into one tensor, or meta-train a model per output")
+    self._num_classes = outputs[0].shape[-1] if outputs else None
+    self._input_shape = _single_input_shape(model)
     if not isinstance(inner_steps, (int, np.integer)) or inner_steps < 1:
       raise ValueError(f"inner_steps must be an integer >= 1, got {inner_steps!r}")
     inner_lr = float(inner_lr)
@@ -293,8 +298,14 @@ class MAML:
     not yet reached."""
     if self.first_order:
       return True
-    return (self.first_order_until > 0 and
-            int(self.meta_optimizer.iterations.numpy()) < self.first_order_until)
+    if self.first_order_until <= 0:
+      return False
+    if not tf.executing_eagerly():
+      raise RuntimeError(
+          "first_order_until (MAML++'s derivative-order annealing) is "
+          "decided eagerly before each step; inside a tf.function pass the "
+          "order yourself: plan(batch, first_order=...)")
+    return int(self.meta_optimizer.iterations.numpy()) < self.first_order_until
 
   def plan(self, batch, first_order: Optional[bool] = None,
            distributed: bool = False) -> plan_lib.ExecutionPlan:
@@ -366,8 +377,31 @@ class MAML:
   def prepare(self, batch) -> TaskBatch:
     """``batch`` validated, as tensors, floats cast to the model's dtype."""
     batch = prepare_batch(batch, self.model.trainable_variables[0].dtype)
+    self._check_inputs(batch)
     self._check_labels(batch)
     return batch
+
+  def _check_inputs(self, batch: TaskBatch) -> None:
+    """Inputs must have the per-example shape of a one-input model's
+    ``Input`` (checked once per signature, from static shapes)."""
+    expected = self._input_shape
+    if expected is None:
+      return
+    for name in ("support_x", "query_x"):
+      leaves = tf.nest.flatten(getattr(batch, name))
+      if len(leaves) != 1:
+        return
+      got = tuple(leaves[0].shape)[2:]
+      if len(got) == len(expected) + 1 and got[-1] == 1:
+        got = got[:-1]         # Keras drops a trailing axis of 1 itself
+      if len(got) != len(expected) or any(
+          e is not None and g is not None and e != g
+          for e, g in zip(expected, got)):
+        raise ValueError(
+            f"TaskBatch.{name} has examples of shape "
+            f"{tuple(leaves[0].shape)[2:]} (after the task and example axes "
+            f"of {tuple(leaves[0].shape)}), but model "
+            f"{self.model.name!r} takes inputs of shape {expected}")
 
   def _check_labels(self, batch: TaskBatch) -> None:
     """Class-index labels must index the model's outputs (checked eagerly)."""
@@ -778,6 +812,18 @@ def _why_not_vectorizable(model: keras.Model, has_conv: bool
          for l in keras_compat.flatten_layers(model)):
     return "tf.vectorized_map cannot vectorise recurrent layers' loops"
   return None
+
+
+def _single_input_shape(model) -> Optional[Tuple]:
+  """The per-example input shape of a model with one graph input, else
+  None (subclassed models, several inputs)."""
+  try:
+    inputs = model.inputs
+  except (AttributeError, ValueError):
+    return None
+  if not inputs or len(inputs) != 1:
+    return None
+  return tuple(inputs[0].shape)[1:]
 
 
 def _meta_optimizer(optimizer):

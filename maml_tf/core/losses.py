@@ -49,9 +49,16 @@ def task_axis_mean(values):
 
 
 def correct(y_true, y_pred):
-  """1.0 where the argmax prediction equals the integer label, else 0.0."""
+  """1.0 where the argmax prediction equals the integer label, else 0.0.
+
+  Labels may carry a trailing axis of 1 (``[N, 1]``), as Keras' sparse
+  losses allow.
+  """
   pred = tf.argmax(y_pred, axis=-1, output_type=tf.int64)
-  return tf.cast(tf.equal(pred, tf.cast(y_true, tf.int64)), tf.float32)
+  y_true = tf.cast(y_true, tf.int64)
+  if y_true.shape.rank == y_pred.shape.rank and y_true.shape[-1] == 1:
+    y_true = tf.squeeze(y_true, -1)
+  return tf.cast(tf.equal(pred, y_true), tf.float32)
 
 
 def sparse_accuracy(y_true, y_pred):

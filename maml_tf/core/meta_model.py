@@ -60,6 +60,41 @@ def as_task_batch(data) -> TaskBatch:
       " parts")
 
 
+class _TaskBatchPyDataset(keras.utils.PyDataset):
+  """A ``PyDataset`` of TaskBatches or 4-tuples as Keras takes one: each
+  item a dict of the four fields (Keras refuses tuples of four)."""
+
+  def __init__(self, dataset: keras.utils.PyDataset):
+    super().__init__(workers=dataset.workers,
+                     use_multiprocessing=dataset.use_multiprocessing,
+                     max_queue_size=dataset.max_queue_size)
+    self.dataset = dataset
+
+  def __len__(self):
+    return len(self.dataset)
+
+  @property
+  def num_batches(self):
+    return self.dataset.num_batches
+
+  def __getitem__(self, index):
+    return dict(as_task_batch(self.dataset[index])._asdict())
+
+  def on_epoch_begin(self):
+    self.dataset.on_epoch_begin()
+
+  def on_epoch_end(self):
+    self.dataset.on_epoch_end()
+
+
+def _keras_ready(data):
+  """``data``, with a user's ``PyDataset`` wrapped for Keras."""
+  if isinstance(data, keras.utils.PyDataset) and not isinstance(
+      data, _TaskBatchPyDataset):
+    return _TaskBatchPyDataset(data)
+  return data
+
+
 class MetaModel(keras.Model):
   """A meta-learner of ``model`` that Keras can fit (see the module docstring).
 
@@ -156,7 +191,21 @@ class MetaModel(keras.Model):
   def train_step(self, data):
     """One meta-step on a meta-batch (``MAML.meta_step``)."""
     batch = self._prepared(data)
-    plan = self.learner.plan(batch)
+    learner = self.learner
+    if (learner.first_order or learner.first_order_until <= 0
+        or tf.executing_eagerly()):
+      metrics = self._meta_step(batch, None)
+    else:   # MAML++'s derivative-order annealing, decided in the graph
+      metrics = tf.cond(
+          learner.meta_optimizer.iterations < learner.first_order_until,
+          lambda: self._meta_step(batch, True),
+          lambda: self._meta_step(batch, False))
+    return self._update(self._logs(metrics))
+
+  def _meta_step(self, batch, first_order):
+    """The metrics of ``MAML.meta_step`` (NaN where the update was
+    skipped) at the derivative order ``first_order`` (None: the learner's)."""
+    plan = self.learner.plan(batch, first_order=first_order)
     # Keras compiles this step (compile(jit_compile=)), not the learner;
     # under Keras' XLA the update is gated by finite flags all the same
     # (MAML.guarded_update sees the XLA context) and the logs read NaN.
@@ -165,7 +214,21 @@ class MetaModel(keras.Model):
     metrics = out.metrics
     if out.finite is not None:
       metrics = numerics.nan_where_skipped(metrics, out.finite)
-    return self._update(self._logs(metrics))
+    return metrics
+
+  def fit(self, x=None, *args, **kwargs):
+    """``keras.Model.fit``; a ``keras.utils.PyDataset`` (also as
+    ``validation_data``) may yield TaskBatches or 4-tuples, and ``shuffle``
+    defaults to False (each element is a meta-batch drawn at random)."""
+    if "validation_data" in kwargs:
+      kwargs["validation_data"] = _keras_ready(kwargs["validation_data"])
+    if len(args) < 8:        # shuffle not given by position: meta-batches
+      kwargs.setdefault("shuffle", False)   # are drawn at random already
+    return super().fit(_keras_ready(x), *args, **kwargs)
+
+  def evaluate(self, x=None, *args, **kwargs):
+    """``keras.Model.evaluate`` (a ``PyDataset`` as in :meth:`fit`)."""
+    return super().evaluate(_keras_ready(x), *args, **kwargs)
 
   def test_step(self, data):
     """Query metrics after ``inner_steps`` steps of adaptation."""

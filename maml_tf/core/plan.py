@@ -359,7 +359,11 @@ def resolve_plan(options: Options, facts: ModelFacts, shape: BatchShape,
       reasons.append(("task_chunk", "large convolutional tasks on CPU run "
                       "one after another"))
   if chunk is not None and num_tasks is not None:
-    chunk = _divisor_at_most(int(chunk), num_tasks)
+    asked = int(chunk)
+    chunk = _divisor_at_most(asked, num_tasks)
+    if chunk != asked:
+      reasons.append(("task_chunk", f"{asked} lowered to {chunk}, the largest "
+                      f"divisor of the {num_tasks} tasks not above it"))
     chunk = None if chunk == num_tasks else chunk
   else:
     chunk = None
@@ -367,6 +371,9 @@ def resolve_plan(options: Options, facts: ModelFacts, shape: BatchShape,
   accuracy = (shape.integer_labels if options.accuracy is None
               else bool(options.accuracy))
   closed_form = facts.closed_form and not accuracy
+  if closed_form:
+    reasons.append(("closed_form", "a chain of Dense layers under mean "
+                    "squared error with every weight adapted"))
   split = bool(chunk and batched and not recompute and not options.multi_step
                and not closed_form)
   query_chunk = None
@@ -377,6 +384,8 @@ def resolve_plan(options: Options, facts: ModelFacts, shape: BatchShape,
     query_chunk = None if query_chunk >= tasks else query_chunk
   if options.jit_compile is None:
     xla = closed_form
+    if xla:
+      reasons.append(("xla", "the closed-form step compiles with XLA"))
   else:
     xla = bool(options.jit_compile)
   if device.distributed and xla:

@@ -66,6 +66,8 @@ from typing import Dict, List, NamedTuple, Optional, Sequence
 import numpy as np
 from PIL import Image
 
+from maml_tf.common.interrupts import UserFacingError
+
 ENV_VAR = "MAML_TF_OMNIGLOT_DIR"
 ZIP_FILES = ("images_background.zip", "images_evaluation.zip")
 NUM_CHARACTERS = 1623
@@ -86,6 +88,11 @@ _WHAT_TO_DO = (
     f"{ENV_VAR}, or the launchers' flag --data_dir), or call "
     f"load_omniglot() with neither to let TFDS download its public 'omniglot' "
     f"data set (needs a network).")
+
+
+class DataUnavailableError(UserFacingError, RuntimeError):
+  """No local Omniglot, and TFDS cannot download it (the message says which
+  flag or variable to set)."""
 
 
 class OmniglotZip(NamedTuple):
@@ -444,7 +451,7 @@ def _check_network(what: str) -> None:
   try:
     socket.create_connection(TFDS_HOST, timeout=5).close()
   except OSError as e:
-    raise RuntimeError(
+    raise DataUnavailableError(
         f"No local Omniglot found (no data_dir argument, ${ENV_VAR} unset) "
         f"and {what} cannot be downloaded: {TFDS_HOST[0]} is unreachable "
         f"({type(e).__name__}: {e}). {_WHAT_TO_DO}") from None
@@ -458,7 +465,7 @@ def _load_public_tfds(tfds_dir: Optional[str], strict: bool) -> np.ndarray:
     splits = tfds.load("omniglot", split=["train", "test"], data_dir=tfds_dir,
                        batch_size=-1)
   except Exception as e:  # Network errors come in many types.
-    raise RuntimeError(
+    raise DataUnavailableError(
         f"No local Omniglot found (no data_dir argument, ${ENV_VAR} unset) "
         f"and TFDS could not load or download its 'omniglot' data set: "
         f"{type(e).__name__}: {e}. {_WHAT_TO_DO}") from e
@@ -513,7 +520,8 @@ def load_omniglot(data_dir: Optional[str] = None,
 
   Raises:
     FileNotFoundError / ValueError: a zip is missing or corrupt (named).
-    RuntimeError: no local data and TFDS could not download.
+    DataUnavailableError: (a ``RuntimeError``) no local data and TFDS could
+      not download.
 
   Example:
     >>> images = load_omniglot("../shared/data/omniglot")

@@ -22,3 +22,15 @@ def test_a_missing_file_exits_1_with_its_message_alone():
         _raise, FileNotFoundError("eval_only: no checkpoint under /x"))
   assert exit_info.value.code == "error: eval_only: no checkpoint under /x"
   assert interrupts.exit_if_interrupted(lambda x: x + 1, 1) == 2
+
+
+def test_a_user_facing_error_exits_1_with_its_message_alone():
+  from maml_tf.common import run_config  # pylint: disable=g-import-not-at-top
+  from maml_tf.tasks import omniglot  # pylint: disable=g-import-not-at-top
+  for error in (run_config.ConfigMismatchError("runs/x holds another run"),
+                omniglot.DataUnavailableError("pass --data_dir")):
+    with pytest.raises(SystemExit) as exit_info:
+      interrupts.exit_if_interrupted(_raise, error)
+    assert exit_info.value.code == f"error: {error}"
+  with pytest.raises(ValueError, match="a bug"):   # others keep a traceback
+    interrupts.exit_if_interrupted(_raise, ValueError("a bug"))

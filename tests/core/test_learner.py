@@ -140,6 +140,20 @@ def test_mismatched_batch_shapes_name_the_cause(field, shape, match):
     maml.train_step(batch)
 
 
+@pytest.mark.parametrize("tail,match", [
+    ((2,), r"support_x has examples of shape \(2,\) \(after the task and "
+     r"example axes of \(4, 5, 2\)\), but model .* takes inputs of shape "
+     r"\(1,\)"),
+    ((), r"support_x has examples of shape \(\)")])
+def test_inputs_not_of_the_models_input_shape_are_named(tail, match):
+  maml = MAML(mlp(1, 1, hidden=(4,)), "mse")
+  batch = _batch(tasks=4)
+  batch = batch._replace(support_x=np.zeros((4, 5) + tail, np.float32),
+                         query_x=np.zeros((4, 7) + tail, np.float32))
+  with pytest.raises(ValueError, match=match):
+    maml.train_step(batch)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     ({"inner_steps": 0}, "inner_steps must be an integer >= 1"),
     ({"inner_lr": float("nan")}, "inner_lr"),
@@ -316,6 +330,32 @@ def test_degenerate_batches_are_refused_naming_the_field():
     maml.train_step(_labels_batch(ints(2), bad))
   assert np.isfinite(maml.train_step(_labels_batch(ints(2), ints(3)))[
       "loss_after"])
+
+
+def test_labels_with_a_trailing_axis_of_one_train_as_plain_labels():
+  """Keras' sparse losses take [N, 1] labels; so do MAML's metrics."""
+  rng = np.random.default_rng(1)
+  sy, qy = rng.integers(0, 3, (2, 2)), rng.integers(0, 3, (2, 3))
+  results = []
+  for column in (False, True):
+    keras.utils.set_random_seed(0)
+    maml = _classifier_maml()
+    batch = _labels_batch(*(y[..., None] if column else y for y in (sy, qy)))
+    results.append([maml.train_step(batch), maml.train_step(batch),
+                    maml.evaluate(batch, steps=(0, 1))["accuracy"]])
+  assert results[1][0] == results[0][0] and results[1][1] == results[0][1]
+  np.testing.assert_array_equal(results[1][2], results[0][2])
+  assert 0 < results[0][1]["accuracy_after"] < 1   # a real score, not 0 or 1
+
+
+def test_a_model_with_several_outputs_is_refused():
+  inputs = keras.Input((4,))
+  hidden = keras.layers.Dense(4)(inputs)
+  model = keras.Model(inputs, [keras.layers.Dense(1)(hidden),
+                               keras.layers.Dense(2)(hidden)])
+  with pytest.raises(ValueError, match="has 2 outputs; MAML adapts models "
+                     "with one output"):
+    MAML(model, "mse")
 
 
 def test_a_frozen_model_is_named_frozen_not_unbuilt():

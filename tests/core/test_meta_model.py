@@ -28,7 +28,8 @@ def _net():
 
 
 @pytest.mark.parametrize("algorithm, options", [
-    ("maml", {}), ("metasgd", {}), ("fomaml", {"inner_steps": 2})])
+    ("maml", {}), ("metasgd", {}), ("fomaml", {"inner_steps": 2}),
+    ("mamlpp", {"inner_steps": 2})])   # first order for its first 2 steps
 def test_fit_takes_the_steps_of_train_step(algorithm, options, tmp_path):
   from maml_tf.core import family  # pylint: disable=g-import-not-at-top
   batches = _batches(1, 6)
@@ -59,6 +60,37 @@ def test_fit_takes_the_steps_of_train_step(algorithm, options, tmp_path):
   other.load_weights(path)
   for a, b in zip(meta.weights, other.weights):
     np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+class _Batches(keras.utils.PyDataset):
+  """A user's PyDataset of TaskBatches (Keras itself refuses 4-tuples)."""
+
+  def __init__(self, batches):
+    super().__init__()
+    self.batches = batches
+
+  def __len__(self):
+    return len(self.batches)
+
+  def __getitem__(self, index):
+    return TaskBatch(*self.batches[index])
+
+
+def test_fit_and_evaluate_take_a_py_dataset():
+  batches, held_out = _batches(2, 4), _batches(3, 2)
+  metas = []
+  for data in (_dataset(batches), _Batches(batches)):
+    meta = MetaModel(_net(), "mse", inner_lr=0.02)
+    meta.compile(optimizer=keras.optimizers.Adam(3e-3))
+    history = meta.fit(data, epochs=1, verbose=0,
+                       validation_data=_Batches(held_out))
+    assert np.isfinite(history.history["val_loss"][0])
+    metas.append(meta)
+  for a, b in zip(metas[0].net.get_weights(), metas[1].net.get_weights()):
+    np.testing.assert_allclose(a, b, atol=1e-6)   # the same steps, in order
+  scores = [m.evaluate(d, return_dict=True, verbose=0)["loss"] for m, d in
+            zip(metas, (_dataset(held_out), _Batches(held_out)))]
+  assert scores[0] == pytest.approx(scores[1], rel=1e-6)
 
 
 def test_evaluate_callbacks_and_classification_metrics(tmp_path):

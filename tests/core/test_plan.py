@@ -102,6 +102,17 @@ def test_resolve_plan_table(name, options, facts, shape, device, first_order,
   hash(plan)                               # a compile-cache key
 
 
+def test_every_automatic_choice_has_a_reason():
+  reasons = lambda *args: dict(resolve_plan(*args, False).reasons)
+  assert reasons(Options(task_chunk=5), CONV, LARGE, CPU1)["task_chunk"] == (
+      "5 lowered to 4, the largest divisor of the 32 tasks not above it")
+  assert "task_chunk" not in reasons(Options(task_chunk=8), CONV, LARGE, CPU1)
+  sine = reasons(Options(), MLP, SINE, CPU1)
+  assert "Dense layers under mean squared error" in sine["closed_form"]
+  assert "XLA" in sine["xla"]
+  assert "closed_form" not in reasons(Options(accuracy=True), MLP, SINE, CPU1)
+
+
 def test_resolve_execution_rules():
   assert resolve_execution("auto", None) == "batched"
   assert resolve_execution("auto", "LSTM is not supported") == "vectorized_map"
