@@ -26,7 +26,10 @@ def __getattr__(name):
     value = getattr(importlib.import_module(_PUBLIC[name]), name)
     globals()[name] = value
     return value
-  raise AttributeError(f"module 'maml_tf' has no attribute {name!r}")
+  # Subpackages load on first use too: maml_tf.tasks.sinusoid after a bare
+  # ``import maml_tf``.
+  from maml_tf.common import lazy  # pylint: disable=g-import-not-at-top
+  return lazy.submodules(__name__)(name)
 
 
 def __dir__():

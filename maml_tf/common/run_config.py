@@ -103,7 +103,8 @@ def check_resume(config, workdir: str, log: Callable[[str], None] = print
         f"{workdir} holds a run with another configuration: {listed}. "
         "Resuming would mix two experiments. Use a new --logdir for the new "
         "configuration, or --noresume to start this one afresh (the safe "
-        f"fields to change on resume are: {', '.join(sorted(SAFE_TO_CHANGE))})")
+        f"fields to change on resume are: "
+        f"{', '.join(sorted(SAFE_TO_CHANGE & set(current)))})")
   changes = stored.get("changes", [])
   if diff:
     log(f"resuming with changed settings: {listed}")

@@ -46,12 +46,19 @@ from typing import Callable, Dict, Optional
 import keras
 import tensorflow as tf
 
+from maml_tf.common.interrupts import UserFacingError
 from maml_tf.core import keras_compat
 from maml_tf.core import numerics
 from maml_tf.core import runner as runner_lib
 from maml_tf.core.keras_compat import unscaled_keras_losses
 from maml_tf.core.learner import MAML
 from maml_tf.core.task_batch import TaskBatch
+
+
+class DistributionError(UserFacingError, ValueError):
+  """A cluster or meta-batch that the strategy cannot run (the message
+  says what to set)."""
+
 
 STRATEGIES = ("none", "mirrored", "multi_worker")
 
@@ -90,7 +97,7 @@ def make_strategy(name: str = "none") -> tf.distribute.Strategy:
     return tf.distribute.MirroredStrategy()
   raw = os.environ.get("TF_CONFIG")
   if not raw:
-    raise ValueError(
+    raise DistributionError(
         "distribute='multi_worker' reads the cluster from the TF_CONFIG "
         "environment variable, which is not set. Set it on every worker, e.g. "
         'TF_CONFIG=\'{"cluster": {"worker": ["host0:12345", "host1:12345"]}, '
@@ -101,12 +108,12 @@ def make_strategy(name: str = "none") -> tf.distribute.Strategy:
     task = config["task"]
     task["type"], int(task["index"])  # pylint: disable=expression-not-assigned
   except (ValueError, KeyError, TypeError) as e:
-    raise ValueError(
+    raise DistributionError(
         f"TF_CONFIG must be JSON with cluster.worker (a list of host:port) and "
         f"task.type / task.index ({type(e).__name__}: {e}); got {raw!r}"
     ) from None
   if not workers:
-    raise ValueError(f"TF_CONFIG lists no workers: {raw!r}")
+    raise DistributionError(f"TF_CONFIG lists no workers: {raw!r}")
   return tf.distribute.MultiWorkerMirroredStrategy()
 
 
@@ -279,7 +286,7 @@ class DistributedMAML:
   def _per_replica(self, tasks: int) -> int:
     replicas = self.num_replicas
     if tasks % replicas:
-      raise ValueError(
+      raise DistributionError(
           f"the meta-batch has {tasks} tasks, which cannot be split evenly "
           f"across {replicas} replicas (strategy.num_replicas_in_sync = "
           f"{replicas}); use a meta-batch size that is a multiple of "

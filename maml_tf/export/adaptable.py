@@ -31,10 +31,12 @@ Example:
 
 from typing import Optional
 
+import keras
 import tensorflow as tf
 
 from maml_tf.core import functional
 from maml_tf.core import inner_loop
+from maml_tf.export import saved_model
 
 
 class _Adaptable(tf.Module):
@@ -90,6 +92,12 @@ def export_adaptable(maml, path: str, support_x, support_y,
   Returns:
     ``path``.
   """
+  if not hasattr(maml, "inner_loop"):
+    raise TypeError(
+        "export_adaptable takes the learner (a maml_tf.MAML), got a "
+        f"{type(maml).__name__}"
+        + ("; export_adapted(model, path) exports an adapted keras.Model"
+           if isinstance(maml, keras.Model) else ""))
   steps = maml.inner_steps if steps is None else int(steps)
   if tf.nest.is_nested(support_x):
     raise ValueError(
@@ -127,6 +135,8 @@ def export_adaptable(maml, path: str, support_x, support_y,
   def predict(x):
     return module.model(x, training=False)
 
+  saved_model.check_portable(adapt_and_predict.get_concrete_function(),
+                             f"model {maml.model.name!r}")
   module.adapt_and_predict = adapt_and_predict
   module.adapt_and_predict_with = adapt_and_predict_with
   module.adapt = adapt

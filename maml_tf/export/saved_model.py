@@ -23,6 +23,27 @@ from maml_tf.core import functional
 from maml_tf.core import cloning
 
 
+# Ops that call back into the Python process that traced them.
+PYTHON_OPS = frozenset({"PyFunc", "PyFuncStateless", "EagerPyFunc"})
+
+
+def check_portable(concrete_function, what: str) -> None:
+  """Raises ``ValueError`` if ``concrete_function`` (or a function it calls)
+  runs Python (``tf.py_function``, ``tf.numpy_function``): a SavedModel
+  holding it reloads only inside the process that wrote it."""
+  graph = concrete_function.graph.as_graph_def()
+  ops = {node.op for node in graph.node}
+  for function in graph.library.function:
+    ops.update(node.op for node in function.node_def)
+  found = sorted(ops & PYTHON_OPS)
+  if found:
+    raise ValueError(
+        f"{what} calls Python ({', '.join(found)}: tf.py_function or "
+        "tf.numpy_function in a layer); a SavedModel of it cannot run in "
+        "another process, so it is not written. Replace the Python call with "
+        "TensorFlow ops")
+
+
 def _default_signature(model: keras.Model):
   inputs = getattr(model, "inputs", None)
   if inputs:
@@ -71,6 +92,12 @@ def export_adapted(model: keras.Model, path: str,
     >>> loaded = tf.saved_model.load("/tmp/adapted")   # keep a reference
     >>> loaded.serve(query_x)
   """
+  if not isinstance(model, keras.Model):
+    raise TypeError(
+        "export_adapted takes a keras.Model (e.g. maml.adapt(support_x, "
+        f"support_y)'s result), got a {type(model).__name__}"
+        + ("; export_adaptable(maml, path, support_x, support_y) exports a "
+           "model that adapts itself" if hasattr(model, "inner_loop") else ""))
   if batchnorm not in ("inference", "transductive"):
     raise ValueError("batchnorm must be 'inference' or 'transductive', got "
                      f"{batchnorm!r}")
@@ -94,6 +121,8 @@ def export_adapted(model: keras.Model, path: str,
   else:                            # several inputs, or one in a dict
     fn = lambda *xs: call(tf.nest.pack_sequence_as(structure, list(xs))
                           if structure is not None else list(xs))
+  check_portable(tf.function(fn).get_concrete_function(*signature),
+                 f"model {model.name!r}")
   archive.add_endpoint("serve", fn, input_signature=signature)
   os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
   archive.write_out(path, verbose=False)

@@ -56,12 +56,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
-  try:
-    config = classification.make_config(
-        _PRESET.value, **config_flags.overrides(
-            classification.ClassificationConfig))
-  except ValueError as e:
-    raise app.UsageError(str(e)) from e
+  config = config_flags.config_or_exit(
+      lambda: classification.make_config(
+          _PRESET.value, **config_flags.overrides(
+              classification.ClassificationConfig)))
   loop.exit_if_interrupted(
       classification.train_and_evaluate,
       config, _LOGDIR.value or f"runs/{_PRESET.value}")

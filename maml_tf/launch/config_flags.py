@@ -14,7 +14,7 @@ import dataclasses
 import inspect
 import re
 import typing
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 from absl import flags
 
@@ -122,9 +122,24 @@ def overrides(cls, names: Optional[List[str]] = None) -> Dict[str, object]:
       continue
     kind = _kind(hints[name])
     if kind and kind[0] == "list":
-      value = tuple(kind[1](v) for v in value)
+      try:
+        value = tuple(kind[1](v) for v in value)
+      except ValueError:
+        raise ValueError(
+            f"--{name}={','.join(value)}: expected a comma-separated list of "
+            f"{kind[1].__name__}s") from None
     out[name] = value
   return out
+
+
+def config_or_exit(make: Callable, *args, **kwargs):
+  """``make(*args, **kwargs)`` (a config from flags); a ``ValueError`` (a
+  bad value, named by its message) ends the launcher with that one line and
+  exit status 1, not with the whole flag help."""
+  try:
+    return make(*args, **kwargs)
+  except ValueError as e:
+    raise SystemExit(f"error: {e}") from None
 
 
 def show_as_main(launcher, doc: str) -> None:

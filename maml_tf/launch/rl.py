@@ -96,15 +96,14 @@ def main(argv):
   # the shipped policy was trained with (its card's overrides).
   given = {name: FLAGS[name].value for name in _FIELDS
            if FLAGS[name].present and name != "env"}
-  given.update(config_flags.overrides(RLConfig, _GENERATED))
-  try:
+
+  def make_config():
+    given.update(config_flags.overrides(RLConfig, _GENERATED))
     if FLAGS.pretrained:   # --eval_only stays required, as for training
-      config = rl.train.shipped_config(
+      return rl.train.shipped_config(
           FLAGS.env, **{**given, "eval_only": FLAGS.eval_only})
-    else:
-      config = rl.RLConfig(env=FLAGS.env, **given)
-  except ValueError as e:
-    raise app.UsageError(str(e)) from None
+    return rl.RLConfig(env=FLAGS.env, **given)
+  config = config_flags.config_or_exit(make_config)
   logdir = FLAGS.logdir
   if FLAGS.pretrained and not FLAGS["logdir"].present:
     logdir = f"runs/rl/{rl.envs.short_name(FLAGS.env)}/shipped"

@@ -41,8 +41,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
-  config = sinusoid.make_config(
-      _PRESET.value, **config_flags.overrides(sinusoid.SinusoidConfig))
+  config = config_flags.config_or_exit(
+      lambda: sinusoid.make_config(
+          _PRESET.value, **config_flags.overrides(sinusoid.SinusoidConfig)))
   loop.exit_if_interrupted(
       sinusoid.train_and_evaluate, config, _LOGDIR.value)
 

@@ -140,6 +140,12 @@ class RLConfig:
                  "eval_batch_size"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+    import math  # pylint: disable=g-import-not-at-top
+    for name, ok, rule in (("fast_lr", lambda v: v >= 0, ">= 0"),
+                           ("max_kl", lambda v: v > 0, "> 0")):
+      value = float(getattr(self, name))
+      if not (math.isfinite(value) and ok(value)):
+        raise ValueError(f"{name} must be a finite number {rule}; got {value}")
     if self.pretrained and not self.eval_only:
       raise ValueError("pretrained=True evaluates a shipped meta-policy: it "
                        "needs eval_only=True (--pretrained --eval_only)")

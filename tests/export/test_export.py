@@ -106,3 +106,38 @@ def test_transductive_export_uses_the_batch_statistics(tmp_path):
   np.testing.assert_allclose(got, adapted(q, training=True), atol=1e-5)
   with pytest.raises(ValueError, match="batchnorm"):
     export_adapted(adapted, str(tmp_path / "u"), batchnorm="sometimes")
+
+
+def test_what_is_not_an_adapted_model_is_named(tmp_path):
+  from maml_tf.export import export_adaptable  # pylint: disable=g-import-not-at-top
+  maml = MAML(keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)]),
+              "mse", inner_lr=0.05)
+  x = np.zeros((3, 1), np.float32)
+  with pytest.raises(TypeError, match="takes a keras.Model .* got a MAML; "
+                     "export_adaptable"):
+    export_adapted(maml, str(tmp_path / "a"))
+  with pytest.raises(TypeError, match="takes the learner .* got a Sequential; "
+                     "export_adapted"):
+    export_adaptable(maml.model, str(tmp_path / "b"), x, x)
+
+
+class _PythonLayer(keras.layers.Layer):
+  """Runs Python inside the graph: such a SavedModel loads nowhere else."""
+
+  def call(self, x):
+    y = tf.ensure_shape(tf.py_function(lambda t: t * 2.0, [x], x.dtype),
+                        x.shape)
+    return x + tf.stop_gradient(y)
+
+
+def test_a_model_that_calls_python_is_not_exported(tmp_path):
+  from maml_tf.export import export_adaptable  # pylint: disable=g-import-not-at-top
+  model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1),
+                            _PythonLayer(name="python_call")])
+  maml = MAML(model, "mse", inner_lr=0.05, first_order=True)
+  x = np.ones((3, 1), np.float32)
+  with pytest.raises(ValueError, match="calls Python .*EagerPyFunc"):
+    export_adapted(maml.adapt(x, x), str(tmp_path / "a"), verify_with=x)
+  with pytest.raises(ValueError, match="calls Python"):
+    export_adaptable(maml, str(tmp_path / "b"), x, x)
+  assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

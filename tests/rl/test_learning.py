@@ -158,6 +158,10 @@ def test_config_validation():
   assert rl.RLConfig(eval_batch_size=40).eval_batch_size == 40
   with pytest.raises(ValueError, match="eval_batch_size"):
     rl.RLConfig(eval_batch_size=0)
+  with pytest.raises(ValueError, match="fast_lr must be a finite number >= 0"):
+    rl.RLConfig(fast_lr=-1)
+  with pytest.raises(ValueError, match="max_kl must be a finite number > 0"):
+    rl.RLConfig(max_kl=float("nan"))
   with pytest.raises(ValueError, match="needs eval_only=True"):
     rl.RLConfig(pretrained=True)
   with pytest.raises(ValueError, match="needs algorithm='maml'"):

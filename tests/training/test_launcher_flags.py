@@ -45,3 +45,21 @@ def test_a_generated_flag_reaches_the_config(tmp_path):
   assert [l.split()[1] for l in out.splitlines() if l.startswith("step ")] == [
       "50/200", "100/200", "150/200", "200/200"]
   assert "K=10" not in out and "K=5" in out
+
+
+@pytest.mark.parametrize("launcher,flag,message", [
+    ("rl", "--hidden_sizes=8,abc", "error: --hidden_sizes=8,abc: expected a "
+     "comma-separated list of ints"),
+    ("sinusoid", "--meta_batch=0", "error: meta_batch"),
+])
+def test_a_bad_flag_value_ends_with_one_line_naming_it(launcher, flag,
+                                                       message, tmp_path):
+  out = subprocess.run(
+      [sys.executable, os.path.join(REPO, "launch", f"{launcher}.py"), flag,
+       f"--logdir={tmp_path}"], cwd=REPO, capture_output=True, text=True,
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+  assert out.returncode == 1
+  lines = [l for l in out.stderr.splitlines() if l.strip()]
+  assert lines[-1].startswith(message), out.stderr
+  assert "Traceback" not in out.stderr and "--helpfull" not in out.stderr
+  assert not os.listdir(tmp_path)          # nothing written
