@@ -121,9 +121,8 @@ def export_adapted(model: keras.Model, path: str,
   else:                            # several inputs, or one in a dict
     fn = lambda *xs: call(tf.nest.pack_sequence_as(structure, list(xs))
                           if structure is not None else list(xs))
-  check_portable(tf.function(fn).get_concrete_function(*signature),
-                 f"model {model.name!r}")
-  archive.add_endpoint("serve", fn, input_signature=signature)
+  serve = archive.add_endpoint("serve", fn, input_signature=signature)
+  check_portable(serve.get_concrete_function(), f"model {model.name!r}")
   os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
   archive.write_out(path, verbose=False)
   if verify_with is not None:
