@@ -33,6 +33,7 @@ Example:
 import dataclasses
 import glob
 import json
+import math
 import os
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -140,7 +141,6 @@ class RLConfig:
                  "eval_batch_size"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
-    import math  # pylint: disable=g-import-not-at-top
     for name, ok, rule in (("fast_lr", lambda v: v >= 0, ">= 0"),
                            ("max_kl", lambda v: v > 0, "> 0")):
       value = float(getattr(self, name))
