@@ -35,17 +35,25 @@ class Interrupted(KeyboardInterrupt):
 def exit_if_interrupted(fn: Callable, *args, **kwargs):
   """Runs ``fn``; on :class:`Interrupted` prints how to resume and exits 143.
 
-  For launchers: a stopped run must not look like a crash. A
-  ``FileNotFoundError`` (missing data, checkpoint or shipped weights; its
-  message names the file and what to do) or a :class:`UserFacingError`
-  exits with status 1 and that message alone.
+  For launchers: a stopped run must not look like a crash. Any other
+  ``KeyboardInterrupt`` (a Ctrl-C during the final evaluation) exits with
+  status 130 and one line. A ``FileNotFoundError`` (missing data,
+  checkpoint or shipped weights; its message names the file and what to
+  do), a ``FloatingPointError`` (a NaN stopped the run; its message names
+  the value) or a :class:`UserFacingError` exits with status 1 and that
+  message alone.
   """
   try:
     return fn(*args, **kwargs)
   except Interrupted as e:
     print(f"{e}; run the same command again to resume", flush=True)
     sys.exit(143)
-  except (FileNotFoundError, UserFacingError) as e:
+  except KeyboardInterrupt:
+    # A Ctrl-C outside a training loop's StopRequest (evaluation, plots).
+    print("interrupted; the checkpoints already written are kept: run the "
+          "same command again to go on", flush=True)
+    sys.exit(130)
+  except (FileNotFoundError, FloatingPointError, UserFacingError) as e:
     sys.exit(f"error: {e}")
 
 

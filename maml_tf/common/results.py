@@ -1,11 +1,27 @@
 """Results files a script can read."""
 
 import json
+import math
 import os
 import tempfile
 from typing import Any
 
 import numpy as np
+
+from maml_tf.common.interrupts import UserFacingError
+
+
+class OutputNotWritableError(UserFacingError, PermissionError):
+  """The run directory or one of its outputs cannot be written."""
+
+
+def _read_umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+_UMASK = _read_umask()   # once, at import: os.umask can only be read by setting it
 
 
 def _plain(obj):
@@ -16,7 +32,9 @@ def _plain(obj):
   if isinstance(obj, np.ndarray):
     return _plain(obj.tolist())
   if isinstance(obj, np.generic):
-    return obj.item()
+    return _plain(obj.item())
+  if isinstance(obj, float) and not math.isfinite(obj):
+    return None   # JSON has no NaN / Infinity: a reader sees null
   return obj
 
 
@@ -47,13 +65,19 @@ def environment() -> dict:
 
 
 def write_json(path: str, data: Any) -> str:
-  """Writes ``data`` as JSON atomically (a killed run never leaves half a file)."""
+  """Writes ``data`` as JSON atomically (a killed run never leaves half a file).
+
+  Non-finite floats (NaN, infinities) are written as ``null``, so every
+  JSON reader can read the file; its permissions are those of any new file
+  (the umask), as for the figures beside it.
+  """
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
                              suffix=".tmp")
   with os.fdopen(fd, "w") as f:
-    json.dump(_plain(data), f, indent=2, sort_keys=False)
+    json.dump(_plain(data), f, indent=2, sort_keys=False, allow_nan=False)
     f.write("\n")
+  os.chmod(tmp, 0o666 & ~_UMASK)
   os.replace(tmp, path)
   return path
 
@@ -65,7 +89,8 @@ def check_writable(workdir: str, names=()) -> None:
   output ``workdir/name`` for appending (nothing is written to it).
 
   Raises:
-    PermissionError: naming the folder or output that cannot be written.
+    OutputNotWritableError: (a ``PermissionError``) naming the folder or
+      output that cannot be written.
   """
   try:
     os.makedirs(workdir, exist_ok=True)
@@ -73,7 +98,7 @@ def check_writable(workdir: str, names=()) -> None:
     os.close(fd)
     os.remove(tmp)
   except OSError as e:
-    raise PermissionError(f"cannot write to the output folder {workdir} "
+    raise OutputNotWritableError(f"cannot write to the output folder {workdir} "
                           f"({e}); choose another --logdir") from e
   for name in names:
     path = os.path.join(workdir, name)
@@ -83,7 +108,7 @@ def check_writable(workdir: str, names=()) -> None:
       with open(path, "ab"):
         pass
     except OSError as e:
-      raise PermissionError(
+      raise OutputNotWritableError(
           f"the output {path} cannot be written ({type(e).__name__}: {e}); "
           "remove it or choose another --logdir") from e
 

@@ -25,7 +25,7 @@ import glob
 import json
 import os
 import time
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from maml_tf.common.interrupts import UserFacingError
 from maml_tf.common.results import write_json
@@ -41,6 +41,11 @@ SAFE_TO_CHANGE = frozenset({
     "eval_inner_steps"})
 
 
+# How a start runs, not what the run is: an eval_only start of a run that
+# was continued from shipped weights (pretrained) evaluates its checkpoint.
+START_MODE = frozenset({"resume", "eval_only", "pretrained"})
+
+
 class ConfigMismatchError(UserFacingError, ValueError):
   """Resuming a run directory with a config that changes the experiment."""
 
@@ -53,6 +58,29 @@ def has_checkpoints(workdir: str) -> bool:
   """Does ``workdir`` (or a folder below it) hold a TF checkpoint?"""
   return bool(glob.glob(os.path.join(workdir, "**", "checkpoint"),
                         recursive=True))
+
+
+def stored_config(workdir: str) -> Optional[Dict]:
+  """The config fields ``workdir``'s run was last started with (its
+  ``config.json``; JSON lists back as tuples; without the fields of
+  :data:`START_MODE`), or ``None`` when it has none.
+
+  Launchers build an ``eval_only`` start's config from it, so a run is
+  evaluated with its own settings, not the defaults.
+  """
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.isfile(path):
+    return None
+  try:
+    with open(path) as f:
+      fields = json.load(f)["config"]
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise ConfigMismatchError(
+        f"{path} is unreadable ({type(e).__name__}: {e}); it records the "
+        "run's settings: restore it, or give every setting as a flag after "
+        "removing it") from None
+  return {k: tuple(v) if isinstance(v, list) else v
+          for k, v in fields.items() if k not in START_MODE}
 
 
 def check_resume(config, workdir: str, log: Callable[[str], None] = print
@@ -94,7 +122,7 @@ def check_resume(config, workdir: str, log: Callable[[str], None] = print
   listed = listing(unsafe or diff)
   if getattr(config, "eval_only", False):
     # The mode of this start itself is no difference worth reporting.
-    shown = {k: d for k, d in diff.items() if k not in ("eval_only", "resume")}
+    shown = {k: d for k, d in diff.items() if k not in START_MODE}
     if shown:
       log(f"eval_only with a config other than the run's: {listing(shown)}")
     return stored.get("changes", [])

@@ -1,4 +1,4 @@
-"""Few-shot classification with MAML (Finn et al. 2017, section 5.2).
+r"""Few-shot classification with MAML (Finn et al. 2017, section 5.2).
 
 The preset decides every setting; flags given on the command line override it.
 
@@ -7,8 +7,8 @@ Examples:
       --data_dir=/data/omniglot --logdir=runs/omniglot_5w1s
   python launch/classification.py --preset=miniimagenet_5w1s \
       --data_dir=/data/miniimagenet --logdir=runs/mini_5w1s
-  python launch/classification.py --preset=omniglot_5w1s \
-      --logdir=runs/omniglot_5w1s --eval_only        # test the checkpoint
+  python launch/classification.py --logdir=runs/omniglot_5w1s \
+      --eval_only        # test the checkpoint, with the run's own settings
   python launch/classification.py --preset=smoke --logdir=/tmp/smoke
   TF_CONFIG='{"cluster": {"worker": ["host0:2222", "host1:2222"]},
     "task": {"type": "worker", "index": 0}}' \
@@ -18,6 +18,8 @@ Examples:
 Omniglot is read from --data_dir, else $MAML_TF_OMNIGLOT_DIR; MiniImagenet
 from --data_dir, else $MAML_TF_MINIIMAGENET_DIR. A run killed (or sent
 SIGTERM) resumes from its newest checkpoint in --logdir when started again.
+--eval_only on a run directory evaluates it with the settings it was trained
+with (its config.json); flags given on the command line override them.
 """
 
 from maml_tf.launch import quiet  # before TensorFlow is imported  # pylint: disable=unused-import,g-bad-import-order
@@ -53,16 +55,20 @@ config_flags.define(classification.ClassificationConfig)
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config_flags.no_arguments(argv)
   logging.set_verbosity(logging.WARNING)
-  config = config_flags.config_or_exit(
-      lambda: classification.make_config(
-          _PRESET.value, **config_flags.overrides(
-              classification.ClassificationConfig)))
-  loop.exit_if_interrupted(
-      classification.train_and_evaluate,
-      config, _LOGDIR.value or f"runs/{_PRESET.value}")
+  logdir = _LOGDIR.value or f"runs/{_PRESET.value}"
+  cls = classification.ClassificationConfig
+
+  def make_config():
+    given = config_flags.overrides(cls)
+    if given.get("eval_only") and not given.get("pretrained"):
+      fields = config_flags.run_settings(cls, logdir, given)
+      if fields is not None:
+        return cls(**fields)
+    return classification.make_config(_PRESET.value, **given)
+  config = config_flags.config_or_exit(make_config)
+  loop.exit_if_interrupted(classification.train_and_evaluate, config, logdir)
 
 
 def run():

@@ -18,6 +18,8 @@ from typing import Callable, Dict, List, Optional
 
 from absl import flags
 
+from maml_tf.common import run_config
+
 FLAGS = flags.FLAGS
 _SCALARS = {bool: "bool", int: "integer", float: "float", str: "string"}
 
@@ -130,6 +132,31 @@ def overrides(cls, names: Optional[List[str]] = None) -> Dict[str, object]:
             f"{kind[1].__name__}s") from None
     out[name] = value
   return out
+
+
+def run_settings(cls, workdir: str, given: Dict[str, object]
+                 ) -> Optional[Dict[str, object]]:
+  """An ``--eval_only`` start's fields: the ones ``workdir``'s run was
+  trained with (its ``config.json``), with ``given`` (the flags on the
+  command line) on top; ``None`` when ``workdir`` records no run.
+
+  Fields ``cls`` no longer has are dropped. The launchers use it so that
+  ``--eval_only --logdir=RUN`` scores the run with its own settings (shots,
+  step sizes, network), not with a preset's or the defaults.
+  """
+  stored = run_config.stored_config(workdir)
+  if stored is None:
+    return None
+  names = {f.name for f in dataclasses.fields(cls)}
+  return {**{k: v for k, v in stored.items() if k in names}, **given}
+
+
+def no_arguments(argv: List[str]) -> None:
+  """Ends a launcher with one line when the command line holds anything but
+  flags (``argv[0]`` is the program)."""
+  if len(argv) > 1:
+    raise SystemExit(f"error: unexpected arguments {argv[1:]}: the launchers "
+                     "take flags only (--name=value; --help lists them)")
 
 
 def config_or_exit(make: Callable, *args, **kwargs):

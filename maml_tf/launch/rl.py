@@ -1,4 +1,4 @@
-"""Meta-RL experiments of the MAML paper (§5.3) from the command line.
+r"""Meta-RL experiments of the MAML paper (§5.3) from the command line.
 
 Parses absl flags into :class:`maml_tf.rl.RLConfig` and calls
 :func:`maml_tf.rl.train_and_evaluate`. Runs of several algorithms under one
@@ -17,6 +17,12 @@ Example:
       --num_workers=2 --logdir=runs/rl/cheetah_dir/maml
   # a shipped meta-policy, evaluated on 40 test tasks with 95% intervals:
   python launch/rl.py --env=navigation --pretrained --eval_only
+  # a run's newest checkpoint, with the settings it was trained with:
+  python launch/rl.py --eval_only --logdir=runs/rl/cheetah_dir/maml
+
+--logdir defaults to runs/rl/ENV/ALGORITHM (runs/rl/ENV/shipped with
+--pretrained). --eval_only on a run directory takes the run's settings from
+its config.json; flags given on the command line override them.
 """
 
 from maml_tf.launch import quiet  # before TensorFlow is imported  # pylint: disable=unused-import,g-bad-import-order
@@ -42,9 +48,9 @@ flags.DEFINE_float("max_kl", 0.01, "TRPO KL constraint.")
 flags.DEFINE_integer("iterations", 100, "Meta-iterations.")
 flags.DEFINE_integer("horizon", None, "Episode length (default 100 / 200).")
 flags.DEFINE_integer("seed", 0, "Random seed.")
-flags.DEFINE_string("logdir", "runs/rl/navigation/maml",
-                    "Output directory (with --pretrained, default "
-                    "runs/rl/ENV/shipped).")
+flags.DEFINE_string("logdir", None,
+                    "Output directory (default runs/rl/ENV/ALGORITHM; with "
+                    "--pretrained, runs/rl/ENV/shipped).")
 flags.DEFINE_bool("resume", True, "Resume from the latest checkpoint.")
 flags.DEFINE_bool("first_order", False, "First-order MAML.")
 flags.DEFINE_integer("num_workers", 2, "Sampler processes (MuJoCo envs).")
@@ -74,13 +80,22 @@ _FIELDS = ("env", "algorithm", "iterations", "meta_batch", "fast_batch_size",
            "pretrained")
 
 
+def _missing_extra(what: str) -> SystemExit:
+  return SystemExit(
+      f"maml-tf-rl needs the meta-RL dependencies ({what}): "
+      "pip install 'maml_tf[cpu,rl]' (or [gpu,rl]), then "
+      "pip install --no-deps tf-keras==2.21.0 (BUILD_NOTES.md)")
+
+
 try:
   from maml_tf.rl.train import RLConfig  # pylint: disable=g-bad-import-order,g-import-not-at-top
 except ModuleNotFoundError as e:     # the [rl] extra is not installed
-  raise SystemExit(
-      f"maml-tf-rl needs the meta-RL dependencies ({e.name} is missing): "
-      "pip install 'maml_tf[cpu,rl]' (or [gpu,rl]), then "
-      "pip install --no-deps tf-keras==2.21.0 (BUILD_NOTES.md)") from None
+  raise _missing_extra(f"{e.name} is missing") from None
+except Exception as e:  # pylint: disable=broad-except
+  import gymnasium.error  # pylint: disable=g-import-not-at-top
+  if not isinstance(e, gymnasium.error.DependencyNotInstalled):   # no MuJoCo
+    raise
+  raise _missing_extra(str(e).splitlines()[0]) from None
 from maml_tf.launch import config_flags  # pylint: disable=g-bad-import-order
 
 # The fields without a hand-written flag above (gamma, hidden_sizes, ...).
@@ -88,25 +103,31 @@ _GENERATED = config_flags.define(RLConfig)
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config_flags.no_arguments(argv)
   logging.set_verbosity(logging.WARNING)
   import maml_tf.rl as rl  # pylint: disable=g-import-not-at-top
-  # An unset flag keeps RLConfig's default, or with --pretrained the value
-  # the shipped policy was trained with (its card's overrides).
+  # An unset flag keeps RLConfig's default, with --pretrained the value the
+  # shipped policy was trained with (its card's overrides), and with
+  # --eval_only on a run directory the run's own (its config.json).
   given = {name: FLAGS[name].value for name in _FIELDS
            if FLAGS[name].present and name != "env"}
+  logdir = FLAGS.logdir or (
+      f"runs/rl/{rl.envs.short_name(FLAGS.env)}/"
+      + ("shipped" if FLAGS.pretrained else FLAGS.algorithm))
 
   def make_config():
     given.update(config_flags.overrides(RLConfig, _GENERATED))
     if FLAGS.pretrained:   # --eval_only stays required, as for training
       return rl.train.shipped_config(
           FLAGS.env, **{**given, "eval_only": FLAGS.eval_only})
-    return rl.RLConfig(env=FLAGS.env, **given)
+    if FLAGS.eval_only:
+      if FLAGS["env"].present:
+        given["env"] = FLAGS.env
+      fields = config_flags.run_settings(RLConfig, logdir, given)
+      if fields is not None:
+        return rl.RLConfig(**fields)
+    return rl.RLConfig(**{"env": FLAGS.env, **given})
   config = config_flags.config_or_exit(make_config)
-  logdir = FLAGS.logdir
-  if FLAGS.pretrained and not FLAGS["logdir"].present:
-    logdir = f"runs/rl/{rl.envs.short_name(FLAGS.env)}/shipped"
   from maml_tf.common import interrupts  # pylint: disable=g-import-not-at-top
   interrupts.exit_if_interrupted(rl.train_and_evaluate, config, logdir)
 

@@ -1,4 +1,4 @@
-"""Paired differences between meta-RL runs (a minus b, per gradient step).
+r"""Paired differences between meta-RL runs (a minus b, per gradient step).
 
 Prints a markdown table: mean ± 95% interval over the test tasks of run a's
 return minus run b's, bold where the interval excludes zero.
@@ -15,6 +15,7 @@ import sys
 from absl import app
 from absl import flags
 
+from maml_tf.common import interrupts  # pylint: disable=g-bad-import-order
 from maml_tf.launch import config_flags  # pylint: disable=g-bad-import-order
 
 from maml_tf.rl import compare
@@ -25,13 +26,13 @@ flags.mark_flag_as_required("pairs")
 
 
 def main(argv):
-  del argv
+  config_flags.no_arguments(argv)
   pairs = []
   for item in _PAIRS.value:
     if item.count(":") != 1:
-      raise app.UsageError(f"--pairs entries are RUN_A:RUN_B; got {item!r}")
+      raise SystemExit(f"error: --pairs entries are RUN_A:RUN_B; got {item!r}")
     pairs.append(tuple(item.split(":")))
-  print(compare.markdown_table(pairs))
+  print(interrupts.exit_if_interrupted(compare.markdown_table, pairs))
 
 
 def run():

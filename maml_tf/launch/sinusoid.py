@@ -1,9 +1,9 @@
-"""Sinusoid regression with MAML (Finn et al. 2017, section 5.1).
+r"""Sinusoid regression with MAML (Finn et al. 2017, section 5.1).
 
 Examples:
   python launch/sinusoid.py --preset=demo --logdir=runs/demo
   python launch/sinusoid.py --logdir=runs/paper            # 70k iterations
-  python launch/sinusoid.py --logdir=runs/paper --eval_only
+  python launch/sinusoid.py --logdir=runs/paper --eval_only  # its settings
   python launch/sinusoid.py --preset=demo --meta_batch=24 --distribute=mirrored
 """
 
@@ -38,12 +38,19 @@ config_flags.define(sinusoid.SinusoidConfig)
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config_flags.no_arguments(argv)
   logging.set_verbosity(logging.WARNING)
-  config = config_flags.config_or_exit(
-      lambda: sinusoid.make_config(
-          _PRESET.value, **config_flags.overrides(sinusoid.SinusoidConfig)))
+  cls = sinusoid.SinusoidConfig
+
+  def make_config():
+    # --eval_only on a run directory: the run's own settings (config.json).
+    given = config_flags.overrides(cls)
+    if given.get("eval_only") and not given.get("pretrained"):
+      fields = config_flags.run_settings(cls, _LOGDIR.value, given)
+      if fields is not None:
+        return cls(**fields)
+    return sinusoid.make_config(_PRESET.value, **given)
+  config = config_flags.config_or_exit(make_config)
   loop.exit_if_interrupted(
       sinusoid.train_and_evaluate, config, _LOGDIR.value)
 

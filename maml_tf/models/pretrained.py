@@ -14,7 +14,10 @@ checks the checksum and loads the weights;
 import hashlib
 import json
 import os
+import warnings
 from typing import Dict, List, Optional
+
+from maml_tf.common.interrupts import UserFacingError
 
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                            "weights")
@@ -103,9 +106,31 @@ def save(learner, name: str, info: Dict,
   return path
 
 
+class ShippedWeightsMismatchError(UserFacingError, ValueError):
+  """Shipped weights loaded into a network of another shape."""
+
+
 def load_into(learner, name: str):
-  """Loads ``name``'s weights into ``learner.model`` (returns ``learner``)."""
-  learner.model.load_weights(weights_path(name))
+  """Loads ``name``'s weights into ``learner.model`` (returns ``learner``).
+
+  Raises:
+    ShippedWeightsMismatchError: (a ``ValueError``) ``learner``'s network
+      is not the one the weights were trained in (a flag or field that
+      changes the network overrides the card's settings).
+  """
+  path = weights_path(name)
+  try:
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always")
+      learner.model.load_weights(path)
+    for w in caught:   # a load that worked keeps its warnings
+      warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+  except ValueError as e:   # its warnings say the same as the error
+    raise ShippedWeightsMismatchError(
+        f"the shipped weights {name!r} do not fit this network "
+        f"({str(e).splitlines()[0][:200]}): they load into the network of "
+        f"the settings they were trained with ({name}.json's overrides); "
+        "leave out the settings that change the network") from None
   return learner
 
 

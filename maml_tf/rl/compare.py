@@ -16,9 +16,16 @@ import json
 import os
 from typing import Dict, List, Sequence, Tuple
 
+from maml_tf.common.interrupts import UserFacingError
 from maml_tf.common.stats import paired_difference
 
-_SAME = ("env", "seed", "eval_tasks")
+# The test tasks depend on the first three; returns scale with the horizon.
+_SAME = ("env", "seed", "eval_tasks", "horizon")
+
+
+class IncomparableRunsError(UserFacingError, ValueError):
+  """Two runs that were not scored on the same test tasks and episodes, or
+  a results file without per-task returns."""
 
 
 def load_results(run: str) -> Dict:
@@ -27,10 +34,15 @@ def load_results(run: str) -> Dict:
   if not os.path.exists(path):
     raise FileNotFoundError(f"no results.json at {path!r} (has the run "
                             "finished its evaluation?)")
-  with open(path) as f:
-    results = json.load(f)
+  try:
+    with open(path) as f:
+      results = json.load(f)
+  except ValueError as e:
+    raise IncomparableRunsError(f"{path!r} is not valid JSON ({e})") from None
   if "per_task" not in results.get("eval", {}):
-    raise ValueError(f"{path!r} has no per-task returns (eval.per_task)")
+    raise IncomparableRunsError(
+        f"{path!r} has no per-task returns (eval.per_task): it is not the "
+        "results.json of a maml_tf.rl run")
   return results
 
 
@@ -46,15 +58,27 @@ def paired_returns(a: Dict, b: Dict) -> List[Dict[str, float]]:
     gradient steps both runs were evaluated after.
 
   Raises:
-    ValueError: when the runs were not scored on the same test tasks.
+    IncomparableRunsError: (a ``ValueError``) when the runs differ in the
+      environment, seed or number of test tasks (different test tasks) or
+      in the episode length.
   """
   for key in _SAME:
     va, vb = a["config"].get(key), b["config"].get(key)
     if va != vb:
-      raise ValueError(f"runs were scored on different test tasks: {key} is "
-                       f"{va!r} against {vb!r}")
+      what = ("episodes of different lengths" if key == "horizon"
+              else "different test tasks")
+      raise IncomparableRunsError(
+          f"the runs were scored on {what}: {key} is {va!r} against {vb!r}")
   pa, pb = a["eval"]["per_task"], b["eval"]["per_task"]
   return [paired_difference(x, y) for x, y in zip(pa, pb)]
+
+
+def _label(run: str) -> str:
+  """A run's name in a table: its directory's (also for its results.json)."""
+  path = os.path.normpath(run)
+  if not os.path.isdir(path):
+    path = os.path.dirname(path) or path
+  return os.path.basename(os.path.abspath(path))
 
 
 def markdown_table(pairs: Sequence[Tuple[str, str]]) -> str:
@@ -66,8 +90,7 @@ def markdown_table(pairs: Sequence[Tuple[str, str]]) -> str:
     for d in diffs:
       text = f"{d['mean']:+.1f} ± {d['ci95']:.1f}"
       cells.append(f"**{text}**" if abs(d["mean"]) > d["ci95"] else text)
-    rows.append([os.path.basename(os.path.normpath(run_a)),
-                 os.path.basename(os.path.normpath(run_b))] + cells)
+    rows.append([_label(run_a), _label(run_b)] + cells)
   steps = max((len(r) - 2 for r in rows), default=0)
   head = ["a", "b"] + [f"{k} step{'s' if k != 1 else ''}"
                        for k in range(steps)]

@@ -62,6 +62,39 @@ from maml_tf.rl import policy as policy_lib
 Data = Tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]
 
 
+HVP_METHODS = ("gauss_newton", "exact")
+
+
+def check_settings(fast_lr: float = 0.1, max_kl: float = 0.01,
+                   cg_iters: int = 10, cg_damping: float = 1e-5,
+                   ls_max_steps: int = 15, ls_backtrack_ratio: float = 0.8,
+                   hvp_method: str = "gauss_newton") -> None:
+  """Raises ``ValueError`` naming the first setting of :class:`MAMLTRPO`
+  that cannot work: step sizes must be finite, ``fast_lr >= 0``,
+  ``max_kl > 0``, ``cg_iters >= 1``, ``cg_damping >= 0``,
+  ``ls_max_steps >= 1``, ``0 < ls_backtrack_ratio < 1`` (a ratio >= 1 never
+  shrinks the step, so the line search could never succeed), and
+  ``hvp_method`` one of :data:`HVP_METHODS`."""
+  rules = (("fast_lr", fast_lr, lambda v: v >= 0, ">= 0"),
+           ("max_kl", max_kl, lambda v: v > 0, "> 0"),
+           ("cg_damping", cg_damping, lambda v: v >= 0, ">= 0"),
+           ("ls_backtrack_ratio", ls_backtrack_ratio, lambda v: 0 < v < 1,
+            "in (0, 1)"))
+  for name, value, ok, rule in rules:
+    if isinstance(value, bool) or not isinstance(value, (int, float,
+                                                         np.number)):
+      raise ValueError(f"{name} must be a number {rule}; got {value!r}")
+    if not (math.isfinite(float(value)) and ok(float(value))):
+      raise ValueError(f"{name} must be a finite number {rule}; got {value}")
+  for name, value in (("cg_iters", cg_iters), ("ls_max_steps", ls_max_steps)):
+    if (isinstance(value, bool) or not isinstance(value, (int, np.integer))
+        or value < 1):
+      raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
+  if hvp_method not in HVP_METHODS:
+    raise ValueError(f"hvp_method must be one of {HVP_METHODS}; got "
+                     f"{hvp_method!r}")
+
+
 def _masked_task_mean(x, mask):
   """Mean over valid steps of each task, ``[T, M] -> [T]``."""
   return tf.reduce_sum(x * mask, axis=1) / tf.maximum(
@@ -85,6 +118,9 @@ class MAMLTRPO:
       second-order derivatives only) or ``"exact"`` (differentiates the KL's
       gradient once more: third derivatives, slower).
 
+  Raises:
+    ValueError: a setting that cannot work (:func:`check_settings`).
+
   Example:
     >>> learner = MAMLTRPO(build_gaussian_mlp_policy(2, 2))
   """
@@ -95,9 +131,8 @@ class MAMLTRPO:
                ls_backtrack_ratio: float = 0.8, first_order: bool = False,
                hvp_method: str = "gauss_newton"):
     functional.ensure_built(policy)
-    if fast_lr < 0 or max_kl <= 0:
-      raise ValueError(f"need fast_lr >= 0 and max_kl > 0; got {fast_lr}, "
-                       f"{max_kl}")
+    check_settings(fast_lr, max_kl, cg_iters, cg_damping, ls_max_steps,
+                   ls_backtrack_ratio, hvp_method)
     self.policy = policy
     self.fast_lr = float(fast_lr)
     self.max_kl = float(max_kl)
@@ -106,9 +141,6 @@ class MAMLTRPO:
     self.ls_max_steps = int(ls_max_steps)
     self.ls_backtrack_ratio = float(ls_backtrack_ratio)
     self.first_order = bool(first_order)
-    if hvp_method not in ("gauss_newton", "exact"):
-      raise ValueError(f"hvp_method must be 'gauss_newton' or 'exact'; got "
-                       f"{hvp_method!r}")
     self.hvp_method = hvp_method
     self.dtype = policy.trainable_variables[0].dtype
     self._policy_step = tf.function(self._policy_step_impl)

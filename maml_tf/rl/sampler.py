@@ -36,6 +36,7 @@ Example:
   >>> batch.obs.shape            # (20, 20, 100, 2)
 """
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -90,7 +91,8 @@ class _SamplerBase:
     self.env_cls = envs.env_class(self.env_id)
     self.horizon = int(horizon or envs.default_horizon(self.env_id))
     self.oracle = oracle
-    probe = gymnasium.make(self.env_id).unwrapped
+    with _mujoco_warnings_once():
+      probe = gymnasium.make(self.env_id).unwrapped
     self._task_env = probe
     self.action_low = probe.action_space.low.astype(np.float64)
     self.action_high = probe.action_space.high.astype(np.float64)
@@ -199,6 +201,32 @@ class NavigationSampler(_SamplerBase):
     return self._pos.copy(), reward, done
 
 
+_SHOWN = set()   # MuJoCo warnings this process printed
+
+
+@contextlib.contextmanager
+def _mujoco_warnings_once():
+  """Prints each distinct MuJoCo warning raised inside the block once per
+  process (a model compiled many times repeats its compiler's warnings)."""
+  try:
+    import mujoco  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    yield
+    return
+  seen = []
+  previous = mujoco.get_mju_user_warning()
+  mujoco.set_mju_user_warning(
+      lambda message: seen.append(message) if message not in seen else None)
+  try:
+    yield
+  finally:
+    mujoco.set_mju_user_warning(previous)
+    for message in seen:
+      if message not in _SHOWN:
+        _SHOWN.add(message)
+        print(f"MuJoCo warning: {message}", flush=True)
+
+
 class TaskEnvBatch(gymnasium.Env):
   """``k`` copies of a task environment behind one gymnasium.Env interface.
 
@@ -221,7 +249,8 @@ class TaskEnvBatch(gymnasium.Env):
   def __init__(self, env_id: str, k: int):
     from maml_tf.rl import register  # pylint: disable=g-import-not-at-top
     register()
-    self.envs = [gymnasium.make(env_id).unwrapped for _ in range(k)]
+    with _mujoco_warnings_once():   # the same XML compiled k times
+      self.envs = [gymnasium.make(env_id).unwrapped for _ in range(k)]
     single = self.envs[0]
     self.observation_space = gymnasium.spaces.Box(
         -np.inf, np.inf, (k,) + single.observation_space.shape, np.float64)

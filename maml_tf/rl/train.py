@@ -43,11 +43,12 @@ import tensorflow as tf
 
 from maml_tf.rl import envs
 from maml_tf.rl.baseline import process_trajectories
-from maml_tf.rl.maml_trpo import MAMLTRPO
+from maml_tf.rl.maml_trpo import MAMLTRPO, check_settings
 from maml_tf.rl.policy import build_gaussian_mlp_policy
 from maml_tf.rl.sampler import make_sampler
 from maml_tf.common import interrupts
 from maml_tf.common import run_config
+from maml_tf.training import loop
 from maml_tf.common.progress import format_speed
 from maml_tf.common.results import (check_writable, environment, try_figure,
                                     write_json)
@@ -69,11 +70,16 @@ class RLConfig:
     fast_lr: inner step size alpha.
     max_kl: TRPO trust region.
     horizon: episode length (None: 100 navigation, 200 locomotion).
-    gamma, gae_lambda: discount and GAE lambda.
+    gamma: discount factor of the advantages, in (0, 1].
+    gae_lambda: GAE's lambda, in [0, 1] (1: Monte-Carlo returns minus the
+      linear baseline, as the paper).
     first_order: first-order MAML.
     hvp_method: ``gauss_newton`` or ``exact`` (see ``MAMLTRPO``).
-    cg_iters, cg_damping, ls_max_steps, ls_backtrack_ratio: TRPO.
-    hidden_sizes: policy MLP.
+    cg_iters: TRPO's conjugate-gradient iterations (>= 1).
+    cg_damping: TRPO's damping added to each Fisher-vector product (>= 0).
+    ls_max_steps: TRPO's backtracking line-search steps (>= 1).
+    ls_backtrack_ratio: TRPO's line-search shrink factor, in (0, 1).
+    hidden_sizes: units of the policy MLP's hidden layers (each >= 1).
     num_workers: sampler processes for MuJoCo (0: in-process).
     eval_tasks: number of test tasks.
     eval_batch_size: episodes per test task per step (None: the training
@@ -134,18 +140,30 @@ class RLConfig:
     if self.eval_batch_size is None:
       self.eval_batch_size = self.fast_batch_size
     self.hidden_sizes = tuple(int(h) for h in self.hidden_sizes)
-    for name in ("iterations", "eval_grad_steps"):
+    for name in ("iterations", "eval_grad_steps", "eval_every",
+                 "checkpoint_every", "num_workers"):
       if getattr(self, name) < 0:
         raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
     for name in ("meta_batch", "fast_batch_size", "horizon", "eval_tasks",
                  "eval_batch_size"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
-    for name, ok, rule in (("fast_lr", lambda v: v >= 0, ">= 0"),
-                           ("max_kl", lambda v: v > 0, "> 0")):
+    if any(h < 1 for h in self.hidden_sizes):
+      raise ValueError(f"hidden_sizes must be positive layer widths; got "
+                       f"{list(self.hidden_sizes)}")
+    for name, lo, hi, closed_lo in (("gamma", 0.0, 1.0, False),
+                                    ("gae_lambda", 0.0, 1.0, True)):
       value = float(getattr(self, name))
-      if not (math.isfinite(value) and ok(value)):
-        raise ValueError(f"{name} must be a finite number {rule}; got {value}")
+      if not (value <= hi and (value >= lo if closed_lo else value > lo)):
+        raise ValueError(f"{name} must be in {'[' if closed_lo else '('}"
+                         f"{lo:g}, {hi:g}]; got {value}")
+    if not (math.isfinite(float(self.checkpoint_seconds))
+            and self.checkpoint_seconds > 0):
+      raise ValueError(f"checkpoint_seconds must be a finite number > 0; got "
+                       f"{self.checkpoint_seconds}")
+    check_settings(self.fast_lr, self.max_kl, self.cg_iters, self.cg_damping,
+                   self.ls_max_steps, self.ls_backtrack_ratio,
+                   self.hvp_method)
     if self.pretrained and not self.eval_only:
       raise ValueError("pretrained=True evaluates a shipped meta-policy: it "
                        "needs eval_only=True (--pretrained --eval_only)")
@@ -234,7 +252,9 @@ def evaluate_adaptation(learner: MAMLTRPO, sampler, tasks: Sequence[Dict],
 
   Returns:
     ``{"returns": [...], "stderr": [...], "per_task": [[...], ...]}``: mean
-    over tasks and episodes, standard error over tasks, per-task means.
+    over tasks and episodes, standard error over tasks (NaN for one task),
+    per-task means. A step of size 0 leaves the policy unchanged and repeats
+    the previous measurement.
 
   Example:
     >>> evaluate_adaptation(learner, sampler, tasks, 20, [0.1, 0.05, 0.05], rng)
@@ -242,12 +262,20 @@ def evaluate_adaptation(learner: MAMLTRPO, sampler, tasks: Sequence[Dict],
   stacked = learner.stacked_params(len(tasks))
   returns, stderr, per_task = [], [], []
   for step in range(len(lrs) + 1):
-    batch = sampler.sample(tasks, episodes, learner.policy_fn(stacked), rng)
-    task_returns = batch.returns.mean(axis=1)
-    returns.append(float(task_returns.mean()))
-    stderr.append(float(task_returns.std() / np.sqrt(len(tasks))))
-    per_task.append(task_returns.tolist())
-    if step < len(lrs):
+    if step and lrs[step - 1] == 0:
+      # A zero step leaves the policy as it was: its measurement stands
+      # (the oracle's constant line), no fresh sample.
+      returns.append(returns[-1])
+      stderr.append(stderr[-1])
+      per_task.append(per_task[-1])
+    else:
+      batch = sampler.sample(tasks, episodes, learner.policy_fn(stacked), rng)
+      task_returns = batch.returns.mean(axis=1)
+      returns.append(float(task_returns.mean()))
+      stderr.append(float(task_returns.std() / np.sqrt(len(tasks)))
+                    if len(tasks) > 1 else float("nan"))
+      per_task.append(task_returns.tolist())
+    if step < len(lrs) and lrs[step] != 0:
       data = learner.make_data(batch, process_trajectories(batch, gamma,
                                                            gae_lambda))
       stacked = learner.adapt(stacked, data, lrs[step])
@@ -403,7 +431,7 @@ def train_and_evaluate(config: RLConfig, workdir: str) -> Dict:
     if config.pretrained:
       from maml_tf.models import pretrained  # pylint: disable=g-import-not-at-top
       if manager.latest_checkpoint:
-        raise ValueError(
+        raise RunDirectoryError(
             f"pretrained=True evaluates the shipped meta-policy, but {workdir} "
             "holds a run's checkpoints, whose results it would replace; give "
             "another directory (--logdir)")
@@ -413,7 +441,9 @@ def train_and_evaluate(config: RLConfig, workdir: str) -> Dict:
       print(f"[rl] evaluating the shipped meta-policy {name!r} "
             f"({int(step)} meta-iterations)", flush=True)
     elif (config.resume or config.eval_only) and manager.latest_checkpoint:
-      ckpt.restore(manager.latest_checkpoint)
+      loop.restore_latest(   # a checkpoint of another policy: one clear line
+          ckpt, manager,
+          lambda m: None if m.startswith("resumed") else print(f"[rl] {m}"))
       if os.path.exists(history_path):
         with open(history_path) as f:
           history = [h for h in json.load(f) if h["iteration"] < int(step)]
@@ -430,6 +460,7 @@ def train_and_evaluate(config: RLConfig, workdir: str) -> Dict:
     iterations = (0 if config.algorithm == "random" or config.eval_only
                   else config.iterations)
     train_start, first = time.perf_counter(), int(step)
+    rejected = 0   # consecutive iterations whose line search took no step
     first_done = train_start
     last_save = time.time()
 
@@ -450,6 +481,15 @@ def train_and_evaluate(config: RLConfig, workdir: str) -> Dict:
           it = int(step)
           rng = np.random.default_rng([config.seed, it])
           stats = _train_iteration(config, learner, sampler, rng)
+          _check_finite(stats, learner, config, it)
+          rejected = 0 if stats.get("accepted", 1.0) else rejected + 1
+          if rejected == _REJECTED_WARNING:
+            print(f"[rl] warning: TRPO's line search has accepted no step "
+                  f"for {rejected} iterations, so the policy is not "
+                  f"changing (max_kl={config.max_kl}, cg_iters="
+                  f"{config.cg_iters}, ls_max_steps={config.ls_max_steps}, "
+                  f"ls_backtrack_ratio={config.ls_backtrack_ratio})",
+                  flush=True)
           step.assign_add(1)
           done, now = int(step) - first, time.perf_counter()
           if done == 1:         # this process's first: it traced the steps
@@ -491,9 +531,12 @@ def train_and_evaluate(config: RLConfig, workdir: str) -> Dict:
       except interrupts.Interrupted:
         raise
       except KeyboardInterrupt:
-        print(f"[rl] interrupted: the checkpoint of iteration "
-              f"{manager.latest_checkpoint} is kept", flush=True)
-        raise interrupts.Interrupted(int(step)) from None
+        if manager.latest_checkpoint is None:
+          raise   # nothing saved yet: the launcher says so in one line
+        saved = int(manager.latest_checkpoint.rsplit("-", 1)[-1])
+        print(f"[rl] interrupted: the checkpoint of iteration {saved} is "
+              "kept", flush=True)
+        raise interrupts.Interrupted(saved) from None
     if not config.eval_only:
       manager.save(checkpoint_number=step, check_interval=False)
       write_json(history_path, history)
@@ -521,9 +564,12 @@ def train_and_evaluate(config: RLConfig, workdir: str) -> Dict:
     }
     results["environment"] = environment()
     write_json(os.path.join(workdir, "results.json"), results)
+    tasks = (f"{config.eval_tasks} test tasks, 95% intervals"
+             if config.eval_tasks > 1 else "1 test task, no interval")
     print(f"[rl] {config.algorithm} eval returns after 0..{config.eval_grad_steps}"
-          f" steps ({config.eval_tasks} test tasks, 95% intervals): "
-          + " / ".join(f"{r:.2f} ± {1.96 * e:.2f}"
+          f" steps ({tasks}): "
+          + " / ".join(f"{r:.2f}" + (f" ± {1.96 * e:.2f}"
+                                     if math.isfinite(e) else "")
                        for r, e in zip(ev["returns"], ev["stderr"])),
           flush=True)
     log = lambda m: print(f"[rl] {m}", flush=True)
@@ -537,6 +583,34 @@ def train_and_evaluate(config: RLConfig, workdir: str) -> Dict:
     return results
   finally:
     sampler.close()
+
+
+_REJECTED_WARNING = 10   # consecutive rejected TRPO steps before a warning
+
+
+class RunDirectoryError(interrupts.UserFacingError, ValueError):
+  """The run directory holds what this start would overwrite."""
+
+
+class NonFiniteError(interrupts.UserFacingError, FloatingPointError):
+  """A meta-iteration produced NaN or infinite returns or weights."""
+
+
+def _check_finite(stats: Dict[str, float], learner: MAMLTRPO,
+                  config: RLConfig, iteration: int) -> None:
+  """Stops the run before a non-finite iteration is checkpointed."""
+  bad = [k for k in ("pre_return", "post_return") if k in stats
+         and not math.isfinite(stats[k])]
+  if not all(np.isfinite(v.numpy()).all()
+             for v in learner.policy.trainable_variables):
+    bad.append("the policy's weights")
+  if bad:
+    cause = ("the adapted policy's return" if bad == ["post_return"] else
+             " and ".join(bad))
+    raise NonFiniteError(
+        f"meta-iteration {iteration} produced non-finite values in {cause} "
+        f"(fast_lr={config.fast_lr}, max_kl={config.max_kl}): a smaller "
+        "step size usually cures this; the last checkpoint (if any) is kept")
 
 
 def _train_iteration(config: RLConfig, learner: MAMLTRPO, sampler,

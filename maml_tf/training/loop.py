@@ -30,6 +30,11 @@ Interrupted = interrupts.Interrupted
 exit_if_interrupted = interrupts.exit_if_interrupted
 
 
+class CheckpointError(interrupts.UserFacingError, RuntimeError):
+  """A run directory's checkpoints cannot be restored into this learner
+  (another model or configuration, or every checkpoint unreadable)."""
+
+
 def make_checkpoint(learner, workdir: str, max_to_keep: int = 3,
                     **extra) -> tuple:
   """``(checkpoint, manager, step_variable)`` for a learner under workdir."""
@@ -68,16 +73,25 @@ def restore_latest(ckpt, manager, log=print) -> bool:
   An unreadable checkpoint (truncated or corrupt files) is reported and the
   next older one is tried. A readable checkpoint of another model or
   configuration is an error (nothing older is tried: it would be the same).
+
+  Raises:
+    CheckpointError: (a ``RuntimeError``) in both cases, naming the
+      checkpoint and what to do (the first line of TensorFlow's reason).
   """
   if not manager.checkpoints:
     return False
   unreadable = []
   for path in reversed(manager.checkpoints):
+    status = None
     try:
-      ckpt.restore(path).assert_existing_objects_matched()
+      status = ckpt.restore(path)
+      status.assert_existing_objects_matched()
     except (AssertionError, ValueError) as e:
-      raise RuntimeError(
-          f"could not restore checkpoint {path} ({e}); it belongs to a "
+      if status is not None:
+        status.expect_partial()   # no warnings about it at exit
+      first = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+      raise CheckpointError(
+          f"could not restore checkpoint {path} ({first}); it belongs to a "
           "different model or configuration. Use another --logdir or start "
           "afresh (--noresume).") from e
     except (tf.errors.OpError, IndexError, OSError) as e:
@@ -87,7 +101,7 @@ def restore_latest(ckpt, manager, log=print) -> bool:
       continue
     log(f"resumed from {path}")
     return True
-  raise RuntimeError(
+  raise CheckpointError(
       f"no readable checkpoint under {manager.directory}: "
       f"{', '.join(unreadable)} are all unreadable. Use another --logdir or "
       "start afresh (--noresume).")

@@ -34,3 +34,14 @@ def test_a_user_facing_error_exits_1_with_its_message_alone():
     assert exit_info.value.code == f"error: {error}"
   with pytest.raises(ValueError, match="a bug"):   # others keep a traceback
     interrupts.exit_if_interrupted(_raise, ValueError("a bug"))
+
+
+def test_a_ctrl_c_outside_training_and_a_nan_end_in_one_line(capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    interrupts.exit_if_interrupted(_raise, KeyboardInterrupt())
+  assert exit_info.value.code == 130
+  assert "run the same command again" in capsys.readouterr().out
+  with pytest.raises(SystemExit) as exit_info:
+    interrupts.exit_if_interrupted(
+        _raise, FloatingPointError("loss is NaN at step 3"))
+  assert exit_info.value.code == "error: loss is NaN at step 3"

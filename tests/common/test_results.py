@@ -26,6 +26,22 @@ def test_an_unwritable_output_fails_before_training(tmp_path):
   with pytest.raises(PermissionError, match="cannot write to the output"):
     results.check_writable(str(tmp_path / "file" / "below"), ())
   results.check_writable(str(tmp_path / "fresh"), ("results.json",))
+  from maml_tf.common import interrupts  # pylint: disable=g-import-not-at-top
+  with pytest.raises(interrupts.UserFacingError):    # launchers: one line
+    results.check_writable(str(tmp_path / "file"), ())
+
+
+def test_results_files_are_strict_json_readable_by_all(tmp_path):
+  path = results.write_json(str(tmp_path / "r.json"),
+                            {"a": float("nan"), "b": [1.5, float("inf")],
+                             "c": __import__("numpy").float32("nan")})
+  with open(path) as f:
+    text = f.read()
+  assert "NaN" not in text and "Infinity" not in text
+  assert json.loads(text) == {"a": None, "b": [1.5, None], "c": None}
+  mask = os.umask(0o022)
+  os.umask(mask)
+  assert os.stat(path).st_mode & 0o777 == 0o666 & ~mask   # like the figures
 
 
 def test_a_failing_figure_still_writes_results(tmp_path, monkeypatch):

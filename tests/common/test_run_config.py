@@ -86,3 +86,16 @@ def test_eval_only_without_resume_keeps_the_stored_config(tmp_path):
       lambda m: None)
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["config"]["inner_lr"] == 0.1
+
+
+def test_stored_config_is_the_run_without_its_start_mode(tmp_path):
+  workdir = str(tmp_path)
+  assert run_config.stored_config(workdir) is None
+  run_config.check_resume(experiment.make_config("smoke", hidden=(8, 8)),
+                          workdir)
+  stored = run_config.stored_config(workdir)
+  assert stored["hidden"] == (8, 8)          # JSON lists back as tuples
+  assert not run_config.START_MODE & set(stored)
+  (tmp_path / "config.json").write_text("{not json")
+  with pytest.raises(run_config.ConfigMismatchError, match="unreadable"):
+    run_config.stored_config(workdir)

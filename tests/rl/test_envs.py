@@ -219,3 +219,14 @@ def test_vector_sampler_matches_single_env(workers):
     for t in range(5):
       _, r, _, _, _ = env.step(batch.actions[i, n, t])
       assert r == pytest.approx(batch.rewards[i, n, t], rel=1e-5, abs=1e-5)
+
+
+def test_a_batch_of_env_copies_prints_mujocos_warnings_once(capfd):
+  from maml_tf.rl.sampler import TaskEnvBatch  # pylint: disable=g-import-not-at-top
+  batch = TaskEnvBatch("maml_tf/HalfCheetahDir-v0", 3)
+  assert len(batch.envs) == 3
+  TaskEnvBatch("maml_tf/HalfCheetahDir-v0", 2)
+  out = capfd.readouterr()
+  # gymnasium's half_cheetah.xml uses a deprecated compiler attribute: the
+  # warning of five compilations is shown at most once per process.
+  assert (out.out + out.err).count("settotalmass") <= 1

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 import re
 
 import numpy as np
@@ -166,6 +167,61 @@ def test_config_validation():
     rl.RLConfig(pretrained=True)
   with pytest.raises(ValueError, match="needs algorithm='maml'"):
     rl.RLConfig(pretrained=True, eval_only=True, algorithm="pretrained")
+  # Settings that cannot work are refused before anything runs.
+  for field, value, message in (
+      ("gamma", 2.0, r"gamma must be in \(0, 1\]"),
+      ("gamma", 0.0, r"gamma must be in \(0, 1\]"),
+      ("gae_lambda", -0.1, r"gae_lambda must be in \[0, 1\]"),
+      ("cg_iters", 0, "cg_iters must be an integer >= 1"),
+      ("ls_max_steps", 0, "ls_max_steps must be an integer >= 1"),
+      ("ls_backtrack_ratio", 2.0, r"ls_backtrack_ratio must be a finite "
+       r"number in \(0, 1\)"),
+      ("cg_damping", -1.0, "cg_damping must be a finite number >= 0"),
+      ("fast_lr", float("inf"), "fast_lr must be a finite number"),
+      ("hvp_method", "foo", "hvp_method must be one of"),
+      ("hidden_sizes", (0,), "hidden_sizes must be positive"),
+      ("eval_every", -1, "eval_every must be >= 0"),
+      ("num_workers", -1, "num_workers must be >= 0"),
+      ("checkpoint_seconds", 0.0, "checkpoint_seconds must be")):
+    with pytest.raises(ValueError, match=message):
+      rl.RLConfig(**{field: value})
+  with pytest.raises(ValueError, match="ls_backtrack_ratio"):
+    rl.MAMLTRPO(rl.build_gaussian_mlp_policy(2, 2, hidden_sizes=(4,)),
+                ls_backtrack_ratio=1.0)
+
+
+def test_a_non_finite_iteration_stops_before_its_checkpoint(tmp_path):
+  from maml_tf.common import interrupts  # pylint: disable=g-import-not-at-top
+  config = rl.RLConfig(env="navigation", iterations=3, meta_batch=2,
+                       fast_batch_size=2, eval_tasks=2, horizon=10,
+                       hidden_sizes=(4,), fast_lr=1e30, checkpoint_every=1)
+  with pytest.raises(FloatingPointError,
+                     match=r"meta-iteration 0 produced non-finite values in "
+                     r"the adapted policy's return \(fast_lr=1e\+30") as e:
+    rl.train_and_evaluate(config, str(tmp_path / "nan"))
+  assert isinstance(e.value, interrupts.UserFacingError)
+  assert not (tmp_path / "nan" / "ckpt").exists()   # nothing NaN was saved
+
+
+def test_a_zero_step_repeats_its_measurement_and_one_task_has_no_interval():
+  from maml_tf.rl import train as rl_train   # pylint: disable=g-import-not-at-top
+  from maml_tf.rl.sampler import make_sampler  # pylint: disable=g-import-not-at-top
+  sampler = make_sampler("navigation", horizon=10)
+  learner = rl_train.build_learner(
+      rl.RLConfig(hidden_sizes=(4,)), sampler.obs_dim, sampler.act_dim)
+  tasks = sampler.sample_tasks(3, np.random.default_rng(0))
+  ev = rl_train.evaluate_adaptation(learner, sampler, tasks, 4, [0.0, 0.0],
+                                    np.random.default_rng(1))
+  assert ev["returns"][0] == ev["returns"][1] == ev["returns"][2]
+  assert ev["per_task"][0] == ev["per_task"][2]
+  ev = rl_train.evaluate_adaptation(learner, sampler, tasks, 4, [0.1, 0.0],
+                                    np.random.default_rng(1))
+  assert ev["returns"][0] != ev["returns"][1] == ev["returns"][2]
+  # The oracle's curve is the constant line the docs promise.
+  assert rl.RLConfig(algorithm="oracle").eval_lrs == [0.0, 0.0, 0.0]
+  one = rl_train.evaluate_adaptation(learner, sampler, tasks[:1], 4, [0.1],
+                                     np.random.default_rng(1))
+  assert all(np.isnan(one["stderr"]))
 
 
 def test_short_navigation_run_improves_after_adaptation(tmp_path, capsys):
@@ -216,9 +272,16 @@ def test_short_navigation_run_improves_after_adaptation(tmp_path, capsys):
     rl.train_and_evaluate(dataclasses.replace(config, eval_only=True),
                           str(tmp_path / "empty"))
   # The shipped policy is never evaluated into a run's own directory.
-  with pytest.raises(ValueError, match="holds a run's checkpoints"):
+  with pytest.raises(ValueError, match="holds a run's checkpoints") as e:
     rl.train_and_evaluate(
         dataclasses.replace(config, eval_only=True, pretrained=True),
+        str(tmp_path / "maml"))
+  from maml_tf.common import interrupts  # pylint: disable=g-import-not-at-top
+  assert isinstance(e.value, interrupts.UserFacingError)  # one line, no trace
+  # A checkpoint of another policy: one clear error, not TF's traceback.
+  with pytest.raises(RuntimeError, match="could not restore checkpoint"):
+    rl.train_and_evaluate(
+        dataclasses.replace(config, eval_only=True, hidden_sizes=(16,)),
         str(tmp_path / "maml"))
 
 
@@ -285,3 +348,46 @@ def test_policy_dims():
   assert envs.policy_dims("maml_tf/HalfCheetahDir-v0") == (17, 6)
   assert envs.policy_dims("cheetah_vel", oracle=True) == (18, 6)
   assert envs.short_name("maml_tf/AntDir-v0") == "ant_dir"
+
+
+def test_an_immediate_stop_keeps_the_last_checkpoint_and_names_it(
+    tmp_path, monkeypatch, capsys):
+  """A second Ctrl-C (a KeyboardInterrupt mid-iteration) keeps the newest
+  checkpoint and reports its iteration."""
+  from maml_tf.common import interrupts  # pylint: disable=g-import-not-at-top
+  from maml_tf.rl import train as rl_train   # pylint: disable=g-import-not-at-top
+  real, calls, at = rl_train._train_iteration, [], [4]
+
+  def interrupted(*args):
+    calls.append(1)
+    if len(calls) == at[0]:
+      raise KeyboardInterrupt
+    return real(*args)
+
+  monkeypatch.setattr(rl_train, "_train_iteration", interrupted)
+  config = rl.RLConfig(env="navigation", iterations=6, meta_batch=2,
+                       fast_batch_size=2, eval_tasks=2, horizon=10,
+                       hidden_sizes=(4,), checkpoint_every=2)
+  with pytest.raises(interrupts.Interrupted) as e:
+    rl.train_and_evaluate(config, str(tmp_path / "run"))
+  # Three iterations ran; the newest checkpoint (step 3) holds them all.
+  assert e.value.step == 3
+  assert sorted(os.listdir(tmp_path / "run" / "ckpt"))[-1].startswith(
+      "ckpt-3.")
+  assert "the checkpoint of iteration 3 is kept" in capsys.readouterr().out
+  calls.clear()
+  at[0] = 1
+  with pytest.raises(KeyboardInterrupt) as e:   # nothing saved yet
+    rl.train_and_evaluate(config, str(tmp_path / "fresh"))
+  assert not isinstance(e.value, interrupts.Interrupted)
+
+
+def test_a_line_search_that_never_accepts_is_reported(tmp_path, capsys):
+  config = rl.RLConfig(env="navigation", iterations=10, meta_batch=2,
+                       fast_batch_size=2, eval_tasks=2, horizon=10,
+                       hidden_sizes=(4,), max_kl=1e-12, ls_max_steps=1,
+                       checkpoint_every=10)
+  rl.train_and_evaluate(config, str(tmp_path / "stuck"))
+  out = capsys.readouterr().out
+  assert out.count("warning: TRPO's line search has accepted no step for 10 "
+                   "iterations, so the policy is not changing") == 1, out

@@ -204,6 +204,16 @@ def test_miniimagenet_end_to_end_on_generated_images(tmp_path):
   again = experiment.train_and_evaluate(config, str(work), log=lines.append)
   assert again["iterations"] == 4 and again["seconds_per_iteration"] is None
   assert not any("meta-training" in l for l in lines)
+  # The launcher's --eval_only needs no flag repeated: the run's own
+  # settings (3-way, 32x32, the data folder), not the default preset's.
+  out = subprocess.run(
+      [sys.executable, str(LAUNCHER), "--eval_only", "--noexport", "--noplot",
+       f"--logdir={work}"], capture_output=True, text=True,
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+  assert out.returncode == 0, out.stderr[-2000:]
+  saved = json.loads((work / "results.json").read_text())
+  assert (saved["config"]["way"], saved["config"]["image_size"],
+          saved["iterations"]) == (3, 32, 4)
   # Data that do not fit the config are named.
   with pytest.raises(ValueError, match="way=4 but the miniimagenet val split "
                      "has only 3 classes"):

@@ -63,3 +63,87 @@ def test_a_bad_flag_value_ends_with_one_line_naming_it(launcher, flag,
   assert lines[-1].startswith(message), out.stderr
   assert "Traceback" not in out.stderr and "--helpfull" not in out.stderr
   assert not os.listdir(tmp_path)          # nothing written
+
+
+def _launch(launcher, *args, cwd=REPO):
+  return subprocess.run(
+      [sys.executable, os.path.join(REPO, "launch", f"{launcher}.py"),
+       *args], cwd=cwd, capture_output=True, text=True,
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+
+
+def test_eval_only_scores_a_run_with_its_own_settings(tmp_path):
+  import json  # pylint: disable=g-import-not-at-top
+  run = str(tmp_path / "run")
+  trained = _launch("sinusoid", "--preset=smoke", "--iterations=20",
+                    "--k_shot=5", "--inner_lr=0.02", "--hidden=8,8",
+                    "--nobaseline", "--noplot", "--eval_tasks=5",
+                    "--eval_shots=5", f"--logdir={run}")
+  assert trained.returncode == 0, trained.stderr
+  # No flag repeated: the run's shots, step size and network, not the
+  # preset's (the network would not even restore).
+  out = _launch("sinusoid", "--eval_only", "--eval_tasks=7", f"--logdir={run}")
+  assert out.returncode == 0, out.stderr
+  config = json.load(open(os.path.join(run, "results.json")))["config"]
+  assert (config["k_shot"], config["inner_lr"], config["hidden"],
+          config["eval_tasks"]) == (5, 0.02, [8, 8], 7)
+  assert "a config other than the run's: eval_tasks" in out.stdout
+
+
+def test_rl_launcher_defaults_and_one_line_errors(tmp_path):
+  # The default run directory follows --env and --algorithm.
+  out = _launch("rl", "--env=cheetah_dir", "--algorithm=random",
+                "--eval_only", cwd=str(tmp_path))
+  assert out.returncode == 1
+  assert out.stderr.strip().splitlines()[-1] == (
+      "error: eval_only: no checkpoint under runs/rl/cheetah_dir/random/ckpt;"
+      " train first (or pass pretrained=True / --pretrained for the shipped "
+      "meta-policy)")
+  (tmp_path / "afile").write_text("")
+  for args, message in (
+      (["stray"], "error: unexpected arguments ['stray']"),
+      (["--hvp_method=foo"], "error: hvp_method must be one of"),
+      (["--ls_backtrack_ratio=2"], "error: ls_backtrack_ratio must be"),
+      ([f"--logdir={tmp_path}/afile"], "error: cannot write to the output "
+       "folder")):
+    out = _launch("rl", *args, "--iterations=1", cwd=str(tmp_path))
+    lines = [l for l in out.stderr.splitlines() if l.strip()]
+    assert out.returncode == 1 and lines[-1].startswith(message), out.stderr
+    assert "Traceback" not in out.stderr and "--helpfull" not in out.stderr
+
+
+def test_rl_eval_only_uses_the_runs_settings(tmp_path):
+  import json  # pylint: disable=g-import-not-at-top
+  run = str(tmp_path / "nav")
+  small = ["--horizon=10", "--meta_batch=2", "--fast_batch_size=2",
+           "--eval_tasks=2", "--hidden_sizes=8", "--fast_lr=0.3"]
+  trained = _launch("rl", "--iterations=1", *small, f"--logdir={run}")
+  assert trained.returncode == 0, trained.stderr
+  out = _launch("rl", "--eval_only", "--eval_batch_size=3", f"--logdir={run}")
+  assert out.returncode == 0, out.stderr
+  config = json.load(open(os.path.join(run, "results.json")))["config"]
+  assert (config["horizon"], config["hidden_sizes"], config["fast_lr"],
+          config["eval_tasks"], config["eval_batch_size"]) == (
+              10, [8], 0.3, 2, 3)
+
+
+def test_rl_launcher_without_mujoco_and_with_a_mismatched_network(tmp_path):
+  blocked = subprocess.run(
+      [sys.executable, "-c",
+       "import sys; sys.modules['mujoco'] = None; "  # as if not installed
+       "sys.argv = ['rl.py', '--iterations=1']; "
+       "from maml_tf.launch import rl; rl.run()"],
+      cwd=str(tmp_path), capture_output=True, text=True,
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+  lines = [l for l in blocked.stderr.splitlines() if l.strip()]
+  assert blocked.returncode == 1 and lines[-1].startswith(
+      "maml-tf-rl needs the meta-RL dependencies (MuJoCo is not installed"), (
+          blocked.stderr)
+  assert "Traceback" not in blocked.stderr
+  out = _launch("rl", "--pretrained", "--eval_only", "--hidden_sizes=50,50",
+                f"--logdir={tmp_path}/shipped")
+  lines = [l for l in out.stderr.splitlines() if l.strip()]
+  assert out.returncode == 1 and lines[-1].startswith(
+      "error: the shipped weights 'navigation' do not fit this network"), (
+          out.stderr)
+  assert "Traceback" not in out.stderr and "UserWarning" not in out.stderr
