@@ -13,11 +13,15 @@ stored one:
 * a difference only in fields that are safe to change mid-run
   (:data:`SAFE_TO_CHANGE`: the iteration count, logging, checkpointing and
   evaluation settings, data locations) is allowed, logged and appended to
-  ``config.json``'s ``"changes"``, which the results files carry.
+  ``config.json``'s ``"changes"``, which the results files carry. The
+  iteration count is not safe where it shapes the training (``fixed``).
 
-``eval_only`` starts never train, so they only log the differences. A run
-directory from before this check (checkpoints, no ``config.json``) records
-the current config and goes on.
+A start with ``resume`` off over a run's checkpoints moves that run aside
+(``WORKDIR.replaced-TIME``) before it writes anything, so a fresh start
+killed early can never be resumed as the old run. ``eval_only`` starts never
+train: they only log the differences and write nothing. A run directory
+from before this check (checkpoints, no ``config.json``) records the
+current config and goes on.
 """
 
 import dataclasses
@@ -25,7 +29,7 @@ import glob
 import json
 import os
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from maml_tf.common.interrupts import UserFacingError
 from maml_tf.common.results import write_json
@@ -52,6 +56,20 @@ class ConfigMismatchError(UserFacingError, ValueError):
 
 def _plain(value):
   return json.loads(json.dumps(value, default=str))
+
+
+class RunDirectoryError(UserFacingError, ValueError):
+  """A run directory holds what this start would overwrite."""
+
+
+def check_not_a_run(workdir: str) -> None:
+  """Refuses to write a shipped model's evaluation into a run's directory
+  (its results, figures and export would replace the run's)."""
+  if has_checkpoints(workdir):
+    raise RunDirectoryError(
+        f"pretrained=True evaluates shipped weights, but {workdir} holds a "
+        "run's checkpoints, whose results it would replace; give another "
+        "directory (--logdir)")
 
 
 def has_checkpoints(workdir: str) -> bool:
@@ -83,8 +101,25 @@ def stored_config(workdir: str) -> Optional[Dict]:
           for k, v in fields.items() if k not in START_MODE}
 
 
-def check_resume(config, workdir: str, log: Callable[[str], None] = print
-                 ) -> List[Dict]:
+def _move_aside(workdir: str, log: Callable[[str], None]) -> str:
+  """Renames the run in ``workdir`` to a sibling ``WORKDIR.replaced-TIME``
+  and leaves ``workdir`` empty (its checkpoints, summaries and logs must not
+  mix with a fresh start's)."""
+  target = (f"{os.path.normpath(workdir)}.replaced-"
+            f"{time.strftime('%Y%m%d-%H%M%S')}")
+  try:
+    os.rename(workdir, target)
+    os.makedirs(workdir)
+  except OSError as e:
+    raise ConfigMismatchError(
+        f"--noresume: {workdir} holds a run that could not be moved aside "
+        f"({e}); remove it or choose another --logdir") from None
+  log(f"--noresume: the previous run in {workdir} was moved to {target}")
+  return target
+
+
+def check_resume(config, workdir: str, log: Callable[[str], None] = print,
+                 fixed: Sequence[str] = ()) -> List[Dict]:
   """Refuses to resume ``workdir`` with a config that changes the experiment.
 
   Arguments:
@@ -92,6 +127,9 @@ def check_resume(config, workdir: str, log: Callable[[str], None] = print
       ``eval_only``).
     workdir: the run directory.
     log: where the allowed changes are reported.
+    fixed: fields of :data:`SAFE_TO_CHANGE` that this config makes part of
+      the experiment (``iterations`` under a cosine meta step size or
+      MAML++'s annealing: :func:`maml_tf.core.family.uses_iterations`).
 
   Returns:
     the list of allowed changes so far (``[{"at": time, "fields": {name:
@@ -104,10 +142,16 @@ def check_resume(config, workdir: str, log: Callable[[str], None] = print
   """
   path = os.path.join(workdir, CONFIG_FILE)
   current = _plain(dataclasses.asdict(config))
-  # An eval_only start reads the checkpoints even with resume off.
-  resuming = ((getattr(config, "resume", True)
-               or getattr(config, "eval_only", False))
-              and has_checkpoints(workdir))
+  eval_only = getattr(config, "eval_only", False)
+  if eval_only:
+    # An evaluation never defines a run: nothing is written, and a folder
+    # without a run is left for the caller to report.
+    if not (has_checkpoints(workdir) and os.path.exists(path)):
+      return []
+  elif not getattr(config, "resume", True) and has_checkpoints(workdir):
+    _move_aside(workdir, log)   # a fresh start never mixes with the old run
+  resuming = eval_only or (getattr(config, "resume", True)
+                           and has_checkpoints(workdir))
   if not resuming or not os.path.exists(path):
     write_json(path, {"config": current, "changes": []})
     return []
@@ -116,7 +160,8 @@ def check_resume(config, workdir: str, log: Callable[[str], None] = print
   old = stored.get("config", {})
   diff: Dict[str, Tuple] = {k: (old.get(k), v) for k, v in current.items()
                             if k in old and old[k] != v}
-  unsafe = {k: d for k, d in diff.items() if k not in SAFE_TO_CHANGE}
+  unsafe = {k: d for k, d in diff.items()
+            if k not in SAFE_TO_CHANGE or k in fixed}
   listing = lambda d: ", ".join(f"{k}: {a!r} -> {b!r}"
                                 for k, (a, b) in sorted(d.items()))
   listed = listing(unsafe or diff)
@@ -132,7 +177,10 @@ def check_resume(config, workdir: str, log: Callable[[str], None] = print
         "Resuming would mix two experiments. Use a new --logdir for the new "
         "configuration, or --noresume to start this one afresh (the safe "
         f"fields to change on resume are: "
-        f"{', '.join(sorted(SAFE_TO_CHANGE & set(current)))})")
+        f"{', '.join(sorted((SAFE_TO_CHANGE - set(fixed)) & set(current)))}"
+        + (f"; {', '.join(sorted(set(fixed) & set(unsafe)))} shape this "
+           "run's training: its schedule is laid out over them"
+           if set(fixed) & set(unsafe) else "") + ")")
   changes = stored.get("changes", [])
   if diff:
     log(f"resuming with changed settings: {listed}")

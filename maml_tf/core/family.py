@@ -53,6 +53,16 @@ def resolve_meta_lr_schedule(schedule: str, algorithm: str) -> str:
   return schedule
 
 
+def uses_iterations(algorithm: str, meta_lr_schedule: str = "auto") -> bool:
+  """Whether :func:`make_learner`'s training depends on ``iterations``
+  itself, not only on how long it runs: a cosine meta step size decays over
+  them, and MAML++ anneals its multi-step loss and derivative order over
+  them. A resumed run of such a learner must keep its iteration count."""
+  return (algorithm == "mamlpp"
+          or resolve_meta_lr_schedule(meta_lr_schedule, algorithm)
+          == "cosine")
+
+
 def make_learner(algorithm: str, model: keras.Model, loss, *,
                  inner_lr: float, inner_steps: int, meta_lr: float,
                  iterations: int, first_order: bool = False,

@@ -41,7 +41,8 @@ _PRESET = flags.DEFINE_enum("preset", "omniglot_5w1s",
                             "Named configuration; other flags override it.")
 _LOGDIR = flags.DEFINE_string(
     "logdir", None, "Output folder: checkpoints, TensorBoard, results.json, "
-    "plots, adapted_savedmodel/. Default runs/<preset>.")
+    "plots, adapted_savedmodel/. Default runs/<preset> (with --pretrained "
+    "--eval_only, runs/<preset>_shipped).")
 _DATASET = flags.DEFINE_enum("dataset", None, list(classification.DATASETS),
                              "Data set.")
 _DATA_DIR = flags.DEFINE_string(
@@ -57,15 +58,21 @@ config_flags.define(classification.ClassificationConfig)
 def main(argv):
   config_flags.no_arguments(argv)
   logging.set_verbosity(logging.WARNING)
-  logdir = _LOGDIR.value or f"runs/{_PRESET.value}"
   cls = classification.ClassificationConfig
+  given = config_flags.overrides(cls)
+  shipped_eval = given.get("eval_only") and given.get("pretrained")
+  logdir = _LOGDIR.value or (f"runs/{_PRESET.value}"
+                             + ("_shipped" if shipped_eval else ""))
 
   def make_config():
-    given = config_flags.overrides(cls)
     if given.get("eval_only") and not given.get("pretrained"):
       fields = config_flags.run_settings(cls, logdir, given)
       if fields is not None:
-        return cls(**fields)
+        if _PRESET.present:
+          print(f"--eval_only evaluates the run in {logdir} with its own "
+                f"settings; --preset={_PRESET.value} is not used (flags "
+                "given override single settings)", flush=True)
+        return cls(**fields).validate()
     return classification.make_config(_PRESET.value, **given)
   config = config_flags.config_or_exit(make_config)
   loop.exit_if_interrupted(classification.train_and_evaluate, config, logdir)

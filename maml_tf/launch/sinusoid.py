@@ -23,9 +23,11 @@ from maml_tf.launch import learner_flags  # pylint: disable=g-bad-import-order
 
 _PRESET = flags.DEFINE_enum("preset", "paper", sorted(sinusoid.PRESETS),
                             "Named configuration; other flags override it.")
-_LOGDIR = flags.DEFINE_string("logdir", "runs/sinusoid",
+_LOGDIR = flags.DEFINE_string("logdir", None,
                               "Output folder: checkpoints, TensorBoard, "
-                              "results.json, sinusoid.png.")
+                              "results.json, sinusoid.png. Default "
+                              "runs/sinusoid (with --pretrained --eval_only, "
+                              "runs/sinusoid_shipped).")
 _INIT = flags.DEFINE_enum("init", None, ["glorot", "finn"],
                           "Weight initialisation: Keras' Glorot or the "
                           "paper code's N(0, 0.01).")
@@ -41,18 +43,20 @@ def main(argv):
   config_flags.no_arguments(argv)
   logging.set_verbosity(logging.WARNING)
   cls = sinusoid.SinusoidConfig
+  given = config_flags.overrides(cls)
+  shipped_eval = given.get("eval_only") and given.get("pretrained")
+  logdir = _LOGDIR.value or ("runs/sinusoid_shipped" if shipped_eval
+                             else "runs/sinusoid")
 
   def make_config():
     # --eval_only on a run directory: the run's own settings (config.json).
-    given = config_flags.overrides(cls)
     if given.get("eval_only") and not given.get("pretrained"):
-      fields = config_flags.run_settings(cls, _LOGDIR.value, given)
+      fields = config_flags.run_settings(cls, logdir, given)
       if fields is not None:
-        return cls(**fields)
+        return cls(**fields).validate()
     return sinusoid.make_config(_PRESET.value, **given)
   config = config_flags.config_or_exit(make_config)
-  loop.exit_if_interrupted(
-      sinusoid.train_and_evaluate, config, _LOGDIR.value)
+  loop.exit_if_interrupted(sinusoid.train_and_evaluate, config, logdir)
 
 
 def run():

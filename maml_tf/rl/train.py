@@ -430,11 +430,7 @@ def train_and_evaluate(config: RLConfig, workdir: str) -> Dict:
     history_path = os.path.join(workdir, "train_history.json")
     if config.pretrained:
       from maml_tf.models import pretrained  # pylint: disable=g-import-not-at-top
-      if manager.latest_checkpoint:
-        raise RunDirectoryError(
-            f"pretrained=True evaluates the shipped meta-policy, but {workdir} "
-            "holds a run's checkpoints, whose results it would replace; give "
-            "another directory (--logdir)")
+      run_config.check_not_a_run(workdir)
       name = envs.short_name(config.env)
       pretrained.load_into(learner, name)
       step.assign(int(pretrained.card(name)["iterations"]))
@@ -586,10 +582,6 @@ def train_and_evaluate(config: RLConfig, workdir: str) -> Dict:
 
 
 _REJECTED_WARNING = 10   # consecutive rejected TRPO steps before a warning
-
-
-class RunDirectoryError(interrupts.UserFacingError, ValueError):
-  """The run directory holds what this start would overwrite."""
 
 
 class NonFiniteError(interrupts.UserFacingError, FloatingPointError):

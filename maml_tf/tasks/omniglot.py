@@ -95,6 +95,10 @@ class DataUnavailableError(UserFacingError, RuntimeError):
   flag or variable to set)."""
 
 
+class CorruptDataError(UserFacingError, ValueError):
+  """An Omniglot zip that is not the official one or is damaged."""
+
+
 class OmniglotZip(NamedTuple):
   """The contents of one Omniglot zip, ordered by global character id.
 
@@ -145,7 +149,8 @@ def check_zip(path: str) -> None:
 
   Raises:
     FileNotFoundError: the file does not exist.
-    ValueError: the file is not a valid zip or a member is corrupt.
+    CorruptDataError: (a ``ValueError``) the file is not a valid zip or a
+      member is corrupt.
 
   Example:
     >>> check_zip("../shared/data/omniglot/images_background.zip")
@@ -156,11 +161,11 @@ def check_zip(path: str) -> None:
     with zipfile.ZipFile(path) as zf:
       bad = zf.testzip()
   except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
-    raise ValueError(
+    raise CorruptDataError(
         f"{path} is not a valid zip file ({e}); it is probably truncated or "
         f"corrupt: download it again. {_WHAT_TO_DO}") from e
   if bad is not None:
-    raise ValueError(
+    raise CorruptDataError(
         f"{path} is corrupt: member {bad!r} fails its CRC check; download the "
         f"file again. {_WHAT_TO_DO}")
 
@@ -176,13 +181,13 @@ def _iter_zip_pngs(path: str):
           continue
         m = _PNG_RE.match(info.filename)
         if m is None:
-          raise ValueError(
+          raise CorruptDataError(
               f"{path}: unexpected member {info.filename!r}; expected "
               f"<split>/<Alphabet>/character<NN>/<XXXX>_<YY>.png")
         yield (m["alphabet"], int(m["cid"]) - 1, int(m["draw"]) - 1,
                zf.read(info))
   except (zipfile.BadZipFile, zlib.error, EOFError) as e:
-    raise ValueError(
+    raise CorruptDataError(
         f"{path} is not a valid zip file or is corrupt ({e}): download it "
         f"again. {_WHAT_TO_DO}") from e
 
@@ -212,21 +217,22 @@ def read_omniglot_zip(path: str) -> OmniglotZip:
     try:
       img = preprocess_png(data)
     except (OSError, ValueError) as e:
-      raise ValueError(
+      raise CorruptDataError(
           f"{path}: cannot decode drawing {draw + 1} of character {cid + 1} "
           f"({alphabet}): {e}") from e
     per_char.setdefault(cid, {})[draw] = img
     if alphabet_of.setdefault(cid, alphabet) != alphabet:
-      raise ValueError(f"{path}: character {cid + 1} appears in two alphabets")
+      raise CorruptDataError(
+          f"{path}: character {cid + 1} appears in two alphabets")
   if not per_char:
-    raise ValueError(f"{path} holds no Omniglot PNG files. {_WHAT_TO_DO}")
+    raise CorruptDataError(f"{path} holds no Omniglot PNG files. {_WHAT_TO_DO}")
   ids = np.array(sorted(per_char), dtype=np.int64)
   images = np.zeros((len(ids), NUM_DRAWINGS, IMAGE_SIZE, IMAGE_SIZE, 1),
                     np.uint8)
   for i, cid in enumerate(ids):
     draws = per_char[cid]
     if sorted(draws) != list(range(NUM_DRAWINGS)):
-      raise ValueError(
+      raise CorruptDataError(
           f"{path}: character {cid + 1} ({alphabet_of[cid]}) has drawings "
           f"{[d + 1 for d in sorted(draws)]}, expected 1..{NUM_DRAWINGS}")
     for d, img in draws.items():
@@ -361,12 +367,13 @@ def _examples_to_array(labels: np.ndarray, drawings: Optional[np.ndarray],
       seen[c] += 1
   drawings = np.asarray(drawings, np.int64)
   if (drawings < 0).any() or (drawings >= NUM_DRAWINGS).any():
-    raise ValueError(f"{what}: a character has more than {NUM_DRAWINGS} drawings")
+    raise CorruptDataError(
+        f"{what}: a character has more than {NUM_DRAWINGS} drawings")
   out[labels, drawings] = images
   counts = np.zeros((n, NUM_DRAWINGS), np.int64)
   np.add.at(counts, (labels, drawings), 1)
   if strict and (n != NUM_CHARACTERS or (counts != 1).any()):
-    raise ValueError(
+    raise CorruptDataError(
         f"{what}: expected {NUM_CHARACTERS} characters x {NUM_DRAWINGS} "
         f"drawings, got {n} characters, {int((counts == 1).sum())} of "
         f"{counts.size} (character, drawing) slots filled. {_WHAT_TO_DO}")

@@ -86,6 +86,7 @@ from maml_tf.tasks import miniimagenet
 from maml_tf.tasks import omniglot
 from maml_tf.training import config as config_lib
 from maml_tf.common import results, run_config, stats
+from maml_tf.common.interrupts import UserFacingError
 from maml_tf.training import loop
 
 DATASETS = ("omniglot", "miniimagenet")
@@ -331,15 +332,20 @@ def load_splits(config: ClassificationConfig) -> Dict[str, np.ndarray]:
   for name, array in splits.items():
     query = config.train_query if name == "train" else config.query
     if array.shape[0] < config.way:
-      raise ValueError(
+      raise DataMismatchError(
           f"way={config.way} but the {config.dataset} {name} split has only "
           f"{array.shape[0]} classes")
     if config.shot + query > array.shape[1]:
-      raise ValueError(
+      raise DataMismatchError(
           f"shot + {'train_query' if name == 'train' else 'query'} = "
           f"{config.shot} + {query} exceeds the {array.shape[1]} examples per "
           f"class of the {config.dataset} {name} split")
   return splits
+
+
+class DataMismatchError(UserFacingError, ValueError):
+  """The data set has fewer classes or examples per class than the config
+  asks for."""
 
 
 def to_cpu_variables(splits: Dict[str, np.ndarray]) -> Dict[str, tf.Variable]:
@@ -631,7 +637,7 @@ def _name_of_preset(config: ClassificationConfig) -> str:
     fields = ("dataset", "network", "way", "shot", "inner_lr", "inner_steps")
     if all(getattr(want, f) == getattr(config, f) for f in fields):
       return name
-  raise ValueError(
+  raise pretrained.ShippedWeightsMismatchError(
       f"no shipped weights for {_name(config)} with inner_lr="
       f"{config.inner_lr}, inner_steps={config.inner_steps}; shipped: "
       f"{pretrained.available('classification') or 'none'}")
@@ -651,6 +657,19 @@ def _start_from_shipped(learner, config: ClassificationConfig, workdir: str,
     return
   pretrained.load_into(learner, _name_of_preset(config))
   loop.seed_checkpoint(learner, workdir, shipped_iterations, log)
+
+
+def _check_finite_loss(loss: np.ndarray, config: ClassificationConfig,
+                       when: str, what: str) -> None:
+  """``FloatingPointError`` when an evaluation's loss ``[steps, tasks]`` is
+  not finite: the (adapted) weights diverged, and nothing after (results,
+  export) would mean anything."""
+  bad = [s for s in range(loss.shape[0]) if not np.isfinite(loss[s]).all()]
+  if bad:
+    raise FloatingPointError(
+        f"the {what} loss {when} is not finite after {bad[0]} inner steps: "
+        f"the weights diverged (inner_lr={config.inner_lr}, meta_lr="
+        f"{config.meta_lr}); smaller step sizes usually cure this")
 
 
 def _name(config: ClassificationConfig) -> str:
@@ -690,10 +709,10 @@ def train_and_evaluate(config: ClassificationConfig, workdir: str,
   config.validate()
   strategy = distribute.make_strategy(config.distribute)   # before any TF op
   workdir = distribute.worker_workdir(workdir, strategy)
-  os.makedirs(workdir, exist_ok=True)
   results.check_writable(workdir, ("results.json", "accuracy_vs_steps.png",
                                    "training_curve.png", "config.json"))
-  changes = run_config.check_resume(config, workdir, log)
+  changes = run_config.check_resume(config, workdir, log,
+                                     config_lib.fixed_on_resume(config))
   t0 = time.perf_counter()
   log(f"loading {config.dataset} ...")
   splits = to_cpu_variables(load_splits(config))
@@ -709,9 +728,11 @@ def train_and_evaluate(config: ClassificationConfig, workdir: str,
   # evaluation serves both) and logs the first and the last.
   steps = tuple(range(config.eval_inner_steps + 1))
 
-  def validation(step):  # pylint: disable=unused-argument
+  def validation(step):
     out = evaluate_tasks(learner, config, splits["val"], config.val_tasks,
                          steps, log, "validation")
+    _check_finite_loss(out["loss"], config, f"at iteration {step}",
+                       "validation")
     acc = out["accuracy"].mean(axis=1)
     return {"val_accuracy_before": float(acc[0]),
             "val_accuracy": float(acc[-1]),
@@ -723,6 +744,7 @@ def train_and_evaluate(config: ClassificationConfig, workdir: str,
     _start_from_shipped(learner, config, workdir, shipped, log)
   if config.pretrained and config.eval_only:
     from maml_tf.models import pretrained  # pylint: disable=g-import-not-at-top
+    run_config.check_not_a_run(workdir)
     name = _name_of_preset(config)
     pretrained.load_into(learner, name)
     start = done = int(pretrained.card(name)["iterations"])
@@ -762,6 +784,7 @@ def train_and_evaluate(config: ClassificationConfig, workdir: str,
   log(f"testing on {config.eval_tasks} tasks ...")
   test = evaluate_tasks(learner, config, splits["test"], config.eval_tasks,
                         steps, log, "test")
+  _check_finite_loss(test["loss"], config, f"after {done} iterations", "test")
   out["test"] = {"tasks": config.eval_tasks, "steps": list(steps),
                  "accuracy": _summary(test["accuracy"], steps),
                  "loss": _summary(test["loss"], steps)}
@@ -772,7 +795,8 @@ def train_and_evaluate(config: ClassificationConfig, workdir: str,
       + "  ".join(f"{s}: {m:.4f}±{c:.4f}"
                   for s, m, c in zip(steps, acc["mean"], acc["ci95"])))
   log(f"pre-update accuracy {acc['mean'][0]:.4f}  post-update "
-      f"({config.eval_inner_steps} steps) {acc['mean'][-1]:.4f}")
+      f"({config.eval_inner_steps} step"
+      f"{'s' if config.eval_inner_steps != 1 else ''}) {acc['mean'][-1]:.4f}")
   records = _read_log(os.path.join(workdir, "train_log.jsonl"))
   evals = [r for r in records if r.get("kind") == "eval"]
   if evals:

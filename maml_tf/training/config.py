@@ -27,6 +27,15 @@ def check_learner_fields(config) -> None:
                      f", got {config.distribute!r}")
 
 
+def fixed_on_resume(config) -> tuple:
+  """The fields of :data:`maml_tf.common.run_config.SAFE_TO_CHANGE` that a
+  resumed run of ``config`` must keep (``iterations`` when the learner's
+  training depends on it: :func:`maml_tf.core.family.uses_iterations`)."""
+  if family.uses_iterations(config.algorithm, config.meta_lr_schedule):
+    return ("iterations",)
+  return ()
+
+
 def from_preset(config_class: Type[C], presets: Dict[str, Dict], preset: str,
                 what: str, **overrides) -> C:
   """``config_class(**presets[preset] | overrides).validate()``.

@@ -223,7 +223,8 @@ def meta_train(learner, batch_for_step: Callable[[int], object],
     return int(counter.numpy())
   optimizer_steps_at_start = optimizer_steps()
   if start >= iterations:
-    log(f"already trained {start} >= {iterations} iterations")
+    log(f"already trained {start} >= {iterations} iterations (to train "
+        f"further, pass more than {start})")
     return start
   replicas = int(getattr(learner, "num_replicas", 1))
   log(f"meta-training iterations {start} -> {iterations}"
@@ -318,9 +319,8 @@ def meta_train(learner, batch_for_step: Callable[[int], object],
       manager.save(checkpoint_number=done)
       log(f"interrupted: saved a checkpoint at step {done}")
       raise Interrupted(done) from None
-    except FloatingPointError as e:
-      log(f"stopped after iteration {it}: {e}")
-      writer.flush()
+    except FloatingPointError:
+      writer.flush()   # the error names the value; the launcher prints it
       raise
     finally:
       writer.flush()

@@ -117,8 +117,15 @@ class SinusoidConfig:
     for name in positive:
       if int(getattr(self, name)) < 1:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-    if self.iterations < 0:
-      raise ValueError(f"iterations must be >= 0, got {self.iterations}")
+    for name in ("iterations", "baseline_iterations"):
+      if getattr(self, name) is not None and getattr(self, name) < 0:
+        raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+    if not self.hidden or min(self.hidden) < 1:
+      raise ValueError(f"hidden must list one or more layer widths >= 1, got "
+                       f"{list(self.hidden)}")
+    if self.pretrained and not self.eval_only:
+      raise ValueError("pretrained=True evaluates shipped weights: it needs "
+                       "eval_only=True (--pretrained --eval_only)")
     for name in ("inner_lr", "meta_lr"):
       if not np.isfinite(getattr(self, name)) or getattr(self, name) < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got "
@@ -261,10 +268,10 @@ def train_and_evaluate(config: SinusoidConfig, workdir: str,
   config.validate()
   strategy = distribute.make_strategy(config.distribute)   # before any TF op
   workdir = distribute.worker_workdir(workdir, strategy)
-  os.makedirs(workdir, exist_ok=True)
   results.check_writable(workdir, ("results.json", "sinusoid.png",
                                    "config.json"))
-  changes = run_config.check_resume(config, workdir, log)
+  changes = run_config.check_resume(config, workdir, log,
+                                     config_lib.fixed_on_resume(config))
   t0 = time.perf_counter()
   with strategy.scope():
     learner = build_maml(config)
@@ -279,9 +286,7 @@ def train_and_evaluate(config: SinusoidConfig, workdir: str,
 
   timing = {}
   if config.pretrained:
-    if not config.eval_only:
-      raise ValueError("pretrained=True evaluates shipped weights: it needs "
-                       "eval_only=True (--pretrained --eval_only)")
+    run_config.check_not_a_run(workdir)
     from maml_tf.models import pretrained  # pylint: disable=g-import-not-at-top
     pretrained.load_into(learner, "sinusoid")
     log("evaluating the shipped weights 'sinusoid' "

@@ -99,3 +99,43 @@ def test_stored_config_is_the_run_without_its_start_mode(tmp_path):
   (tmp_path / "config.json").write_text("{not json")
   with pytest.raises(run_config.ConfigMismatchError, match="unreadable"):
     run_config.stored_config(workdir)
+
+
+def test_noresume_moves_the_old_run_aside_and_fixed_fields_stay(tmp_path):
+  workdir = str(tmp_path / "run")
+  os.makedirs(workdir)
+  run_config.check_resume(_Config(inner_lr=0.1), workdir)
+  _fake_checkpoint(workdir)
+  lines = []
+  # A fresh start over a run: the old one leaves before anything is written,
+  # so a fresh start killed early is never resumed as the old run.
+  run_config.check_resume(_Config(inner_lr=0.2, resume=False), workdir,
+                          lines.append)
+  moved = [p for p in os.listdir(tmp_path) if p.startswith("run.replaced-")]
+  assert len(moved) == 1 and lines == [
+      f"--noresume: the previous run in {workdir} was moved to "
+      f"{tmp_path / moved[0]}"]
+  assert not run_config.has_checkpoints(workdir)
+  assert run_config.has_checkpoints(str(tmp_path / moved[0]))
+  assert run_config.stored_config(workdir)["inner_lr"] == 0.2
+  # iterations is safe to change, unless the schedule is laid out over it.
+  _fake_checkpoint(workdir)
+  run_config.check_resume(_Config(inner_lr=0.2, iterations=20), workdir,
+                          lambda m: None)
+  with pytest.raises(run_config.ConfigMismatchError,
+                     match="iterations: 20 -> 30.*iterations shape this run"):
+    run_config.check_resume(_Config(inner_lr=0.2, iterations=30), workdir,
+                            fixed=("iterations",))
+  # An evaluation writes nothing, even into an empty folder.
+  empty = str(tmp_path / "empty")
+  os.makedirs(empty)
+  assert run_config.check_resume(_Config(eval_only=True), empty) == []
+  assert not os.listdir(empty)
+
+
+def test_a_cosine_schedule_fixes_the_iteration_count():
+  from maml_tf.training import config as config_lib  # pylint: disable=g-import-not-at-top
+  assert config_lib.fixed_on_resume(experiment.make_config("smoke")) == ()
+  for overrides in ({"meta_lr_schedule": "cosine"}, {"algorithm": "mamlpp"}):
+    assert config_lib.fixed_on_resume(
+        experiment.make_config("smoke", **overrides)) == ("iterations",)

@@ -174,8 +174,10 @@ def test_garbage_zip_names_the_file(tmp_path):
   with pytest.raises(ValueError, match="images_background.zip") as err:
     omniglot.check_zip(str(bad))
   assert omniglot.ENV_VAR in str(err.value)
-  with pytest.raises(ValueError, match="images_background.zip"):
+  with pytest.raises(ValueError, match="images_background.zip") as err:
     omniglot.load_omniglot(str(tmp_path), source="zip")
+  from maml_tf.common import interrupts  # pylint: disable=g-import-not-at-top
+  assert isinstance(err.value, interrupts.UserFacingError)  # launchers: 1 line
   with pytest.raises(ValueError, match="images_background.zip"):
     omniglot.load_omniglot(str(tmp_path), source="tfds",
                            tfds_dir=str(tmp_path / "tfds"))

@@ -7,6 +7,7 @@ layout.
 """
 
 import csv
+import dataclasses
 import json
 import os
 import pathlib
@@ -216,10 +217,21 @@ def test_miniimagenet_end_to_end_on_generated_images(tmp_path):
           saved["iterations"]) == (3, 32, 4)
   # Data that do not fit the config are named.
   with pytest.raises(ValueError, match="way=4 but the miniimagenet val split "
-                     "has only 3 classes"):
+                     "has only 3 classes") as err:
     experiment.load_splits(experiment.make_config(
         "miniimagenet_5w1s", data_dir=str(root), way=4, query=2,
         train_query=2, image_size=32))
+  from maml_tf.common import interrupts  # pylint: disable=g-import-not-at-top
+  assert isinstance(err.value, interrupts.UserFacingError)   # one line
+  # Diverged weights stop the run at the validation that sees them, before
+  # any results or export.
+  diverging = dataclasses.replace(config, eval_only=False, inner_lr=1e12,
+                                  meta_lr=10.0, iterations=4)
+  with pytest.raises(FloatingPointError,
+                     match="validation loss at iteration 2 is not finite"):
+    experiment.train_and_evaluate(diverging, str(tmp_path / "nan"),
+                                  log=lambda s: None)
+  assert not (tmp_path / "nan" / "results.json").exists()
   with pytest.raises(FileNotFoundError, match="eval_only: no checkpoint"):
     experiment.train_and_evaluate(config, str(tmp_path / "empty"),
                                   log=lambda s: None)

@@ -51,6 +51,12 @@ def test_a_generated_flag_reaches_the_config(tmp_path):
     ("rl", "--hidden_sizes=8,abc", "error: --hidden_sizes=8,abc: expected a "
      "comma-separated list of ints"),
     ("sinusoid", "--meta_batch=0", "error: meta_batch"),
+    ("sinusoid", "--hidden=0", "error: hidden must list one or more layer "
+     "widths >= 1"),
+    ("sinusoid", "--baseline_iterations=-5", "error: baseline_iterations "
+     "must be >= 0"),
+    ("sinusoid", "--pretrained", "error: pretrained=True evaluates shipped "
+     "weights: it needs eval_only=True"),
 ])
 def test_a_bad_flag_value_ends_with_one_line_naming_it(launcher, flag,
                                                        message, tmp_path):
@@ -88,6 +94,15 @@ def test_eval_only_scores_a_run_with_its_own_settings(tmp_path):
   assert (config["k_shot"], config["inner_lr"], config["hidden"],
           config["eval_tasks"]) == (5, 0.02, [8, 8], 7)
   assert "a config other than the run's: eval_tasks" in out.stdout
+  # A shipped model's evaluation never replaces a run's results.
+  out = _launch("sinusoid", "--pretrained", "--eval_only", f"--logdir={run}")
+  assert out.returncode == 1 and out.stderr.strip().splitlines()[-1].startswith(
+      f"error: pretrained=True evaluates shipped weights, but {run} holds a "
+      "run's checkpoints"), out.stderr
+  (tmp_path / "afile").write_text("")
+  out = _launch("sinusoid", "--preset=smoke", f"--logdir={tmp_path}/afile")
+  assert out.returncode == 1 and out.stderr.strip().splitlines()[-1].startswith(
+      f"error: cannot write to the output folder {tmp_path}/afile"), out.stderr
 
 
 def test_rl_launcher_defaults_and_one_line_errors(tmp_path):
