@@ -82,6 +82,22 @@ def write_json(path: str, data: Any) -> str:
   return path
 
 
+TRAINING_KEYS = ("train_seconds", "timing", "seconds_per_iteration")
+
+
+def previous_training(path: str) -> dict:
+  """The training figures (:data:`TRAINING_KEYS`) of the results file at
+  ``path``, or ``{}``: an evaluation-only start that rewrites a run's
+  results file keeps how long the run trained and how fast."""
+  try:
+    with open(path) as f:
+      old = json.load(f)
+  except (OSError, ValueError):
+    return {}
+  return {k: old[k] for k in TRAINING_KEYS if k in old} if isinstance(
+      old, dict) else {}
+
+
 def check_writable(workdir: str, names=()) -> None:
   """Fails early when the run's outputs could not be written at the end.
 

@@ -779,6 +779,9 @@ def train_and_evaluate(config: ClassificationConfig, workdir: str,
          "seconds_per_iteration": (
              timing["train_seconds"] / timing["timed_steps"]
              if timing.get("timed_steps") else None)}
+  if config.eval_only and not config.pretrained:   # how the run trained
+    out.update(results.previous_training(os.path.join(workdir,
+                                                      "results.json")))
 
   t_eval = time.perf_counter()
   log(f"testing on {config.eval_tasks} tasks ...")

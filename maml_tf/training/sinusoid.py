@@ -316,6 +316,9 @@ def train_and_evaluate(config: SinusoidConfig, workdir: str,
              timing["train_seconds"] / timing["timed_steps"]
              if timing.get("timed_steps") else None),
          "maml": evaluate_table(learner, config)}
+  if config.eval_only and not config.pretrained:   # how the run trained
+    out.update(results.previous_training(os.path.join(workdir,
+                                                      "results.json")))
   log("MSE on fresh tasks (mean ± 95% CI; the median too where a few tasks "
       "diverge):")
   log(format_table(config.algorithm.upper(), out["maml"]))

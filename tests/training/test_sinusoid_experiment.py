@@ -176,3 +176,12 @@ def test_launcher_console_has_no_tensorflow_cpp_lines_unless_verbose(
   assert "meta-training iterations 0 -> 20" in outputs[False]
   assert not noise.search(outputs[False]), outputs[False][:2000]
   assert noise.search(outputs[True])         # the check can fail
+
+
+def test_each_kind_of_meta_step_compiles_outside_the_timing(tmp_path):
+  """The first plain step and the first logged step (with pre-update
+  metrics) each trace a function: neither counts in rates or timings."""
+  timing = {}
+  _train(str(tmp_path), 20, timing=timing)    # logged steps: 10 and 20
+  assert timing["timed_steps"] == 18
+  assert timing["compile_seconds"] > timing["train_seconds"] / 18
