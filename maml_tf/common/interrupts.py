@@ -50,7 +50,7 @@ def exit_if_interrupted(fn: Callable, *args, **kwargs):
     sys.exit(143)
   except KeyboardInterrupt:
     # A Ctrl-C outside a training loop's StopRequest (evaluation, plots).
-    print("interrupted; the checkpoints already written are kept: run the "
+    print("interrupted; any checkpoint already written is kept: run the "
           "same command again to go on", flush=True)
     sys.exit(130)
   except (FileNotFoundError, FloatingPointError, UserFacingError) as e:

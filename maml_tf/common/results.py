@@ -16,12 +16,19 @@ class OutputNotWritableError(UserFacingError, PermissionError):
 
 
 def _read_umask() -> int:
+  try:   # Linux: read it without setting it
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("Umask:"):
+          return int(line.split()[1], 8)
+  except (OSError, ValueError):
+    pass
   mask = os.umask(0)
   os.umask(mask)
   return mask
 
 
-_UMASK = _read_umask()   # once, at import: os.umask can only be read by setting it
+_UMASK = _read_umask()   # once, at import
 
 
 def _plain(obj):
@@ -74,11 +81,16 @@ def write_json(path: str, data: Any) -> str:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
                              suffix=".tmp")
-  with os.fdopen(fd, "w") as f:
-    json.dump(_plain(data), f, indent=2, sort_keys=False, allow_nan=False)
-    f.write("\n")
-  os.chmod(tmp, 0o666 & ~_UMASK)
-  os.replace(tmp, path)
+  try:
+    with os.fdopen(fd, "w") as f:
+      json.dump(_plain(data), f, indent=2, sort_keys=False, allow_nan=False)
+      f.write("\n")
+    os.chmod(tmp, 0o666 & ~_UMASK)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
   return path
 
 

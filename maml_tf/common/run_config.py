@@ -28,6 +28,7 @@ import dataclasses
 import glob
 import json
 import os
+import shutil
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -46,8 +47,9 @@ SAFE_TO_CHANGE = frozenset({
 
 
 # How a start runs, not what the run is: an eval_only start of a run that
-# was continued from shipped weights (pretrained) evaluates its checkpoint.
-START_MODE = frozenset({"resume", "eval_only", "pretrained"})
+# was continued from shipped weights (pretrained) evaluates its checkpoint,
+# and one machine evaluates what a cluster trained.
+START_MODE = frozenset({"resume", "eval_only", "pretrained", "distribute"})
 
 
 class ConfigMismatchError(UserFacingError, ValueError):
@@ -89,16 +91,24 @@ def stored_config(workdir: str) -> Optional[Dict]:
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.isfile(path):
     return None
-  try:
-    with open(path) as f:
-      fields = json.load(f)["config"]
-  except (OSError, ValueError, KeyError, TypeError) as e:
-    raise ConfigMismatchError(
-        f"{path} is unreadable ({type(e).__name__}: {e}); it records the "
-        "run's settings: restore it, or give every setting as a flag after "
-        "removing it") from None
+  fields = _read(path)["config"]
   return {k: tuple(v) if isinstance(v, list) else v
           for k, v in fields.items() if k not in START_MODE}
+
+
+def _read(path: str) -> Dict:
+  """A ``config.json``: ``{"config": {...}, "changes": [...]}``."""
+  try:
+    with open(path) as f:
+      stored = json.load(f)
+    if not isinstance(stored.get("config"), dict):
+      raise ValueError("no 'config' object")
+  except (OSError, ValueError, AttributeError) as e:
+    raise ConfigMismatchError(
+        f"{path} is unreadable ({type(e).__name__}: {e}); it records the "
+        "run's settings: restore it, or remove it and give every setting as "
+        "a flag") from None
+  return stored
 
 
 def _move_aside(workdir: str, log: Callable[[str], None]) -> str:
@@ -108,8 +118,13 @@ def _move_aside(workdir: str, log: Callable[[str], None]) -> str:
   target = (f"{os.path.normpath(workdir)}.replaced-"
             f"{time.strftime('%Y%m%d-%H%M%S')}")
   try:
-    os.rename(workdir, target)
-    os.makedirs(workdir)
+    try:
+      os.rename(workdir, target)
+    except OSError:   # a mount point, an unwritable parent: move its contents
+      os.makedirs(target)
+      for name in os.listdir(workdir):
+        shutil.move(os.path.join(workdir, name), os.path.join(target, name))
+    os.makedirs(workdir, exist_ok=True)
   except OSError as e:
     raise ConfigMismatchError(
         f"--noresume: {workdir} holds a run that could not be moved aside "
@@ -155,9 +170,8 @@ def check_resume(config, workdir: str, log: Callable[[str], None] = print,
   if not resuming or not os.path.exists(path):
     write_json(path, {"config": current, "changes": []})
     return []
-  with open(path) as f:
-    stored = json.load(f)
-  old = stored.get("config", {})
+  stored = _read(path)
+  old = stored["config"]
   diff: Dict[str, Tuple] = {k: (old.get(k), v) for k, v in current.items()
                             if k in old and old[k] != v}
   unsafe = {k: d for k, d in diff.items()

@@ -59,7 +59,7 @@ def main(argv):
   config_flags.no_arguments(argv)
   logging.set_verbosity(logging.WARNING)
   cls = classification.ClassificationConfig
-  given = config_flags.overrides(cls)
+  given = config_flags.config_or_exit(config_flags.overrides, cls)
   shipped_eval = given.get("eval_only") and given.get("pretrained")
   logdir = _LOGDIR.value or (f"runs/{_PRESET.value}"
                              + ("_shipped" if shipped_eval else ""))
@@ -68,7 +68,7 @@ def main(argv):
     if given.get("eval_only") and not given.get("pretrained"):
       fields = config_flags.run_settings(cls, logdir, given)
       if fields is not None:
-        if _PRESET.present:
+        if _PRESET.present and _LOGDIR.present:
           print(f"--eval_only evaluates the run in {logdir} with its own "
                 f"settings; --preset={_PRESET.value} is not used (flags "
                 "given override single settings)", flush=True)

@@ -43,7 +43,7 @@ def main(argv):
   config_flags.no_arguments(argv)
   logging.set_verbosity(logging.WARNING)
   cls = sinusoid.SinusoidConfig
-  given = config_flags.overrides(cls)
+  given = config_flags.config_or_exit(config_flags.overrides, cls)
   shipped_eval = given.get("eval_only") and given.get("pretrained")
   logdir = _LOGDIR.value or ("runs/sinusoid_shipped" if shipped_eval
                              else "runs/sinusoid")

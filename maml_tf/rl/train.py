@@ -307,7 +307,7 @@ def plot_returns(results: Dict[str, Dict], path: str, title: str = "") -> str:
     style = "--" if method == "oracle" else "-"
     ax.plot(x, y, style, marker="o", label=label, color=color)
     if res.get("stderr"):
-      se = np.asarray(res["stderr"])
+      se = np.asarray(res["stderr"], dtype=float)   # null (one task): NaN
       ax.fill_between(x, y - se, y + se, alpha=0.2, color=color)
   ax.set_xticks(range(max(len(r["returns"]) for r in results.values())))
   return plots.save_figure(fig, ax, path, "number of gradient steps",
@@ -375,6 +375,8 @@ def sibling_results(workdir: str, config: RLConfig) -> Dict[str, Dict]:
   runs = []
   parent = os.path.dirname(os.path.abspath(workdir))
   for path in sorted(glob.glob(os.path.join(parent, "*", "results.json"))):
+    if ".replaced-" in os.path.basename(os.path.dirname(path)):
+      continue   # a run that --noresume moved aside
     try:
       with open(path) as f:
         res = json.load(f)

@@ -713,6 +713,10 @@ def train_and_evaluate(config: ClassificationConfig, workdir: str,
                                    "training_curve.png", "config.json"))
   changes = run_config.check_resume(config, workdir, log,
                                      config_lib.fixed_on_resume(config))
+  if config.pretrained:   # before the data: a shipped setting must match
+    _name_of_preset(config)
+    if config.eval_only:
+      run_config.check_not_a_run(workdir)
   t0 = time.perf_counter()
   log(f"loading {config.dataset} ...")
   splits = to_cpu_variables(load_splits(config))
@@ -744,7 +748,6 @@ def train_and_evaluate(config: ClassificationConfig, workdir: str,
     _start_from_shipped(learner, config, workdir, shipped, log)
   if config.pretrained and config.eval_only:
     from maml_tf.models import pretrained  # pylint: disable=g-import-not-at-top
-    run_config.check_not_a_run(workdir)
     name = _name_of_preset(config)
     pretrained.load_into(learner, name)
     start = done = int(pretrained.card(name)["iterations"])

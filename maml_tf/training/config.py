@@ -29,10 +29,12 @@ def check_learner_fields(config) -> None:
 
 def fixed_on_resume(config) -> tuple:
   """The fields of :data:`maml_tf.common.run_config.SAFE_TO_CHANGE` that a
-  resumed run of ``config`` must keep (``iterations`` when the learner's
-  training depends on it: :func:`maml_tf.core.family.uses_iterations`)."""
+  resumed run of ``config`` must keep: ``iterations`` when the learner's
+  training depends on it (:func:`maml_tf.core.family.uses_iterations`), and
+  then ``pretrained`` too (a run continued from shipped weights lays its
+  schedule over the iterations after theirs)."""
   if family.uses_iterations(config.algorithm, config.meta_lr_schedule):
-    return ("iterations",)
+    return ("iterations", "pretrained")
   return ()
 
 

@@ -223,8 +223,9 @@ def meta_train(learner, batch_for_step: Callable[[int], object],
     return int(counter.numpy())
   optimizer_steps_at_start = optimizer_steps()
   if start >= iterations:
-    log(f"already trained {start} >= {iterations} iterations (to train "
-        f"further, pass more than {start})")
+    log(f"already trained {start} >= {iterations} iterations: nothing to "
+        "train (a larger --iterations goes on where the run's schedule "
+        "allows it)")
     return start
   replicas = int(getattr(learner, "num_replicas", 1))
   log(f"meta-training iterations {start} -> {iterations}"
@@ -335,9 +336,9 @@ def meta_train(learner, batch_for_step: Callable[[int], object],
       manager.save(checkpoint_number=done)
       log(f"interrupted: saved a checkpoint at step {done}")
       raise Interrupted(done) from None
-    except FloatingPointError:
-      writer.flush()   # the error names the value; the launcher prints it
-      raise
+    except FloatingPointError as e:
+      writer.flush()   # one message (the launcher prints it), with the step
+      raise FloatingPointError(f"stopped after iteration {it}: {e}") from e
     finally:
       writer.flush()
   sys.stdout.flush()

@@ -99,6 +99,14 @@ def test_stored_config_is_the_run_without_its_start_mode(tmp_path):
   (tmp_path / "config.json").write_text("{not json")
   with pytest.raises(run_config.ConfigMismatchError, match="unreadable"):
     run_config.stored_config(workdir)
+  _fake_checkpoint(workdir)      # a resume reads it too: the same one line
+  with pytest.raises(run_config.ConfigMismatchError, match="unreadable"):
+    run_config.check_resume(experiment.make_config("smoke"), workdir)
+  # How a start runs is not part of the run: one machine evaluates what a
+  # cluster trained.
+  (tmp_path / "config.json").write_text(json.dumps(
+      {"config": {"distribute": "multi_worker", "k_shot": 5}}))
+  assert run_config.stored_config(workdir) == {"k_shot": 5}
 
 
 def test_noresume_moves_the_old_run_aside_and_fixed_fields_stay(tmp_path):
@@ -138,4 +146,5 @@ def test_a_cosine_schedule_fixes_the_iteration_count():
   assert config_lib.fixed_on_resume(experiment.make_config("smoke")) == ()
   for overrides in ({"meta_lr_schedule": "cosine"}, {"algorithm": "mamlpp"}):
     assert config_lib.fixed_on_resume(
-        experiment.make_config("smoke", **overrides)) == ("iterations",)
+        experiment.make_config("smoke", **overrides)) == ("iterations",
+                                                          "pretrained")

@@ -391,3 +391,10 @@ def test_a_line_search_that_never_accepts_is_reported(tmp_path, capsys):
   out = capsys.readouterr().out
   assert out.count("warning: TRPO's line search has accepted no step for 10 "
                    "iterations, so the policy is not changing") == 1, out
+
+
+def test_returns_plot_takes_a_run_of_one_test_task(tmp_path):
+  path = rl.plot_returns({"maml": {"returns": [-10.0, -5.0],
+                                   "stderr": [None, None]}},   # JSON's null
+                         str(tmp_path / "returns.png"))
+  assert os.path.getsize(path) > 5_000

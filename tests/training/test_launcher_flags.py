@@ -51,6 +51,8 @@ def test_a_generated_flag_reaches_the_config(tmp_path):
     ("rl", "--hidden_sizes=8,abc", "error: --hidden_sizes=8,abc: expected a "
      "comma-separated list of ints"),
     ("sinusoid", "--meta_batch=0", "error: meta_batch"),
+    ("sinusoid", "--hidden=8,abc", "error: --hidden=8,abc: expected a "
+     "comma-separated list of ints"),
     ("sinusoid", "--hidden=0", "error: hidden must list one or more layer "
      "widths >= 1"),
     ("sinusoid", "--baseline_iterations=-5", "error: baseline_iterations "
