@@ -64,17 +64,10 @@ def main(argv):
   logdir = _LOGDIR.value or (f"runs/{_PRESET.value}"
                              + ("_shipped" if shipped_eval else ""))
 
-  def make_config():
-    if given.get("eval_only") and not given.get("pretrained"):
-      fields = config_flags.run_settings(cls, logdir, given)
-      if fields is not None:
-        if _PRESET.present and _LOGDIR.present:
-          print(f"--eval_only evaluates the run in {logdir} with its own "
-                f"settings; --preset={_PRESET.value} is not used (flags "
-                "given override single settings)", flush=True)
-        return cls(**fields).validate()
-    return classification.make_config(_PRESET.value, **given)
-  config = config_flags.config_or_exit(make_config)
+  config = config_flags.config_or_exit(
+      config_flags.config_for, cls, logdir, given,
+      lambda: classification.make_config(_PRESET.value, **given),
+      ["preset"] if _PRESET.present and _LOGDIR.present else [])
   loop.exit_if_interrupted(classification.train_and_evaluate, config, logdir)
 
 

@@ -14,7 +14,7 @@ import dataclasses
 import inspect
 import re
 import typing
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 from absl import flags
 
@@ -134,21 +134,30 @@ def overrides(cls, names: Optional[List[str]] = None) -> Dict[str, object]:
   return out
 
 
-def run_settings(cls, workdir: str, given: Dict[str, object]
-                 ) -> Optional[Dict[str, object]]:
-  """An ``--eval_only`` start's fields: the ones ``workdir``'s run was
-  trained with (its ``config.json``), with ``given`` (the flags on the
-  command line) on top; ``None`` when ``workdir`` records no run.
+def config_for(cls, logdir: str, given: Dict[str, object],
+               make: Callable[[], object], unused: Sequence[str] = ()):
+  """A launcher's config from the flags ``given`` on the command line.
 
-  Fields ``cls`` no longer has are dropped. The launchers use it so that
-  ``--eval_only --logdir=RUN`` scores the run with its own settings (shots,
-  step sizes, network), not with a preset's or the defaults.
+  With ``eval_only`` (not ``pretrained``) on a run directory: the fields the
+  run was trained with (its ``config.json``; fields ``cls`` no longer has
+  are dropped), ``given`` on top, so ``--eval_only --logdir=RUN`` scores the
+  run with its own settings (shots, step sizes, network), not a preset's or
+  the defaults; the flags named in ``unused`` (given, but not settings of
+  the run, such as ``--preset``) are reported as not used. Otherwise
+  ``make()`` (a preset's or the defaults, ``given`` on top).
   """
-  stored = run_config.stored_config(workdir)
-  if stored is None:
-    return None
-  names = {f.name for f in dataclasses.fields(cls)}
-  return {**{k: v for k, v in stored.items() if k in names}, **given}
+  if given.get("eval_only") and not given.get("pretrained"):
+    stored = run_config.stored_config(logdir)
+    if stored is not None:
+      for flag in unused:
+        print(f"--eval_only evaluates the run in {logdir} with its own "
+              f"settings; --{flag} is not used (flags given override single "
+              "settings)", flush=True)
+      names = {f.name for f in dataclasses.fields(cls)}
+      config = cls(**{**{k: v for k, v in stored.items() if k in names},
+                      **given})
+      return config.validate() if hasattr(config, "validate") else config
+  return make()
 
 
 def no_arguments(argv: List[str]) -> None:

@@ -120,13 +120,11 @@ def main(argv):
     if FLAGS.pretrained:   # --eval_only stays required, as for training
       return rl.train.shipped_config(
           FLAGS.env, **{**given, "eval_only": FLAGS.eval_only})
-    if FLAGS.eval_only:
-      if FLAGS["env"].present:
-        given["env"] = FLAGS.env
-      fields = config_flags.run_settings(RLConfig, logdir, given)
-      if fields is not None:
-        return rl.RLConfig(**fields)
-    return rl.RLConfig(**{"env": FLAGS.env, **given})
+    if FLAGS["env"].present:
+      given["env"] = FLAGS.env
+    return config_flags.config_for(
+        RLConfig, logdir, given,
+        lambda: rl.RLConfig(**{"env": FLAGS.env, **given}))
   config = config_flags.config_or_exit(make_config)
   from maml_tf.common import interrupts  # pylint: disable=g-import-not-at-top
   interrupts.exit_if_interrupted(rl.train_and_evaluate, config, logdir)

@@ -48,14 +48,10 @@ def main(argv):
   logdir = _LOGDIR.value or ("runs/sinusoid_shipped" if shipped_eval
                              else "runs/sinusoid")
 
-  def make_config():
-    # --eval_only on a run directory: the run's own settings (config.json).
-    if given.get("eval_only") and not given.get("pretrained"):
-      fields = config_flags.run_settings(cls, logdir, given)
-      if fields is not None:
-        return cls(**fields).validate()
-    return sinusoid.make_config(_PRESET.value, **given)
-  config = config_flags.config_or_exit(make_config)
+  config = config_flags.config_or_exit(
+      config_flags.config_for, cls, logdir, given,
+      lambda: sinusoid.make_config(_PRESET.value, **given),
+      ["preset"] if _PRESET.present and _LOGDIR.present else [])
   loop.exit_if_interrupted(sinusoid.train_and_evaluate, config, logdir)
 
 
