@@ -246,6 +246,10 @@ def meta_train(learner, batch_for_step: Callable[[int], object],
     try:
       while it < iterations:
         t_call = time.perf_counter()
+        # MAML++'s derivative-order switch makes the steps after it another
+        # kind of call (traced anew).
+        order = (learner.first_order_now()
+                 if getattr(learner, "first_order_until", 0) > 0 else None)
         # Steps in this call: up to the next log/eval/checkpoint boundary.
         if in_graph:
           n = min([steps_per_call, iterations - it] +
@@ -263,9 +267,10 @@ def meta_train(learner, batch_for_step: Callable[[int], object],
         done_window += n
         last = it == iterations
         # A call of a kind not seen yet traces a function (the logged and
-        # the plain meta-step, a shorter in-graph call): rates, the ETA and
-        # the timing leave it out.
-        variant = n if in_graph else bool(kwargs.get("pre_update_metrics"))
+        # the plain meta-step, a shorter in-graph call, either derivative
+        # order): rates, the ETA and the timing leave it out.
+        variant = (n if in_graph else bool(kwargs.get("pre_update_metrics")),
+                   order)
         if not compiling and variant not in traced:
           traced.add(variant)
           tf.nest.map_structure(lambda t: t.numpy(), pending[-1][0])

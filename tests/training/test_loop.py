@@ -158,6 +158,21 @@ def test_progress_names_compilation_and_times_only_what_follows(tmp_path):
   assert all(r["iterations_per_second"] > 0 for r in records[1:])
 
 
+def test_maml_plus_plus_order_switch_is_a_traced_call_left_out_of_timing(
+    tmp_path):
+  """Steps 1-3 first order, then second order (``first_order_until=3``):
+  the first plain and logged step of each order trace anew."""
+  keras.utils.set_random_seed(0)
+  maml = MAML(mlp(1, 1, hidden=(8,)), "mse", inner_lr=0.01,
+              first_order_until=3)
+  timing = {}
+  loop.meta_train(maml, _batch, 8, str(tmp_path), log_every=4,
+                  checkpoint_every=8, log=lambda m: 0, timing=timing)
+  # Traced: step 1 (plain, first order), 4 (logged, second), 5 (plain,
+  # second); timed: 2, 3, 6, 7, 8.
+  assert timing["timed_steps"] == 5
+
+
 def test_run_summary_writes_test_metrics_config_text_and_hparams(tmp_path):
   import dataclasses  # pylint: disable=g-import-not-at-top
   import glob  # pylint: disable=g-import-not-at-top
