@@ -31,7 +31,14 @@ path and family member with :class:`maml_tf.MAML`'s numbers. The logs hold
 
 The model's weights, the learned step sizes and the optimizer are the
 MetaModel's own, so ``save_weights``, ``ModelCheckpoint`` and
-``BackupAndRestore`` keep all of them.
+``BackupAndRestore`` keep all of them. ``save("x.keras")`` also keeps the
+model's architecture, the task loss, the algorithm and its options, and
+``keras.models.load_model`` (with ``maml_tf`` imported) returns a compiled
+MetaModel that fits on where the saved one stopped. That needs each of them
+serialisable as Keras serialises a model: a model with ``get_config`` (or
+plain ``__init__`` arguments), a Keras loss or a registered function; a
+MetaModel whose parts are not says which one in a ``ValueError`` (its
+weights still save with ``save_weights``).
 """
 
 from typing import Optional
@@ -95,6 +102,7 @@ def _keras_ready(data):
   return data
 
 
+@keras.saving.register_keras_serializable(package="maml_tf")
 class MetaModel(keras.Model):
   """A meta-learner of ``model`` that Keras can fit (see the module docstring).
 
@@ -120,6 +128,40 @@ class MetaModel(keras.Model):
     self.pre_update_metrics = bool(pre_update_metrics)
     self.learner = None
     self.built = True
+
+  def get_config(self):
+    """The model, task loss, algorithm and options, as Keras serialises
+    them (``save("x.keras")``); ``from_config`` makes the MetaModel again."""
+    algorithm, loss, iterations, options = self._learner_args
+    parts = {"model": self.net, "loss": loss,
+             **{f"option {k!r}": v for k, v in options.items()}}
+    config = {}
+    for what, value in parts.items():
+      try:
+        config[what] = keras.saving.serialize_keras_object(value)
+      except (NotImplementedError, TypeError, ValueError) as e:
+        first = " ".join(str(e).split()).split(". ")[0]
+        raise ValueError(
+            f"MetaModel cannot be saved whole: its {what} ({value!r:.80}) is "
+            f"not serialisable by Keras ({type(e).__name__}: {first:.200}). "
+            "Give it a get_config (a function: keras.saving."
+            "register_keras_serializable), or keep the weights only with "
+            "save_weights.") from e
+    return {"model": config.pop("model"), "loss": config.pop("loss"),
+            "algorithm": algorithm, "iterations": iterations,
+            "pre_update_metrics": self.pre_update_metrics,
+            "options": {k: config[f"option {k!r}"] for k in options}}
+
+  @classmethod
+  def from_config(cls, config, custom_objects=None):
+    get = lambda c: keras.saving.deserialize_keras_object(
+        c, custom_objects=custom_objects)
+    options = {k: get(v) for k, v in config.get("options", {}).items()}
+    return cls(get(config["model"]), get(config["loss"]),
+               algorithm=config.get("algorithm", "maml"),
+               iterations=config.get("iterations", 10_000),
+               pre_update_metrics=config.get("pre_update_metrics", False),
+               **options)
 
   def compile(self, optimizer="adam", jit_compile=False, **kwargs):
     """Makes the learner with ``optimizer`` as its meta-optimizer.
@@ -158,6 +200,22 @@ class MetaModel(keras.Model):
     self.trackers = [keras.metrics.Mean(name=n) for n in names]
     super().compile(optimizer=self.learner.meta_optimizer,
                     jit_compile=jit_compile, **kwargs)
+    self._compile_args = {"jit_compile": jit_compile, **kwargs}
+
+  def get_compile_config(self):
+    """``compile``'s arguments, as ``save("x.keras")`` stores them."""
+    if self.learner is None:
+      return None
+    return {"optimizer": keras.optimizers.serialize(self.optimizer),
+            **keras.saving.serialize_keras_object(self._compile_args)}
+
+  def compile_from_config(self, config):
+    """Compiles as :meth:`get_compile_config` recorded (``load_model``);
+    the learner builds the optimizer, whose state then loads."""
+    config = dict(config)
+    optimizer = keras.optimizers.deserialize(config.pop("optimizer"))
+    self.compile(optimizer=optimizer,
+                 **keras.saving.deserialize_keras_object(config))
 
   @property
   def metrics(self):
