@@ -310,48 +310,12 @@ class DistributedMAML:
   def _step(self, plan, before: bool) -> Callable:
     """``per-replica batch -> metrics``: one distributed meta-step."""
     maml, strategy = self.maml, self.strategy
-    scale = 1.0 / self.num_replicas
-    kinds = maml.state_kinds
-
-    def replica_step(local_batch):
-      context = tf.distribute.get_replica_context()
-      if any(maml.inner_loop.seed_mask):
-        # Random layers draw what these tasks draw on one device.
-        first_task = (tf.cast(context.replica_id_in_sync_group, tf.int64)
-                      * local_batch.num_tasks)
-        result = maml.compute_gradients(local_batch, plan, before, first_task)
-      else:
-        result = maml.compute_gradients(local_batch, plan, before)
-      # The Keras optimizer all-reduces gradients with SUM in a replica
-      # context; 1/R makes that the mean over replicas (= over all tasks).
-      _, checks = maml.guarded_update(
-          [g * tf.cast(scale, g.dtype) for g in result.grads], plan,
-          result.loss)
-      with tf.control_dependencies(checks):
-        checked = tf.identity(tf.constant(True))
-      means = [s for s, kind in zip(result.new_state, kinds) if kind == "mean"]
-      metrics, means = context.all_reduce(tf.distribute.ReduceOp.MEAN,
-                                          (result.metrics, means))
-      means = iter(means)
-      new_state = [next(means) if kind == "mean" else s
-                   for s, kind in zip(result.new_state, kinds)]
-      return metrics, new_state, checked
 
     def step(per_replica_batch):
-      with unscaled_keras_losses():   # the replica threads trace in here
-        metrics, new_state, checked = strategy.run(
-            replica_step, args=(per_replica_batch,))
-      # BatchNorm moving statistics (and RNG seeds): every replica writes
-      # its own copy with the (already averaged) value of its replica,
-      # after every replica's finite checks passed.
-      with tf.control_dependencies(
-          strategy.experimental_local_results(checked)):
-        for var, kind, value in zip(maml.model.non_trainable_variables,
-                                    kinds, new_state):
-          if kind != "keep":
-            strategy.extended.update(
-                _raw_variable(var), lambda v, x: v.assign(x), args=(value,),
-                group=False)
+      metrics, new_state, checked = strategy.run(
+          lambda local: replica_meta_step(maml, local, plan, before),
+          args=(per_replica_batch,))
+      write_replicated_state(maml, strategy, new_state, checked)
       return tf.nest.map_structure(
           lambda v: strategy.experimental_local_results(v)[0], metrics)
     return step
@@ -437,6 +401,89 @@ class DistributedMAML:
                                    second_order=not first_order,
                                    xla_auto=False,
                                    variables=maml.meta_variables)
+
+
+def replica_tasks(local_batch: TaskBatch):
+  """``(first_task, share)`` of a replica's tasks (in a replica context):
+  the index of its first task in the whole meta-batch (replica ``r`` holds
+  the tasks after those of replicas ``0 .. r-1``) and its fraction of all
+  the tasks (a float64 scalar)."""
+  context = tf.distribute.get_replica_context()
+  tasks = tf.shape(tf.nest.flatten(local_batch.support_y)[0])[0]
+  counts = context.all_gather(tf.reshape(tasks, [1]), axis=0)
+  tf.debugging.assert_positive(
+      tasks, message=(
+          "a replica got no tasks: the meta-batch holds fewer tasks than the "
+          "strategy's replicas (strategy.num_replicas_in_sync)"))
+  first_task = tf.cast(
+      tf.reduce_sum(counts[:context.replica_id_in_sync_group]), tf.int64)
+  share = tf.cast(tasks, tf.float64) / tf.cast(tf.reduce_sum(counts),
+                                               tf.float64)
+  return first_task, share
+
+
+def replica_meta_step(maml: MAML, local_batch: TaskBatch, plan,
+                      pre_update_metrics: bool):
+  """One replica's share of a distributed meta-step (in a replica context).
+
+  What :class:`DistributedMAML` runs under ``strategy.run`` and
+  :class:`maml_tf.MetaModel` runs in ``fit``'s ``train_step`` under a
+  strategy. The replica differentiates the mean query loss of its own tasks
+  (:meth:`~maml_tf.MAML.compute_gradients`, Keras losses unscaled), weighs
+  the meta-gradient by its share of all the replicas' tasks and hands it to
+  the meta-optimizer, whose all-reduce sums the shares: the mean over every
+  task, as one device computes it, also when the replicas hold unequal
+  shares. Metrics and BatchNorm moving statistics are summed by the same
+  shares. Random layers draw what these tasks draw in the whole meta-batch
+  (replica ``r`` holds the tasks after those of replicas ``0 .. r-1``).
+
+  Returns:
+    ``(metrics, new_state, checked)``: the metrics and the non-trainable
+    state (already the means over all tasks) for
+    :func:`write_replicated_state`, and a tensor that exists once this
+    replica's finite checks passed.
+  """
+  context = tf.distribute.get_replica_context()
+  first_task, share = replica_tasks(local_batch)
+  with unscaled_keras_losses():   # traced in the replica's own thread
+    if any(maml.inner_loop.seed_mask):
+      result = maml.compute_gradients(local_batch, plan, pre_update_metrics,
+                                      first_task)
+    else:
+      result = maml.compute_gradients(local_batch, plan, pre_update_metrics)
+  weigh = lambda t: t * tf.cast(share, t.dtype)
+  # The Keras optimizer all-reduces gradients with SUM in a replica context.
+  _, checks = maml.guarded_update([weigh(g) for g in result.grads], plan,
+                                  result.loss)
+  with tf.control_dependencies(checks):
+    checked = tf.identity(tf.constant(True))
+  kinds = maml.state_kinds
+  means = [s for s, kind in zip(result.new_state, kinds) if kind == "mean"]
+  metrics, means = context.all_reduce(
+      tf.distribute.ReduceOp.SUM,
+      tf.nest.map_structure(weigh, (result.metrics, means)))
+  means = iter(means)
+  new_state = [next(means) if kind == "mean" else s
+               for s, kind in zip(result.new_state, kinds)]
+  return metrics, new_state, checked
+
+
+def write_replicated_state(maml: MAML, strategy: tf.distribute.Strategy,
+                           new_state, checked) -> None:
+  """Writes :func:`replica_meta_step`'s non-trainable state (cross-replica
+  context: after ``strategy.run``, or in a ``merge_call``).
+
+  BatchNorm moving statistics (and random layers' seeds): every replica
+  writes its own copy with its replica's (already averaged) value, after
+  every replica's finite checks passed.
+  """
+  with tf.control_dependencies(strategy.experimental_local_results(checked)):
+    for var, kind, value in zip(maml.model.non_trainable_variables,
+                                maml.state_kinds, new_state):
+      if kind != "keep":
+        strategy.extended.update(
+            _raw_variable(var), lambda v, x: v.assign(x), args=(value,),
+            group=False)
 
 
 def distributed_learner(maml: MAML, strategy: Optional[tf.distribute.Strategy]):

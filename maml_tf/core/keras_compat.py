@@ -16,11 +16,13 @@ from typing import Callable, Iterator, List, Optional, Tuple
 import keras
 import tensorflow as tf
 
-# One lock per patch: MirroredStrategy traces replica functions in their own
-# threads while the main thread holds the loss-scaling patch, and those
-# threads take the moments patch.
+# MirroredStrategy traces replica functions in their own threads, which
+# take the moments patch. The loss-scaling patch is entered by every replica
+# thread and held across their synchronisation points, so it is counted
+# (the lock guards the count) rather than held.
 _MOMENTS_LOCK = threading.RLock()
-_LOSS_SCALE_LOCK = threading.RLock()
+_LOSS_SCALE_LOCK = threading.Lock()
+_loss_scale_patch = {"depth": 0, "original": None}
 
 
 # ----------------------------------------------------------------- layers
@@ -115,8 +117,10 @@ def unscaled_keras_losses() -> Iterator[None]:
   ``Loss`` objects (``reduction="sum_over_batch_size"``) multiply their value
   by ``1/R``, Keras' convention for ``model.fit``. MAML's losses are per-task
   means (the inner loop steps on them, so scaling them would also shrink
-  every inner step); :class:`maml_tf.core.distribute.DistributedMAML` traces
-  its replica step in this context and averages across replicas itself.
+  every inner step); a replica's share of a distributed meta-step
+  (:func:`maml_tf.core.distribute.replica_meta_step`) computes its losses in
+  this context and averages across replicas itself. Threads may enter it
+  together and nest it: Keras' scaling comes back when the last one leaves.
 
   Example:
     >>> with strategy.scope(), unscaled_keras_losses():
@@ -133,12 +137,20 @@ def unscaled_keras_losses() -> Iterator[None]:
         "such as 'mse' are not affected).")
     yield
     return
+  del original
   with _LOSS_SCALE_LOCK:
-    loss_module.scale_loss_for_distribution = lambda value: value
-    try:
-      yield
-    finally:
-      loss_module.scale_loss_for_distribution = original
+    if _loss_scale_patch["depth"] == 0:
+      _loss_scale_patch["original"] = loss_module.scale_loss_for_distribution
+      loss_module.scale_loss_for_distribution = lambda value: value
+    _loss_scale_patch["depth"] += 1
+  try:
+    yield
+  finally:
+    with _LOSS_SCALE_LOCK:
+      _loss_scale_patch["depth"] -= 1
+      if _loss_scale_patch["depth"] == 0:
+        loss_module.scale_loss_for_distribution = (
+            _loss_scale_patch["original"])
 
 
 # -------------------------------------------------------------- optimizers

@@ -697,8 +697,8 @@ class MAML:
           plan_lib.PlanWarning, stacklevel=3)
 
   def task_metrics(self, batch: TaskBatch, plan: plan_lib.ExecutionPlan,
-                   task_pass: Optional[strategies.TaskPass] = None
-                   ) -> Dict[str, tf.Tensor]:
+                   task_pass: Optional[strategies.TaskPass] = None,
+                   first_task=0) -> Dict[str, tf.Tensor]:
     """Per-task query metrics after adaptation (traceable; no writes).
 
     Arguments:
@@ -706,6 +706,7 @@ class MAML:
       plan: e.g. ``maml.plan(batch).for_task_passes()``.
       task_pass: the steps to score; default ``inner_steps`` only, first
         order (no meta-gradient is taken).
+      first_task: as in :meth:`compute_gradients` (a replica's share).
 
     Returns:
       ``{"loss": [T, S], "accuracy": [T, S] (classification)}``.
@@ -714,7 +715,8 @@ class MAML:
                                                  True)
     params, state, lrs = self.meta_values()
     out = strategies.select(plan).run_tasks(
-        self.context, plan, task_pass, params, state, lrs, batch)
+        self.context, plan, task_pass, params,
+        self.task_state(state, first_task), lrs, batch)
     out.pop("state")
     return out
 

@@ -46,7 +46,9 @@ from typing import Optional
 import keras
 import tensorflow as tf
 
+from maml_tf.core import distribute
 from maml_tf.core import family
+from maml_tf.core import keras_compat
 from maml_tf.core import losses
 from maml_tf.core import numerics
 from maml_tf.core.task_batch import TaskBatch
@@ -189,6 +191,9 @@ class MetaModel(keras.Model):
         algorithm, self.net, loss, inner_lr=inner_lr, inner_steps=inner_steps,
         meta_lr=learning_rate, iterations=iterations, first_order=first_order,
         meta_optimizer=optimizer, **options)
+    strategy = tf.distribute.get_strategy()
+    if not keras_compat.is_default_strategy(strategy):
+      distribute.check_variables(self.learner, strategy)
     # Tracked, so that weights files and checkpoints hold them.
     self.inner_lrs = list(self.learner.inner_lr_variables)
     accuracy = self.learner.accuracy
@@ -247,18 +252,34 @@ class MetaModel(keras.Model):
     return {names.get(k, k): v for k, v in metrics.items()}
 
   def train_step(self, data):
-    """One meta-step on a meta-batch (``MAML.meta_step``)."""
+    """One meta-step on a meta-batch (``MAML.meta_step``; under a
+    ``tf.distribute`` strategy each replica's share of it)."""
     batch = self._prepared(data)
     learner = self.learner
+    context = tf.distribute.get_replica_context()
+    step = (self._replica_step if context is not None
+            and context.num_replicas_in_sync > 1 else self._meta_step)
     if (learner.first_order or learner.first_order_until <= 0
         or tf.executing_eagerly()):
-      metrics = self._meta_step(batch, None)
+      metrics = step(batch, None)
     else:   # MAML++'s derivative-order annealing, decided in the graph
       metrics = tf.cond(
           learner.meta_optimizer.iterations < learner.first_order_until,
-          lambda: self._meta_step(batch, True),
-          lambda: self._meta_step(batch, False))
+          lambda: step(batch, True), lambda: step(batch, False))
     return self._update(self._logs(metrics))
+
+  def _replica_step(self, batch, first_order):
+    """This replica's share of the meta-step on its share of the tasks (the
+    meta-gradient, metrics and BatchNorm statistics are the means over all
+    of them, as on one device: ``distribute.replica_meta_step``)."""
+    plan = self.learner.plan(batch, first_order=first_order,
+                             distributed=True).replace(xla=False)
+    metrics, new_state, checked = distribute.replica_meta_step(
+        self.learner, batch, plan, self.pre_update_metrics)
+    tf.distribute.get_replica_context().merge_call(
+        lambda strategy, state, ok: distribute.write_replicated_state(
+            self.learner, strategy, state, ok), args=(new_state, checked))
+    return metrics
 
   def _meta_step(self, batch, first_order):
     """The metrics of ``MAML.meta_step`` (NaN where the update was
@@ -280,19 +301,48 @@ class MetaModel(keras.Model):
     defaults to False (each element is a meta-batch drawn at random)."""
     if "validation_data" in kwargs:
       kwargs["validation_data"] = _keras_ready(kwargs["validation_data"])
+      self._check_splits(kwargs["validation_data"])
+    self._check_splits(x)
     if len(args) < 8:        # shuffle not given by position: meta-batches
       kwargs.setdefault("shuffle", False)   # are drawn at random already
     return super().fit(_keras_ready(x), *args, **kwargs)
 
   def evaluate(self, x=None, *args, **kwargs):
     """``keras.Model.evaluate`` (a ``PyDataset`` as in :meth:`fit`)."""
+    self._check_splits(x)
     return super().evaluate(_keras_ready(x), *args, **kwargs)
+
+  def _check_splits(self, data):
+    """Under a strategy of R replicas Keras gives each replica 1/R of every
+    meta-batch and cannot split one unevenly: a ``tf.data.Dataset`` whose
+    task count is known is checked here, with a clear message."""
+    replicas = self.distribute_strategy.num_replicas_in_sync
+    if replicas <= 1 or not isinstance(data, tf.data.Dataset):
+      return
+    spec = data.element_spec
+    spec = spec[1] if isinstance(spec, (tuple, list)) else (
+        spec.get("support_y") if isinstance(spec, dict) else None)
+    tasks = getattr(getattr(spec, "shape", None), "rank", None) and (
+        spec.shape[0])
+    if tasks is not None and tasks % replicas:
+      raise distribute.DistributionError(
+          f"the meta-batches hold {tasks} tasks, which cannot be split "
+          f"evenly across {replicas} replicas (strategy.num_replicas_in_sync"
+          f" = {replicas}); use a meta-batch size that is a multiple of "
+          f"{replicas}")
 
   def test_step(self, data):
     """Query metrics after ``inner_steps`` steps of adaptation."""
     batch = self._prepared(data)
     plan = self.learner.plan(batch).for_task_passes()
-    out = self.learner.task_metrics(batch, plan)
+    context = tf.distribute.get_replica_context()
+    first_task = 0
+    if (context is not None and context.num_replicas_in_sync > 1
+        and any(self.learner.inner_loop.seed_mask)):
+      # Random layers draw what these tasks draw on one device.
+      first_task, _ = distribute.replica_tasks(batch)
+    with keras_compat.unscaled_keras_losses():   # per-task means, unscaled
+      out = self.learner.task_metrics(batch, plan, first_task=first_task)
     return self._update({k: tf.reduce_mean(v[:, -1]) for k, v in out.items()})
 
   def predict_step(self, data):

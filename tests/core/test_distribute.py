@@ -211,6 +211,125 @@ def _non_finite_step_changes_nothing(strategy, errors):
   return all(np.array_equal(a, b) for a, b in zip(before, snapshot()))
 
 
+def _meta_model_compare(strategy):
+  """``MetaModel.fit`` / ``evaluate`` under the strategy against one device:
+  the conv + BatchNorm and sinusoid cases, and a Dropout MLP on 3 tasks
+  (replica shares of 2 and 1)."""
+  import keras  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from maml_tf import MetaModel  # pylint: disable=g-import-not-at-top
+  from maml_tf.tasks import sinusoid  # pylint: disable=g-import-not-at-top
+  cases = {name: (build, batches) for name, build, batches in _cases()}
+
+  def like(name):
+    """A MetaModel with the model, loss and options of a ``_cases`` MAML."""
+    def make():
+      maml = cases[name][0]()
+      if name == "conv_bn":
+        meta = MetaModel(maml.model, keras.losses.SparseCategoricalCrossentropy(
+            from_logits=True), inner_lr=0.1)
+      else:
+        meta = MetaModel(maml.model, keras.losses.MeanSquaredError(),
+                         inner_lr=0.05, inner_steps=2,
+                         learn_inner_lr="per_layer_per_step",
+                         multi_step_loss_iterations=10)
+      meta.compile(optimizer=type(maml.meta_optimizer).from_config(
+          maml.meta_optimizer.get_config()))
+      return meta
+    return make
+
+  def dropout():
+    keras.utils.set_random_seed(9)
+    net = keras.Sequential([keras.Input((1,)),
+                            keras.layers.Dense(12, activation="tanh"),
+                            keras.layers.Dropout(0.3), keras.layers.Dense(1)])
+    meta = MetaModel(net, keras.losses.MeanSquaredError(), inner_lr=0.05)
+    meta.compile(optimizer=keras.optimizers.SGD(0.2))
+    return meta
+
+  four = [sinusoid.sample_batch(4, 5, 5, np.random.default_rng(s))[0]
+          for s in (8, 9)]
+  report = {}
+  for name, make, batches in (("conv_bn", like("conv_bn"), cases["conv_bn"][1]),
+                              ("sinusoid_mlp", like("sinusoid_mlp"),
+                               cases["sinusoid_mlp"][1]),
+                              ("dropout", dropout, four)):
+    data = tf.data.Dataset.from_tensor_slices(tuple(
+        np.stack([np.asarray(b[i]) for b in batches]) for i in range(4)))
+    with strategy.scope():
+      distributed = make()
+    single = make()
+    start = [v.numpy() for v in single.variables]
+    got = distributed.fit(data, verbose=0).history["loss"]
+    want = single.fit(data, verbose=0).history["loss"]
+    scores = [m.evaluate(data, verbose=0, return_dict=True)
+              for m in (distributed, single)]
+    report[name] = {
+        "loss_diff": max(abs(a - b) for a, b in zip(got, want)),
+        "weight_diff": max(float(np.abs(a.numpy() - b.numpy()).max())
+                           for a, b in zip(distributed.variables,
+                                           single.variables)),
+        "moved": max(float(np.abs(a - b.numpy()).max())
+                     for a, b in zip(start, single.variables)),
+        "eval_diff": max(abs(scores[0][k] - scores[1][k]) for k in scores[1]),
+        "iterations": int(distributed.optimizer.iterations.numpy())}
+  # Keras cannot split 3 tasks over 2 replicas in fit: said up front.
+  with strategy.scope():
+    meta = dropout()
+  try:
+    meta.fit(tf.data.Dataset.from_tensors(tuple(four[0][i][:3]
+                                                for i in range(4))), verbose=0)
+    report["odd_fit"] = None
+  except ValueError as e:
+    report["odd_fit"] = str(e)
+  return report
+
+
+def _unequal_shares(strategy):
+  """``replica_meta_step`` with replica shares of 2 and 1 tasks (Dropout:
+  each replica draws what its tasks draw on one device) equals one device."""
+  import keras  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from maml_tf import MAML, TaskBatch  # pylint: disable=g-import-not-at-top
+  from maml_tf.core import distribute  # pylint: disable=g-import-not-at-top
+  from maml_tf.tasks import sinusoid  # pylint: disable=g-import-not-at-top
+
+  def build():
+    keras.utils.set_random_seed(9)
+    net = keras.Sequential([keras.Input((1,)),
+                            keras.layers.Dense(12, activation="tanh"),
+                            keras.layers.Dropout(0.3), keras.layers.Dense(1)])
+    return MAML(net, keras.losses.MeanSquaredError(), inner_lr=0.05,
+                meta_optimizer=keras.optimizers.SGD(0.2))
+  batch = sinusoid.sample_batch(3, 5, 5, np.random.default_rng(10))[0]
+  with strategy.scope():
+    maml = build()
+  batch = maml.prepare(batch)
+  bounds = ((0, 2), (2, 3))
+  local = strategy.experimental_distribute_values_from_function(
+      lambda ctx: TaskBatch(*(t[slice(*bounds[ctx.replica_id_in_sync_group])]
+                              for t in batch)))
+  plan = maml.plan(TaskBatch(*(t[:2] for t in batch)), distributed=True)
+
+  @tf.function
+  def step(local):
+    metrics, state, checked = strategy.run(
+        lambda b: distribute.replica_meta_step(maml, b, plan, True),
+        args=(local,))
+    distribute.write_replicated_state(maml, strategy, state, checked)
+    return [strategy.experimental_local_results(metrics)[i]
+            for i in range(2)]
+  got = step(local)
+  single = build()
+  want = single.train_step(batch)
+  return {
+      "metric_diff": max(abs(float(g[k]) - want[k]) for g in got
+                         for k in want),
+      "weight_diff": max(float(np.abs(a.numpy() - b.numpy()).max())
+                         for a, b in zip(maml.model.variables,
+                                         single.model.variables))}
+
+
 def _mirrored_main(out_path):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   cpu = tf.config.list_physical_devices("CPU")[0]
@@ -237,6 +356,8 @@ def _mirrored_main(out_path):
   report["nan_unchanged"] = _non_finite_step_changes_nothing(strategy, errors)
   report["errors"] = errors
   report.update(_reptile_and_steps(strategy))
+  report["meta_model"] = _meta_model_compare(strategy)
+  report["unequal_shares"] = _unequal_shares(strategy)
   with open(out_path, "w") as f:
     json.dump(report, f)
 
@@ -315,6 +436,19 @@ def test_mirrored_two_replicas_equal_one_device(tmp_path):
   assert steps["replica_tasks"] == [2, 2], steps
   assert steps["iterations"] == 3, steps
   assert steps["metric_diff"] < TOL and steps["weight_diff"] < TOL, steps
+  # keras.Model.fit under the strategy (MetaModel): the same meta-steps as
+  # one device (not R times the meta-gradient, Keras losses unscaled),
+  # BatchNorm statistics and Dropout draws included, also with replica
+  # shares of 2 and 1 tasks; evaluate likewise.
+  meta_model = dict(report["meta_model"])
+  assert "3 tasks" in (meta_model.pop("odd_fit") or ""), meta_model
+  # The replica step weighs each replica by its share of the tasks.
+  shares = report["unequal_shares"]
+  assert shares["metric_diff"] < TOL and shares["weight_diff"] < TOL, shares
+  for name, case in meta_model.items():
+    assert case["loss_diff"] < TOL and case["weight_diff"] < TOL, (name, case)
+    assert case["eval_diff"] < TOL and case["moved"] > 1e-3, (name, case)
+    assert case["iterations"] == {"conv_bn": 1}.get(name, 2), (name, case)
 
 
 def test_sinusoid_launcher_distributes_its_in_graph_steps(tmp_path):
