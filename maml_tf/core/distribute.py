@@ -423,7 +423,7 @@ def replica_tasks(local_batch: TaskBatch):
 
 
 def replica_meta_step(maml: MAML, local_batch: TaskBatch, plan,
-                      pre_update_metrics: bool):
+                      pre_update_metrics: bool, order_switch=None):
   """One replica's share of a distributed meta-step (in a replica context).
 
   What :class:`DistributedMAML` runs under ``strategy.run`` and
@@ -437,6 +437,12 @@ def replica_meta_step(maml: MAML, local_batch: TaskBatch, plan,
   shares. Random layers draw what these tasks draw in the whole meta-batch
   (replica ``r`` holds the tasks after those of replicas ``0 .. r-1``).
 
+  ``order_switch``: ``(use_first_order, first_order_plan)`` for MAML++'s
+  derivative-order annealing decided in the graph: the meta-gradient comes
+  from ``first_order_plan`` where the boolean tensor holds. Only the
+  gradients sit inside that ``tf.cond``: the replicas' synchronisation
+  points (all-reduce, the optimizer's update) cannot.
+
   Returns:
     ``(metrics, new_state, checked)``: the metrics and the non-trainable
     state (already the means over all tasks) for
@@ -445,12 +451,18 @@ def replica_meta_step(maml: MAML, local_batch: TaskBatch, plan,
   """
   context = tf.distribute.get_replica_context()
   first_task, share = replica_tasks(local_batch)
-  with unscaled_keras_losses():   # traced in the replica's own thread
-    if any(maml.inner_loop.seed_mask):
-      result = maml.compute_gradients(local_batch, plan, pre_update_metrics,
+  def gradients(plan):
+    with unscaled_keras_losses():   # traced in the replica's own thread
+      if any(maml.inner_loop.seed_mask):
+        return maml.compute_gradients(local_batch, plan, pre_update_metrics,
                                       first_task)
-    else:
-      result = maml.compute_gradients(local_batch, plan, pre_update_metrics)
+      return maml.compute_gradients(local_batch, plan, pre_update_metrics)
+  if order_switch is None:
+    result = gradients(plan)
+  else:
+    use_first_order, first_order_plan = order_switch
+    result = tf.cond(use_first_order, lambda: gradients(first_order_plan),
+                     lambda: gradients(plan))
   weigh = lambda t: t * tf.cast(share, t.dtype)
   # The Keras optimizer all-reduces gradients with SUM in a replica context.
   _, checks = maml.guarded_update([weigh(g) for g in result.grads], plan,

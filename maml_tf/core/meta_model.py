@@ -257,25 +257,36 @@ class MetaModel(keras.Model):
     batch = self._prepared(data)
     learner = self.learner
     context = tf.distribute.get_replica_context()
-    step = (self._replica_step if context is not None
-            and context.num_replicas_in_sync > 1 else self._meta_step)
-    if (learner.first_order or learner.first_order_until <= 0
-        or tf.executing_eagerly()):
-      metrics = step(batch, None)
-    else:   # MAML++'s derivative-order annealing, decided in the graph
+    # MAML++'s derivative-order annealing, decided in the graph.
+    switch = not (learner.first_order or learner.first_order_until <= 0
+                  or tf.executing_eagerly())
+    if context is not None and context.num_replicas_in_sync > 1:
+      metrics = self._replica_step(batch, switch)
+    elif not switch:
+      metrics = self._meta_step(batch, None)
+    else:
       metrics = tf.cond(
           learner.meta_optimizer.iterations < learner.first_order_until,
-          lambda: step(batch, True), lambda: step(batch, False))
+          lambda: self._meta_step(batch, True),
+          lambda: self._meta_step(batch, False))
     return self._update(self._logs(metrics))
 
-  def _replica_step(self, batch, first_order):
+  def _replica_step(self, batch, switch: bool):
     """This replica's share of the meta-step on its share of the tasks (the
     meta-gradient, metrics and BatchNorm statistics are the means over all
-    of them, as on one device: ``distribute.replica_meta_step``)."""
-    plan = self.learner.plan(batch, first_order=first_order,
-                             distributed=True).replace(xla=False)
+    of them, as on one device: ``distribute.replica_meta_step``); with
+    ``switch``, MAML++'s order decided in the graph."""
+    learner = self.learner
+    plan = lambda first_order: learner.plan(
+        batch, first_order=first_order, distributed=True).replace(xla=False)
+    order_switch = None
+    if switch:
+      order_switch = (
+          learner.meta_optimizer.iterations < learner.first_order_until,
+          plan(True))
     metrics, new_state, checked = distribute.replica_meta_step(
-        self.learner, batch, plan, self.pre_update_metrics)
+        learner, batch, plan(False if switch else None),
+        self.pre_update_metrics, order_switch=order_switch)
     tf.distribute.get_replica_context().merge_call(
         lambda strategy, state, ok: distribute.write_replicated_state(
             self.learner, strategy, state, ok), args=(new_state, checked))
@@ -334,7 +345,9 @@ class MetaModel(keras.Model):
   def test_step(self, data):
     """Query metrics after ``inner_steps`` steps of adaptation."""
     batch = self._prepared(data)
-    plan = self.learner.plan(batch).for_task_passes()
+    # No meta-gradient: first order (as MAML.evaluate; MAML++'s annealed
+    # order is not decided eagerly in Keras' compiled step).
+    plan = self.learner.plan(batch, first_order=True).for_task_passes()
     context = tf.distribute.get_replica_context()
     first_task = 0
     if (context is not None and context.num_replicas_in_sync > 1

@@ -247,13 +247,28 @@ def _meta_model_compare(strategy):
     meta.compile(optimizer=keras.optimizers.SGD(0.2))
     return meta
 
+  def mamlpp():
+    # First order for its first 2 of 6 steps (decided in the graph).
+    keras.utils.set_random_seed(2)
+    net = keras.Sequential([keras.Input((1,)),
+                            keras.layers.Dense(8, activation="tanh"),
+                            keras.layers.Dense(1)])
+    meta = MetaModel(net, "mse", algorithm="mamlpp", inner_lr=0.01,
+                     inner_steps=2, iterations=6)
+    meta.compile(optimizer=keras.optimizers.SGD(0.002))
+    assert meta.learner.first_order_until == 2
+    return meta
+
   four = [sinusoid.sample_batch(4, 5, 5, np.random.default_rng(s))[0]
           for s in (8, 9)]
+  six = [sinusoid.sample_batch(4, 5, 5, np.random.default_rng(s))[0]
+         for s in range(20, 26)]
   report = {}
   for name, make, batches in (("conv_bn", like("conv_bn"), cases["conv_bn"][1]),
                               ("sinusoid_mlp", like("sinusoid_mlp"),
                                cases["sinusoid_mlp"][1]),
-                              ("dropout", dropout, four)):
+                              ("dropout", dropout, four),
+                              ("mamlpp", mamlpp, six)):
     data = tf.data.Dataset.from_tensor_slices(tuple(
         np.stack([np.asarray(b[i]) for b in batches]) for i in range(4)))
     with strategy.scope():
@@ -448,7 +463,8 @@ def test_mirrored_two_replicas_equal_one_device(tmp_path):
   for name, case in meta_model.items():
     assert case["loss_diff"] < TOL and case["weight_diff"] < TOL, (name, case)
     assert case["eval_diff"] < TOL and case["moved"] > 1e-3, (name, case)
-    assert case["iterations"] == {"conv_bn": 1}.get(name, 2), (name, case)
+    assert case["iterations"] == {"conv_bn": 1, "mamlpp": 6}.get(name, 2), (
+        name, case)
 
 
 def test_sinusoid_launcher_distributes_its_in_graph_steps(tmp_path):

@@ -53,6 +53,12 @@ def test_fit_takes_the_steps_of_train_step(algorithm, options, tmp_path):
     np.testing.assert_allclose(a, b, atol=1e-6)
   for a, b in zip(learner.inner_lr_variables, meta.inner_lrs):
     np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-6)
+  # evaluate scores what MAML.evaluate scores (MAML++ too: its annealed
+  # derivative order is not asked for in Keras' compiled test step).
+  scores = meta.evaluate(_dataset(batches[:1]), verbose=0, return_dict=True)
+  want = learner.evaluate(TaskBatch(*batches[0]),
+                          steps=(learner.inner_steps,))["loss"][0]
+  np.testing.assert_allclose(scores["loss"], want, rtol=1e-5)
   # The weights file holds the learned step sizes too.
   other = MetaModel(_net(), "mse", algorithm=algorithm, iterations=6,
                     inner_lr=0.02, **options)
