@@ -146,9 +146,10 @@ class MetaModel(keras.Model):
         raise ValueError(
             f"MetaModel cannot be saved whole: its {what} ({value!r:.80}) is "
             f"not serialisable by Keras ({type(e).__name__}: {first:.200}). "
-            "Give it a get_config (a function: keras.saving."
-            "register_keras_serializable), or keep the weights only with "
-            "save_weights.") from e
+            + ("Give its class a get_config" if what == "model" else
+               "Use a keras.losses object or a function registered with "
+               "keras.saving.register_keras_serializable")
+            + ", or keep the weights only with save_weights.") from e
     return {"model": config.pop("model"), "loss": config.pop("loss"),
             "algorithm": algorithm, "iterations": iterations,
             "pre_update_metrics": self.pre_update_metrics,
