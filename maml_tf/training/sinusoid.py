@@ -150,7 +150,7 @@ PRESETS: Dict[str, Dict] = {
     "demo": {"iterations": 20000, "log_every": 2000, "eval_tasks": 600},
     # A tiny run for tests and smoke checks.
     "smoke": {"iterations": 300, "log_every": 100, "checkpoint_every": 100,
-              "eval_tasks": 50, "baseline_iterations": 300},
+              "eval_tasks": 50},
 }
 
 
