@@ -160,7 +160,8 @@ def _raw_variable(v):
   return v.value if isinstance(v, keras.Variable) else v
 
 
-def check_variables(maml: MAML, strategy: tf.distribute.Strategy) -> None:
+def check_variables(maml: MAML, strategy: tf.distribute.Strategy,
+                    hint: Optional[str] = None) -> None:
   """Raises ``ValueError`` unless ``maml`` was built under ``strategy.scope()``.
 
   Checks the model's variables, the learned inner step sizes, the
@@ -176,10 +177,11 @@ def check_variables(maml: MAML, strategy: tf.distribute.Strategy) -> None:
     ...   maml = MAML(model_fn(), "mse")
     >>> check_variables(maml, strategy)      # passes
   """
-  hint = ("Create the model, its meta-optimizer and the MAML learner under "
-          "`with strategy.scope():` (e.g. `with strategy.scope(): maml = "
-          "MAML(build_model(), loss, meta_optimizer=keras.optimizers.Adam())"
-          "`), then wrap it: DistributedMAML(maml, strategy).")
+  hint = hint or (
+      "Create the model, its meta-optimizer and the MAML learner under "
+      "`with strategy.scope():` (e.g. `with strategy.scope(): maml = "
+      "MAML(build_model(), loss, meta_optimizer=keras.optimizers.Adam())"
+      "`), then wrap it: DistributedMAML(maml, strategy).")
   groups = (("model", maml.model.variables),
             ("learned inner step size", maml.inner_lr_variables),
             ("meta-optimizer", maml.meta_optimizer.variables))
@@ -404,22 +406,31 @@ class DistributedMAML:
 
 
 def replica_tasks(local_batch: TaskBatch):
-  """``(first_task, share)`` of a replica's tasks (in a replica context):
-  the index of its first task in the whole meta-batch (replica ``r`` holds
-  the tasks after those of replicas ``0 .. r-1``) and its fraction of all
-  the tasks (a float64 scalar)."""
+  """``(first_task, share, tasks)`` of a replica's tasks (in a replica
+  context): the index of its first task in the whole meta-batch (replica
+  ``r`` holds the tasks after those of replicas ``0 .. r-1``), its fraction
+  of all the tasks (a float64 scalar) and its task count.
+
+  The replicas' counts come from one all-reduce (no all-gather, which some
+  cross-device backends lack). A replica without tasks is an error naming
+  the cause, raised before any of its work.
+  """
   context = tf.distribute.get_replica_context()
+  replicas = context.num_replicas_in_sync
   tasks = tf.shape(tf.nest.flatten(local_batch.support_y)[0])[0]
-  counts = context.all_gather(tf.reshape(tasks, [1]), axis=0)
-  tf.debugging.assert_positive(
+  check = tf.debugging.assert_positive(
       tasks, message=(
           "a replica got no tasks: the meta-batch holds fewer tasks than the "
           "strategy's replicas (strategy.num_replicas_in_sync)"))
+  with tf.control_dependencies([check]):
+    tasks = tf.identity(tasks)
+  mine = tf.one_hot(context.replica_id_in_sync_group, replicas,
+                    dtype=tf.float64) * tf.cast(tasks, tf.float64)
+  counts = context.all_reduce(tf.distribute.ReduceOp.SUM, mine)
   first_task = tf.cast(
       tf.reduce_sum(counts[:context.replica_id_in_sync_group]), tf.int64)
-  share = tf.cast(tasks, tf.float64) / tf.cast(tf.reduce_sum(counts),
-                                               tf.float64)
-  return first_task, share
+  share = tf.cast(tasks, tf.float64) / tf.reduce_sum(counts)
+  return first_task, share, tasks
 
 
 def replica_meta_step(maml: MAML, local_batch: TaskBatch, plan,
@@ -450,7 +461,7 @@ def replica_meta_step(maml: MAML, local_batch: TaskBatch, plan,
     replica's finite checks passed.
   """
   context = tf.distribute.get_replica_context()
-  first_task, share = replica_tasks(local_batch)
+  first_task, share, _ = replica_tasks(local_batch)
   def gradients(plan):
     with unscaled_keras_losses():   # traced in the replica's own thread
       if any(maml.inner_loop.seed_mask):

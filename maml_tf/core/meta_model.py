@@ -141,6 +141,10 @@ class MetaModel(keras.Model):
     for what, value in parts.items():
       try:
         config[what] = keras.saving.serialize_keras_object(value)
+        if what != "model" and not isinstance(value, str):
+          # Keras writes some things it cannot read back (an unregistered
+          # function, a lambda): found here, not at load time.
+          keras.saving.deserialize_keras_object(config[what])
       except (NotImplementedError, TypeError, ValueError) as e:
         first = " ".join(str(e).split()).split(". ")[0]
         raise ValueError(
@@ -178,6 +182,14 @@ class MetaModel(keras.Model):
                          "meta-objective is MAML's (give the task loss to "
                          "MetaModel(model, loss))")
     algorithm, loss, iterations, options = self._learner_args
+    strategy = self.distribute_strategy
+    distributed = not keras_compat.is_default_strategy(strategy)
+    if distributed and jit_compile:
+      raise ValueError(
+          "MetaModel under a tf.distribute strategy runs without XLA: the "
+          "replicas' synchronisation points (the optimizer's all-reduce) "
+          "cannot sit inside the compiled step's guard; use "
+          "compile(jit_compile=False)")
     optimizer = keras.optimizers.get(optimizer)
     if (keras.config.dtype_policy().name == "mixed_float16"
         and not isinstance(optimizer, keras.optimizers.LossScaleOptimizer)):
@@ -188,13 +200,16 @@ class MetaModel(keras.Model):
     first_order = options.pop("first_order", False)
     learning_rate = float(keras.ops.convert_to_numpy(
         getattr(optimizer, "learning_rate", 1e-3)))
-    self.learner = family.make_learner(
-        algorithm, self.net, loss, inner_lr=inner_lr, inner_steps=inner_steps,
-        meta_lr=learning_rate, iterations=iterations, first_order=first_order,
-        meta_optimizer=optimizer, **options)
-    strategy = tf.distribute.get_strategy()
-    if not keras_compat.is_default_strategy(strategy):
-      distribute.check_variables(self.learner, strategy)
+    with strategy.scope():   # learned step sizes and optimizer slots
+      self.learner = family.make_learner(
+          algorithm, self.net, loss, inner_lr=inner_lr,
+          inner_steps=inner_steps, meta_lr=learning_rate,
+          iterations=iterations, first_order=first_order,
+          meta_optimizer=optimizer, **options)
+    if distributed:
+      distribute.check_variables(self.learner, strategy, hint=(
+          "Build the model, the MetaModel and its optimizer under "
+          "`with strategy.scope():` and compile there."))
     # Tracked, so that weights files and checkpoints hold them.
     self.inner_lrs = list(self.learner.inner_lr_variables)
     accuracy = self.learner.accuracy
@@ -228,10 +243,12 @@ class MetaModel(keras.Model):
     """The running means ``fit`` and ``evaluate`` report (reset per epoch)."""
     return list(getattr(self, "trackers", []))
 
-  def _update(self, values):
+  def _update(self, values, weight=None):
     for tracker in self.trackers:
       if tracker.name in values:
-        tracker.update_state(values[tracker.name])
+        value = values[tracker.name]
+        tracker.update_state(value, sample_weight=None if weight is None
+                             else tf.cast(weight, value.dtype))
     return {t.name: t.result() for t in self.trackers}
 
   def _check_compiled(self):
@@ -257,11 +274,10 @@ class MetaModel(keras.Model):
     ``tf.distribute`` strategy each replica's share of it)."""
     batch = self._prepared(data)
     learner = self.learner
-    context = tf.distribute.get_replica_context()
     # MAML++'s derivative-order annealing, decided in the graph.
     switch = not (learner.first_order or learner.first_order_until <= 0
                   or tf.executing_eagerly())
-    if context is not None and context.num_replicas_in_sync > 1:
+    if self._replicated():
       metrics = self._replica_step(batch, switch)
     elif not switch:
       metrics = self._meta_step(batch, None)
@@ -271,6 +287,12 @@ class MetaModel(keras.Model):
           lambda: self._meta_step(batch, True),
           lambda: self._meta_step(batch, False))
     return self._update(self._logs(metrics))
+
+  def _replicated(self) -> bool:
+    """In a replica context of a strategy other than the default one (one
+    replica too: its optimizer's update is a synchronisation point)."""
+    return (tf.distribute.get_replica_context() is not None
+            and not keras_compat.is_default_strategy(self.distribute_strategy))
 
   def _replica_step(self, batch, switch: bool):
     """This replica's share of the meta-step on its share of the tasks (the
@@ -326,8 +348,10 @@ class MetaModel(keras.Model):
 
   def _check_splits(self, data):
     """Under a strategy of R replicas Keras gives each replica 1/R of every
-    meta-batch and cannot split one unevenly: a ``tf.data.Dataset`` whose
-    task count is known is checked here, with a clear message."""
+    meta-batch, and it builds the model from the replicas' first meta-batches
+    averaged, which fails when they differ in size: a ``tf.data.Dataset``
+    whose task count is known is checked here, with a clear message. (Later
+    unequal shares, e.g. a last partial batch, are weighed correctly.)"""
     replicas = self.distribute_strategy.num_replicas_in_sync
     if replicas <= 1 or not isinstance(data, tf.data.Dataset):
       return
@@ -349,15 +373,18 @@ class MetaModel(keras.Model):
     # No meta-gradient: first order (as MAML.evaluate; MAML++'s annealed
     # order is not decided eagerly in Keras' compiled step).
     plan = self.learner.plan(batch, first_order=True).for_task_passes()
-    context = tf.distribute.get_replica_context()
-    first_task = 0
-    if (context is not None and context.num_replicas_in_sync > 1
-        and any(self.learner.inner_loop.seed_mask)):
+    first_task, tasks = 0, None
+    if self._replicated():
       # Random layers draw what these tasks draw on one device.
-      first_task, _ = distribute.replica_tasks(batch)
+      first_task, _, tasks = distribute.replica_tasks(batch)
     with keras_compat.unscaled_keras_losses():   # per-task means, unscaled
       out = self.learner.task_metrics(batch, plan, first_task=first_task)
-    return self._update({k: tf.reduce_mean(v[:, -1]) for k, v in out.items()})
+    if tasks is None:
+      tasks = tf.shape(out["loss"])[0]
+    # Weighed by tasks: replicas (and meta-batches) of unequal sizes average
+    # to the mean over every task.
+    return self._update({k: tf.reduce_mean(v[:, -1]) for k, v in out.items()},
+                        weight=tasks)
 
   def predict_step(self, data):
     x = data[0] if isinstance(data, tuple) and len(data) == 1 else data

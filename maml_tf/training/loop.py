@@ -248,8 +248,9 @@ def meta_train(learner, batch_for_step: Callable[[int], object],
         t_call = time.perf_counter()
         # MAML++'s derivative-order switch makes the steps after it another
         # kind of call (traced anew).
-        order = (learner.first_order_now()
-                 if getattr(learner, "first_order_until", 0) > 0 else None)
+        inner = getattr(learner, "maml", learner)   # DistributedMAML's
+        order = (inner.first_order_now()
+                 if getattr(inner, "first_order_until", 0) > 0 else None)
         # Steps in this call: up to the next log/eval/checkpoint boundary.
         if in_graph:
           n = min([steps_per_call, iterations - it] +

@@ -213,8 +213,9 @@ def _non_finite_step_changes_nothing(strategy, errors):
 
 def _meta_model_compare(strategy):
   """``MetaModel.fit`` / ``evaluate`` under the strategy against one device:
-  the conv + BatchNorm and sinusoid cases, and a Dropout MLP on 3 tasks
-  (replica shares of 2 and 1)."""
+  the conv + BatchNorm and sinusoid cases, a Dropout MLP, MAML++ across its
+  switch (also under a one-replica strategy), and conv + BatchNorm on a
+  stream whose second meta-batch (3 tasks) splits into shares of 2 and 1."""
   import keras  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from maml_tf import MetaModel  # pylint: disable=g-import-not-at-top
@@ -264,14 +265,21 @@ def _meta_model_compare(strategy):
   six = [sinusoid.sample_batch(4, 5, 5, np.random.default_rng(s))[0]
          for s in range(20, 26)]
   report = {}
-  for name, make, batches in (("conv_bn", like("conv_bn"), cases["conv_bn"][1]),
-                              ("sinusoid_mlp", like("sinusoid_mlp"),
-                               cases["sinusoid_mlp"][1]),
-                              ("dropout", dropout, four),
-                              ("mamlpp", mamlpp, six)):
-    data = tf.data.Dataset.from_tensor_slices(tuple(
-        np.stack([np.asarray(b[i]) for b in batches]) for i in range(4)))
-    with strategy.scope():
+  stack = lambda batches: tf.data.Dataset.from_tensor_slices(tuple(
+      np.stack([np.asarray(b[i]) for b in batches]) for i in range(4)))
+  images = cases["conv_bn"][1][0]
+  uneven = tf.data.Dataset.from_tensors(tuple(images)).concatenate(
+      tf.data.Dataset.from_tensors(tuple(t[1:] for t in images)))
+  one_replica = tf.distribute.MirroredStrategy(["/cpu:0"])
+  for name, make, data, scope in (
+      ("conv_bn", like("conv_bn"), stack(cases["conv_bn"][1]), strategy),
+      ("sinusoid_mlp", like("sinusoid_mlp"), stack(cases["sinusoid_mlp"][1]),
+       strategy),
+      ("dropout", dropout, stack(four), strategy),
+      ("mamlpp", mamlpp, stack(six), strategy),
+      ("mamlpp_one_replica", mamlpp, stack(six), one_replica),
+      ("conv_bn_uneven", like("conv_bn"), uneven, strategy)):
+    with scope.scope():
       distributed = make()
     single = make()
     start = [v.numpy() for v in single.variables]
@@ -463,8 +471,9 @@ def test_mirrored_two_replicas_equal_one_device(tmp_path):
   for name, case in meta_model.items():
     assert case["loss_diff"] < TOL and case["weight_diff"] < TOL, (name, case)
     assert case["eval_diff"] < TOL and case["moved"] > 1e-3, (name, case)
-    assert case["iterations"] == {"conv_bn": 1, "mamlpp": 6}.get(name, 2), (
-        name, case)
+    assert case["iterations"] == {"conv_bn": 1, "mamlpp": 6,
+                                  "mamlpp_one_replica": 6}.get(name, 2), (
+                                      name, case)
 
 
 def test_sinusoid_launcher_distributes_its_in_graph_steps(tmp_path):

@@ -274,3 +274,10 @@ def test_a_meta_model_keras_cannot_save_whole_says_which_part(tmp_path):
                      r"save_weights"):
     meta.save(str(tmp_path / "meta.keras"))
   meta.save_weights(str(tmp_path / "meta.weights.h5"))   # still possible
+  # A plain function loss Keras would write but could not read back.
+  def squared(y, p):
+    return tf.reduce_mean((y - p) ** 2)
+  meta = MetaModel(_net(), squared, inner_lr=0.01)
+  meta.compile(optimizer="adam")
+  with pytest.raises(ValueError, match=r"its loss .*registered with"):
+    meta.save(str(tmp_path / "meta.keras"))
