@@ -154,6 +154,9 @@ class MAML:
     self.model = functional.ensure_built(model)
     self.loss_fn = losses.as_loss_fn(loss)
     self._class_indices = losses.takes_class_indices(loss)
+    mismatch = losses.logits_mismatch(loss, self.model)
+    if mismatch:
+      warnings.warn(mismatch, UserWarning, stacklevel=2)
     try:
       outputs = model.outputs
     except (AttributeError, ValueError):    # subclassed: no graph

@@ -12,7 +12,7 @@
   (MAML++'s annealed multi-step loss, else the last step's loss).
 """
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import keras
 import tensorflow as tf
@@ -116,6 +116,81 @@ def takes_class_indices(loss) -> bool:
   if isinstance(loss, keras.losses.SparseCategoricalCrossentropy):
     return True
   return loss is keras.losses.sparse_categorical_crossentropy
+
+
+# Keras' cross-entropies: they take probabilities unless from_logits=True.
+_CROSS_ENTROPIES = ("sparse_categorical_crossentropy",
+                    "categorical_crossentropy", "binary_crossentropy",
+                    "categorical_focal_crossentropy",
+                    "binary_focal_crossentropy")
+_PROBABILITY_ACTIVATIONS = ("softmax", "sigmoid")
+
+
+def _cross_entropy(loss) -> Optional[Tuple[str, bool]]:
+  """``(name, from_logits)`` if ``loss`` is one of Keras' cross-entropies,
+  else None."""
+  if isinstance(loss, str):
+    fn = keras.losses.get(loss)
+    return ((loss, False) if getattr(fn, "__name__", "") in _CROSS_ENTROPIES
+            else None)
+  if getattr(loss, "__name__", None) in _CROSS_ENTROPIES:
+    return loss.__name__, False          # a Keras loss function
+  parts = (keras_compat.loss_function_parts(loss)
+           if isinstance(loss, keras.losses.Loss) else None)
+  if parts is not None and getattr(parts[0], "__name__", "") in (
+      _CROSS_ENTROPIES):
+    return type(loss).__name__, bool(parts[1].get("from_logits", False))
+  return None
+
+
+def _output_activation(model) -> Optional[Tuple[str, str]]:
+  """``(layer name, activation name)`` of a Sequential or functional
+  model's last layer (nested models followed); None where the layers do not
+  say (a subclassed model, a layer without an activation)."""
+  try:
+    if not model.outputs or len(model.outputs) != 1:
+      return None
+  except (AttributeError, ValueError):      # subclassed: no layer graph
+    return None
+  layer = model.layers[-1]
+  if isinstance(layer, keras.Model):
+    return _output_activation(layer)
+  if isinstance(layer, keras.layers.Softmax):
+    return layer.name, "softmax"
+  activation = getattr(layer, "activation", None)
+  name = activation if isinstance(activation, str) else getattr(
+      activation, "__name__", None)
+  return (layer.name, name) if name else None
+
+
+def logits_mismatch(loss, model) -> Optional[str]:
+  """Why ``loss`` looks wrong for ``model``'s outputs, else None.
+
+  A Keras cross-entropy on probabilities (its default,
+  ``from_logits=False``, e.g. ``"sparse_categorical_crossentropy"``) on a
+  model whose last layer has no softmax or sigmoid (logits) trains on
+  clipped nonsense without an error; one with ``from_logits=True`` on a
+  softmax or sigmoid output squashes twice. The message names the loss,
+  the layer and the fix.
+  """
+  found = _cross_entropy(loss)
+  output = _output_activation(model) if found else None
+  if output is None:
+    return None
+  (name, from_logits), (layer, activation) = found, output
+  probabilities = activation in _PROBABILITY_ACTIVATIONS
+  if not from_logits and not probabilities:
+    return (f"maml_tf: the loss {name} takes probabilities "
+            f"(from_logits=False), but the model's last layer {layer!r} has "
+            f"activation {activation!r}: its outputs are logits. Use e.g. "
+            "keras.losses.SparseCategoricalCrossentropy(from_logits=True), "
+            "or end the model in a softmax")
+  if from_logits and probabilities:
+    return (f"maml_tf: the loss {name} takes logits (from_logits=True), but "
+            f"the model's last layer {layer!r} ends in {activation!r}: its "
+            "outputs are probabilities. Drop that activation, or use "
+            "from_logits=False")
+  return None
 
 
 def check_class_labels(name: str, labels, num_classes) -> None:

@@ -51,3 +51,30 @@ def test_per_task_losses_without_a_task_loop(loss, labels):
     keras.losses.SparseCategoricalCrossentropy(ignore_class=0)])
 def test_other_losses_keep_the_task_loop(loss):
   assert losses.per_task_loss_fn(loss) is None
+
+
+def test_a_cross_entropy_that_does_not_fit_the_output_layer_is_named():
+  """Keras' default from_logits=False on logits (or from_logits=True on a
+  softmax) trains without an error on the wrong loss: the learner warns,
+  naming the loss, the layer and the fix."""
+  import warnings  # pylint: disable=g-import-not-at-top
+  from maml_tf import MAML  # pylint: disable=g-import-not-at-top
+  logits = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="head")])
+  probs = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3),
+                            keras.layers.Softmax(name="probs")])
+
+  def warned(model, loss):
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always")
+      MAML(model, loss, inner_lr=0.1)
+    return [str(w.message) for w in caught if "maml_tf: the loss" in
+            str(w.message)]
+  got = warned(logits, "sparse_categorical_crossentropy")
+  assert len(got) == 1 and "'head'" in got[0] and "from_logits=True" in got[0]
+  assert warned(logits, keras.losses.SparseCategoricalCrossentropy())
+  assert not warned(logits, keras.losses.SparseCategoricalCrossentropy(
+      from_logits=True))
+  assert not warned(probs, "sparse_categorical_crossentropy")
+  got = warned(probs, keras.losses.CategoricalCrossentropy(from_logits=True))
+  assert len(got) == 1 and "'probs'" in got[0] and "probabilities" in got[0]
+  assert not warned(logits, "mse")
