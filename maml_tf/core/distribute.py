@@ -462,6 +462,7 @@ def replica_meta_step(maml: MAML, local_batch: TaskBatch, plan,
   """
   context = tf.distribute.get_replica_context()
   first_task, share, _ = replica_tasks(local_batch)
+
   def gradients(plan):
     with unscaled_keras_losses():   # traced in the replica's own thread
       if any(maml.inner_loop.seed_mask):
