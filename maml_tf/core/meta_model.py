@@ -286,7 +286,10 @@ class MetaModel(keras.Model):
           learner.meta_optimizer.iterations < learner.first_order_until,
           lambda: self._meta_step(batch, True),
           lambda: self._meta_step(batch, False))
-    return self._update(self._logs(metrics))
+    # Weighed by tasks, as Keras weighs its loss by batch size (the metrics
+    # are the means over the whole meta-batch, on every replica).
+    tasks = tf.shape(tf.nest.flatten(batch.support_y)[0])[0]
+    return self._update(self._logs(metrics), weight=tasks)
 
   def _replicated(self) -> bool:
     """In a replica context of a strategy other than the default one (one
