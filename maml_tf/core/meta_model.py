@@ -22,6 +22,12 @@ path and family member with :class:`maml_tf.MAML`'s numbers. The logs hold
 
 * ``optimizer`` is the meta-optimizer. Under ``mixed_float16`` it is
   wrapped in a ``LossScaleOptimizer``, as ``keras.Model.compile`` does.
+* Under a ``tf.distribute`` strategy (the model and the MetaModel built in
+  its scope) each replica runs its share of every meta-batch through
+  ``distribute.replica_meta_step``, as ``DistributedMAML`` does: ``fit`` and
+  ``evaluate`` give the single-device numbers. A meta-batch whose task count
+  is known and not a multiple of the replicas is refused; ``jit_compile``
+  must stay False.
 * ``jit_compile`` defaults to False (XLA over the meta-step is the
   learner's ``jit_compile`` option). With ``jit_compile=True``, a step whose
   loss or meta-gradient is not finite leaves every variable as it was and
