@@ -128,16 +128,16 @@ def unscaled_keras_losses() -> Iterator[None]:
   """
   try:
     from keras.src.losses import loss as loss_module  # pylint: disable=g-import-not-at-top
-    original = loss_module.scale_loss_for_distribution
+    if not hasattr(loss_module, "scale_loss_for_distribution"):
+      raise AttributeError("scale_loss_for_distribution")
   except (ImportError, AttributeError):  # pragma: no cover - other Keras
     warnings.warn(
         "maml_tf could not turn off Keras' 1/num_replicas loss scaling; with "
         f"Keras {keras.__version__}, keras.losses.Loss objects may be divided "
-        "by the number of replicas in DistributedMAML (plain loss functions "
-        "such as 'mse' are not affected).")
+        "by the number of replicas in distributed meta-steps (plain loss "
+        "functions such as 'mse' are not affected).")
     yield
     return
-  del original
   with _LOSS_SCALE_LOCK:
     if _loss_scale_patch["depth"] == 0:
       _loss_scale_patch["original"] = loss_module.scale_loss_for_distribution

@@ -242,15 +242,15 @@ def meta_train(learner, batch_for_step: Callable[[int], object],
   t_timed = None                   # the clock of the steps after compiling
   first_steps = 0
   traced = set()                   # kinds of call made (each traces once)
+  # MAML++'s derivative-order switch makes the steps after it another kind
+  # of call (traced anew).
+  inner = getattr(learner, "maml", learner)   # DistributedMAML's learner
+  anneals_order = getattr(inner, "first_order_until", 0) > 0
   with interrupts.StopRequest() as stop:
     try:
       while it < iterations:
         t_call = time.perf_counter()
-        # MAML++'s derivative-order switch makes the steps after it another
-        # kind of call (traced anew).
-        inner = getattr(learner, "maml", learner)   # DistributedMAML's
-        order = (inner.first_order_now()
-                 if getattr(inner, "first_order_until", 0) > 0 else None)
+        order = inner.first_order_now() if anneals_order else None
         # Steps in this call: up to the next log/eval/checkpoint boundary.
         if in_graph:
           n = min([steps_per_call, iterations - it] +
