@@ -11,7 +11,10 @@
 
 Elements of the dataset (a ``tf.data.Dataset``, a generator or a
 ``keras.utils.PyDataset``) are :class:`maml_tf.TaskBatch` es or
-``(support_x, support_y, query_x, query_y)`` tuples. Each ``fit`` step is
+``(support_x, support_y, query_x, query_y)`` tuples; NumPy arrays of many
+tasks are cut into meta-batches of ``batch_size`` tasks, and
+``train_on_batch``/``test_on_batch`` take one meta-batch. ``y``,
+``sample_weight`` and ``class_weight`` are refused. Each ``fit`` step is
 :meth:`maml_tf.MAML.meta_step` on one element, so it runs every execution
 path and family member with :class:`maml_tf.MAML`'s numbers. The logs hold
 ``loss`` (the query loss after adaptation) and, for classification,
@@ -60,19 +63,50 @@ from maml_tf.core import numerics
 from maml_tf.core.task_batch import TaskBatch
 
 
+_NO_WEIGHTS = (
+    "the meta-objective is the mean query loss over the tasks of a "
+    "meta-batch; weigh examples or classes inside the task loss given to "
+    "MetaModel(model, loss)")
+
+
 def as_task_batch(data) -> TaskBatch:
-  """A dataset element as a :class:`TaskBatch`."""
+  """A dataset element as a :class:`TaskBatch`.
+
+  Keras' packings of ``x`` alone (``(x,)``, ``(x, None, None)``: arrays
+  given to ``fit``, ``train_on_batch``) are unpacked; a ``y`` or sample
+  weight beside ``x`` is refused.
+  """
   if isinstance(data, TaskBatch):
     return data
   if isinstance(data, dict) and set(data) == set(TaskBatch._fields):
     return TaskBatch(**data)
   if isinstance(data, (tuple, list)) and len(data) == 4:
     return TaskBatch(*data)
+  if isinstance(data, (tuple, list)) and 1 <= len(data) <= 3:
+    if all(part is None for part in data[1:]):
+      return as_task_batch(data[0])
+    raise ValueError(
+        "MetaModel takes each meta-batch as x alone (a TaskBatch or a "
+        "(support_x, support_y, query_x, query_y) tuple), with no y or "
+        f"sample_weight beside it: {_NO_WEIGHTS}")
   raise ValueError(
       "MetaModel takes datasets whose elements are TaskBatch or "
       "(support_x, support_y, query_x, query_y) tuples; got "
       f"{type(data).__name__} of {len(data) if hasattr(data, '__len__') else '?'}"
       " parts")
+
+
+def _refuse_targets(method, args, kwargs, names):
+  """A ``ValueError`` where ``y``, ``class_weight`` or ``sample_weight``
+  (``names``: Keras' positions of ``method``'s arguments after ``x``) is
+  given: a MetaModel's data carries its own query labels."""
+  given = [name for i, name in enumerate(names) if name and (
+      (i < len(args) and args[i] is not None)
+      or kwargs.get(name) is not None)]
+  if given:
+    raise ValueError(
+        f"MetaModel.{method} takes no {' or '.join(given)}: x holds the "
+        f"tasks' support and query labels, and {_NO_WEIGHTS}")
 
 
 class _TaskBatchPyDataset(keras.utils.PyDataset):
@@ -342,6 +376,8 @@ class MetaModel(keras.Model):
     """``keras.Model.fit``; a ``keras.utils.PyDataset`` (also as
     ``validation_data``) may yield TaskBatches or 4-tuples, and ``shuffle``
     defaults to False (each element is a meta-batch drawn at random)."""
+    _refuse_targets("fit", args, kwargs, ("y",) + (None,) * 7 + (
+        "class_weight", "sample_weight"))
     if "validation_data" in kwargs:
       kwargs["validation_data"] = _keras_ready(kwargs["validation_data"])
       self._check_splits(kwargs["validation_data"])
@@ -352,8 +388,21 @@ class MetaModel(keras.Model):
 
   def evaluate(self, x=None, *args, **kwargs):
     """``keras.Model.evaluate`` (a ``PyDataset`` as in :meth:`fit`)."""
+    _refuse_targets("evaluate", args, kwargs,
+                    ("y", None, None, "sample_weight"))
     self._check_splits(x)
     return super().evaluate(_keras_ready(x), *args, **kwargs)
+
+  def train_on_batch(self, x, *args, **kwargs):
+    """``keras.Model.train_on_batch`` on one meta-batch ``x``."""
+    _refuse_targets("train_on_batch", args, kwargs,
+                    ("y", "sample_weight", "class_weight"))
+    return super().train_on_batch(x, *args, **kwargs)
+
+  def test_on_batch(self, x, *args, **kwargs):
+    """``keras.Model.test_on_batch`` on one meta-batch ``x``."""
+    _refuse_targets("test_on_batch", args, kwargs, ("y", "sample_weight"))
+    return super().test_on_batch(x, *args, **kwargs)
 
   def _check_splits(self, data):
     """Under a strategy of R replicas Keras gives each replica 1/R of every

@@ -281,3 +281,38 @@ def test_a_meta_model_keras_cannot_save_whole_says_which_part(tmp_path):
   meta.compile(optimizer="adam")
   with pytest.raises(ValueError, match=r"its loss .*registered with"):
     meta.save(str(tmp_path / "meta.keras"))
+
+
+def test_arrays_and_single_batches_as_keras_takes_them():
+  """fit/evaluate on NumPy arrays of tasks (batch_size: the meta-batch) and
+  train_on_batch/test_on_batch on one meta-batch take the dataset's steps;
+  a y, sample_weight or class_weight is refused, naming it."""
+  batches = _batches(7, 3, tasks=4)
+  metas = [MetaModel(_net(), "mse", inner_lr=0.02) for _ in range(3)]
+  for meta in metas:
+    meta.compile(optimizer=keras.optimizers.Adam(3e-3))
+  arrays = tuple(np.concatenate([b[i] for b in batches]) for i in range(4))
+  assert arrays[0].shape == (12, 10, 1)
+  metas[0].fit(_dataset(batches), verbose=0)
+  metas[1].fit(arrays, batch_size=4, verbose=0)
+  trained = [metas[2].train_on_batch(TaskBatch(*b), return_dict=True)
+             for b in batches]
+  assert np.isfinite([t["loss"] for t in trained]).all()
+  for meta in metas[1:]:
+    assert int(meta.optimizer.iterations.numpy()) == 3
+    for a, b in zip(metas[0].net.get_weights(), meta.net.get_weights()):
+      np.testing.assert_allclose(a, b, atol=1e-6)
+  want = metas[0].evaluate(_dataset(batches[:1]), verbose=0)
+  assert metas[1].evaluate(tuple(a[:4] for a in arrays), batch_size=4,
+                           verbose=0) == pytest.approx(want, rel=1e-6)
+  assert metas[2].test_on_batch(batches[0]) == pytest.approx(want, rel=1e-6)
+  meta = metas[0]
+  with pytest.raises(ValueError, match="fit takes no class_weight"):
+    meta.fit(_dataset(batches), class_weight={0: 1.0}, verbose=0)
+  with pytest.raises(ValueError, match="fit takes no y"):
+    meta.fit(arrays, np.zeros(12), verbose=0)
+  with pytest.raises(ValueError, match="evaluate takes no sample_weight"):
+    meta.evaluate(arrays, sample_weight=np.ones(12), verbose=0)
+  with pytest.raises(ValueError, match="train_on_batch takes no y"):
+    meta.train_on_batch(batches[0], np.zeros(4))
+  assert int(meta.optimizer.iterations.numpy()) == 3   # nothing ran
