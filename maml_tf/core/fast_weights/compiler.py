@@ -4,8 +4,9 @@ Every layer becomes one ``_Op`` over all tasks (the kernels of
 :mod:`~maml_tf.core.fast_weights.kernels` and
 :mod:`~maml_tf.core.fast_weights.normalization`); a model becomes a
 ``_Program`` of them, wrapped in a :class:`BatchedModel`. Layers without
-per-task weights (pooling, Flatten, activations, Add, Concatenate) merge the
-task and example axes and run TF's own ops once.
+per-task weights (pooling, Flatten, activations, Add, Concatenate, the
+weightless per-example layers) merge the task and example axes and run TF's
+own ops once.
 """
 
 import math
@@ -110,6 +111,17 @@ class _Flatten(_Op):
     return tf.reshape(x, _dims(x)[:2] + [size])
 
 
+class _PerExample(_Op):
+  """Weightless layers acting on each example alone: the layer's own
+  ``call`` once, over the merged task and example axes."""
+
+  def __call__(self, ctx, inputs):
+    merged = [_merge_task_axis(x) for x in inputs]
+    values = [m for m, _ in merged]
+    y = self.layer.call(values[0] if len(values) == 1 else values)
+    return merged[0][1](y)
+
+
 class _Add(_Op):
 
   def __call__(self, ctx, inputs):
@@ -147,6 +159,23 @@ class _Program(_Op):
 # ---------------------------------------------------------------- compiler
 _ELEMENTWISE = (keras.layers.Activation, keras.layers.ReLU,
                 keras.layers.LeakyReLU, keras.layers.ELU)
+# No trainable weights, no batch statistics, no randomness: each example's
+# output depends on that example alone (Normalization's mean and variance
+# are constants of the layer once adapted or given).
+_PER_EXAMPLE = (
+    keras.layers.Rescaling, keras.layers.Normalization, keras.layers.Identity,
+    keras.layers.Reshape, keras.layers.Permute, keras.layers.ZeroPadding2D,
+    keras.layers.Cropping2D, keras.layers.GlobalAveragePooling1D,
+    keras.layers.GlobalMaxPooling1D, keras.layers.GlobalAveragePooling2D,
+    keras.layers.GlobalMaxPooling2D, keras.layers.Subtract,
+    keras.layers.Multiply, keras.layers.Average, keras.layers.Maximum,
+    keras.layers.Minimum)
+_SUPPORTED = (
+    "InputLayer, Dense, Conv2D, BatchNormalization, LayerNormalization, "
+    "MaxPooling2D, AveragePooling2D, Flatten, Activation, ReLU, LeakyReLU, "
+    "ELU, Softmax, Dropout (rate 0), Add, Concatenate, "
+    + ", ".join(k.__name__ for k in _PER_EXAMPLE)
+    + " and nested Sequential/functional models")
 
 
 class _Compiler:
@@ -249,12 +278,10 @@ class _Compiler:
       if layer.axis == 0:
         raise _unsupported(layer, "concatenation along the batch axis")
       return _Concatenate(layer)
+    if kind in _PER_EXAMPLE:
+      return _PerExample(layer)
     raise _unsupported(layer, "this layer type is not supported (supported: "
-                       "InputLayer, Dense, Conv2D, BatchNormalization, "
-                       "LayerNormalization, MaxPooling2D, AveragePooling2D, "
-                       "Flatten, Activation, ReLU, LeakyReLU, ELU, Softmax, "
-                       "Dropout, Add, Concatenate and nested Sequential/"
-                       "functional models)")
+                       f"{_SUPPORTED})")
 
   def compile_model(self, model) -> _Program:
     if isinstance(model, keras.Sequential):
@@ -381,8 +408,10 @@ def compile_batched(model: keras.Model, conv_impl: str = "auto",
       InputLayer, Dense, Conv2D (channels_last, dilation 1, groups 1, 'same'
       or 'valid'), BatchNormalization and LayerNormalization (last axis),
       MaxPooling2D, AveragePooling2D, Flatten, Activation, ReLU, LeakyReLU,
-      ELU, Softmax (last axis), Dropout (rate 0 only), Add and
-      Concatenate.
+      ELU, Softmax (last axis), Dropout (rate 0 only), Add, Concatenate
+      and the weightless per-example layers (Rescaling, Normalization,
+      Identity, Reshape, Permute, ZeroPadding2D, Cropping2D, global
+      pooling, Subtract, Multiply, Average, Maximum, Minimum).
     conv_impl: ``'auto'``, ``'patches'``, ``'grouped'`` or ``'map'`` (see
       :mod:`maml_tf.core.fast_weights`).
     fold_conv_batchnorm: in training mode, fold a Conv2D with few inputs

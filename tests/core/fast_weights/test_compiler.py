@@ -102,11 +102,35 @@ def _odd_fold(dtype):
       L.Dense(3, dtype=dtype)], name="odd_fold")
 
 
+def _preprocessed(dtype):
+  """Weightless per-example layers: Normalization (adapted), Rescaling,
+  padding and cropping, elementwise merges, reshapes and global pooling."""
+  inp = keras.Input((6, 6, 2), dtype=dtype)
+  norm = L.Normalization(dtype=dtype)
+  norm.adapt(np.random.default_rng(5).normal(2.0, 3.0, (20, 6, 6, 2)).astype(
+      dtype))
+  a = L.Rescaling(0.5, offset=0.1, dtype=dtype)(norm(inp))
+  a = L.Conv2D(3, 3, activation="tanh", dtype=dtype)(
+      L.ZeroPadding2D(1, dtype=dtype)(a))                       # 6x6x3
+  b = L.ZeroPadding2D(1, dtype=dtype)(L.Cropping2D(1, dtype=dtype)(a))
+  c = L.Subtract(dtype=dtype)([a, L.Multiply(dtype=dtype)([a, b])])
+  d = L.Maximum(dtype=dtype)([L.Average(dtype=dtype)([a, c]),
+                              L.Minimum(dtype=dtype)([b, c])])
+  e = L.Concatenate(dtype=dtype)([L.GlobalAveragePooling2D(dtype=dtype)(d),
+                                  L.GlobalMaxPooling2D(dtype=dtype)(d)])
+  f = L.Permute((2, 1), dtype=dtype)(L.Reshape((3, 2), dtype=dtype)(e))
+  g = L.Concatenate(dtype=dtype)([L.GlobalAveragePooling1D(dtype=dtype)(f),
+                                  L.GlobalMaxPooling1D(dtype=dtype)(f)])
+  out = L.Dense(3, activation="tanh", dtype=dtype)(L.Identity(dtype=dtype)(g))
+  return keras.Model(inp, out, name="preprocessed")
+
+
 MODELS = {"sequence": _sequence, "omniglot": _omniglot, "miniimagenet": _miniimagenet,
           "mlp_layernorm": _mlp_layernorm, "skip": _skip, "odd": _odd,
-          "omniglot_fold": _omniglot_fold, "odd_fold": _odd_fold}
+          "omniglot_fold": _omniglot_fold, "odd_fold": _odd_fold,
+          "preprocessed": _preprocessed}
 CONV_MODELS = ("omniglot", "miniimagenet", "skip", "odd", "omniglot_fold",
-               "odd_fold")
+               "odd_fold", "preprocessed")
 
 
 def _cases():
@@ -119,6 +143,8 @@ def _cases():
 def _per_task(model, rng, dtype):
   """Different params and state per task: tiled weights, perturbed."""
   def perturb(v, positive=False):
+    if "int" in str(v.dtype):     # a counter (Normalization's): tiled
+      return tf.constant(np.stack([v.numpy()] * T))
     base = np.asarray(v.numpy(), dtype)
     noise = 0.3 * rng.normal(size=(T,) + base.shape)
     out = base[None] + noise
@@ -244,7 +270,7 @@ def _meta_loss_loop(model, theta, state, sx, sy, qx, qy, alpha=0.5):
     ("omniglot", "patches"), ("omniglot", "grouped"),
     ("omniglot_fold", "map"), ("odd_fold", "patches"),
     ("miniimagenet", "patches"), ("mlp_layernorm", "patches"),
-    ("skip", "patches"), ("odd", "map")])
+    ("skip", "patches"), ("odd", "map"), ("preprocessed", "patches")])
 def test_second_order_gradients(name, impl):
   if impl == "grouped" and not tf.config.list_physical_devices("GPU"):
     pytest.skip("TF has no gradient for grouped convolutions on CPU")
