@@ -89,13 +89,22 @@ def count_gflop(concrete_function) -> float:
   return flops / 1e9
 
 
+def with_dropout(model: keras.Sequential, rate: float) -> keras.Sequential:
+  """``model`` with ``Dropout(rate)`` before its last layer (its weights)."""
+  if not rate:
+    return model
+  return keras.Sequential(
+      [keras.Input(model.input_shape[1:])] + model.layers[:-1]
+      + [keras.layers.Dropout(rate), model.layers[-1]], name=model.name)
+
+
 def build(workload: str, first_order: bool, vectorize, inner_steps=None,
           recompute=False, meta_batch=None, task_chunk="auto", query=None,
-          closed_form="auto", jit_compile=None):
+          closed_form="auto", jit_compile=None, dropout=0.0):
   rng = np.random.default_rng(0)
   keras.utils.set_random_seed(0)
   if workload == "sinusoid":
-    model = mlp_lib.mlp(1, 1)
+    model = with_dropout(mlp_lib.mlp(1, 1), dropout)
     learner = MAML(model, "mse", inner_lr=0.01, first_order=first_order,
                    vectorize=vectorize, inner_steps=inner_steps or 1,
                    recompute=recompute, task_chunk=task_chunk,
@@ -107,8 +116,8 @@ def build(workload: str, first_order: bool, vectorize, inner_steps=None,
   query = query or default_query
   steps = inner_steps or steps
   tasks = meta_batch or tasks
-  model = (paper_nets.omniglot_conv(way) if net == "omniglot"
-           else paper_nets.miniimagenet_conv(way))
+  model = with_dropout(paper_nets.omniglot_conv(way) if net == "omniglot"
+                       else paper_nets.miniimagenet_conv(way), dropout)
   learner = MAML(model, keras.losses.SparseCategoricalCrossentropy(
       from_logits=True), inner_lr=lr, inner_steps=steps,
                  first_order=first_order, vectorize=vectorize,
@@ -150,10 +159,10 @@ def run(workload: str, iters: int, warmup: int, first_order: bool = False,
         vectorize="auto", inner_steps=None, recompute=False, meta_batch=None,
         count_flops=True, steps_per_call=1, pre_update_metrics=False,
         task_chunk="auto", query=None, closed_form="auto",
-        jit_compile=None) -> dict:
+        jit_compile=None, dropout=0.0) -> dict:
   learner, batch = build(workload, first_order, vectorize, inner_steps,
                          recompute, meta_batch, task_chunk, query,
-                         closed_form, jit_compile)
+                         closed_form, jit_compile, dropout)
   batch = learner.prepare(batch)
   plan = learner.plan(batch)
   if steps_per_call > 1:
@@ -221,6 +230,7 @@ def run(workload: str, iters: int, warmup: int, first_order: bool = False,
       "query_per_class": None if workload == "sinusoid" else int(
           batch.query_x.shape[1]) // WORKLOADS[workload][1],
       "inner_steps": learner.inner_steps, "recompute": recompute,
+      "dropout": dropout,
       "meta_batch": int(batch.support_x.shape[0]),
       "gflop_per_iter": gflop, "achieved_gflops": achieved,
       "matmul_gflops": mm, "ratio_to_matmul": achieved / mm,
@@ -273,6 +283,8 @@ def main():
   parser.add_argument("--jit_compile", default="auto",
                       choices=["auto", "true", "false"],
                       help="XLA for train_steps (--steps_per_call > 1)")
+  parser.add_argument("--dropout", type=float, default=0.0,
+                      help="a Dropout layer of this rate before the head")
   args = parser.parse_args()
   closed_form = {"auto": "auto", "true": True, "false": False}
   jit_compile = {"auto": None, "true": True, "false": False}
@@ -283,7 +295,7 @@ def main():
                        args.pre_update_metrics,
                        _task_chunk_arg(args.task_chunk), args.query,
                        closed_form[args.closed_form],
-                       jit_compile[args.jit_compile])))
+                       jit_compile[args.jit_compile], args.dropout)))
 
 
 def _task_chunk_arg(value: str):

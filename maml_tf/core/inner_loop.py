@@ -12,7 +12,8 @@ inner loop draws from its own stream of the layers' seeds, a function of
 step ``k`` of task ``t`` uses stream ``2k`` of task ``t``, its query pass
 after ``k`` steps stream ``2k + 1``, so no two calls share a mask, and the
 same seed state gives the same masks (``keras.utils.set_random_seed`` or a
-layer's ``seed=`` makes runs reproducible). The outer backward pass
+layer's ``seed=`` makes runs reproducible). The task-batched path gives
+each task its own seeds (:func:`task_states`) and draws the same masks. The outer backward pass
 differentiates through the masks its forward pass drew. A meta-step
 advances the seed state once (:func:`next_seed`), so the next meta-step
 draws fresh masks; ``MAML.adapt`` and evaluation never advance it, so they
@@ -68,9 +69,11 @@ def offset_task_seeds(state, seed_mask: Sequence[bool], tasks) -> list:
   draw in the whole batch.
 
   Arguments:
-    state: the non-trainable state (seeds are ``[2]`` integer tensors).
+    state: the non-trainable state (seeds are ``[2]`` integer tensors, or
+      ``[T, 2]``: one per task).
     seed_mask: one bool per entry of ``state``: is it a seed?
-    tasks: an int or a scalar integer tensor.
+    tasks: an int or a scalar integer tensor (or, for ``[T, 2]`` seeds, a
+      ``[T]`` vector: one offset per task).
   """
   if not any(seed_mask):
     return list(state)
@@ -79,8 +82,29 @@ def offset_task_seeds(state, seed_mask: Sequence[bool], tasks) -> list:
     if is_seed:
       s = tf.convert_to_tensor(state[i])
       key = tf.math.floormod(
-          s[0] + tf.cast(tasks, s.dtype) * _TASK_STRIDE, _SEED_MODULUS)
-      out[i] = tf.stack([key, s[1]])
+          s[..., 0] + tf.cast(tasks, s.dtype) * _TASK_STRIDE, _SEED_MODULUS)
+      out[i] = tf.stack([key, s[..., 1]], axis=-1)
+  return out
+
+
+def task_states(state, seed_mask: Sequence[bool], num_tasks) -> list:
+  """``state`` with a leading task axis: task ``t``'s entry is ``state``
+  with its seeds offset ``t`` task streams on (:func:`offset_task_seeds`),
+  so the task-batched path draws what task ``t`` draws on its own.
+
+  Arguments:
+    state: the non-trainable state, shared by the tasks.
+    seed_mask: one bool per entry of ``state``: is it a seed?
+    num_tasks: an int or a scalar integer tensor.
+  """
+  out = [tile_tasks(v, num_tasks) for v in state]
+  if not seed_mask or not any(seed_mask):
+    return out
+  for i, is_seed in enumerate(seed_mask):
+    if is_seed:
+      tiled = out[i]
+      tasks = tf.range(tf.shape(tiled, out_type=tiled.dtype)[0])
+      out[i] = offset_task_seeds([tiled], [True], tasks)[0]
   return out
 
 
@@ -96,9 +120,9 @@ def call_seeds(state, seed_mask: Sequence[bool], stream) -> list:
   for i, is_seed in enumerate(seed_mask):
     if is_seed:
       s = tf.convert_to_tensor(state[i])
-      key = tf.math.floormod(s[0] * 7919 + tf.cast(stream, s.dtype) + 1,
+      key = tf.math.floormod(s[..., 0] * 7919 + tf.cast(stream, s.dtype) + 1,
                              _SEED_MODULUS)
-      out[i] = tf.stack([key, s[1] * DRAWS_PER_CALL])
+      out[i] = tf.stack([key, s[..., 1] * DRAWS_PER_CALL], axis=-1)
   return out
 
 

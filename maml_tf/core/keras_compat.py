@@ -308,3 +308,31 @@ def eager_signature(flat) -> Optional[tuple]:
     return tuple([(t._shape_tuple(), t._datatype_enum()) for t in flat])  # pylint: disable=protected-access
   except (AttributeError, TypeError, ValueError):
     return None
+
+
+def dropout_masks(seeds, shape, rate: float, dtype) -> tf.Tensor:
+  """What ``keras.layers.Dropout(rate)`` multiplies its inputs by, per task.
+
+  Row ``t`` of the result (``[T, *shape]``: ``1 / (1 - rate)`` where kept,
+  0 where dropped) is the mask Keras' TensorFlow backend draws for inputs of
+  ``shape`` when the layer's ``SeedGenerator`` holds ``seeds[t]``: its
+  ``dropout`` casts an int64 seed to int32 by ``floormod`` and calls
+  ``tf.nn.experimental.stateless_dropout``, mirrored here (the task-batched
+  path's random layers draw what the per-task path draws).
+
+  Arguments:
+    seeds: ``[T, 2]`` seed states, one per task.
+    shape: one task's input shape (a list or a 1-D integer tensor).
+    rate: the layer's rate.
+    dtype: the inputs' dtype.
+  """
+  seeds = tf.convert_to_tensor(seeds)
+  if seeds.dtype != tf.int32:
+    seeds = tf.cast(tf.math.floormod(seeds, tf.int32.max - 1), tf.int32)
+  ones = tf.ones(shape, dtype)
+  if rate >= 1.0:
+    return tf.zeros(tf.concat([tf.shape(seeds)[:1], tf.shape(ones)], 0),
+                    dtype)
+  return tf.map_fn(
+      lambda seed: tf.nn.experimental.stateless_dropout(ones, rate, seed=seed),
+      seeds, fn_output_signature=dtype)

@@ -8,9 +8,9 @@ every compiled step is keyed by its plan. The rules:
 
 * execution: ``"batched"`` (task-batched fast-weights kernels) when the
   model compiles to them and ``vectorize`` allows it, else
-  ``"vectorized_map"``, else ``"map_fn"``; models with random layers
-  (Dropout, GaussianNoise: per-task seeds), convolutions (per-task filters)
-  or recurrent layers (loops) get ``"map_fn"``; a model that
+  ``"vectorized_map"``, else ``"map_fn"``; off the batched path, models
+  with random layers (per-task seeds), convolutions (per-task filters) or
+  recurrent layers (loops) get ``"map_fn"``; a model that
   ``tf.vectorized_map`` cannot trace falls back to ``"map_fn"`` (recorded,
   with the reason, so later plans of the learner say so). Under "auto", a
   model that cannot run task-batched says why in a :class:`PlanWarning`

@@ -123,9 +123,12 @@ def _grads(maml, batch, **kwargs):
   return np.concatenate([g.numpy().ravel() for g in result.grads])
 
 
-def test_dropout_draws_per_task_and_chunks_draw_what_the_batch_draws():
-  maml = _dropout_learner()
-  assert maml.plan(_same_task(4)).execution == "map_fn"
+@pytest.mark.parametrize("execution", ["batched", "map_fn"])
+def test_dropout_draws_per_task_and_chunks_draw_what_the_batch_draws(
+    execution):
+  vectorize = {"batched": "auto", "map_fn": False}[execution]
+  maml = _dropout_learner(vectorize=vectorize)
+  assert maml.plan(_same_task(4)).execution == execution
   # Four copies of one task: with one mask for all they would give the
   # one-task gradient; per-task masks give another.
   one, four = _grads(maml, _same_task(1)), _grads(maml, _same_task(4))
@@ -133,11 +136,14 @@ def test_dropout_draws_per_task_and_chunks_draw_what_the_batch_draws():
   # Copy 0 of a batch draws what a one-task batch draws.
   np.testing.assert_allclose(_grads(maml, _same_task(1)), one, atol=0)
   # Task chunks (and replicas: first_task) draw exactly the whole batch's.
-  chunked = _dropout_learner(task_chunk=2)
+  chunked = _dropout_learner(task_chunk=2, vectorize=vectorize)
   assert chunked.plan(_same_task(4)).task_chunk == 2
   np.testing.assert_allclose(_grads(chunked, _same_task(4)), four, atol=1e-6)
   halves = [_grads(maml, _same_task(2), first_task=f) for f in (0, 2)]
   np.testing.assert_allclose((halves[0] + halves[1]) / 2, four, atol=1e-6)
+  # The task-batched path draws the per-task path's masks.
+  per_task = _dropout_learner(vectorize=False)
+  np.testing.assert_allclose(_grads(per_task, _same_task(4)), four, atol=1e-6)
 
 
 def test_dropout_runs_are_reproducible_and_steps_draw_fresh_masks():

@@ -264,7 +264,7 @@ CASES = {
                           ("vectorized_map",)),
     "group_norm": (_group_norm, _images((6, 6, 2)), CLASSES,
                    ("map_fn",)),
-    "dropout": (_dropout_mlp, _regression, "mse", ("map_fn",)),
+    "dropout": (_dropout_mlp, _regression, "mse", ("batched",)),
     "subclassed_training_config": (_subclassed(WithTraining), _regression,
                                    "mse", ("vectorized_map",)),
     "subclassed_no_training": (_subclassed(NoTrainingArg), _regression, "mse",

@@ -170,3 +170,42 @@ def test_task_chunks_give_the_same_update_as_all_tasks_at_once(
       np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
     for a, b in zip(lr, ref_lr):
       np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def _dropout_classifier():
+  return keras.Sequential([
+      keras.Input((5,), dtype=F64),
+      keras.layers.Dense(6, activation="tanh", dtype=F64),
+      keras.layers.Dropout(0.3, dtype=F64),
+      keras.layers.BatchNormalization(dtype=F64),
+      keras.layers.Dense(3, dtype=F64, name="head")])
+
+
+@pytest.mark.parametrize("option", ["maml", "recompute", "mamlpp"])
+@pytest.mark.parametrize("strategy", ["batched", "split_chunks"])
+def test_random_layers_draw_the_mapped_masks_on_the_batched_path(strategy,
+                                                                 option):
+  """Dropout on the task-batched path: each task's masks are the ones the
+  per-task reference draws (support steps, query passes, task chunks,
+  recomputed query chunks), so every number is the reference's."""
+  loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True,
+                                                    dtype=F64)
+  batch = _class_batch()
+  kwargs, fields = STRATEGIES[strategy]
+  options = OPTIONS[option]
+  maml, metrics, weights = _run(_dropout_classifier, loss, batch, **kwargs,
+                                **options)
+  plan = maml.plan(batch)
+  for k, v in fields.items():
+    assert getattr(plan, k) == v, (k, plan)
+  if strategy == "batched" and option == "recompute":
+    assert plan.query_chunk == 2            # recomputed query chunks
+  ref, ref_metrics, ref_weights = _run(
+      _dropout_classifier, loss, batch, vectorize=False, task_chunk=None,
+      **options)
+  assert ref.plan(batch).execution == "map_fn"
+  assert metrics[1]["loss_after"] != pytest.approx(metrics[0]["loss_after"])
+  _assert_same((metrics, weights), (ref_metrics, ref_weights))
+  # Masks matter: without Dropout the numbers differ.
+  _, plain, _ = _run(_classifier, loss, batch, **kwargs, **OPTIONS[option])
+  assert plain[0]["loss_after"] != pytest.approx(metrics[0]["loss_after"])

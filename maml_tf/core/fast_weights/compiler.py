@@ -122,6 +122,29 @@ class _PerExample(_Op):
     return merged[0][1](y)
 
 
+class _Dropout(_Op):
+  """Dropout with a mask per task, drawn from that task's seed state as the
+  per-task path draws it (:func:`keras_compat.dropout_masks`); the state
+  then holds the seed advanced by one draw, as the layer's
+  ``SeedGenerator`` would."""
+
+  def __init__(self, layer, seed_ref):
+    super().__init__(layer)
+    self.seed_ref = seed_ref
+
+  def __call__(self, ctx, inputs):
+    x = inputs[0]
+    if not ctx.training:
+      return x
+    seed, per_task = ctx.read(self.seed_ref)
+    if not per_task:
+      seed = tf.tile(seed[None], [tf.shape(x)[0], 1])
+    masks = keras_compat.dropout_masks(seed, tf.shape(x)[1:], self.layer.rate,
+                                       x.dtype)
+    ctx.write(self.seed_ref, seed + tf.constant([0, 1], seed.dtype))
+    return x * masks
+
+
 class _Add(_Op):
 
   def __call__(self, ctx, inputs):
@@ -173,7 +196,7 @@ _PER_EXAMPLE = (
 _SUPPORTED = (
     "InputLayer, Dense, Conv2D, BatchNormalization, LayerNormalization, "
     "MaxPooling2D, AveragePooling2D, Flatten, Activation, ReLU, LeakyReLU, "
-    "ELU, Softmax, Dropout (rate 0), Add, Concatenate, "
+    "ELU, Softmax, Dropout, Add, Concatenate, "
     + ", ".join(k.__name__ for k in _PER_EXAMPLE)
     + " and nested Sequential/functional models")
 
@@ -266,12 +289,14 @@ class _Compiler:
         raise _unsupported(layer, f"axis={layer.axis}; only -1 is supported")
       return _Elementwise(layer)
     if kind is keras.layers.Dropout:
+      if layer.rate == 0:
+        return _Identity(layer)
       # Raised here, not at call time, so that callers can fall back before
       # tracing (MAML always runs in training mode).
-      if layer.rate > 0:
-        raise _unsupported(layer, f"dropout with rate {layer.rate} (random "
-                           "per-task masks are not supported; only rate 0)")
-      return _Identity(layer)
+      if layer.noise_shape is not None:
+        raise _unsupported(layer, f"noise_shape={layer.noise_shape} (only "
+                           "element-wise masks are task-batched)")
+      return _Dropout(layer, self.ref(layer, layer.seed_generator.state))
     if kind is keras.layers.Add:
       return _Add(layer)
     if kind is keras.layers.Concatenate:
@@ -408,7 +433,7 @@ def compile_batched(model: keras.Model, conv_impl: str = "auto",
       InputLayer, Dense, Conv2D (channels_last, dilation 1, groups 1, 'same'
       or 'valid'), BatchNormalization and LayerNormalization (last axis),
       MaxPooling2D, AveragePooling2D, Flatten, Activation, ReLU, LeakyReLU,
-      ELU, Softmax (last axis), Dropout (rate 0 only), Add, Concatenate
+      ELU, Softmax (last axis), Dropout (no ``noise_shape``), Add, Concatenate
       and the weightless per-example layers (Rescaling, Normalization,
       Identity, Reshape, Permute, ZeroPadding2D, Cropping2D, global
       pooling, Subtract, Multiply, Average, Maximum, Minimum).

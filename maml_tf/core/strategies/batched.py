@@ -48,13 +48,15 @@ class Batched(base.Strategy):
     with_acc = plan.accuracy
     num_tasks = sx.shape[0] if sx.shape[0] is not None else tf.shape(sx)[0]
     tile = lambda v: inner_loop.tile_tasks(v, num_tasks)
-    state = [tile(v) for v in state]
+    # Per task; random layers' seeds offset to each task's stream.
+    state = inner_loop.task_states(state, ctx.inner.seed_mask, num_tasks)
     task_losses, accs = {}, {}
     chunk = plan.query_chunk if not task_pass.first_order else None
 
     def score(step, fast, st):
       if step in task_pass.record_steps:
         fast, st = base.unless_differentiated(step, fast, st)
+        st = ctx.inner.query_state(st, step)
         if step != 0 and chunk is not None:
           task_losses[step], accs[step] = recomputed_query(
               batched, ctx.task_loss, fast, st, qx, qy, chunk, with_acc)
@@ -117,7 +119,8 @@ def recomputed_query(batched, task_loss, fast, state, qx, qy, chunk: int,
     return [v[a:b] if pt else v for v, pt in zip(args, per_task)]
 
   def run(part, a, b):
-    st = list(state)
+    # Non-float state (seeds) per task too: the chunk's rows.
+    st = [s[a:b] for s in state]
     for i, value in zip(floats, part[n:]):
       st[i] = value
     pred, _ = batched(part[:n], st, qx[a:b], training=True)

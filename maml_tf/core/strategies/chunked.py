@@ -83,11 +83,14 @@ class SplitGradients(batched_lib.Batched):
     params, lrs = list(params), list(lrs)
     tile = lambda v: inner_loop.tile_tasks(v, num_tasks)
     mask = list(ctx.adapt_mask)
+    # Per task; random layers' seeds offset to each task's stream.
+    state = inner_loop.task_states(state, ctx.inner.seed_mask, num_tasks)
+    last = max(task_pass.record_steps)
     with tf.GradientTape(watch_accessed_variables=False) as tape:
       tape.watch(params + lrs)
       fast = [tile(p) if m else p for p, m in zip(params, mask)]
       fast, new_state = ctx.inner.adapt(
-          fast, [tile(v) for v in state], sx, sy,
+          fast, state, sx, sy,
           max(task_pass.record_steps), lrs, inner_lr=task_pass.inner_lr,
           first_order=task_pass.first_order,
           loss_fn=batched_lib.summed_task_loss(ctx),
@@ -103,12 +106,13 @@ class SplitGradients(batched_lib.Batched):
       return [next(it_a) if m else next(it_s) for m in mask]
 
     def body(c):
-      fast_c, state_c, qx_c, qy_c = c
+      fast_c, state_c, start_c, qx_c, qy_c = c
       fast_c = list(fast_c)
       local_shared = [tf.identity(v) for v in shared]
       with tf.GradientTape(watch_accessed_variables=False) as qtape:
         qtape.watch(fast_c + local_shared)
-        pred, _ = model(merge(fast_c, local_shared), list(state_c), qx_c,
+        pred, _ = model(merge(fast_c, local_shared),
+                        ctx.inner.query_state(list(state_c), last), qx_c,
                         training=True)
         task_losses = ctx.task_loss(qy_c, pred)
         total = tf.reduce_sum(task_losses) / num_tasks
@@ -118,7 +122,8 @@ class SplitGradients(batched_lib.Batched):
       accs = [losses.sparse_accuracy_per_task(qy_c, pred)] if with_acc else []
       if task_pass.scored_before:   # a metric at theta: shared weights, state
         pred0, _ = model([tf.identity(p) for p in params],
-                         [tf.identity(v) for v in state], qx_c, training=True)
+                         ctx.inner.query_state(list(start_c), 0), qx_c,
+                         training=True)
         rows.insert(0, ctx.task_loss(qy_c, pred0))
         if with_acc:
           accs.insert(0, losses.sparse_accuracy_per_task(qy_c, pred0))
@@ -136,7 +141,7 @@ class SplitGradients(batched_lib.Batched):
             [tf.TensorSpec(f.shape, f.dtype) for f in shared], out_spec)
     v_adapted, v_shared, out = tf.map_fn(
         body, ([split(f) for f in adapted], [split(v) for v in new_state],
-               split(qx), split(qy)),
+               [split(v) for v in state], split(qx), split(qy)),
         fn_output_signature=spec, parallel_iterations=plan.chunks_in_flight)
     out = tf.nest.map_structure(inner_loop.merge_chunks, out)
     out["state"] = new_state

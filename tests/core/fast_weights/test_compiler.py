@@ -363,10 +363,38 @@ def test_unsupported_layers_are_named(make, name, why):
   assert repr(name) in str(info.value)
 
 
-def test_dropout_with_positive_rate_is_unsupported():
+def test_dropout_draws_each_tasks_masks_from_its_seed():
+  """Per-task seed states: each task's masks (and advanced seed) are the
+  ones Keras' Dropout draws for that task on its own."""
+  keras.utils.set_random_seed(3)
+  model = keras.Sequential([keras.Input((4,)), L.Dense(6, "tanh"),
+                            L.Dropout(0.5), L.Dense(3), L.Dropout(0.2)])
+  rng = np.random.default_rng(3)
+  params = [tf.constant(np.stack([v.numpy()] * T))
+            for v in model.trainable_variables]
+  state = [tf.constant(np.stack([v.numpy() + [7 * t, 3 * t]
+                                 for t in range(T)]))
+           for v in model.non_trainable_variables]
+  x = tf.constant(rng.normal(size=(T, 50, 4)), "float32")
+  batched = compile_batched(model)
+  y, new_state = batched(params, state, x, training=True)
+  y_ref, state_ref = _loop(model, params, state, x, True)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-6)
+  for a, b, old in zip(new_state, state_ref, state):
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a - old, [[0, 1]] * T)
+  zeros = tf.reduce_mean(tf.cast(y == 0, tf.float32), axis=[1, 2])
+  assert all(0.1 < float(z) < 0.35 for z in zeros)      # rate 0.2, last
+  assert not np.array_equal(y[0], y[1])                 # masks per task
+  y_eval, _ = batched(params, state, x, training=False)
+  np.testing.assert_allclose(y_eval, _loop(model, params, state, x, False)[0],
+                             rtol=1e-6, atol=1e-6)
+
+
+def test_dropout_with_a_noise_shape_is_unsupported():
   model = keras.Sequential([keras.Input((4,)), L.Dense(3),
-                            L.Dropout(0.5, name="drop")])
-  with pytest.raises(Unsupported, match="'drop'.*rate 0.5"):
+                            L.Dropout(0.5, noise_shape=(1, 3), name="drop")])
+  with pytest.raises(Unsupported, match="'drop'.*noise_shape"):
     compile_batched(model)
 
 
