@@ -310,15 +310,24 @@ def eager_signature(flat) -> Optional[tuple]:
     return None
 
 
+
+def _int32_seeds(seeds) -> tf.Tensor:
+  """Seed states as Keras' TensorFlow backend hands them to TF's stateless
+  random ops (``_cast_seed``: an int64 state ``floormod``-ed into int32)."""
+  seeds = tf.convert_to_tensor(seeds)
+  if seeds.dtype != tf.int32:
+    seeds = tf.cast(tf.math.floormod(seeds, tf.int32.max - 1), tf.int32)
+  return seeds
+
+
 def dropout_masks(seeds, shape, rate: float, dtype) -> tf.Tensor:
   """What ``keras.layers.Dropout(rate)`` multiplies its inputs by, per task.
 
   Row ``t`` of the result (``[T, *shape]``: ``1 / (1 - rate)`` where kept,
   0 where dropped) is the mask Keras' TensorFlow backend draws for inputs of
-  ``shape`` when the layer's ``SeedGenerator`` holds ``seeds[t]``: its
-  ``dropout`` casts an int64 seed to int32 by ``floormod`` and calls
-  ``tf.nn.experimental.stateless_dropout``, mirrored here (the task-batched
-  path's random layers draw what the per-task path draws).
+  ``shape`` when the layer's ``SeedGenerator`` holds ``seeds[t]``
+  (``tf.nn.experimental.stateless_dropout``), mirrored here so that the
+  task-batched path's random layers draw what the per-task path draws.
 
   Arguments:
     seeds: ``[T, 2]`` seed states, one per task.
@@ -326,13 +335,23 @@ def dropout_masks(seeds, shape, rate: float, dtype) -> tf.Tensor:
     rate: the layer's rate.
     dtype: the inputs' dtype.
   """
-  seeds = tf.convert_to_tensor(seeds)
-  if seeds.dtype != tf.int32:
-    seeds = tf.cast(tf.math.floormod(seeds, tf.int32.max - 1), tf.int32)
+  seeds = _int32_seeds(seeds)
   ones = tf.ones(shape, dtype)
   if rate >= 1.0:
     return tf.zeros(tf.concat([tf.shape(seeds)[:1], tf.shape(ones)], 0),
                     dtype)
   return tf.map_fn(
       lambda seed: tf.nn.experimental.stateless_dropout(ones, rate, seed=seed),
+      seeds, fn_output_signature=dtype)
+
+
+def normal_noise(seeds, shape, mean: float, stddev: float, dtype
+                 ) -> tf.Tensor:
+  """``[T, *shape]`` normal draws, row ``t`` the one ``keras.random.normal``
+  makes on TensorFlow when its ``SeedGenerator`` holds ``seeds[t]`` (what
+  ``GaussianNoise`` adds and ``GaussianDropout`` multiplies by)."""
+  seeds = _int32_seeds(seeds)
+  return tf.map_fn(
+      lambda seed: tf.random.stateless_normal(shape, mean=mean, stddev=stddev,
+                                              dtype=dtype, seed=seed),
       seeds, fn_output_signature=dtype)

@@ -177,6 +177,7 @@ def _dropout_classifier():
       keras.Input((5,), dtype=F64),
       keras.layers.Dense(6, activation="tanh", dtype=F64),
       keras.layers.Dropout(0.3, dtype=F64),
+      keras.layers.GaussianNoise(0.2, dtype=F64),
       keras.layers.BatchNormalization(dtype=F64),
       keras.layers.Dense(3, dtype=F64, name="head")])
 
@@ -185,8 +186,8 @@ def _dropout_classifier():
 @pytest.mark.parametrize("strategy", ["batched", "split_chunks"])
 def test_random_layers_draw_the_mapped_masks_on_the_batched_path(strategy,
                                                                  option):
-  """Dropout on the task-batched path: each task's masks are the ones the
-  per-task reference draws (support steps, query passes, task chunks,
+  """Dropout and GaussianNoise on the task-batched path: each task's masks
+  and noise are the ones the per-task reference draws (support steps, query passes, task chunks,
   recomputed query chunks), so every number is the reference's."""
   loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True,
                                                     dtype=F64)

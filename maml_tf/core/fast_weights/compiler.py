@@ -122,15 +122,16 @@ class _PerExample(_Op):
     return merged[0][1](y)
 
 
-class _Dropout(_Op):
-  """Dropout with a mask per task, drawn from that task's seed state as the
-  per-task path draws it (:func:`keras_compat.dropout_masks`); the state
-  then holds the seed advanced by one draw, as the layer's
-  ``SeedGenerator`` would."""
+class _Random(_Op):
+  """A random layer (Dropout, GaussianNoise, GaussianDropout) with its noise
+  drawn per task from that task's seed state as the per-task path draws it
+  (``draw(seeds, shape, dtype)``, :mod:`~maml_tf.core.keras_compat`), then
+  ``combine(x, noise)``; the state then holds the seed advanced by one draw,
+  as the layer's ``SeedGenerator`` would. Inference mode passes ``x``."""
 
-  def __init__(self, layer, seed_ref):
+  def __init__(self, layer, seed_ref, draw, combine):
     super().__init__(layer)
-    self.seed_ref = seed_ref
+    self.seed_ref, self.draw, self.combine = seed_ref, draw, combine
 
   def __call__(self, ctx, inputs):
     x = inputs[0]
@@ -139,10 +140,9 @@ class _Dropout(_Op):
     seed, per_task = ctx.read(self.seed_ref)
     if not per_task:
       seed = tf.tile(seed[None], [tf.shape(x)[0], 1])
-    masks = keras_compat.dropout_masks(seed, tf.shape(x)[1:], self.layer.rate,
-                                       x.dtype)
+    noise = self.draw(seed, tf.shape(x)[1:], x.dtype)
     ctx.write(self.seed_ref, seed + tf.constant([0, 1], seed.dtype))
-    return x * masks
+    return self.combine(x, noise)
 
 
 class _Add(_Op):
@@ -193,10 +193,14 @@ _PER_EXAMPLE = (
     keras.layers.GlobalMaxPooling2D, keras.layers.Subtract,
     keras.layers.Multiply, keras.layers.Average, keras.layers.Maximum,
     keras.layers.Minimum)
+# Random layers: noise per task from each task's seed stream.
+_RANDOM = (keras.layers.Dropout, keras.layers.GaussianNoise,
+           keras.layers.GaussianDropout)
 _SUPPORTED = (
     "InputLayer, Dense, Conv2D, BatchNormalization, LayerNormalization, "
     "MaxPooling2D, AveragePooling2D, Flatten, Activation, ReLU, LeakyReLU, "
-    "ELU, Softmax, Dropout, Add, Concatenate, "
+    "ELU, Softmax, Dropout, GaussianNoise, GaussianDropout, Add, "
+    "Concatenate, "
     + ", ".join(k.__name__ for k in _PER_EXAMPLE)
     + " and nested Sequential/functional models")
 
@@ -288,15 +292,8 @@ class _Compiler:
       if layer.axis != -1:
         raise _unsupported(layer, f"axis={layer.axis}; only -1 is supported")
       return _Elementwise(layer)
-    if kind is keras.layers.Dropout:
-      if layer.rate == 0:
-        return _Identity(layer)
-      # Raised here, not at call time, so that callers can fall back before
-      # tracing (MAML always runs in training mode).
-      if layer.noise_shape is not None:
-        raise _unsupported(layer, f"noise_shape={layer.noise_shape} (only "
-                           "element-wise masks are task-batched)")
-      return _Dropout(layer, self.ref(layer, layer.seed_generator.state))
+    if kind in _RANDOM:
+      return self.compile_random(layer)
     if kind is keras.layers.Add:
       return _Add(layer)
     if kind is keras.layers.Concatenate:
@@ -307,6 +304,33 @@ class _Compiler:
       return _PerExample(layer)
     raise _unsupported(layer, "this layer type is not supported (supported: "
                        f"{_SUPPORTED})")
+
+  def compile_random(self, layer) -> _Op:
+    """Dropout, GaussianNoise, GaussianDropout: noise per task."""
+    rate = getattr(layer, "stddev", None) if isinstance(
+        layer, keras.layers.GaussianNoise) else layer.rate
+    if rate == 0:
+      return _Identity(layer)
+    if getattr(layer, "noise_shape", None) is not None:
+      # Raised here, not at call time, so that callers can fall back before
+      # tracing (MAML always runs in training mode).
+      raise _unsupported(layer, f"noise_shape={layer.noise_shape} (only "
+                         "element-wise masks are task-batched)")
+    if isinstance(layer, keras.layers.Dropout):
+      draw = lambda s, shape, dtype: keras_compat.dropout_masks(
+          s, shape, rate, dtype)
+      combine = tf.multiply
+    elif isinstance(layer, keras.layers.GaussianNoise):
+      draw = lambda s, shape, dtype: keras_compat.normal_noise(
+          s, shape, 0.0, rate, dtype)
+      combine = tf.add
+    else:
+      stddev = math.sqrt(rate / (1.0 - rate))
+      draw = lambda s, shape, dtype: keras_compat.normal_noise(
+          s, shape, 1.0, stddev, dtype)
+      combine = tf.multiply
+    return _Random(layer, self.ref(layer, layer.seed_generator.state), draw,
+                   combine)
 
   def compile_model(self, model) -> _Program:
     if isinstance(model, keras.Sequential):
@@ -433,7 +457,8 @@ def compile_batched(model: keras.Model, conv_impl: str = "auto",
       InputLayer, Dense, Conv2D (channels_last, dilation 1, groups 1, 'same'
       or 'valid'), BatchNormalization and LayerNormalization (last axis),
       MaxPooling2D, AveragePooling2D, Flatten, Activation, ReLU, LeakyReLU,
-      ELU, Softmax (last axis), Dropout (no ``noise_shape``), Add, Concatenate
+      ELU, Softmax (last axis), Dropout (no ``noise_shape``), GaussianNoise,
+      GaussianDropout, Add, Concatenate
       and the weightless per-example layers (Rescaling, Normalization,
       Identity, Reshape, Permute, ZeroPadding2D, Cropping2D, global
       pooling, Subtract, Multiply, Average, Maximum, Minimum).

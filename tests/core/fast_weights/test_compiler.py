@@ -363,12 +363,17 @@ def test_unsupported_layers_are_named(make, name, why):
   assert repr(name) in str(info.value)
 
 
-def test_dropout_draws_each_tasks_masks_from_its_seed():
-  """Per-task seed states: each task's masks (and advanced seed) are the
-  ones Keras' Dropout draws for that task on its own."""
+def test_random_layers_draw_each_tasks_noise_from_its_seed():
+  """Per-task seed states: each task's masks and noise (and advanced seeds)
+  are the ones Keras' Dropout, GaussianNoise and GaussianDropout draw for
+  that task on its own."""
   keras.utils.set_random_seed(3)
   model = keras.Sequential([keras.Input((4,)), L.Dense(6, "tanh"),
-                            L.Dropout(0.5), L.Dense(3), L.Dropout(0.2)])
+                            L.Dropout(0.5), L.GaussianNoise(0.3),
+                            L.GaussianDropout(0.2), L.Dense(3),
+                            L.Dropout(0.2)])
+  assert [type(op).__name__ for op, _, _ in
+          compile_batched(model).program.steps].count("_Random") == 4
   rng = np.random.default_rng(3)
   params = [tf.constant(np.stack([v.numpy()] * T))
             for v in model.trainable_variables]
