@@ -36,6 +36,7 @@ import tensorflow as tf
 
 from maml_tf.core import functional
 from maml_tf.core import inner_loop
+from maml_tf.core import keras_compat
 from maml_tf.export import saved_model
 
 
@@ -45,6 +46,11 @@ class _Adaptable(tf.Module):
   def __init__(self, maml, steps: int, inner_lr: Optional[float]):
     super().__init__(name="maml_adaptable")
     self.model = maml.model
+    # Tracked here too: Keras does not hand every non-trainable variable to
+    # TF's tracking (random layers' seed states), and the inner loop reads
+    # them all.
+    self.model_state = [keras_compat.tf_variable(v)
+                        for v in maml.model.non_trainable_variables]
     self.inner_lr_variables = list(maml.inner_lr_variables)
     self.loop = maml.inner_loop
     dtype = maml.model.trainable_variables[0].dtype

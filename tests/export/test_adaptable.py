@@ -128,3 +128,34 @@ def test_a_dict_input_model_is_refused_naming_the_alternative(tmp_path):
   x = {"a": np.zeros((5, 3), np.float32)}
   with pytest.raises(ValueError, match="one input tensor.*export_adapted"):
     export_adaptable(maml, str(tmp_path / "m"), x, np.zeros((5, 1)))
+
+
+def test_a_model_with_random_layers_exports_and_adapts_as_maml_adapt(
+    tmp_path):
+  """Dropout and GaussianNoise draw in the inner loop from the seed states,
+  which the SavedModel must carry (Keras does not hand them to TF's
+  tracking: the export failed with an 'untracked resource')."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  keras.utils.set_random_seed(4)
+  net = keras.Sequential([
+      keras.Input((3,)), keras.layers.Dense(8, activation="tanh"),
+      keras.layers.Dropout(0.3), keras.layers.GaussianNoise(0.2),
+      keras.layers.Dense(1)])
+  maml = MAML(net, "mse", inner_lr=0.1, inner_steps=2)
+  rng = np.random.default_rng(4)
+  sx, sy, qx = (rng.normal(size=s).astype("f4")
+                for s in ((5, 3), (5, 1), (4, 3)))
+  path = export_adaptable(maml, str(tmp_path / "adaptable"), sx, sy)
+  loaded = tf.saved_model.load(path)
+  got = loaded.adapt_and_predict(sx, sy, qx).numpy()
+  np.testing.assert_allclose(got, maml.adapt(sx, sy)(qx, training=False),
+                             atol=1e-5)
+  np.testing.assert_array_equal(got, loaded.adapt_and_predict(sx, sy, qx))
+  # The masks were drawn: without them adaptation gives other numbers.
+  twin = keras.Sequential([keras.Input((3,)),
+                           keras.layers.Dense(8, activation="tanh"),
+                           keras.layers.Dense(1)])
+  twin.set_weights(net.get_weights())
+  plain = MAML(twin, "mse", inner_lr=0.1, inner_steps=2)
+  assert not np.allclose(plain.adapt(sx, sy)(qx, training=False), got,
+                         atol=1e-4)
