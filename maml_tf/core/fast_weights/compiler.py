@@ -194,12 +194,36 @@ _PER_EXAMPLE = (
     keras.layers.Multiply, keras.layers.Average, keras.layers.Maximum,
     keras.layers.Minimum)
 # Random layers: noise per task from each task's seed stream.
+_SPATIAL_DROPOUT = (keras.layers.SpatialDropout1D,
+                    keras.layers.SpatialDropout2D,
+                    keras.layers.SpatialDropout3D)
 _RANDOM = (keras.layers.Dropout, keras.layers.GaussianNoise,
-           keras.layers.GaussianDropout)
+           keras.layers.GaussianDropout) + _SPATIAL_DROPOUT
+
+
+def _dropout_noise_shape(layer):
+  """``shape -> mask shape`` of a Dropout-family layer for one task's inputs
+  of ``shape`` (a 1-D tensor), as the layer computes its ``noise_shape``:
+  spatial dropout keeps the example and channel axes (``channels_last``), a
+  given ``noise_shape`` takes the inputs' size where it says ``None``."""
+  if type(layer) in _SPATIAL_DROPOUT:  # pylint: disable=unidiomatic-typecheck
+    def spatial(shape):
+      ones = tf.ones_like(shape[1:-1])
+      return tf.concat([shape[:1], ones, shape[-1:]], 0)
+    return spatial
+  if layer.noise_shape is None:
+    return lambda shape: shape
+  given = tuple(layer.noise_shape)
+
+  def partial(shape):
+    return tf.stack([shape[i] if d is None else tf.constant(d, shape.dtype)
+                     for i, d in enumerate(given)])
+  return partial
 _SUPPORTED = (
     "InputLayer, Dense, Conv2D, BatchNormalization, LayerNormalization, "
     "MaxPooling2D, AveragePooling2D, Flatten, Activation, ReLU, LeakyReLU, "
-    "ELU, Softmax, Dropout, GaussianNoise, GaussianDropout, Add, "
+    "ELU, Softmax, Dropout, SpatialDropout1D/2D/3D, GaussianNoise, "
+    "GaussianDropout, Add, "
     "Concatenate, "
     + ", ".join(k.__name__ for k in _PER_EXAMPLE)
     + " and nested Sequential/functional models")
@@ -306,19 +330,16 @@ class _Compiler:
                        f"{_SUPPORTED})")
 
   def compile_random(self, layer) -> _Op:
-    """Dropout, GaussianNoise, GaussianDropout: noise per task."""
+    """Dropout (spatial too), GaussianNoise, GaussianDropout: noise per
+    task."""
     rate = getattr(layer, "stddev", None) if isinstance(
         layer, keras.layers.GaussianNoise) else layer.rate
     if rate == 0:
       return _Identity(layer)
-    if getattr(layer, "noise_shape", None) is not None:
-      # Raised here, not at call time, so that callers can fall back before
-      # tracing (MAML always runs in training mode).
-      raise _unsupported(layer, f"noise_shape={layer.noise_shape} (only "
-                         "element-wise masks are task-batched)")
     if isinstance(layer, keras.layers.Dropout):
+      noise_shape = _dropout_noise_shape(layer)
       draw = lambda s, shape, dtype: keras_compat.dropout_masks(
-          s, shape, rate, dtype)
+          s, noise_shape(shape), rate, dtype)
       combine = tf.multiply
     elif isinstance(layer, keras.layers.GaussianNoise):
       draw = lambda s, shape, dtype: keras_compat.normal_noise(
@@ -457,8 +478,9 @@ def compile_batched(model: keras.Model, conv_impl: str = "auto",
       InputLayer, Dense, Conv2D (channels_last, dilation 1, groups 1, 'same'
       or 'valid'), BatchNormalization and LayerNormalization (last axis),
       MaxPooling2D, AveragePooling2D, Flatten, Activation, ReLU, LeakyReLU,
-      ELU, Softmax (last axis), Dropout (no ``noise_shape``), GaussianNoise,
-      GaussianDropout, Add, Concatenate
+      ELU, Softmax (last axis), Dropout (and its ``noise_shape``),
+      SpatialDropout1D/2D/3D, GaussianNoise, GaussianDropout, Add,
+      Concatenate
       and the weightless per-example layers (Rescaling, Normalization,
       Identity, Reshape, Permute, ZeroPadding2D, Cropping2D, global
       pooling, Subtract, Multiply, Average, Maximum, Minimum).
