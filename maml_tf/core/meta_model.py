@@ -380,6 +380,11 @@ class MetaModel(keras.Model):
         "class_weight", "sample_weight"))
     if "validation_data" in kwargs:
       kwargs["validation_data"] = _keras_ready(kwargs["validation_data"])
+      if isinstance(kwargs["validation_data"], TaskBatch) or (
+          isinstance(kwargs["validation_data"], (tuple, list))
+          and len(kwargs["validation_data"]) == 4):
+        # Arrays of tasks: Keras reads a tuple as (x, y[, sample_weight]).
+        kwargs["validation_data"] = (TaskBatch(*kwargs["validation_data"]),)
       self._check_splits(kwargs["validation_data"])
     self._check_splits(x)
     if len(args) < 8:        # shuffle not given by position: meta-batches

@@ -294,7 +294,8 @@ def test_arrays_and_single_batches_as_keras_takes_them():
   arrays = tuple(np.concatenate([b[i] for b in batches]) for i in range(4))
   assert arrays[0].shape == (12, 10, 1)
   metas[0].fit(_dataset(batches), verbose=0)
-  metas[1].fit(arrays, batch_size=4, verbose=0)
+  history = metas[1].fit(arrays, batch_size=4, verbose=0,
+                         validation_data=tuple(a[:4] for a in arrays))
   trained = [metas[2].train_on_batch(TaskBatch(*b), return_dict=True)
              for b in batches]
   assert np.isfinite([t["loss"] for t in trained]).all()
@@ -306,6 +307,7 @@ def test_arrays_and_single_batches_as_keras_takes_them():
   assert metas[1].evaluate(tuple(a[:4] for a in arrays), batch_size=4,
                            verbose=0) == pytest.approx(want, rel=1e-6)
   assert metas[2].test_on_batch(batches[0]) == pytest.approx(want, rel=1e-6)
+  assert history.history["val_loss"][0] == pytest.approx(want, rel=1e-6)
   meta = metas[0]
   with pytest.raises(ValueError, match="fit takes no class_weight"):
     meta.fit(_dataset(batches), class_weight={0: 1.0}, verbose=0)
