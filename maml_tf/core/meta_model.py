@@ -53,6 +53,7 @@ weights still save with ``save_weights``).
 from typing import Optional
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from maml_tf.core import distribute
@@ -86,9 +87,10 @@ def as_task_batch(data) -> TaskBatch:
     if all(part is None for part in data[1:]):
       return as_task_batch(data[0])
     raise ValueError(
-        "MetaModel takes each meta-batch as x alone (a TaskBatch or a "
-        "(support_x, support_y, query_x, query_y) tuple), with no y or "
-        f"sample_weight beside it: {_NO_WEIGHTS}")
+        f"MetaModel got a meta-batch of {len(data)} parts; it takes each "
+        "meta-batch as x alone, a TaskBatch or a flat (support_x, support_y,"
+        " query_x, query_y) tuple, with no y or sample_weight beside it: "
+        f"{_NO_WEIGHTS}")
   raise ValueError(
       "MetaModel takes datasets whose elements are TaskBatch or "
       "(support_x, support_y, query_x, query_y) tuples; got "
@@ -134,6 +136,14 @@ class _TaskBatchPyDataset(keras.utils.PyDataset):
 
   def on_epoch_end(self):
     self.dataset.on_epoch_end()
+
+
+def _holds_arrays(data) -> bool:
+  """Is ``data`` a structure of NumPy arrays (tasks Keras cuts into
+  meta-batches), not a dataset, generator or PyDataset?"""
+  leaves = tf.nest.flatten(data) if isinstance(data, (tuple, list, dict)) \
+      else [data]
+  return bool(leaves) and all(isinstance(v, np.ndarray) for v in leaves)
 
 
 def _keras_ready(data):
@@ -375,20 +385,30 @@ class MetaModel(keras.Model):
   def fit(self, x=None, *args, **kwargs):
     """``keras.Model.fit``; a ``keras.utils.PyDataset`` (also as
     ``validation_data``) may yield TaskBatches or 4-tuples, and ``shuffle``
-    defaults to False (each element is a meta-batch drawn at random)."""
+    defaults to False (each element is a meta-batch drawn at random) except
+    for NumPy arrays of tasks (Keras' True: meta-batches drawn anew each
+    epoch)."""
     _refuse_targets("fit", args, kwargs, ("y",) + (None,) * 7 + (
         "class_weight", "sample_weight"))
-    if "validation_data" in kwargs:
-      kwargs["validation_data"] = _keras_ready(kwargs["validation_data"])
-      if isinstance(kwargs["validation_data"], TaskBatch) or (
-          isinstance(kwargs["validation_data"], (tuple, list))
-          and len(kwargs["validation_data"]) == 4):
+    args = list(args)
+    by_position = len(args) > 6       # Keras' position of validation_data
+    if by_position or "validation_data" in kwargs:
+      val = _keras_ready(args[6] if by_position
+                         else kwargs["validation_data"])
+      if isinstance(val, TaskBatch) or (
+          isinstance(val, (tuple, list)) and len(val) == 4):
         # Arrays of tasks: Keras reads a tuple as (x, y[, sample_weight]).
-        kwargs["validation_data"] = (TaskBatch(*kwargs["validation_data"]),)
-      self._check_splits(kwargs["validation_data"])
+        val = (TaskBatch(*val),)
+      self._check_splits(val)
+      if by_position:
+        args[6] = val
+      else:
+        kwargs["validation_data"] = val
     self._check_splits(x)
-    if len(args) < 8:        # shuffle not given by position: meta-batches
-      kwargs.setdefault("shuffle", False)   # are drawn at random already
+    if len(args) < 8 and not _holds_arrays(x):
+      # shuffle not given: a dataset's meta-batches are drawn at random
+      # already (arrays of tasks keep Keras' shuffle=True).
+      kwargs.setdefault("shuffle", False)
     return super().fit(_keras_ready(x), *args, **kwargs)
 
   def evaluate(self, x=None, *args, **kwargs):

@@ -288,21 +288,27 @@ def test_arrays_and_single_batches_as_keras_takes_them():
   train_on_batch/test_on_batch on one meta-batch take the dataset's steps;
   a y, sample_weight or class_weight is refused, naming it."""
   batches = _batches(7, 3, tasks=4)
-  metas = [MetaModel(_net(), "mse", inner_lr=0.02) for _ in range(3)]
+  metas = [MetaModel(_net(), "mse", inner_lr=0.02) for _ in range(4)]
   for meta in metas:
     meta.compile(optimizer=keras.optimizers.Adam(3e-3))
   arrays = tuple(np.concatenate([b[i] for b in batches]) for i in range(4))
   assert arrays[0].shape == (12, 10, 1)
   metas[0].fit(_dataset(batches), verbose=0)
-  history = metas[1].fit(arrays, batch_size=4, verbose=0,
-                         validation_data=tuple(a[:4] for a in arrays))
+  # Keras' positions: y, batch_size, epochs, verbose, callbacks,
+  # validation_split, validation_data, shuffle.
+  history = metas[1].fit(arrays, None, 4, 1, 0, None, 0.0,
+                         tuple(a[:4] for a in arrays), False)
+  metas[3].fit(arrays, batch_size=4, verbose=0)    # shuffled, as Keras does
   trained = [metas[2].train_on_batch(TaskBatch(*b), return_dict=True)
              for b in batches]
   assert np.isfinite([t["loss"] for t in trained]).all()
-  for meta in metas[1:]:
+  for meta in metas[1:3]:
     assert int(meta.optimizer.iterations.numpy()) == 3
     for a, b in zip(metas[0].net.get_weights(), meta.net.get_weights()):
       np.testing.assert_allclose(a, b, atol=1e-6)
+  assert int(metas[3].optimizer.iterations.numpy()) == 3
+  assert not np.allclose(metas[3].net.get_weights()[0],
+                         metas[0].net.get_weights()[0], atol=1e-6)
   want = metas[0].evaluate(_dataset(batches[:1]), verbose=0)
   assert metas[1].evaluate(tuple(a[:4] for a in arrays), batch_size=4,
                            verbose=0) == pytest.approx(want, rel=1e-6)

@@ -216,8 +216,12 @@ def _dropout_noise_shape(layer):
   given = tuple(layer.noise_shape)
 
   def partial(shape):
-    return tf.stack([shape[i] if d is None else tf.constant(d, shape.dtype)
-                     for i, d in enumerate(given)])
+    # Keras fills the None entries from the inputs' leading axes; TF then
+    # lines a shorter mask up with the inputs from the right.
+    mask = [shape[i] if d is None else tf.constant(d, shape.dtype)
+            for i, d in enumerate(given)]
+    pad = [tf.constant(1, shape.dtype)] * (int(shape.shape[0]) - len(mask))
+    return tf.stack(pad + mask)
   return partial
 _SUPPORTED = (
     "InputLayer, Dense, Conv2D, BatchNormalization, LayerNormalization, "
@@ -431,7 +435,11 @@ class BatchedModel:
   Returns:
     ``(y, new_state)``: ``y`` is ``[T, N, *output_shape]``; ``new_state`` is
     a list aligned with ``state`` (updated BatchNorm moving statistics are
-    ``[T, ...]``; untouched entries are passed through as given).
+    ``[T, ...]``; in training mode a random layer's seed comes back
+    ``[T, 2]``, advanced by its draw; untouched entries are passed through
+    as given). A seed shared by the tasks (``[2]``) gives every task the
+    same noise, as task by task with that seed; per-task seeds (``[T, 2]``,
+    e.g. :func:`maml_tf.core.inner_loop.task_states`) give each its own.
 
   Example:
     >>> batched = compile_batched(model)

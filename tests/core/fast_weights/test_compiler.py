@@ -366,8 +366,9 @@ def test_unsupported_layers_are_named(make, name, why):
 def _noisy_mlp():
   return keras.Sequential([keras.Input((4,)), L.Dense(6, "tanh"),
                            L.Dropout(0.5), L.GaussianNoise(0.3),
-                           L.GaussianDropout(0.2), L.Dense(3),
-                           L.Dropout(0.2)])
+                           L.GaussianDropout(0.2),
+                           L.Dropout(0.4, noise_shape=(6,)),  # one mask
+                           L.Dense(3), L.Dropout(0.2)])
 
 
 def _spatial():
@@ -378,7 +379,7 @@ def _spatial():
       L.Reshape((16, 3)), L.SpatialDropout1D(0.5), L.Flatten(), L.Dense(3)])
 
 
-@pytest.mark.parametrize("make,draws", [(_noisy_mlp, 4), (_spatial, 3)])
+@pytest.mark.parametrize("make,draws", [(_noisy_mlp, 5), (_spatial, 3)])
 def test_random_layers_draw_each_tasks_noise_from_its_seed(make, draws):
   """Per-task seed states: each task's masks and noise (and advanced seeds)
   are the ones Keras' Dropout (spatial, with a noise_shape), GaussianNoise
