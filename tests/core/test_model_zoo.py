@@ -257,7 +257,7 @@ CASES = {
     "embedding_lstm": (_text_rnn(keras.layers.LSTM), _tokens, CLASSES,
                        ("map_fn",)),
     "conv1d": (_conv1d, _images((10, 3)), CLASSES,
-               ("map_fn",)),
+               ("batched",)),
     "transformer": (_transformer, _images((6, 8)), CLASSES,
                     ("vectorized_map", "map_fn")),
     "custom_add_weight": (_custom_layer, _regression, "mse",

@@ -72,6 +72,11 @@ class _Conv2D(_Op):
       raise _unsupported(self.layer, f"needs inputs [T, N, H, W, C] with static "
                          f"H, W, C; got {x.shape}")
     kernel, per_task = ctx.read(self.kernel_ref)
+    return self.convolve(ctx, x, kernel, per_task)
+
+  def convolve(self, ctx, x, kernel, per_task: bool):
+    """The layer on ``x`` with ``kernel`` (``[T, kh, kw, C, F]`` per task or
+    ``[kh, kw, C, F]`` shared), bias and activation included."""
     if per_task:
       y = _CONV_KERNELS[self.impl](x, kernel, self.strides, self.padding)
     else:
@@ -84,6 +89,26 @@ class _Conv2D(_Op):
     if self.layer.activation is not None:
       y = self.layer.activation(y)
     return y
+
+
+class _Conv1D(_Conv2D):
+  """Conv1D as a Conv2D of height 1: ``[T, N, L, C]`` inputs get a unit
+  axis, the ``[k, C, F]`` kernel a unit row (the same numbers, derivatives
+  of every order included, on the Conv2D kernels)."""
+
+  def __init__(self, layer, kernel_ref, bias_ref, impl):
+    super().__init__(layer, kernel_ref, bias_ref, impl)
+    self.strides = (1, int(layer.strides[0]))
+
+  def __call__(self, ctx, inputs):
+    x = inputs[0]
+    if x.shape.rank != 4 or None in x.shape[2:]:
+      raise _unsupported(self.layer, f"needs inputs [T, N, L, C] with static "
+                         f"L, C; got {x.shape}")
+    kernel, per_task = ctx.read(self.kernel_ref)
+    y = self.convolve(ctx, tf.expand_dims(x, 2),
+                      tf.expand_dims(kernel, 1 if per_task else 0), per_task)
+    return tf.squeeze(y, 2)
 
 
 class _Pool2D(_Op):
@@ -224,7 +249,8 @@ def _dropout_noise_shape(layer):
     return tf.stack(pad + mask)
   return partial
 _SUPPORTED = (
-    "InputLayer, Dense, Conv2D, BatchNormalization, LayerNormalization, "
+    "InputLayer, Dense, Conv1D, Conv2D, BatchNormalization, "
+    "LayerNormalization, "
     "MaxPooling2D, AveragePooling2D, Flatten, Activation, ReLU, LeakyReLU, "
     "ELU, Softmax, Dropout, SpatialDropout1D/2D/3D, GaussianNoise, "
     "GaussianDropout, Add, "
@@ -286,6 +312,16 @@ class _Compiler:
       if layer.padding not in ("same", "valid"):
         raise _unsupported(layer, f"padding={layer.padding!r}")
       return _Conv2D(layer, self.ref(layer, layer.kernel),
+                     self.ref(layer, layer.bias), self.conv_impl)
+    if kind is keras.layers.Conv1D:
+      if tuple(layer.dilation_rate) != (1,):
+        raise _unsupported(layer, f"dilation_rate={layer.dilation_rate}; only "
+                           "1 is supported")
+      if layer.groups != 1:
+        raise _unsupported(layer, f"groups={layer.groups}; only 1 is supported")
+      if layer.padding not in ("same", "valid"):
+        raise _unsupported(layer, f"padding={layer.padding!r}")
+      return _Conv1D(layer, self.ref(layer, layer.kernel),
                      self.ref(layer, layer.bias), self.conv_impl)
     if kind is keras.layers.BatchNormalization:
       rank = keras_compat.batchnorm_rank(layer)
@@ -362,7 +398,7 @@ class _Compiler:
       steps, layers, i = [], model.layers, 0
       while i < len(layers):
         op = self.compile_layer(layers[i])
-        if (self.fold and isinstance(op, _Conv2D) and i + 1 < len(layers)
+        if (self.fold and type(op) is _Conv2D and i + 1 < len(layers)  # pylint: disable=unidiomatic-typecheck
             and type(layers[i + 1]) is keras.layers.BatchNormalization  # pylint: disable=unidiomatic-typecheck
             and _ConvBatchNorm.applies(layers[i], layers[i + 1])):
           steps.append((_ConvBatchNorm(op, self.compile_layer(layers[i + 1])),
@@ -483,8 +519,8 @@ def compile_batched(model: keras.Model, conv_impl: str = "auto",
   Arguments:
     model: a built ``keras.Sequential`` or functional ``keras.Model`` (nested
       Sequential/functional models are fine) made of supported layers:
-      InputLayer, Dense, Conv2D (channels_last, dilation 1, groups 1, 'same'
-      or 'valid'), BatchNormalization and LayerNormalization (last axis),
+      InputLayer, Dense, Conv1D and Conv2D (channels_last, dilation 1,
+      groups 1, 'same' or 'valid'), BatchNormalization and LayerNormalization (last axis),
       MaxPooling2D, AveragePooling2D, Flatten, Activation, ReLU, LeakyReLU,
       ELU, Softmax (last axis), Dropout (and its ``noise_shape``),
       SpatialDropout1D/2D/3D, GaussianNoise, GaussianDropout, Add,

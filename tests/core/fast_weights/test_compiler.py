@@ -102,6 +102,21 @@ def _odd_fold(dtype):
       L.Dense(3, dtype=dtype)], name="odd_fold")
 
 
+def _conv1d(dtype):
+  """Conv1D ('same' strided, 'valid' without bias), LayerNorm, BatchNorm on
+  sequences, global pooling."""
+  return keras.Sequential([
+      keras.Input((9, 2), dtype=dtype),
+      L.Conv1D(3, 3, strides=2, padding="same", activation="tanh",
+               dtype=dtype),
+      L.LayerNormalization(dtype=dtype),
+      L.Conv1D(4, 2, padding="valid", use_bias=False, dtype=dtype),
+      L.BatchNormalization(dtype=dtype),
+      L.Activation("elu", dtype=dtype),
+      L.GlobalAveragePooling1D(dtype=dtype),
+      L.Dense(3, dtype=dtype)], name="conv1d")
+
+
 def _preprocessed(dtype):
   """Weightless per-example layers: Normalization (adapted), Rescaling,
   padding and cropping, elementwise merges, reshapes and global pooling."""
@@ -128,9 +143,9 @@ def _preprocessed(dtype):
 MODELS = {"sequence": _sequence, "omniglot": _omniglot, "miniimagenet": _miniimagenet,
           "mlp_layernorm": _mlp_layernorm, "skip": _skip, "odd": _odd,
           "omniglot_fold": _omniglot_fold, "odd_fold": _odd_fold,
-          "preprocessed": _preprocessed}
+          "preprocessed": _preprocessed, "conv1d": _conv1d}
 CONV_MODELS = ("omniglot", "miniimagenet", "skip", "odd", "omniglot_fold",
-               "odd_fold", "preprocessed")
+               "odd_fold", "preprocessed", "conv1d")
 
 
 def _cases():
@@ -270,7 +285,8 @@ def _meta_loss_loop(model, theta, state, sx, sy, qx, qy, alpha=0.5):
     ("omniglot", "patches"), ("omniglot", "grouped"),
     ("omniglot_fold", "map"), ("odd_fold", "patches"),
     ("miniimagenet", "patches"), ("mlp_layernorm", "patches"),
-    ("skip", "patches"), ("odd", "map"), ("preprocessed", "patches")])
+    ("skip", "patches"), ("odd", "map"), ("preprocessed", "patches"),
+    ("conv1d", "patches"), ("conv1d", "map")])
 def test_second_order_gradients(name, impl):
   if impl == "grouped" and not tf.config.list_physical_devices("GPU"):
     pytest.skip("TF has no gradient for grouped convolutions on CPU")
@@ -299,7 +315,7 @@ def test_second_order_gradients(name, impl):
   for a, b in zip(gb, gl):
     np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-11)
 
-  if name in ("omniglot", "skip", "omniglot_fold"):  # finite differences
+  if name in ("omniglot", "skip", "omniglot_fold", "conv1d"):  # finite diffs
     eps = 1e-5
     for _ in range(2):
       d = [tf.constant(rng.normal(size=p.shape)) for p in theta]
