@@ -245,13 +245,13 @@ CLASSES = "classes"      # sparse cross-entropy on logits, in float64
 # name: (build, batch, loss, executions the plan may take)
 CASES = {
     "mobilenet_v2": (_mobilenet_v2, _images((64, 64, 3)), CLASSES,
-                     ("vectorized_map", "map_fn")),
+                     ("batched",)),
     "mobilenet_v3_small": (_mobilenet_v3_small, _images((32, 32, 3)),
                            CLASSES, ("map_fn",)),
     "resnet_block": (_resnet_block, _images((8, 8, 2)), CLASSES,
                      ("batched",)),
     "convnext_block": (_convnext_block, _images((8, 8, 4)), CLASSES,
-                       ("map_fn",)),
+                       ("batched",)),
     "embedding_gru": (_text_rnn(keras.layers.GRU), _tokens, CLASSES,
                       ("map_fn",)),
     "embedding_lstm": (_text_rnn(keras.layers.LSTM), _tokens, CLASSES,

@@ -111,6 +111,47 @@ class _Conv1D(_Conv2D):
     return tf.squeeze(y, 2)
 
 
+class _DepthwiseConv2D(_Op):
+  """DepthwiseConv2D with per-task kernels as one depthwise convolution:
+  the tasks' channels side by side (``[N, H, W, T*C]``, kernel
+  ``[kh, kw, T*C, M]``); each channel is convolved on its own, so every task
+  meets only its own kernel."""
+
+  def __init__(self, layer, kernel_ref, bias_ref):
+    super().__init__(layer)
+    self.kernel_ref, self.bias_ref = kernel_ref, bias_ref
+    self.strides = [1] + [int(v) for v in layer.strides] + [1]
+    self.padding = layer.padding.upper()
+
+  def __call__(self, ctx, inputs):
+    x = inputs[0]
+    if x.shape.rank != 5 or None in x.shape[2:]:
+      raise _unsupported(self.layer, f"needs inputs [T, N, H, W, C] with static "
+                         f"H, W, C; got {x.shape}")
+    kernel, per_task = ctx.read(self.kernel_ref)
+    if per_task:
+      kh, kw, c, m = (int(v) for v in kernel.shape[1:])
+      n, (h, w) = tf.shape(x)[1], x.shape[2:4]
+      side_by_side = tf.reshape(tf.transpose(x, [1, 2, 3, 0, 4]),
+                                [n, h, w, -1])
+      kernels = tf.reshape(tf.transpose(kernel, [1, 2, 0, 3, 4]),
+                           [kh, kw, -1, m])
+      y = tf.nn.depthwise_conv2d(side_by_side, kernels, self.strides,
+                                 self.padding)
+      y = tf.reshape(y, [n, y.shape[1], y.shape[2], -1, c * m])
+      y = tf.transpose(y, [3, 0, 1, 2, 4])
+    else:
+      merged, split = _merge_task_axis(x)
+      y = split(tf.nn.depthwise_conv2d(merged, kernel, self.strides,
+                                       self.padding))
+    if self.bias_ref is not None:
+      bias, per_task = ctx.read(self.bias_ref)
+      y = y + _per_task_vector(bias, per_task, 5)
+    if self.layer.activation is not None:
+      y = self.layer.activation(y)
+    return y
+
+
 class _Pool2D(_Op):
 
   def __call__(self, ctx, inputs):
@@ -249,7 +290,7 @@ def _dropout_noise_shape(layer):
     return tf.stack(pad + mask)
   return partial
 _SUPPORTED = (
-    "InputLayer, Dense, Conv1D, Conv2D, BatchNormalization, "
+    "InputLayer, Dense, Conv1D, Conv2D, DepthwiseConv2D, BatchNormalization, "
     "LayerNormalization, "
     "MaxPooling2D, AveragePooling2D, Flatten, Activation, ReLU, LeakyReLU, "
     "ELU, Softmax, Dropout, SpatialDropout1D/2D/3D, GaussianNoise, "
@@ -323,6 +364,14 @@ class _Compiler:
         raise _unsupported(layer, f"padding={layer.padding!r}")
       return _Conv1D(layer, self.ref(layer, layer.kernel),
                      self.ref(layer, layer.bias), self.conv_impl)
+    if kind is keras.layers.DepthwiseConv2D:
+      if tuple(layer.dilation_rate) != (1, 1):
+        raise _unsupported(layer, f"dilation_rate={layer.dilation_rate}; only "
+                           "(1, 1) is supported")
+      if layer.padding not in ("same", "valid"):
+        raise _unsupported(layer, f"padding={layer.padding!r}")
+      return _DepthwiseConv2D(layer, self.ref(layer, layer.kernel),
+                              self.ref(layer, layer.bias))
     if kind is keras.layers.BatchNormalization:
       rank = keras_compat.batchnorm_rank(layer)
       if layer.axis not in (-1, rank - 1):
@@ -519,8 +568,8 @@ def compile_batched(model: keras.Model, conv_impl: str = "auto",
   Arguments:
     model: a built ``keras.Sequential`` or functional ``keras.Model`` (nested
       Sequential/functional models are fine) made of supported layers:
-      InputLayer, Dense, Conv1D and Conv2D (channels_last, dilation 1,
-      groups 1, 'same' or 'valid'), BatchNormalization and LayerNormalization (last axis),
+      InputLayer, Dense, Conv1D, Conv2D and DepthwiseConv2D (channels_last,
+      dilation 1, groups 1, 'same' or 'valid'), BatchNormalization and LayerNormalization (last axis),
       MaxPooling2D, AveragePooling2D, Flatten, Activation, ReLU, LeakyReLU,
       ELU, Softmax (last axis), Dropout (and its ``noise_shape``),
       SpatialDropout1D/2D/3D, GaussianNoise, GaussianDropout, Add,

@@ -117,6 +117,21 @@ def _conv1d(dtype):
       L.Dense(3, dtype=dtype)], name="conv1d")
 
 
+def _depthwise(dtype):
+  """DepthwiseConv2D (multiplier 2, strided 'same'; 'valid' without bias)
+  with BatchNorm, as in MobileNets."""
+  return keras.Sequential([
+      keras.Input((7, 7, 3), dtype=dtype),
+      L.DepthwiseConv2D(3, strides=2, padding="same", depth_multiplier=2,
+                        activation="tanh", dtype=dtype),
+      L.BatchNormalization(dtype=dtype),
+      L.DepthwiseConv2D((2, 3), padding="valid", use_bias=False,
+                        dtype=dtype),
+      L.Activation("elu", dtype=dtype),
+      L.GlobalAveragePooling2D(dtype=dtype),
+      L.Dense(3, dtype=dtype)], name="depthwise")
+
+
 def _preprocessed(dtype):
   """Weightless per-example layers: Normalization (adapted), Rescaling,
   padding and cropping, elementwise merges, reshapes and global pooling."""
@@ -143,9 +158,10 @@ def _preprocessed(dtype):
 MODELS = {"sequence": _sequence, "omniglot": _omniglot, "miniimagenet": _miniimagenet,
           "mlp_layernorm": _mlp_layernorm, "skip": _skip, "odd": _odd,
           "omniglot_fold": _omniglot_fold, "odd_fold": _odd_fold,
-          "preprocessed": _preprocessed, "conv1d": _conv1d}
+          "preprocessed": _preprocessed, "conv1d": _conv1d,
+          "depthwise": _depthwise}
 CONV_MODELS = ("omniglot", "miniimagenet", "skip", "odd", "omniglot_fold",
-               "odd_fold", "preprocessed", "conv1d")
+               "odd_fold", "preprocessed", "conv1d", "depthwise")
 
 
 def _cases():
@@ -286,7 +302,7 @@ def _meta_loss_loop(model, theta, state, sx, sy, qx, qy, alpha=0.5):
     ("omniglot_fold", "map"), ("odd_fold", "patches"),
     ("miniimagenet", "patches"), ("mlp_layernorm", "patches"),
     ("skip", "patches"), ("odd", "map"), ("preprocessed", "patches"),
-    ("conv1d", "patches"), ("conv1d", "map")])
+    ("conv1d", "patches"), ("conv1d", "map"), ("depthwise", "map")])
 def test_second_order_gradients(name, impl):
   if impl == "grouped" and not tf.config.list_physical_devices("GPU"):
     pytest.skip("TF has no gradient for grouped convolutions on CPU")
@@ -315,7 +331,8 @@ def test_second_order_gradients(name, impl):
   for a, b in zip(gb, gl):
     np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-11)
 
-  if name in ("omniglot", "skip", "omniglot_fold", "conv1d"):  # finite diffs
+  if name in ("omniglot", "skip", "omniglot_fold", "conv1d",
+              "depthwise"):                         # finite differences
     eps = 1e-5
     for _ in range(2):
       d = [tf.constant(rng.normal(size=p.shape)) for p in theta]
