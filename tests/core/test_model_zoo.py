@@ -247,7 +247,7 @@ CASES = {
     "mobilenet_v2": (_mobilenet_v2, _images((64, 64, 3)), CLASSES,
                      ("batched",)),
     "mobilenet_v3_small": (_mobilenet_v3_small, _images((32, 32, 3)),
-                           CLASSES, ("map_fn",)),
+                           CLASSES, ("batched",)),
     "resnet_block": (_resnet_block, _images((8, 8, 2)), CLASSES,
                      ("batched",)),
     "convnext_block": (_convnext_block, _images((8, 8, 4)), CLASSES,

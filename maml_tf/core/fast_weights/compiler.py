@@ -474,8 +474,10 @@ class _Compiler:
         op = node.operation
         if op is None or node.is_input:
           continue
+        # A `training` recorded when the graph was built is replaced by
+        # the caller's in Keras' functional call (a bool: always here).
         kwargs = {k: v for k, v in node.arguments.kwargs.items()
-                  if v is not None}
+                  if v is not None and k != "training"}
         if kwargs:
           raise _unsupported(op, f"called with keyword arguments "
                              f"{sorted(kwargs)} (masks, training flags)")

@@ -412,7 +412,17 @@ def _spatial():
       L.Reshape((16, 3)), L.SpatialDropout1D(0.5), L.Flatten(), L.Dense(3)])
 
 
-@pytest.mark.parametrize("make,draws", [(_noisy_mlp, 5), (_spatial, 3)])
+def _functional_dropout():
+  """Functional: Keras records training=False (or the given value) on each
+  call; the caller's training replaces it, as in Keras' functional call."""
+  inp = keras.Input((4,))
+  h = L.Dropout(0.3)(L.Dense(6, "tanh")(inp))
+  h = L.Dropout(0.5)(L.Dense(5, "tanh")(h), training=True)
+  return keras.Model(inp, L.Dense(3)(h))
+
+
+@pytest.mark.parametrize("make,draws", [(_noisy_mlp, 5), (_spatial, 3),
+                                        (_functional_dropout, 2)])
 def test_random_layers_draw_each_tasks_noise_from_its_seed(make, draws):
   """Per-task seed states: each task's masks and noise (and advanced seeds)
   are the ones Keras' Dropout (spatial, with a noise_shape), GaussianNoise
