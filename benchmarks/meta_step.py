@@ -2,6 +2,7 @@
 
   python -m benchmarks.meta_step --workload sinusoid --iters 200 --warmup 20
   python -m benchmarks.meta_step --workload omniglot_5w1s --iters 5 --warmup 2
+  python -m benchmarks.meta_step --workload mobilenetv2_5w1s --vectorize map_fn
 
   python -m benchmarks.meta_step --workload sinusoid --steps_per_call 100
 
@@ -52,6 +53,8 @@ WORKLOADS = {
     "omniglot_5w1s": ((28, 28, 1), 5, 1, 15, 32, 0.4, 1, "omniglot"),
     "omniglot_20w1s": ((28, 28, 1), 20, 1, 15, 16, 0.1, 5, "omniglot"),
     "miniimagenet_5w1s": ((84, 84, 3), 5, 1, 15, 4, 0.01, 5, "miniimagenet"),
+    # keras.applications.MobileNetV2 (alpha 0.35, untrained) on 64x64 images.
+    "mobilenetv2_5w1s": ((64, 64, 3), 5, 1, 5, 8, 1e-4, 1, "mobilenet_v2"),
 }
 
 
@@ -116,8 +119,13 @@ def build(workload: str, first_order: bool, vectorize, inner_steps=None,
   query = query or default_query
   steps = inner_steps or steps
   tasks = meta_batch or tasks
-  model = with_dropout(paper_nets.omniglot_conv(way) if net == "omniglot"
-                       else paper_nets.miniimagenet_conv(way), dropout)
+  if net == "mobilenet_v2":
+    model = keras.applications.MobileNetV2(
+        input_shape=shape, alpha=0.35, weights=None, classes=way,
+        classifier_activation=None)
+  else:
+    model = with_dropout(paper_nets.omniglot_conv(way) if net == "omniglot"
+                         else paper_nets.miniimagenet_conv(way), dropout)
   learner = MAML(model, keras.losses.SparseCategoricalCrossentropy(
       from_logits=True), inner_lr=lr, inner_steps=steps,
                  first_order=first_order, vectorize=vectorize,
