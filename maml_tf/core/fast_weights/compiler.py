@@ -152,6 +152,27 @@ class _DepthwiseConv2D(_Op):
     return y
 
 
+class _Embedding(_Op):
+  """Embedding with per-task tables ``[T, V, D]``: one gather over the task
+  axis (``batch_dims=1``); negative ids count from the end, as Keras'
+  ``ops.take`` does."""
+
+  def __init__(self, layer, table_ref):
+    super().__init__(layer)
+    self.table_ref = table_ref
+
+  def __call__(self, ctx, inputs):
+    ids = inputs[0]
+    if ids.dtype not in (tf.int32, tf.int64):
+      ids = tf.cast(ids, tf.int32)
+    table, per_task = ctx.read(self.table_ref)
+    rows = tf.cast(tf.shape(table)[1 if per_task else 0], ids.dtype)
+    ids = tf.where(ids < 0, ids + rows, ids)
+    if per_task:
+      return tf.gather(table, ids, batch_dims=1)
+    return tf.gather(table, ids)
+
+
 class _Pool2D(_Op):
 
   def __call__(self, ctx, inputs):
@@ -290,11 +311,10 @@ def _dropout_noise_shape(layer):
     return tf.stack(pad + mask)
   return partial
 _SUPPORTED = (
-    "InputLayer, Dense, Conv1D, Conv2D, DepthwiseConv2D, BatchNormalization, "
-    "LayerNormalization, "
-    "MaxPooling2D, AveragePooling2D, Flatten, Activation, ReLU, LeakyReLU, "
-    "ELU, Softmax, Dropout, SpatialDropout1D/2D/3D, GaussianNoise, "
-    "GaussianDropout, Add, "
+    "InputLayer, Dense, Embedding, Conv1D, Conv2D, DepthwiseConv2D, "
+    "BatchNormalization, LayerNormalization, MaxPooling2D, AveragePooling2D, "
+    "Flatten, Activation, ReLU, LeakyReLU, ELU, Softmax, Dropout, "
+    "SpatialDropout1D/2D/3D, GaussianNoise, GaussianDropout, Add, "
     "Concatenate, "
     + ", ".join(k.__name__ for k in _PER_EXAMPLE)
     + " and nested Sequential/functional models")
@@ -364,6 +384,11 @@ class _Compiler:
         raise _unsupported(layer, f"padding={layer.padding!r}")
       return _Conv1D(layer, self.ref(layer, layer.kernel),
                      self.ref(layer, layer.bias), self.conv_impl)
+    if kind is keras.layers.Embedding:
+      if layer.mask_zero:
+        raise _unsupported(layer, "mask_zero=True (masks are not "
+                           "task-batched)")
+      return _Embedding(layer, self.ref(layer, layer.embeddings))
     if kind is keras.layers.DepthwiseConv2D:
       if tuple(layer.dilation_rate) != (1, 1):
         raise _unsupported(layer, f"dilation_rate={layer.dilation_rate}; only "
@@ -570,7 +595,8 @@ def compile_batched(model: keras.Model, conv_impl: str = "auto",
   Arguments:
     model: a built ``keras.Sequential`` or functional ``keras.Model`` (nested
       Sequential/functional models are fine) made of supported layers:
-      InputLayer, Dense, Conv1D, Conv2D and DepthwiseConv2D (channels_last,
+      InputLayer, Dense, Embedding (no ``mask_zero``), Conv1D, Conv2D and
+      DepthwiseConv2D (channels_last,
       dilation 1, groups 1, 'same' or 'valid'), BatchNormalization and LayerNormalization (last axis),
       MaxPooling2D, AveragePooling2D, Flatten, Activation, ReLU, LeakyReLU,
       ELU, Softmax (last axis), Dropout (and its ``noise_shape``),

@@ -132,6 +132,16 @@ def _depthwise(dtype):
       L.Dense(3, dtype=dtype)], name="depthwise")
 
 
+def _text(dtype):
+  """Token ids: Embedding, Conv1D, global pooling (fastText-like)."""
+  return keras.Sequential([
+      keras.Input((6,), dtype="int32"),
+      L.Embedding(20, 4, dtype=dtype),
+      L.Conv1D(5, 3, activation="tanh", dtype=dtype),
+      L.GlobalAveragePooling1D(dtype=dtype),
+      L.Dense(3, dtype=dtype)], name="text")
+
+
 def _preprocessed(dtype):
   """Weightless per-example layers: Normalization (adapted), Rescaling,
   padding and cropping, elementwise merges, reshapes and global pooling."""
@@ -159,7 +169,7 @@ MODELS = {"sequence": _sequence, "omniglot": _omniglot, "miniimagenet": _miniima
           "mlp_layernorm": _mlp_layernorm, "skip": _skip, "odd": _odd,
           "omniglot_fold": _omniglot_fold, "odd_fold": _odd_fold,
           "preprocessed": _preprocessed, "conv1d": _conv1d,
-          "depthwise": _depthwise}
+          "depthwise": _depthwise, "text": _text}
 CONV_MODELS = ("omniglot", "miniimagenet", "skip", "odd", "omniglot_fold",
                "odd_fold", "preprocessed", "conv1d", "depthwise")
 
@@ -187,6 +197,8 @@ def _per_task(model, rng, dtype):
 
 def _inputs(model, rng, dtype, n=4):
   shape = tuple(model.inputs[0].shape[1:])
+  if "int" in model.inputs[0].dtype:      # token ids, negative ones too
+    return tf.constant(rng.integers(-20, 20, size=(T, n) + shape), "int32")
   return tf.constant(rng.normal(size=(T, n) + shape), dtype)
 
 
@@ -277,7 +289,7 @@ def _meta_loss_batched(batched, theta, state, sx, sy, qx, qy, alpha=0.5):
     inner.watch(fast)
     pred, st = batched(fast, state, sx)
     support = tf.reduce_sum(_ce(sy, pred))
-  grads = inner.gradient(support, fast)
+  grads = [tf.convert_to_tensor(g) for g in inner.gradient(support, fast)]
   fast = [p - alpha * g for p, g in zip(fast, grads)]
   pred, _ = batched(fast, st, qx)
   return tf.reduce_sum(_ce(qy, pred))
@@ -290,7 +302,7 @@ def _meta_loss_loop(model, theta, state, sx, sy, qx, qy, alpha=0.5):
       inner.watch(theta)
       pred, st = functional_call(model, theta, [s[t] for s in state], sx[t])
       support = _ce(sy[t][None], pred[None])[0]
-    grads = inner.gradient(support, theta)
+    grads = [tf.convert_to_tensor(g) for g in inner.gradient(support, theta)]
     fast = [p - alpha * g for p, g in zip(theta, grads)]
     pred, _ = functional_call(model, fast, st, qx[t])
     total += _ce(qy[t][None], pred[None])[0]
@@ -302,7 +314,8 @@ def _meta_loss_loop(model, theta, state, sx, sy, qx, qy, alpha=0.5):
     ("omniglot_fold", "map"), ("odd_fold", "patches"),
     ("miniimagenet", "patches"), ("mlp_layernorm", "patches"),
     ("skip", "patches"), ("odd", "map"), ("preprocessed", "patches"),
-    ("conv1d", "patches"), ("conv1d", "map"), ("depthwise", "map")])
+    ("conv1d", "patches"), ("conv1d", "map"), ("depthwise", "map"),
+    ("text", "patches")])
 def test_second_order_gradients(name, impl):
   if impl == "grouped" and not tf.config.list_physical_devices("GPU"):
     pytest.skip("TF has no gradient for grouped convolutions on CPU")
@@ -322,17 +335,17 @@ def test_second_order_gradients(name, impl):
   with tf.GradientTape() as tape:
     tape.watch(theta)
     lb = loss_b(theta)
-  gb = tape.gradient(lb, theta)
+  gb = [tf.convert_to_tensor(g) for g in tape.gradient(lb, theta)]
   with tf.GradientTape() as tape:
     tape.watch(theta)
     ll = _meta_loss_loop(model, theta, state, sx, sy, qx, qy)
-  gl = tape.gradient(ll, theta)
+  gl = [tf.convert_to_tensor(g) for g in tape.gradient(ll, theta)]
   np.testing.assert_allclose(lb, ll, rtol=1e-10)
   for a, b in zip(gb, gl):
     np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-11)
 
   if name in ("omniglot", "skip", "omniglot_fold", "conv1d",
-              "depthwise"):                         # finite differences
+              "depthwise", "text"):                 # finite differences
     eps = 1e-5
     for _ in range(2):
       d = [tf.constant(rng.normal(size=p.shape)) for p in theta]
