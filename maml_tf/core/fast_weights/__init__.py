@@ -44,9 +44,17 @@ task axis and every layer is one task-batched kernel:
   its filter count: a first layer) followed by BatchNormalization is folded
   into one convolution in training mode (``_ConvBatchNorm``: the batch
   statistics from the moments of the input patches).
-* Pooling, Flatten, activations, Add, Concatenate: no per-task weights; the
-  task and example axes are merged and TF's own ops run once (pooling keeps
-  TF's exact tie-breaking, so derivatives equal Keras' too).
+* Conv1D: a Conv2D of height 1 on the same kernels. DepthwiseConv2D: the
+  tasks' channels side by side in one depthwise convolution. Embedding: one
+  gather over the task axis.
+* Pooling, Flatten, activations, Add, Concatenate and weightless
+  per-example layers (Rescaling, Normalization, Reshape, padding, global
+  pooling, elementwise merges): no per-task weights; the task and example
+  axes are merged and TF's own ops (or the layer's ``call``) run once
+  (pooling keeps TF's exact tie-breaking, so derivatives equal Keras' too).
+* Random layers (Dropout, spatial dropout, GaussianNoise, GaussianDropout):
+  each task's noise is drawn from its own seed state (``[T, 2]`` seeds) as
+  Keras draws it for that task alone; the layers themselves run batched.
 
 Every parameter may also be given *without* the task axis (shape
 ``var.shape``): it is then shared by all tasks and the layer uses the plain
