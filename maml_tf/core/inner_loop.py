@@ -295,7 +295,12 @@ def _recomputed_step(step_fn, fast, state, lr):
   if tf.executing_eagerly():
     raise RuntimeError("recompute=True needs graph mode (inside tf.function); "
                        "MAML's compiled steps provide it")
-  out = checkpointed(*fast, *[state[i] for i in floats], *lrs)
+  # Identities make every input local to the current graph: inside a
+  # tf.map_fn body, weights the step passes through unchanged (ANIL's
+  # body) would otherwise come back as tensors of the outer graph, which
+  # tf.custom_gradient refuses.
+  out = checkpointed(*[tf.identity(v) for v in
+                       (*fast, *[state[i] for i in floats], *lrs)])
   new_state = list(state)
   for i, value in zip(floats, out[n:]):
     new_state[i] = value

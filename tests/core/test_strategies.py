@@ -210,3 +210,16 @@ def test_random_layers_draw_the_mapped_masks_on_the_batched_path(strategy,
   # Masks matter: without Dropout the numbers differ.
   _, plain, _ = _run(_classifier, loss, batch, **kwargs, **OPTIONS[option])
   assert plain[0]["loss_after"] != pytest.approx(metrics[0]["loss_after"])
+
+
+def test_recomputed_per_task_steps_with_a_frozen_body():
+  """map_fn + recompute + ANIL: the body passes through the checkpointed
+  inner step unchanged (it failed with tf.custom_gradient's 'outputs
+  should be from the same graph'); the numbers are the plain step's."""
+  loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True,
+                                                    dtype=F64)
+  maml, metrics, weights = _run(_classifier, loss, _class_batch(),
+                                vectorize=False, task_chunk=None,
+                                recompute=True, adapt="head")
+  assert maml.plan(_class_batch()).recompute
+  _assert_same((metrics, weights), _reference("anil"))

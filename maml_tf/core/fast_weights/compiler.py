@@ -13,6 +13,7 @@ import math
 from typing import List, Sequence, Tuple
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from maml_tf.core import keras_compat
@@ -505,7 +506,7 @@ class _Compiler:
                   if v is not None and k != "training"}
         if kwargs:
           raise _unsupported(op, f"called with keyword arguments "
-                             f"{sorted(kwargs)} (masks, training flags)")
+                             f"{sorted(kwargs)} (masks)")
         if len(node.outputs) != 1:
           raise _unsupported(op, "layers with several outputs")
         steps.append((self.compile_layer(op),
@@ -583,6 +584,11 @@ class BatchedModel:
       raise ValueError(f"x must be [T, N, *input_shape], got shape {x.shape}")
     params = [tf.convert_to_tensor(p) for p in params]
     state = [tf.convert_to_tensor(s) for s in state]
+    if not isinstance(training, (bool, np.bool_)):
+      raise TypeError(
+          f"training must be True or False, got {training!r} (Keras' None "
+          "would keep the flags recorded in the graph, which this compiled "
+          "model does not read)")
     ctx = _Context(params, state, self._shapes, bool(training))
     y = self.program(ctx, [x])
     return y, ctx.values["s"]
