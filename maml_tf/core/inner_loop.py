@@ -13,8 +13,9 @@ step ``k`` of task ``t`` uses stream ``2k`` of task ``t``, its query pass
 after ``k`` steps stream ``2k + 1``, so no two calls share a mask, and the
 same seed state gives the same masks (``keras.utils.set_random_seed`` or a
 layer's ``seed=`` makes runs reproducible). The task-batched path gives
-each task its own seeds (:func:`task_states`) and draws the same masks. The outer backward pass
-differentiates through the masks its forward pass drew. A meta-step
+each task its own seeds (:func:`task_states`) and draws the same masks.
+The outer backward pass differentiates through the masks its forward pass
+drew. A meta-step
 advances the seed state once (:func:`next_seed`), so the next meta-step
 draws fresh masks; ``MAML.adapt`` and evaluation never advance it, so they
 are repeatable.
