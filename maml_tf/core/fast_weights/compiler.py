@@ -473,8 +473,9 @@ class _Compiler:
       steps, layers, i = [], model.layers, 0
       while i < len(layers):
         op = self.compile_layer(layers[i])
-        if (self.fold and type(op) is _Conv2D and i + 1 < len(layers)  # pylint: disable=unidiomatic-typecheck
-            and type(layers[i + 1]) is keras.layers.BatchNormalization  # pylint: disable=unidiomatic-typecheck
+        # pylint: disable=unidiomatic-typecheck
+        if (self.fold and type(op) is _Conv2D and i + 1 < len(layers)
+            and type(layers[i + 1]) is keras.layers.BatchNormalization
             and _ConvBatchNorm.applies(layers[i], layers[i + 1])):
           steps.append((_ConvBatchNorm(op, self.compile_layer(layers[i + 1])),
                         [i], i + 2))
@@ -602,13 +603,12 @@ def compile_batched(model: keras.Model, conv_impl: str = "auto",
     model: a built ``keras.Sequential`` or functional ``keras.Model`` (nested
       Sequential/functional models are fine) made of supported layers:
       InputLayer, Dense, Embedding (no ``mask_zero``), Conv1D, Conv2D and
-      DepthwiseConv2D (channels_last,
-      dilation 1, groups 1, 'same' or 'valid'), BatchNormalization and LayerNormalization (last axis),
+      DepthwiseConv2D (channels_last, dilation 1, groups 1, 'same' or
+      'valid'), BatchNormalization and LayerNormalization (last axis),
       MaxPooling2D, AveragePooling2D, Flatten, Activation, ReLU, LeakyReLU,
       ELU, Softmax (last axis), Dropout (and its ``noise_shape``),
       SpatialDropout1D/2D/3D, GaussianNoise, GaussianDropout, Add,
-      Concatenate
-      and the weightless per-example layers (Rescaling, Normalization,
+      Concatenate and the weightless per-example layers (Rescaling, Normalization,
       Identity, Reshape, Permute, ZeroPadding2D, Cropping2D, global
       pooling, Subtract, Multiply, Average, Maximum, Minimum).
     conv_impl: ``'auto'``, ``'patches'``, ``'grouped'`` or ``'map'`` (see
