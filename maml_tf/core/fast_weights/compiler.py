@@ -58,6 +58,14 @@ class _Dense(_Op):
     return y
 
 
+def _static_inputs(layer, x, axes: str):
+  """``x``, checked to be ``[T, N, *axes]`` with the named axes static."""
+  if x.shape.rank != 2 + len(axes.split(",")) or None in x.shape[2:]:
+    raise _unsupported(layer, f"needs inputs [T, N, {axes}] with static "
+                       f"{axes}; got {x.shape}")
+  return x
+
+
 class _Conv2D(_Op):
 
   def __init__(self, layer, kernel_ref, bias_ref, impl):
@@ -68,28 +76,28 @@ class _Conv2D(_Op):
     self.padding = layer.padding
 
   def __call__(self, ctx, inputs):
-    x = inputs[0]
-    if x.shape.rank != 5 or None in x.shape[2:]:
-      raise _unsupported(self.layer, f"needs inputs [T, N, H, W, C] with static "
-                         f"H, W, C; got {x.shape}")
+    x = _static_inputs(self.layer, inputs[0], "H, W, C")
     kernel, per_task = ctx.read(self.kernel_ref)
     return self.convolve(ctx, x, kernel, per_task)
 
   def convolve(self, ctx, x, kernel, per_task: bool):
     """The layer on ``x`` with ``kernel`` (``[T, kh, kw, C, F]`` per task or
     ``[kh, kw, C, F]`` shared), bias and activation included."""
-    if per_task:
-      y = _CONV_KERNELS[self.impl](x, kernel, self.strides, self.padding)
-    else:
-      merged, split = _merge_task_axis(x)
-      y = split(tf.nn.conv2d(merged, kernel, strides=list(self.strides),
-                             padding=self.padding.upper()))
+    y = self.apply_kernel(x, kernel, per_task)
     if self.bias_ref is not None:
       bias, per_task = ctx.read(self.bias_ref)
       y = y + _per_task_vector(bias, per_task, 5)
     if self.layer.activation is not None:
       y = self.layer.activation(y)
     return y
+
+  def apply_kernel(self, x, kernel, per_task: bool):
+    """The convolution alone, ``[T, N, H, W, C] -> [T, N, H', W', F]``."""
+    if per_task:
+      return _CONV_KERNELS[self.impl](x, kernel, self.strides, self.padding)
+    merged, split = _merge_task_axis(x)
+    return split(tf.nn.conv2d(merged, kernel, strides=list(self.strides),
+                              padding=self.padding.upper()))
 
 
 class _Conv1D(_Conv2D):
@@ -102,55 +110,38 @@ class _Conv1D(_Conv2D):
     self.strides = (1, int(layer.strides[0]))
 
   def __call__(self, ctx, inputs):
-    x = inputs[0]
-    if x.shape.rank != 4 or None in x.shape[2:]:
-      raise _unsupported(self.layer, f"needs inputs [T, N, L, C] with static "
-                         f"L, C; got {x.shape}")
+    x = _static_inputs(self.layer, inputs[0], "L, C")
     kernel, per_task = ctx.read(self.kernel_ref)
     y = self.convolve(ctx, tf.expand_dims(x, 2),
                       tf.expand_dims(kernel, 1 if per_task else 0), per_task)
     return tf.squeeze(y, 2)
 
 
-class _DepthwiseConv2D(_Op):
+class _DepthwiseConv2D(_Conv2D):
   """DepthwiseConv2D with per-task kernels as one depthwise convolution:
   the tasks' channels side by side (``[N, H, W, T*C]``, kernel
   ``[kh, kw, T*C, M]``); each channel is convolved on its own, so every task
   meets only its own kernel."""
 
   def __init__(self, layer, kernel_ref, bias_ref):
-    super().__init__(layer)
-    self.kernel_ref, self.bias_ref = kernel_ref, bias_ref
+    super().__init__(layer, kernel_ref, bias_ref, impl=None)
     self.strides = [1] + [int(v) for v in layer.strides] + [1]
-    self.padding = layer.padding.upper()
 
-  def __call__(self, ctx, inputs):
-    x = inputs[0]
-    if x.shape.rank != 5 or None in x.shape[2:]:
-      raise _unsupported(self.layer, f"needs inputs [T, N, H, W, C] with static "
-                         f"H, W, C; got {x.shape}")
-    kernel, per_task = ctx.read(self.kernel_ref)
-    if per_task:
-      kh, kw, c, m = (int(v) for v in kernel.shape[1:])
-      n, (h, w) = tf.shape(x)[1], x.shape[2:4]
-      side_by_side = tf.reshape(tf.transpose(x, [1, 2, 3, 0, 4]),
-                                [n, h, w, -1])
-      kernels = tf.reshape(tf.transpose(kernel, [1, 2, 0, 3, 4]),
-                           [kh, kw, -1, m])
-      y = tf.nn.depthwise_conv2d(side_by_side, kernels, self.strides,
-                                 self.padding)
-      y = tf.reshape(y, [n, y.shape[1], y.shape[2], -1, c * m])
-      y = tf.transpose(y, [3, 0, 1, 2, 4])
-    else:
+  def apply_kernel(self, x, kernel, per_task: bool):
+    padding = self.padding.upper()
+    if not per_task:
       merged, split = _merge_task_axis(x)
-      y = split(tf.nn.depthwise_conv2d(merged, kernel, self.strides,
-                                       self.padding))
-    if self.bias_ref is not None:
-      bias, per_task = ctx.read(self.bias_ref)
-      y = y + _per_task_vector(bias, per_task, 5)
-    if self.layer.activation is not None:
-      y = self.layer.activation(y)
-    return y
+      return split(tf.nn.depthwise_conv2d(merged, kernel, self.strides,
+                                          padding))
+    kh, kw, c, m = (int(v) for v in kernel.shape[1:])
+    n, (h, w) = tf.shape(x)[1], x.shape[2:4]
+    side_by_side = tf.reshape(tf.transpose(x, [1, 2, 3, 0, 4]),
+                              [n, h, w, -1])
+    kernels = tf.reshape(tf.transpose(kernel, [1, 2, 0, 3, 4]),
+                         [kh, kw, -1, m])
+    y = tf.nn.depthwise_conv2d(side_by_side, kernels, self.strides, padding)
+    y = tf.reshape(y, [n, y.shape[1], y.shape[2], -1, c * m])
+    return tf.transpose(y, [3, 0, 1, 2, 4])
 
 
 class _Embedding(_Op):
@@ -355,6 +346,16 @@ class _Compiler:
       raise _unsupported(layer, f"data_format={layer.data_format!r}; only "
                          "'channels_last' is supported")
 
+  def check_convolution(self, layer):
+    """Dilation 1, one group, 'same' or 'valid' padding."""
+    if any(int(d) != 1 for d in layer.dilation_rate):
+      raise _unsupported(layer, f"dilation_rate={layer.dilation_rate}; only "
+                         "1 is supported")
+    if getattr(layer, "groups", 1) != 1:
+      raise _unsupported(layer, f"groups={layer.groups}; only 1 is supported")
+    if layer.padding not in ("same", "valid"):
+      raise _unsupported(layer, f"padding={layer.padding!r}")
+
   def compile_layer(self, layer) -> _Op:
     kind = type(layer)
     if isinstance(layer, keras.Model):
@@ -365,37 +366,18 @@ class _Compiler:
     if kind is keras.layers.Dense:
       return _Dense(layer, self.ref(layer, layer.kernel),
                     self.ref(layer, layer.bias))
-    if kind is keras.layers.Conv2D:
-      if tuple(layer.dilation_rate) != (1, 1):
-        raise _unsupported(layer, f"dilation_rate={layer.dilation_rate}; only "
-                           "(1, 1) is supported")
-      if layer.groups != 1:
-        raise _unsupported(layer, f"groups={layer.groups}; only 1 is supported")
-      if layer.padding not in ("same", "valid"):
-        raise _unsupported(layer, f"padding={layer.padding!r}")
-      return _Conv2D(layer, self.ref(layer, layer.kernel),
-                     self.ref(layer, layer.bias), self.conv_impl)
-    if kind is keras.layers.Conv1D:
-      if tuple(layer.dilation_rate) != (1,):
-        raise _unsupported(layer, f"dilation_rate={layer.dilation_rate}; only "
-                           "1 is supported")
-      if layer.groups != 1:
-        raise _unsupported(layer, f"groups={layer.groups}; only 1 is supported")
-      if layer.padding not in ("same", "valid"):
-        raise _unsupported(layer, f"padding={layer.padding!r}")
-      return _Conv1D(layer, self.ref(layer, layer.kernel),
-                     self.ref(layer, layer.bias), self.conv_impl)
+    if kind in (keras.layers.Conv1D, keras.layers.Conv2D):
+      self.check_convolution(layer)
+      op = _Conv2D if kind is keras.layers.Conv2D else _Conv1D
+      return op(layer, self.ref(layer, layer.kernel),
+                self.ref(layer, layer.bias), self.conv_impl)
     if kind is keras.layers.Embedding:
       if layer.mask_zero:
         raise _unsupported(layer, "mask_zero=True (masks are not "
                            "task-batched)")
       return _Embedding(layer, self.ref(layer, layer.embeddings))
     if kind is keras.layers.DepthwiseConv2D:
-      if tuple(layer.dilation_rate) != (1, 1):
-        raise _unsupported(layer, f"dilation_rate={layer.dilation_rate}; only "
-                           "(1, 1) is supported")
-      if layer.padding not in ("same", "valid"):
-        raise _unsupported(layer, f"padding={layer.padding!r}")
+      self.check_convolution(layer)
       return _DepthwiseConv2D(layer, self.ref(layer, layer.kernel),
                               self.ref(layer, layer.bias))
     if kind is keras.layers.BatchNormalization:
