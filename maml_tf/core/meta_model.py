@@ -141,8 +141,8 @@ class _TaskBatchPyDataset(keras.utils.PyDataset):
 def _holds_arrays(data) -> bool:
   """Is ``data`` a structure of NumPy arrays (tasks Keras cuts into
   meta-batches), not a dataset, generator or PyDataset?"""
-  leaves = tf.nest.flatten(data) if isinstance(data, (tuple, list, dict)) \
-      else [data]
+  leaves = (tf.nest.flatten(data) if isinstance(data, (tuple, list, dict))
+            else [data])
   return bool(leaves) and all(isinstance(v, np.ndarray) for v in leaves)
 
 

@@ -302,6 +302,8 @@ def _dropout_noise_shape(layer):
     pad = [tf.constant(1, shape.dtype)] * (int(shape.shape[0]) - len(mask))
     return tf.stack(pad + mask)
   return partial
+
+
 _SUPPORTED = (
     "InputLayer, Dense, Embedding, Conv1D, Conv2D, DepthwiseConv2D, "
     "BatchNormalization, LayerNormalization, MaxPooling2D, AveragePooling2D, "
@@ -429,8 +431,8 @@ class _Compiler:
   def compile_random(self, layer) -> _Op:
     """Dropout (spatial too), GaussianNoise, GaussianDropout: noise per
     task."""
-    rate = getattr(layer, "stddev", None) if isinstance(
-        layer, keras.layers.GaussianNoise) else layer.rate
+    rate = (layer.stddev if isinstance(layer, keras.layers.GaussianNoise)
+            else layer.rate)
     if rate == 0:
       return _Identity(layer)
     if isinstance(layer, keras.layers.Dropout):
