@@ -177,8 +177,9 @@ def test_a_runtime_fallback_is_a_new_plan_not_a_changed_learner():
 
 @pytest.mark.parametrize("layer, why", [
     (lambda: keras.layers.GRU(4), "recurrent"),
-    (lambda: keras.layers.Conv1D(2, 2), "convolutions"),
-    (lambda: keras.layers.GaussianNoise(0.1), "random layers"),
+    # Off the task-batched path: a dilated convolution, AlphaDropout.
+    (lambda: keras.layers.Conv1D(2, 2, dilation_rate=2), "convolutions"),
+    (lambda: keras.layers.AlphaDropout(0.1), "random layers"),
 ])
 def test_auto_runs_what_vectorized_map_cannot_trace_under_map_fn(layer, why):
   model = keras.Sequential([keras.Input((3, 2)), layer(),
