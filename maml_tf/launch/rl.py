@@ -17,11 +17,14 @@ Example:
       --num_workers=2 --logdir=runs/rl/cheetah_dir/maml
   # a shipped meta-policy, evaluated on 40 test tasks with 95% intervals:
   python launch/rl.py --env=navigation --pretrained --eval_only
+  # ... or meta-trained further, from its card's iteration count:
+  python launch/rl.py --env=ant_dir --pretrained --iterations=800 \
+      --num_workers=2 --logdir=runs/rl/ant_dir/continued
   # a run's newest checkpoint, with the settings it was trained with:
   python launch/rl.py --eval_only --logdir=runs/rl/cheetah_dir/maml
 
 --logdir defaults to runs/rl/ENV/ALGORITHM (runs/rl/ENV/shipped with
---pretrained). --eval_only on a run directory takes the run's settings from
+--pretrained --eval_only). --eval_only on a run directory takes the run's settings from
 its config.json; flags given on the command line override them.
 """
 
@@ -67,10 +70,11 @@ flags.DEFINE_bool("eval_only", False,
                   "Skip training; evaluate the newest checkpoint of --logdir "
                   "(with --pretrained: the shipped meta-policy).")
 flags.DEFINE_bool("pretrained", False,
-                  "With --eval_only: evaluate the meta-policy shipped for "
-                  "--env (maml_tf.models.pretrained.available('rl')), with "
-                  "the settings it was trained with; flags given on the "
-                  "command line override them.")
+                  "Start from the meta-policy shipped for --env "
+                  "(maml_tf.models.pretrained.available('rl')), with the "
+                  "settings it was trained with (flags given on the command "
+                  "line override them): with --eval_only, evaluate it; "
+                  "otherwise continue meta-training it up to --iterations.")
 
 # The hand-written flags above that are fields of RLConfig.
 _FIELDS = ("env", "algorithm", "iterations", "meta_batch", "fast_batch_size",
@@ -113,11 +117,12 @@ def main(argv):
            if FLAGS[name].present and name != "env"}
   logdir = FLAGS.logdir or (
       f"runs/rl/{rl.envs.short_name(FLAGS.env)}/"
-      + ("shipped" if FLAGS.pretrained else FLAGS.algorithm))
+      + ("shipped" if FLAGS.pretrained and FLAGS.eval_only
+         else FLAGS.algorithm))
 
   def make_config():
     given.update(config_flags.overrides(RLConfig, _GENERATED))
-    if FLAGS.pretrained:   # --eval_only stays required, as for training
+    if FLAGS.pretrained:   # without --eval_only: continue training it
       return rl.train.shipped_config(
           FLAGS.env, **{**given, "eval_only": FLAGS.eval_only})
     if FLAGS["env"].present:

@@ -92,11 +92,14 @@ class RLConfig:
     resume: restore the latest checkpoint of ``workdir``.
     eval_only: skip training; evaluate the newest checkpoint of ``workdir``
       (or, with ``pretrained``, the shipped meta-policy).
-    pretrained: evaluate the shipped meta-policy of ``env``
+    pretrained: start from the shipped meta-policy of ``env``
       (:mod:`maml_tf.models.pretrained`, named by the environment's short
-      name) with this config's step sizes and test batch;
-      :func:`shipped_config` gives the ones it was trained and scored with.
-      Needs ``eval_only`` and ``algorithm="maml"``.
+      name): with ``eval_only``, evaluate it with this config's step sizes
+      and test batch (:func:`shipped_config` gives the ones it was trained
+      and scored with); otherwise continue meta-training from it up to
+      ``iterations``, counting from the card's (a workdir that already
+      holds a checkpoint resumes from that instead). Needs
+      ``algorithm="maml"``.
     seed: seeds the policy, task and noise generators.
   """
   env: str = "navigation"
@@ -164,9 +167,10 @@ class RLConfig:
     check_settings(self.fast_lr, self.max_kl, self.cg_iters, self.cg_damping,
                    self.ls_max_steps, self.ls_backtrack_ratio,
                    self.hvp_method)
-    if self.pretrained and not self.eval_only:
-      raise ValueError("pretrained=True evaluates a shipped meta-policy: it "
-                       "needs eval_only=True (--pretrained --eval_only)")
+    if self.pretrained and not (self.eval_only or self.resume):
+      raise ValueError("pretrained=True without eval_only continues "
+                       "meta-training from the shipped meta-policy through a "
+                       "checkpoint: it needs resume=True")
     if self.pretrained and self.algorithm != "maml":
       raise ValueError("the shipped policies are MAML's: pretrained=True "
                        f"needs algorithm='maml', not {self.algorithm!r} (the "
@@ -416,6 +420,8 @@ def train_and_evaluate(config: RLConfig, workdir: str) -> Dict:
                            "training_curve.png", "train_history.json",
                            "config.json"))
   changes = run_config.check_resume(config, workdir, print)
+  shipped = (_shipped_iterations(config)
+             if config.pretrained and not config.eval_only else None)
   start_time = time.time()
   tf.random.set_seed(config.seed)
   oracle = config.algorithm == "oracle"
@@ -430,7 +436,9 @@ def train_and_evaluate(config: RLConfig, workdir: str) -> Dict:
         checkpoint_interval=max(config.checkpoint_every, 1))
     history = []
     history_path = os.path.join(workdir, "train_history.json")
-    if config.pretrained:
+    if shipped is not None and not manager.latest_checkpoint:
+      _start_from_shipped(config, learner, manager, step, shipped)
+    if config.pretrained and config.eval_only:
       from maml_tf.models import pretrained  # pylint: disable=g-import-not-at-top
       run_config.check_not_a_run(workdir)
       name = envs.short_name(config.env)
@@ -584,6 +592,44 @@ def train_and_evaluate(config: RLConfig, workdir: str) -> Dict:
 
 
 _REJECTED_WARNING = 10   # consecutive rejected TRPO steps before a warning
+
+
+class NothingToTrainError(interrupts.UserFacingError, ValueError):
+  """A continuation of a shipped meta-policy asked for no more iterations
+  than it has."""
+
+
+def _shipped_iterations(config: RLConfig) -> int:
+  """The iterations of the meta-policy shipped for ``config.env``, which a
+  continuation (``pretrained`` without ``eval_only``) must exceed."""
+  from maml_tf.models import pretrained  # pylint: disable=g-import-not-at-top
+  name = envs.short_name(config.env)
+  shipped = int(pretrained.card(name)["iterations"])
+  if config.iterations <= shipped:
+    raise NothingToTrainError(
+        f"pretrained=True continues meta-training from the shipped "
+        f"{name!r} policy's {shipped} iterations: iterations must be above "
+        f"that, got {config.iterations} (eval_only=True evaluates it as "
+        "shipped)")
+  return shipped
+
+
+def _start_from_shipped(config: RLConfig, learner: MAMLTRPO, manager,
+                        step: tf.Variable, shipped: int) -> None:
+  """Seeds the run's checkpoints with the shipped meta-policy of
+  ``config.env`` as the checkpoint of its ``shipped`` iterations.
+
+  TRPO keeps no state beyond the policy and each iteration draws its tasks
+  and noise from ``(seed, iteration)``, so the continuation is the run the
+  card describes, carried on.
+  """
+  from maml_tf.models import pretrained  # pylint: disable=g-import-not-at-top
+  name = envs.short_name(config.env)
+  pretrained.load_into(learner, name)
+  step.assign(shipped)
+  path = manager.save(checkpoint_number=step, check_interval=False)
+  print(f"[rl] starting from the shipped meta-policy {name!r} at iteration "
+        f"{shipped} ({path})", flush=True)
 
 
 class NonFiniteError(interrupts.UserFacingError, FloatingPointError):

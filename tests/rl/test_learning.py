@@ -163,8 +163,8 @@ def test_config_validation():
     rl.RLConfig(fast_lr=-1)
   with pytest.raises(ValueError, match="max_kl must be a finite number > 0"):
     rl.RLConfig(max_kl=float("nan"))
-  with pytest.raises(ValueError, match="needs eval_only=True"):
-    rl.RLConfig(pretrained=True)
+  with pytest.raises(ValueError, match="needs resume=True"):
+    rl.RLConfig(pretrained=True, resume=False)
   with pytest.raises(ValueError, match="needs algorithm='maml'"):
     rl.RLConfig(pretrained=True, eval_only=True, algorithm="pretrained")
   # Settings that cannot work are refused before anything runs.
@@ -283,6 +283,39 @@ def test_short_navigation_run_improves_after_adaptation(tmp_path, capsys):
     rl.train_and_evaluate(
         dataclasses.replace(config, eval_only=True, hidden_sizes=(16,)),
         str(tmp_path / "maml"))
+
+
+def test_pretrained_continues_meta_training_from_the_shipped_policy(tmp_path):
+  from maml_tf.models import pretrained  # pylint: disable=g-import-not-at-top
+  from maml_tf.rl import train as rl_train   # pylint: disable=g-import-not-at-top
+  shipped = pretrained.card("navigation")["iterations"]
+  small = dict(meta_batch=2, fast_batch_size=2, eval_tasks=2,
+               eval_batch_size=2, eval_grad_steps=1, checkpoint_every=1)
+  config = rl_train.shipped_config("navigation", eval_only=False,
+                                   iterations=shipped + 1, **small)
+  assert config.pretrained and config.fast_lr == 0.5   # the card's settings
+  workdir = str(tmp_path / "continued")
+  out = rl.train_and_evaluate(config, workdir)
+  # One iteration beyond the card's, from the shipped weights.
+  assert out["iterations"] == shipped + 1
+  assert [h["iteration"] for h in out["train"]] == [shipped]
+  seeded = os.path.join(workdir, "ckpt", f"ckpt-{shipped}")
+  policy = pretrained.pretrained("navigation").policy
+  names = [n for n, _ in tf.train.list_variables(seeded)
+           if n.startswith("policy/") and "OPTIMIZER" not in n]
+  assert len(names) == len(policy.trainable_variables) > 0
+  saved = sorted(np.asarray(tf.train.load_variable(seeded, n)).sum()
+                 for n in names)
+  np.testing.assert_allclose(
+      saved, sorted(v.numpy().sum() for v in policy.trainable_variables),
+      rtol=1e-6)
+  # A restart resumes the continuation's own checkpoint: nothing left.
+  again = rl.train_and_evaluate(config, workdir)
+  assert again["iterations"] == shipped + 1 and len(again["train"]) == 1
+  with pytest.raises(ValueError, match=f"policy's {shipped} iterations: "
+                     f"iterations must be above that, got {shipped}"):
+    rl.train_and_evaluate(dataclasses.replace(config, iterations=shipped),
+                          str(tmp_path / "nothing"))
 
 
 def test_plot_compares_runs_of_the_same_seed_and_length(tmp_path):
