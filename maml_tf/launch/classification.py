@@ -26,7 +26,6 @@ from maml_tf.launch import quiet  # before TensorFlow is imported  # pylint: dis
 
 import sys
 
-from absl import app
 from absl import flags
 from absl import logging
 
@@ -73,8 +72,7 @@ def main(argv):
 
 def run():
   """The console script's entry point (and ``launch/*.py``'s)."""
-  config_flags.show_as_main(sys.modules[__name__], __doc__)
-  app.run(main)
+  config_flags.run_launcher(sys.modules[__name__], __doc__, main)
 
 
 if __name__ == "__main__":

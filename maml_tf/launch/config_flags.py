@@ -194,3 +194,33 @@ def show_as_main(launcher, doc: str) -> None:
     for flag in FLAGS.get_key_flags_for_module(module):
       FLAGS.register_key_flag_for_module(sys.argv[0], flag)  # absl names
       # the main module by its path
+
+
+def parse_flags(argv: List[str]) -> List[str]:
+  """absl's flag parsing for :func:`run_launcher`, where asking for help
+  succeeds: ``--help``, ``--helpshort``, ``--helpfull`` and ``--helpxml``
+  print their text and exit with status 0 (absl's own parser exits 1). A bad
+  flag exits 1 with absl's message."""
+  import sys  # pylint: disable=g-import-not-at-top
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    sys.stderr.write(f"FATAL Flags parsing error: {e}\n"
+                     "Pass --helpshort or --helpfull to see help on flags.\n")
+    sys.exit(1)
+  except SystemExit as e:
+    # Inside the parse, only the help flags exit with status 1 (having
+    # printed what was asked for); errors raise flags.Error.
+    if e.code == 1:
+      sys.exit(0)
+    raise
+
+
+def run_launcher(launcher, doc: str, main: Callable[[List[str]], None]):
+  """Runs ``main`` as the absl program ``launcher`` (a launcher module):
+  its help shown as the script's (:func:`show_as_main`), flags parsed by
+  :func:`parse_flags`."""
+  from absl import app  # pylint: disable=g-import-not-at-top
+  show_as_main(launcher, doc)
+  app.run(main, flags_parser=parse_flags)
+

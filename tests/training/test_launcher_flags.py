@@ -24,15 +24,25 @@ def _config(name):
 
 @pytest.mark.parametrize("launcher", ["sinusoid", "classification", "rl"])
 def test_every_config_field_is_a_documented_flag(launcher):
-  out = subprocess.run(
+  done = subprocess.run(
       [sys.executable, os.path.join(REPO, "launch", f"{launcher}.py"),
        "--helpfull"], cwd=REPO, capture_output=True, text=True,
-      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")).stdout   # absl exits 1
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+  assert done.returncode == 0, done.stderr[-2000:]   # help asked, help given
+  out = done.stdout
   missing = [f.name for f in dataclasses.fields(_config(launcher))
              if f"--{f.name}:" not in out and f"--[no]{f.name}:" not in out]
   assert not missing, missing
   # Help text comes from the field's documentation, not only its name.
   assert "iterations between progress lines" in out or launcher == "rl"
+
+
+def test_an_unparsable_flag_value_exits_1_even_beside_help():
+  for args in (["--iterations=abc"], ["--iterations=abc", "--help"]):
+    out = _launch("sinusoid", *args)
+    assert out.returncode == 1, (args, out.stderr[-2000:])
+    assert "FATAL Flags parsing error: flag --iterations=abc" in out.stderr
+    assert "Traceback" not in out.stderr
 
 
 def test_a_generated_flag_reaches_the_config(tmp_path):
