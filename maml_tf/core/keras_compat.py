@@ -259,6 +259,28 @@ except (ImportError, AttributeError):
   _could_possibly_record = None
 
 
+def quiet_failed_restores() -> None:
+  """Stops TF's "deleted with unrestored values" warnings for restores that
+  raised.
+
+  A ``tf.train.Checkpoint.restore`` that fails part-way (a variable of
+  another shape) returns no status to call ``expect_partial`` on, and TF
+  logs every unrestored value when the objects go, usually at exit, after
+  the error that already named the cause. This marks TF's pending restore
+  coordinators (``_CheckpointRestoreCoordinatorDeleter``) as expecting a
+  partial restore; if TF moves that class, nothing is done (the warnings
+  come back, results are unaffected).
+  """
+  import gc  # pylint: disable=g-import-not-at-top
+  from tensorflow.python.checkpoint import checkpoint as tf_checkpoint  # pylint: disable=g-import-not-at-top,g-direct-tensorflow-import
+  kind = getattr(tf_checkpoint, "_CheckpointRestoreCoordinatorDeleter", None)
+  if kind is None or not hasattr(kind, "set_expect_partial"):
+    return
+  for obj in gc.get_objects():
+    if type(obj) is kind:  # pylint: disable=unidiomatic-typecheck
+      obj.set_expect_partial(True)
+
+
 def can_call_directly() -> bool:
   """Eager, and no gradient tape is recording (which would need the call's
   gradient): the case where :func:`direct_caller` may be used. Needs TF's

@@ -23,6 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from maml_tf.common import interrupts
+from maml_tf.core import keras_compat
 from maml_tf.common.progress import format_duration, format_speed
 
 
@@ -89,6 +90,8 @@ def restore_latest(ckpt, manager, log=print) -> bool:
     except (AssertionError, ValueError) as e:
       if status is not None:
         status.expect_partial()   # no warnings about it at exit
+      else:                       # restore() itself raised
+        keras_compat.quiet_failed_restores()
       first = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
       raise CheckpointError(
           f"could not restore checkpoint {path} ({first}); it belongs to a "

@@ -95,6 +95,33 @@ def test_an_unreadable_newest_checkpoint_falls_back_to_an_older_one(tmp_path):
     loop.restore_latest(ckpt, manager, log=lines.append)
 
 
+def test_a_checkpoint_of_another_model_is_one_error_without_tf_warnings(
+    tmp_path):
+  import gc  # pylint: disable=g-import-not-at-top
+  import logging  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / "run")
+  loop.seed_checkpoint(_maml(), workdir, 1, log=lambda m: 0)
+  keras.utils.set_random_seed(0)
+  other = MAML(mlp(1, 1, hidden=(16,)), "mse", inner_lr=0.01)
+  records = []
+  handler = logging.Handler()
+  handler.emit = records.append
+  logger = logging.getLogger("tensorflow")
+  logger.addHandler(handler)
+  try:
+    ckpt, manager, _ = loop.make_checkpoint(other, workdir)
+    with pytest.raises(loop.CheckpointError,
+                       match="belongs to a different model"):
+      loop.restore_latest(ckpt, manager, log=lambda m: 0)
+    del ckpt, manager, other
+    gc.collect()                 # TF warns when the restore's objects go
+  finally:
+    logger.removeHandler(handler)
+  assert not [r for r in records if "unrestored" in r.getMessage()
+              or "could not be found" in r.getMessage()], [
+                  r.getMessage() for r in records]
+
+
 def test_a_run_seeded_with_given_weights_continues_from_their_iteration(
     tmp_path):
   workdir = str(tmp_path / "run")
