@@ -45,6 +45,83 @@ def build_input_shape(model: keras.Model):
   return next(iter(shapes.values()), None)
 
 
+# Keras operations (``keras.ops``, ``x + y`` on KerasTensors) that act on
+# each example alone whatever their arguments: elementwise, with every
+# tensor operand of the output's rank (so the batch axes line up).
+_ELEMENTWISE_OPS = frozenset("""
+    Abs Absolute Add Subtract Multiply Divide TrueDivide DivideNoNan
+    FloorDivide Mod Fmod Power Maximum Minimum Fmax Fmin Negative Reciprocal
+    Exp Exp2 Expm1 Log Log1p Log2 Log10 Sqrt Rsqrt Square Cbrt Sign Sin Cos
+    Tan Sinh Cosh Tanh Arctan Arcsin Arccos Arctanh Arcsinh Arccosh Floor
+    Ceil Round Trunc Clip Cast Erf Erfc Logaddexp Hypot Heaviside
+    Relu Relu6 Sigmoid Softplus Softsign Silu Gelu Elu Selu Celu LeakyRelu
+    HardSigmoid HardSilu HardTanh LogSigmoid SoftShrink HardShrink TanhShrink
+    Squareplus SparsePlus SparseSigmoid Threshold StopGradient Equal
+    NotEqual Greater GreaterEqual Less LessEqual LogicalAnd LogicalOr
+    LogicalNot LogicalXor Isnan Isinf Isfinite NanToNum""".split())
+# Operations over the axes given by their ``axis``: per example when no
+# axis is the batch axis (0) and an axis is given.
+_AXIS_OPS = frozenset("""
+    Mean Sum Max Min Prod Amax Amin Std Var Any All Logsumexp Softmax
+    LogSoftmax Concatenate ExpandDims Squeeze Cumsum Cumprod Argmax Argmin
+    Sort Flip Glu Normalize""".split())
+
+
+def per_example_operation(node) -> Optional[str]:
+  """Why a functional model's node of a Keras operation (not a layer) may
+  not act on each example alone, or ``None`` when it does.
+
+  Such nodes come from ``keras.ops`` calls and operators on KerasTensors
+  (``x + y``, ``x[:, 0]``). ``None`` for: elementwise operations whose
+  tensor operands have the output's rank; reductions, softmax,
+  concatenation and the like over given axes other than the batch axis;
+  ``reshape`` keeping an unknown batch axis; ``transpose`` keeping the batch
+  axis first; ``x[:, ...]`` indexing; ``matmul`` of two batched tensors of
+  rank 3 or more. Such an operation gives, on the task and example axes
+  merged, each task's own result.
+  """
+  op = node.operation
+  kind = type(op).__name__
+  if len(node.outputs) != 1:
+    return "several outputs"
+  out = tuple(node.outputs[0].shape)        # KerasTensor shapes: tuples
+  ranks = [len(t.shape) for t in node.input_tensors]
+  if not out or out[0] is not None or any(
+      not t.shape or t.shape[0] is not None for t in node.input_tensors):
+    return ("its inputs and output must keep the batch axis (an unknown "
+            "first axis)")
+  if kind in _ELEMENTWISE_OPS:
+    if all(r == len(out) for r in ranks):
+      return None
+    return "elementwise on operands of different ranks (broadcast batches)"
+  if kind in _AXIS_OPS:
+    axis = getattr(op, "axis", None)
+    if axis is None:
+      return "over every axis, the batch axis included"
+    axes = axis if isinstance(axis, (list, tuple)) else (axis,)
+    if any(int(a) % ranks[0] == 0 for a in axes):
+      return f"over axis {axis}, the batch axis"
+    return None
+  if kind == "Reshape":
+    return None               # the output's first axis is unknown (above)
+  if kind == "Transpose":
+    axes = getattr(op, "axes", None)
+    if axes is not None and int(axes[0]) == 0:
+      return None
+    return f"transpose with axes={axes} moves the batch axis"
+  if kind == "GetItem":
+    key = node.arguments.args[1] if len(node.arguments.args) > 1 else None
+    first = key[0] if isinstance(key, tuple) and key else key
+    if isinstance(first, slice) and first == slice(None):
+      return None
+    return f"indexing with {key!r} does not keep the batch axis whole"
+  if kind == "Matmul":
+    if len(ranks) == 2 and min(ranks) >= 3:
+      return None
+    return "matmul across examples (operands of rank 2)"
+  return "this operation is not known to act on each example alone"
+
+
 def batchnorm_rank(layer: keras.layers.BatchNormalization) -> int:
   """The rank (batch axis included) of the inputs ``layer`` was built on."""
   return len(layer._reduction_axes) + 1  # pylint: disable=protected-access

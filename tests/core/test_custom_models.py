@@ -57,6 +57,45 @@ def test_model_meta_trains_and_adapts(build):
   assert not np.allclose(adapted.get_weights()[0], maml.model.get_weights()[0])
 
 
+def _operations_model():
+  """A functional model written with keras.ops and operators between
+  layers (a residual ``h + ...``, ``keras.ops.tanh``, indexing)."""
+  x = keras.Input((1,))
+  h = keras.layers.Dense(16)(x)
+  h = keras.ops.tanh(h + keras.layers.Dense(16)(h) * 0.5)
+  return keras.Model(x, keras.layers.Dense(1)(h[:, 2:]), name="ops")
+
+
+def test_a_functional_model_with_keras_operations_runs_task_batched():
+  import warnings  # pylint: disable=g-import-not-at-top
+  batch = sinusoid.sample_batch(4, 5, 5, np.random.default_rng(3))[0]
+  weights = {}
+  for vectorize in ("auto", "map_fn"):
+    keras.utils.set_random_seed(0)
+    with warnings.catch_warnings():
+      warnings.simplefilter("error")        # no PlanWarning: batched
+      maml = MAML(_operations_model(), "mse", inner_lr=0.05,
+                  vectorize=vectorize)
+    assert maml.plan(batch).execution == (
+        "batched" if vectorize == "auto" else "map_fn")
+    for _ in range(3):
+      maml.train_step(batch)
+    weights[vectorize] = maml.model.get_weights()
+  for a, b in zip(weights["auto"], weights["map_fn"]):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  # An operation across a task's examples keeps the model off the batched
+  # path, with the reason, and it still trains.
+  from maml_tf.core.plan import PlanWarning  # pylint: disable=g-import-not-at-top
+  x = keras.Input((1,))
+  h = keras.layers.Dense(8)(x)
+  across = keras.Model(x, keras.layers.Dense(1)(h - keras.ops.mean(h, 0)))
+  with pytest.warns(PlanWarning, match=r"operation 'mean\w*' \(Mean\): its inputs and output "
+                    "must keep the batch axis"):
+    maml = MAML(across, "mse", inner_lr=0.05)
+  assert maml.plan(batch).execution == "vectorized_map"
+  assert np.isfinite(maml.train_step(batch)["loss_after"])
+
+
 class NoTraining(keras.Model):
   """The most common research style: ``call(self, x)``, no get_config."""
 

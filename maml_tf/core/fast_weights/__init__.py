@@ -52,6 +52,9 @@ task axis and every layer is one task-batched kernel:
   pooling, elementwise merges): no per-task weights; the task and example
   axes are merged and TF's own ops (or the layer's ``call``) run once
   (pooling keeps TF's exact tie-breaking, so derivatives equal Keras' too).
+  Keras operations of a functional graph (``x + y``, ``keras.ops.*``,
+  ``x[:, 0]``) likewise, where they act on each example alone
+  (:func:`maml_tf.core.keras_compat.per_example_operation` says which).
 * Random layers (Dropout, spatial dropout, GaussianNoise, GaussianDropout):
   each task's noise is drawn from its own seed state (``[T, 2]`` seeds) as
   Keras draws it for that task alone; the layers themselves run batched.

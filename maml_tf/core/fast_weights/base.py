@@ -19,8 +19,11 @@ class Unsupported(Exception):
 
 
 def _unsupported(layer, why: str) -> Unsupported:
+  """Names ``layer`` (or a Keras operation of a functional graph)."""
+  import keras  # pylint: disable=g-import-not-at-top
+  what = "layer" if isinstance(layer, keras.layers.Layer) else "operation"
   return Unsupported(
-      f"maml_tf.fast_weights cannot batch layer {layer.name!r} "
+      f"maml_tf.fast_weights cannot batch {what} {layer.name!r} "
       f"({type(layer).__name__}): {why}")
 
 

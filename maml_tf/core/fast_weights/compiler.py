@@ -201,6 +201,24 @@ class _PerExample(_Op):
     return merged[0][1](y)
 
 
+class _Operation(_Op):
+  """A Keras operation on KerasTensors in a functional graph (``x + y``,
+  ``keras.ops.relu(x)``, ``x[:, 0]``) that acts on each example alone
+  (:func:`~maml_tf.core.keras_compat.per_example_operation`): called once,
+  with its recorded arguments, on the task and example axes merged."""
+
+  def __init__(self, operation, arguments):
+    super().__init__(operation)
+    self.arguments = arguments
+
+  def __call__(self, ctx, inputs):
+    merged = [_merge_task_axis(x) for x in inputs]
+    values = iter([m for m, _ in merged])
+    args, kwargs = self.arguments.convert(
+        lambda v: next(values) if isinstance(v, keras.KerasTensor) else v)
+    return merged[0][1](self.layer(*args, **kwargs))
+
+
 class _Random(_Op):
   """A random layer (Dropout, GaussianNoise, GaussianDropout) with its noise
   drawn per task from that task's seed state as the per-task path draws it
@@ -311,7 +329,8 @@ _SUPPORTED = (
     "SpatialDropout1D/2D/3D, GaussianNoise, GaussianDropout, Add, "
     "Concatenate, "
     + ", ".join(k.__name__ for k in _PER_EXAMPLE)
-    + " and nested Sequential/functional models")
+    + ", nested Sequential/functional models, and Keras operations that "
+    "act on each example alone (x + y, keras.ops.tanh(x), x[:, 0])")
 
 
 class _Compiler:
@@ -485,6 +504,14 @@ class _Compiler:
         op = node.operation
         if op is None or node.is_input:
           continue
+        if not isinstance(op, keras.layers.Layer):   # keras.ops, x + y
+          why = keras_compat.per_example_operation(node)
+          if why is not None:
+            raise _unsupported(op, why)
+          steps.append((_Operation(op, node.arguments),
+                        [id(t) for t in node.input_tensors],
+                        id(node.outputs[0])))
+          continue
         # A `training` recorded when the graph was built is replaced by
         # the caller's in Keras' functional call (a bool: always here).
         kwargs = {k: v for k, v in node.arguments.kwargs.items()
@@ -594,7 +621,10 @@ def compile_batched(model: keras.Model, conv_impl: str = "auto",
       SpatialDropout1D/2D/3D, GaussianNoise, GaussianDropout, Add,
       Concatenate and the weightless per-example layers (Rescaling, Normalization,
       Identity, Reshape, Permute, ZeroPadding2D, Cropping2D, global
-      pooling, Subtract, Multiply, Average, Maximum, Minimum).
+      pooling, Subtract, Multiply, Average, Maximum, Minimum); between
+      them, Keras operations that act on each example alone (``x + y``,
+      ``keras.ops.tanh(x)``, ``x[:, 0]``, reductions over feature axes:
+      :func:`maml_tf.core.keras_compat.per_example_operation`).
     conv_impl: ``'auto'``, ``'patches'``, ``'grouped'`` or ``'map'`` (see
       :mod:`maml_tf.core.fast_weights`).
     fold_conv_batchnorm: in training mode, fold a Conv2D with few inputs

@@ -165,11 +165,27 @@ def _preprocessed(dtype):
   return keras.Model(inp, out, name="preprocessed")
 
 
+def _operations(dtype):
+  """Keras operations between layers, as functional models write them:
+  ``x * c + x``, self-attention by ``matmul``/``transpose``/``softmax``,
+  indexing, concatenation, reshape, reductions over feature axes."""
+  ops = keras.ops
+  inp = keras.Input((4, 3), dtype=dtype)
+  a = L.Dense(5, dtype=dtype)(inp)
+  b = ops.tanh(a) * 0.5 + a
+  scores = ops.softmax(ops.matmul(b, ops.transpose(b, (0, 2, 1))), axis=-1)
+  c = ops.concatenate([ops.matmul(scores, b), b[:, :, :2]], axis=-1)
+  d = ops.reshape(c, (-1, 28))
+  e = ops.concatenate([d, b[:, 0], ops.mean(ops.square(b), axis=1)], axis=-1)
+  out = L.Dense(3, dtype=dtype)(ops.gelu(ops.expand_dims(e, 1))[:, 0])
+  return keras.Model(inp, out, name="operations")
+
+
 MODELS = {"sequence": _sequence, "omniglot": _omniglot, "miniimagenet": _miniimagenet,
           "mlp_layernorm": _mlp_layernorm, "skip": _skip, "odd": _odd,
           "omniglot_fold": _omniglot_fold, "odd_fold": _odd_fold,
           "preprocessed": _preprocessed, "conv1d": _conv1d,
-          "depthwise": _depthwise, "text": _text}
+          "depthwise": _depthwise, "text": _text, "operations": _operations}
 CONV_MODELS = ("omniglot", "miniimagenet", "skip", "odd", "omniglot_fold",
                "odd_fold", "preprocessed", "conv1d", "depthwise")
 
@@ -315,7 +331,7 @@ def _meta_loss_loop(model, theta, state, sx, sy, qx, qy, alpha=0.5):
     ("miniimagenet", "patches"), ("mlp_layernorm", "patches"),
     ("skip", "patches"), ("odd", "map"), ("preprocessed", "patches"),
     ("conv1d", "patches"), ("conv1d", "map"), ("depthwise", "map"),
-    ("text", "patches")])
+    ("text", "patches"), ("operations", "patches")])
 def test_second_order_gradients(name, impl):
   if impl == "grouped" and not tf.config.list_physical_devices("GPU"):
     pytest.skip("TF has no gradient for grouped convolutions on CPU")
@@ -345,7 +361,7 @@ def test_second_order_gradients(name, impl):
     np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-11)
 
   if name in ("omniglot", "skip", "omniglot_fold", "conv1d",
-              "depthwise", "text"):                 # finite differences
+              "depthwise", "text", "operations"):   # finite differences
     eps = 1e-5
     for _ in range(2):
       d = [tf.constant(rng.normal(size=p.shape)) for p in theta]
@@ -407,6 +423,26 @@ def test_unsupported_layers_are_named(make, name, why):
   with pytest.raises(Unsupported, match=why) as info:
     compile_batched(make())
   assert repr(name) in str(info.value)
+
+
+@pytest.mark.parametrize("across,why", [
+    (lambda x: keras.ops.mean(x, axis=0), "batch axis"),
+    (lambda x: keras.ops.sum(x), "batch axis"),
+    (lambda x: keras.ops.softmax(x, axis=0), "over axis 0, the batch axis"),
+    (lambda x: keras.ops.matmul(x, keras.ops.transpose(x)),
+     "batch axis"),
+    (lambda x: x[0], "batch axis"),
+    (lambda x: x + keras.ops.expand_dims(x, 1), "different ranks"),
+    (lambda x: keras.ops.cumsum(x), "every axis"),
+    (lambda x: keras.ops.sort(x, axis=-2), "the batch axis"),
+])
+def test_operations_across_examples_are_named(across, why):
+  """Operations that mix the examples of a batch keep a model off the
+  batched path (which merges the tasks' examples), with the reason."""
+  inp = keras.Input((4,))
+  model = keras.Model(inp, across(L.Dense(4)(inp)))
+  with pytest.raises(Unsupported, match=why):
+    compile_batched(model)
 
 
 def _noisy_mlp():
