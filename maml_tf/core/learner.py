@@ -75,7 +75,11 @@ class MAML:
 
   Arguments:
     model: a built Keras 3 model (Sequential, functional or subclassed). Its
-      trainable variables are the meta-parameters theta.
+      trainable variables are the meta-parameters theta. Their weight
+      regularizers (``kernel_regularizer``, ...) are added to the
+      meta-objective on theta, as Keras' ``fit`` adds them to the loss; the
+      inner steps adapt on the support loss alone. Activity regularizers
+      are not part of either (a :class:`PlanWarning` names them).
     loss: a Keras loss (object or name) or a callable
       ``(y_true, y_pred) -> scalar``.
     inner_lr: the inner step size alpha (the initial value when learned).
@@ -258,7 +262,9 @@ class MAML:
         batched=self._batched_model, objective=self._objective,
         chain=self._chain, loss_scale=self._loss_scale())
     self.objective = objective_lib.Objective(
-        self.inner_steps, self.multi_step_loss_iterations, self.state_kinds)
+        self.inner_steps, self.multi_step_loss_iterations, self.state_kinds,
+        objective_lib.weight_penalties(self.model))
+    _warn_about_call_losses(self.model)
 
   # ------------------------------------------------------- meta-parameters
   @property
@@ -428,10 +434,12 @@ class MAML:
     """The keys of a meta-step's metrics."""
     return self.objective.metric_names(plan.accuracy, pre_update_metrics)
 
-  def step_result(self, grads, out, loss, state, plan, task_pass) -> StepResult:
-    """The :class:`StepResult` of a task pass's outputs ``out``."""
+  def step_result(self, grads, out, loss, state, plan, task_pass,
+                  params=None) -> StepResult:
+    """The :class:`StepResult` of a task pass's outputs ``out`` (with the
+    model's weight penalties on ``params``, theta, added)."""
     return self.objective.result(grads, out, loss, state, plan.accuracy,
-                                 task_pass)
+                                 task_pass, params)
 
   def compute_gradients(self, batch: TaskBatch, plan: plan_lib.ExecutionPlan,
                         pre_update_metrics: bool = True,
@@ -447,7 +455,7 @@ class MAML:
     grads, out, loss = strategies.select(plan).meta_gradients(
         self.context, plan, task_pass, params,
         self.task_state(state, first_task), lrs, batch)
-    return self.step_result(grads, out, loss, state, plan, task_pass)
+    return self.step_result(grads, out, loss, state, plan, task_pass, params)
 
   def apply_gradients(self, grads, plan: plan_lib.ExecutionPlan, loss=None):
     """The outer step, only if the gradients (and ``loss``) are finite.
@@ -802,6 +810,20 @@ class MAML:
       state = inner_loop_lib.support_statistics(self.model, fast, state, x)
     return cloning.clone_with_weights(self.model, fast, state)
 
+
+
+def _warn_about_call_losses(model: keras.Model) -> None:
+  """A :class:`PlanWarning` naming the layers with an activity regularizer:
+  losses a forward pass adds are not part of MAML's objective (weight
+  regularizers are, see :class:`maml_tf.core.objective.Objective`)."""
+  names = [layer.name for layer in keras_compat.flatten_layers(model)
+           if getattr(layer, "activity_regularizer", None) is not None]
+  if names:
+    warnings.warn(
+        f"maml_tf: the activity regularizers of {names} are not part of the "
+        "meta-objective or the inner steps (only weight regularizers are, "
+        "added on the meta-parameters); add such a penalty to the loss "
+        "instead", PlanWarning, stacklevel=3)
 
 
 def _why_not_vectorizable(model: keras.Model, has_conv: bool

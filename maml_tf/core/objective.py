@@ -9,7 +9,7 @@ RNG seeds: advanced; frozen weights: kept).
 """
 
 import dataclasses
-from typing import Dict, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import tensorflow as tf
 
@@ -42,10 +42,15 @@ class Objective:
     multi_step_iterations: MAML++ multi-step loss annealing (0: off).
     state_kinds: per non-trainable variable, ``"mean"``, ``"seed"``, ``"first"``
       or ``"keep"`` (:func:`maml_tf.core.functional.state_kinds`).
+    penalties: ``(index, regularizer)`` of the trainable variables with a
+      weight regularizer (:func:`weight_penalties`): the meta-objective
+      adds ``regularizer(theta[index])``, as Keras' ``fit`` adds them to the
+      loss; the inner steps adapt on the support loss alone.
   """
   inner_steps: int
   multi_step_iterations: int
   state_kinds: Tuple[str, ...]
+  penalties: Tuple[Tuple[int, Callable], ...] = ()
 
   def training_pass(self, first_order: bool,
                     pre_update_metrics: bool = True) -> TaskPass:
@@ -77,9 +82,31 @@ class Objective:
       names += ["accuracy_after"] + (["accuracy_before"] if before else [])
     return tuple(names)
 
+  def penalized(self, grads, loss, params):
+    """``(grads, loss)`` with the weight regularizers' penalty on
+    ``params`` (theta) and its gradient added."""
+    if not self.penalties:
+      return grads, loss
+    grads = list(grads)
+    total = tf.zeros([], loss.dtype)
+    for index, regularizer in self.penalties:
+      theta = params[index]
+      with tf.GradientTape() as tape:
+        tape.watch(theta)
+        penalty = tf.cast(regularizer(theta), loss.dtype)
+      extra = tape.gradient(penalty, theta)
+      grad = grads[index]
+      grads[index] = extra if grad is None else (
+          tf.convert_to_tensor(grad) + tf.cast(extra, grad.dtype))
+      total += penalty
+    return grads, loss + total
+
   def result(self, grads, out, loss, state, accuracy: bool,
-             task_pass: TaskPass) -> StepResult:
-    """The :class:`StepResult` of a task pass's outputs ``out``."""
+             task_pass: TaskPass, params=None) -> StepResult:
+    """The :class:`StepResult` of a task pass's outputs ``out`` (with the
+    weight penalties on ``params``, theta, added)."""
+    if params is not None:
+      grads, loss = self.penalized(grads, loss, params)
     value = {
         "loss_after": lambda: tf.reduce_mean(out["loss"][:, -1]),
         "loss_before": lambda: tf.reduce_mean(out["loss"][:, 0]),
@@ -94,3 +121,13 @@ class Objective:
                        else inner_loop.next_seed(old) if kind == "seed"
                        else per_task[0] if kind == "first" else old)
     return StepResult(list(grads), loss, metrics, new_state)
+
+
+def weight_penalties(model) -> Tuple[Tuple[int, Callable], ...]:
+  """``(index, regularizer)`` of ``model``'s trainable variables that carry
+  a weight regularizer (``kernel_regularizer``, ``bias_regularizer``, ...;
+  ``index`` into ``model.trainable_variables``)."""
+  return tuple((i, v.regularizer) for i, v in
+               enumerate(model.trainable_variables)
+               if getattr(v, "regularizer", None) is not None)
+

@@ -74,7 +74,8 @@ class Reptile(MAML):
                     for p, f in zip(params, out["fast"])]
     loss = numerics.check_meta_loss(tf.reduce_mean(out["loss"][:, -1]),
                                     "the query loss after adaptation")
-    return self.step_result(pseudo_grads, out, loss, state, plan, task_pass)
+    return self.step_result(pseudo_grads, out, loss, state, plan, task_pass,
+                            params)
 
   def meta_loss(self, batch):
     raise NotImplementedError(
