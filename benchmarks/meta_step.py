@@ -55,7 +55,27 @@ WORKLOADS = {
     "miniimagenet_5w1s": ((84, 84, 3), 5, 1, 15, 4, 0.01, 5, "miniimagenet"),
     # keras.applications.MobileNetV2 (alpha 0.35, untrained) on 64x64 images.
     "mobilenetv2_5w1s": ((64, 64, 3), 5, 1, 5, 8, 1e-4, 1, "mobilenet_v2"),
+    # Two inputs: the Omniglot net's image features and an 8-value vector
+    # (Dense 16) concatenated before the head.
+    "omniglot_vector_5w1s": ((28, 28, 1), 5, 1, 15, 32, 0.4, 1,
+                             "omniglot_vector"),
 }
+VECTOR_FEATURES = 8
+
+
+def image_and_vector(way: int) -> keras.Model:
+  """The Omniglot net with a second input, ``{"image", "vector"}``."""
+  from maml_tf.models import paper_nets  # pylint: disable=g-import-not-at-top
+  body = paper_nets.omniglot_conv(way)
+  image = keras.Input((28, 28, 1), name="image")
+  vector = keras.Input((VECTOR_FEATURES,), name="vector")
+  h = image
+  for layer in body.layers[:-1]:
+    h = layer(h)
+  h = keras.layers.Concatenate()(
+      [h, keras.layers.Dense(16, activation="relu")(vector)])
+  return keras.Model({"image": image, "vector": vector},
+                     keras.layers.Dense(way)(h), name="image_and_vector")
 
 
 def matmul_gflops(n: int = 1024, repeats: int = 20) -> float:
@@ -123,6 +143,8 @@ def build(workload: str, first_order: bool, vectorize, inner_steps=None,
     model = keras.applications.MobileNetV2(
         input_shape=shape, alpha=0.35, weights=None, classes=way,
         classifier_activation=None)
+  elif net == "omniglot_vector":
+    model = image_and_vector(way)
   else:
     model = with_dropout(paper_nets.omniglot_conv(way) if net == "omniglot"
                          else paper_nets.miniimagenet_conv(way), dropout)
@@ -132,11 +154,15 @@ def build(workload: str, first_order: bool, vectorize, inner_steps=None,
                  recompute=recompute, task_chunk=task_chunk,
                  closed_form=closed_form, jit_compile=jit_compile)
   labels = lambda n: np.tile(np.repeat(np.arange(way), n), (tasks, 1))
-  batch = TaskBatch(
-      rng.random((tasks, way * shot) + shape, dtype=np.float32),
-      labels(shot).astype(np.int32),
-      rng.random((tasks, way * query) + shape, dtype=np.float32),
-      labels(query).astype(np.int32))
+
+  def inputs(n):
+    images = rng.random((tasks, n) + shape, dtype=np.float32)
+    if net != "omniglot_vector":
+      return images
+    return {"image": images, "vector": rng.normal(
+        size=(tasks, n, VECTOR_FEATURES)).astype(np.float32)}
+  batch = TaskBatch(inputs(way * shot), labels(shot).astype(np.int32),
+                    inputs(way * query), labels(query).astype(np.int32))
   return learner, batch
 
 
@@ -236,10 +262,10 @@ def run(workload: str, iters: int, warmup: int, first_order: bool = False,
       "run_peak_mb": run_peak, "run_extra_mb": run_peak - run_base,
       "tensor_peak_mb": tensor_peak,
       "query_per_class": None if workload == "sinusoid" else int(
-          batch.query_x.shape[1]) // WORKLOADS[workload][1],
+          batch.query_y.shape[1]) // WORKLOADS[workload][1],
       "inner_steps": learner.inner_steps, "recompute": recompute,
       "dropout": dropout,
-      "meta_batch": int(batch.support_x.shape[0]),
+      "meta_batch": int(batch.support_y.shape[0]),
       "gflop_per_iter": gflop, "achieved_gflops": achieved,
       "matmul_gflops": mm, "ratio_to_matmul": achieved / mm,
       "iters": iters, "machine": f"{platform.machine()} {os.cpu_count()} cpus",

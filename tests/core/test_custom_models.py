@@ -96,6 +96,47 @@ def test_a_functional_model_with_keras_operations_runs_task_batched():
   assert np.isfinite(maml.train_step(batch)["loss_after"])
 
 
+def _image_and_vector():
+  keras.utils.set_random_seed(0)
+  image = keras.Input((6, 6, 1), name="image")
+  vector = keras.Input((3,), name="vector")
+  h = keras.layers.Conv2D(3, 3, activation="tanh")(image)
+  h = keras.layers.Flatten()(keras.layers.MaxPooling2D()(h))
+  h = keras.layers.Concatenate()(
+      [h, keras.layers.Dense(4, activation="tanh")(vector)])
+  return keras.Model({"image": image, "vector": vector},
+                     keras.layers.Dense(3)(h), name="image_and_vector")
+
+
+@pytest.mark.parametrize("options", [{}, {"task_chunk": 2},
+                                     {"recompute": True}],
+                         ids=["all_tasks", "task_chunks", "recompute"])
+def test_a_model_with_several_inputs_runs_task_batched(options):
+  import warnings  # pylint: disable=g-import-not-at-top
+  from maml_tf import TaskBatch  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  inputs = lambda n: {"image": rng.normal(size=(4, n, 6, 6, 1)).astype("f4"),
+                      "vector": rng.normal(size=(4, n, 3)).astype("f4")}
+  batch = TaskBatch(inputs(3), rng.integers(0, 3, (4, 3)), inputs(5),
+                    rng.integers(0, 3, (4, 5)))
+  weights = {}
+  for vectorize in ("auto", "map_fn"):
+    with warnings.catch_warnings():
+      warnings.simplefilter("error")        # no PlanWarning: batched
+      maml = MAML(_image_and_vector(), keras.losses.SparseCategoricalCrossentropy(
+          from_logits=True), inner_lr=0.1, vectorize=vectorize,
+                  meta_optimizer=keras.optimizers.SGD(0.1), **options)
+    plan = maml.plan(batch)
+    assert plan.execution == ("batched" if vectorize == "auto" else "map_fn")
+    if vectorize == "auto" and "task_chunk" in options:
+      assert plan.split_gradients
+    for _ in range(2):
+      maml.train_step(batch)
+    weights[vectorize] = maml.model.get_weights()
+  for a, b in zip(weights["auto"], weights["map_fn"]):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 class NoTraining(keras.Model):
   """The most common research style: ``call(self, x)``, no get_config."""
 

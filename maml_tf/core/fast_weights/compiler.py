@@ -262,15 +262,19 @@ class _Program(_Op):
   """A nested (or the top-level) model as a sequence of compiled steps.
 
   ``steps`` holds ``(op, input_ids, output_id)``; tensor ids index a dict of
-  values that starts with the model's input.
+  values that starts with the model's inputs (``input_ids``, in the order
+  of ``model.inputs``).
   """
 
-  def __init__(self, layer, input_id, steps, output_id):
+  def __init__(self, layer, input_ids, steps, output_id):
     super().__init__(layer)
-    self.input_id, self.steps, self.output_id = input_id, steps, output_id
+    self.input_ids, self.steps, self.output_id = input_ids, steps, output_id
 
   def __call__(self, ctx, inputs):
-    values = {self.input_id: inputs[0]}
+    if len(inputs) != len(self.input_ids):
+      raise ValueError(f"model {self.layer.name!r} takes "
+                       f"{len(self.input_ids)} inputs, got {len(inputs)}")
+    values = dict(zip(self.input_ids, inputs))
     for op, input_ids, output_id in self.steps:
       values[output_id] = op(ctx, [values[i] for i in input_ids])
     return values[self.output_id]
@@ -486,18 +490,18 @@ class _Compiler:
           continue
         steps.append((op, [i], i + 1))
         i += 1
-      return _Program(model, 0, steps, len(layers))
+      return _Program(model, [0], steps, len(layers))
     nodes_by_depth = keras_compat.nodes_by_depth(model)
     if nodes_by_depth is None or not hasattr(model, "outputs"):
       raise Unsupported(
           f"maml_tf.fast_weights cannot batch model {model.name!r} "
           f"({type(model).__name__}): subclassed models have no layer graph; "
           "use keras.Sequential or the functional API")
-    if len(model.inputs) != 1 or len(model.outputs) != 1:
+    if len(model.outputs) != 1:
       raise Unsupported(
           f"maml_tf.fast_weights cannot batch model {model.name!r}: it has "
-          f"{len(model.inputs)} inputs and {len(model.outputs)} outputs; only "
-          "single-input single-output models are supported")
+          f"{len(model.outputs)} outputs; only single-output models are "
+          "supported")
     steps = []
     for depth in sorted(nodes_by_depth, reverse=True):
       for node in nodes_by_depth[depth]:
@@ -514,8 +518,11 @@ class _Compiler:
           continue
         # A `training` recorded when the graph was built is replaced by
         # the caller's in Keras' functional call (a bool: always here).
+        # (A nested model called on several inputs records mask=[None,
+        # ...]: no mask.)
         kwargs = {k: v for k, v in node.arguments.kwargs.items()
-                  if v is not None and k != "training"}
+                  if k != "training" and any(
+                      m is not None for m in tf.nest.flatten(v))}
         if kwargs:
           raise _unsupported(op, f"called with keyword arguments "
                              f"{sorted(kwargs)} (masks)")
@@ -524,7 +531,8 @@ class _Compiler:
         steps.append((self.compile_layer(op),
                       [id(t) for t in node.input_tensors],
                       id(node.outputs[0])))
-    return _Program(model, id(model.inputs[0]), steps, id(model.outputs[0]))
+    return _Program(model, [id(t) for t in model.inputs], steps,
+                    id(model.outputs[0]))
 
 
 def _has_input(layer) -> bool:
@@ -553,7 +561,9 @@ class BatchedModel:
       all tasks).
     state: tensors aligned with ``model.non_trainable_variables``, each
       ``[T, *var.shape]`` or ``var.shape``.
-    x: inputs ``[T, N, *input_shape]``.
+    x: inputs ``[T, N, *input_shape]``; for a model with several inputs,
+      the structure it takes (``model.input``'s: a list, tuple or dict),
+      each ``[T, N, ...]``.
     training: ``True`` normalises BatchNorm with each task's batch statistics
       and updates its moving statistics; ``False`` uses the moving statistics.
 
@@ -589,11 +599,7 @@ class BatchedModel:
     if len(state) != len(self._shapes["s"]):
       raise ValueError(f"expected {len(self._shapes['s'])} state tensors (one "
                        f"per non-trainable variable), got {len(state)}")
-    x = tf.convert_to_tensor(x)
-    if x.dtype.is_floating and x.dtype != self._dtype:
-      x = tf.cast(x, self._dtype)
-    if x.shape.rank is None or x.shape.rank < 2:
-      raise ValueError(f"x must be [T, N, *input_shape], got shape {x.shape}")
+    inputs = self._flat_inputs(x)
     params = [tf.convert_to_tensor(p) for p in params]
     state = [tf.convert_to_tensor(s) for s in state]
     if not isinstance(training, (bool, np.bool_)):
@@ -602,8 +608,33 @@ class BatchedModel:
           "would keep the flags recorded in the graph, which this compiled "
           "model does not read)")
     ctx = _Context(params, state, self._shapes, bool(training))
-    y = self.program(ctx, [x])
+    y = self.program(ctx, inputs)
     return y, ctx.values["s"]
+
+  def _flat_inputs(self, x) -> List[tf.Tensor]:
+    """``x`` (a tensor, or the structure of ``model.input``) as a list in
+    the order of ``model.inputs``, floats cast to the model's dtype."""
+    flat = tf.nest.flatten(x)
+    if len(flat) != len(self.program.input_ids):
+      raise ValueError(
+          f"model {self.model.name!r} takes {len(self.program.input_ids)} "
+          f"inputs, got {len(flat)} ({tf.nest.map_structure(_shape_of, x)})")
+    if len(flat) > 1:         # Keras' own order: the structure's flat order
+      tf.nest.assert_same_structure(self.model.input, x, check_types=False)
+    inputs = []
+    for t in flat:
+      t = tf.convert_to_tensor(t)
+      if t.dtype.is_floating and t.dtype != self._dtype:
+        t = tf.cast(t, self._dtype)
+      if t.shape.rank is None or t.shape.rank < 2:
+        raise ValueError(f"x must be [T, N, *input_shape], got shape "
+                         f"{t.shape}")
+      inputs.append(t)
+    return inputs
+
+
+def _shape_of(t):
+  return tuple(getattr(t, "shape", ()))
 
 
 def compile_batched(model: keras.Model, conv_impl: str = "auto",
@@ -611,8 +642,9 @@ def compile_batched(model: keras.Model, conv_impl: str = "auto",
   """Compiles ``model`` into a :class:`BatchedModel` running all tasks at once.
 
   Arguments:
-    model: a built ``keras.Sequential`` or functional ``keras.Model`` (nested
-      Sequential/functional models are fine) made of supported layers:
+    model: a built ``keras.Sequential`` or functional ``keras.Model`` (one
+      output, any number of inputs; nested Sequential/functional models are
+      fine) made of supported layers:
       InputLayer, Dense, Embedding (no ``mask_zero``), Conv1D, Conv2D and
       DepthwiseConv2D (channels_last, dilation 1, groups 1, 'same' or
       'valid'), BatchNormalization and LayerNormalization (last axis),

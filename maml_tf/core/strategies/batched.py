@@ -23,19 +23,26 @@ def summed_task_loss(ctx):
 
 
 def plain_inputs(batch):
-  """``batch`` with its inputs as single tensors.
+  """``batch`` with a one-tensor input structure unwrapped to the tensor.
 
-  The task-batched model has one input. A structure holding one tensor
-  (``{"a": x}`` for a model built on ``keras.Model({"a": a}, ...)``) is
-  unwrapped to that tensor.
+  (``{"a": x}`` for a model built on ``keras.Model({"a": a}, ...)``); the
+  inputs of a model with several stay the structure it takes.
   """
   sx, sy, qx, qy = batch
-  sx, qx = tf.nest.flatten(sx), tf.nest.flatten(qx)
-  if len(sx) != 1 or len(qx) != 1:
-    raise ValueError(
-        f"the task-batched path takes one input tensor; the batch has "
-        f"{len(sx)} support and {len(qx)} query inputs")
-  return sx[0], sy, qx[0], qy
+  one = lambda x: tf.nest.flatten(x)[0] if len(tf.nest.flatten(x)) == 1 else x
+  return one(sx), sy, one(qx), qy
+
+
+def num_tasks_of(x):
+  """The task count of inputs ``x`` (a tensor or a structure of them):
+  static where known, else a scalar tensor."""
+  first = tf.nest.flatten(x)[0]
+  return first.shape[0] if first.shape[0] is not None else tf.shape(first)[0]
+
+
+def task_slice(x, a, b):
+  """Tasks ``a:b`` of inputs ``x`` (a tensor or a structure of them)."""
+  return tf.nest.map_structure(lambda t: t[a:b], x)
 
 
 class Batched(base.Strategy):
@@ -46,7 +53,7 @@ class Batched(base.Strategy):
     batched = ctx.batched(plan.conv_impl)
     sx, sy, qx, qy = plain_inputs(batch)
     with_acc = plan.accuracy
-    num_tasks = sx.shape[0] if sx.shape[0] is not None else tf.shape(sx)[0]
+    num_tasks = num_tasks_of(sx)
     tile = lambda v: inner_loop.tile_tasks(v, num_tasks)
     # Per task; random layers' seeds offset to each task's stream.
     state = inner_loop.task_states(state, ctx.inner.seed_mask, num_tasks)
@@ -103,7 +110,7 @@ def recomputed_query(batched, task_loss, fast, state, qx, qy, chunk: int,
   Returns:
     ``(losses [T], accuracies [T] or None)``.
   """
-  num_tasks = int(qx.shape[0])
+  num_tasks = int(num_tasks_of(qx))
   bounds = [(a, min(a + chunk, num_tasks))
             for a in range(0, num_tasks, chunk)]
   floats = [i for i, s in enumerate(state) if s.dtype.is_floating]
@@ -123,7 +130,7 @@ def recomputed_query(batched, task_loss, fast, state, qx, qy, chunk: int,
     st = [s[a:b] for s in state]
     for i, value in zip(floats, part[n:]):
       st[i] = value
-    pred, _ = batched(part[:n], st, qx[a:b], training=True)
+    pred, _ = batched(part[:n], st, task_slice(qx, a, b), training=True)
     return task_loss(qy[a:b], pred), pred
 
   @tf.custom_gradient

@@ -75,7 +75,7 @@ class SplitGradients(batched_lib.Batched):
 
   def meta_gradients(self, ctx, plan, task_pass, params, state, lrs, batch):
     sx, sy, qx, qy = batched_lib.plain_inputs(batch)
-    num_tasks = int(sx.shape[0])
+    num_tasks = int(batched_lib.num_tasks_of(sx))
     chunk = plan.task_chunk
     model = ctx.batched(plan.conv_impl)
     support_model = ctx.batched(plan.support_conv_impl)
@@ -141,7 +141,8 @@ class SplitGradients(batched_lib.Batched):
             [tf.TensorSpec(f.shape, f.dtype) for f in shared], out_spec)
     v_adapted, v_shared, out = tf.map_fn(
         body, ([split(f) for f in adapted], [split(v) for v in new_state],
-               [split(v) for v in state], split(qx), split(qy)),
+               [split(v) for v in state], tf.nest.map_structure(split, qx),
+               split(qy)),
         fn_output_signature=spec, parallel_iterations=plan.chunks_in_flight)
     out = tf.nest.map_structure(inner_loop.merge_chunks, out)
     out["state"] = new_state

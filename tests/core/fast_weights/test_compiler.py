@@ -399,6 +399,75 @@ def test_conv_batchnorm_fold_applies_to_small_fan_in_only():
   np.testing.assert_allclose(inference[0], inference[1], rtol=1e-12)
 
 
+def _two_inputs(dtype, as_dict):
+  """An image and a vector (a dict or a list of inputs); a nested
+  two-input model inside."""
+  img = keras.Input((5, 5, 1), dtype=dtype, name="image")
+  vec = keras.Input((3,), dtype=dtype, name="vector")
+  a, b = keras.Input((4,), dtype=dtype), keras.Input((3,), dtype=dtype)
+  merge = keras.Model([a, b], L.Concatenate(dtype=dtype)(
+      [a, L.Dense(2, activation="tanh", dtype=dtype)(b)]), name="merge")
+  h = L.Conv2D(2, 3, activation="tanh", dtype=dtype)(img)
+  h = L.Dense(4, activation="tanh", dtype=dtype)(L.Flatten(dtype=dtype)(h))
+  out = L.Dense(3, dtype=dtype)(merge([h, vec]))
+  inputs = {"image": img, "vector": vec} if as_dict else [img, vec]
+  return keras.Model(inputs, out, name="two_inputs")
+
+
+@pytest.mark.parametrize("as_dict", [True, False], ids=["dict", "list"])
+def test_several_inputs_match_the_per_task_loop(as_dict):
+  rng = np.random.default_rng(6)
+  dtype = "float64"
+  model = _two_inputs(dtype, as_dict)
+  params, state = _per_task(model, rng, dtype)
+
+  def inputs(n):
+    image = tf.constant(rng.normal(size=(T, n, 5, 5, 1)), dtype)
+    vector = tf.constant(rng.normal(size=(T, n, 3)), dtype)
+    return {"image": image, "vector": vector} if as_dict else [image, vector]
+
+  def task(x, t):
+    return tf.nest.map_structure(lambda v: v[t], x)
+
+  batched = compile_batched(model, conv_impl="patches")
+  x = inputs(4)
+  y, _ = batched(params, state, x)
+  ref = tf.stack([functional_call(model, [p[t] for p in params],
+                                  [s[t] for s in state], task(x, t))[0]
+                  for t in range(T)])
+  np.testing.assert_allclose(y, ref, rtol=1e-10, atol=1e-10)
+  # Second-order meta-gradients, as for one input.
+  theta = [tf.constant(v.numpy()) for v in model.trainable_variables]
+  sx, qx = inputs(5), inputs(6)
+  sy = tf.constant(rng.integers(0, 3, size=(T, 5)))
+  qy = tf.constant(rng.integers(0, 3, size=(T, 6)))
+
+  def loss_loop(th):
+    total = 0.0
+    for t in range(T):
+      with tf.GradientTape() as inner:
+        inner.watch(th)
+        pred, _ = functional_call(model, th, [], task(sx, t))
+        support = _ce(sy[t][None], pred[None])[0]
+      fast = [p - 0.5 * g for p, g in zip(th, inner.gradient(support, th))]
+      pred, _ = functional_call(model, fast, [], task(qx, t))
+      total += _ce(qy[t][None], pred[None])[0]
+    return total
+
+  grads = []
+  for loss in (lambda th: _meta_loss_batched(batched, th, [], sx, sy, qx, qy),
+               loss_loop):
+    with tf.GradientTape() as tape:
+      tape.watch(theta)
+      value = loss(theta)
+    grads.append([tf.convert_to_tensor(g) for g in tape.gradient(value,
+                                                                 theta)])
+  for a, b in zip(*grads):
+    np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-11)
+  with pytest.raises(ValueError, match="takes 2 inputs, got 1"):
+    batched(params, state, tf.nest.flatten(x)[0])
+
+
 # ---------------------------------------------------------- 3. unsupported
 @pytest.mark.parametrize("make,name,why", [
     (lambda: keras.Sequential([keras.Input((4, 2)), L.LSTM(3, name="rnn")]),
