@@ -3,6 +3,7 @@
   python -m benchmarks.meta_step --workload sinusoid --iters 200 --warmup 20
   python -m benchmarks.meta_step --workload omniglot_5w1s --iters 5 --warmup 2
   python -m benchmarks.meta_step --workload mobilenetv2_5w1s --vectorize map_fn
+  python -m benchmarks.meta_step --workload transformer_5w1s --dropout 0.1
 
   python -m benchmarks.meta_step --workload sinusoid --steps_per_call 100
 
@@ -61,6 +62,24 @@ WORKLOADS = {
                              "omniglot_vector"),
 }
 VECTOR_FEATURES = 8
+WORKLOADS["transformer_5w1s"] = ((16, 32), 5, 1, 15, 16, 0.1, 1,
+                                 "transformer")
+
+
+def transformer(way: int, dropout: float) -> keras.Model:
+  """Two post-norm transformer blocks (4 heads of 16, feed-forward 128,
+  ``dropout`` after attention, in it and after the feed-forward) on
+  sequences of 16 x 32, mean-pooled, a linear head."""
+  inp = keras.Input((16, 32))
+  x = keras.layers.Dense(64)(inp)
+  for _ in range(2):
+    a = keras.layers.MultiHeadAttention(4, 16, dropout=dropout)(x, x)
+    x = keras.layers.LayerNormalization()(x + keras.layers.Dropout(dropout)(a))
+    f = keras.layers.Dense(128, activation="gelu")(x)
+    f = keras.layers.Dropout(dropout)(keras.layers.Dense(64)(f))
+    x = keras.layers.LayerNormalization()(x + f)
+  x = keras.layers.GlobalAveragePooling1D()(x)
+  return keras.Model(inp, keras.layers.Dense(way)(x), name="transformer")
 
 
 def image_and_vector(way: int) -> keras.Model:
@@ -145,6 +164,8 @@ def build(workload: str, first_order: bool, vectorize, inner_steps=None,
         classifier_activation=None)
   elif net == "omniglot_vector":
     model = image_and_vector(way)
+  elif net == "transformer":
+    model = transformer(way, dropout)
   else:
     model = with_dropout(paper_nets.omniglot_conv(way) if net == "omniglot"
                          else paper_nets.miniimagenet_conv(way), dropout)
@@ -318,7 +339,8 @@ def main():
                       choices=["auto", "true", "false"],
                       help="XLA for train_steps (--steps_per_call > 1)")
   parser.add_argument("--dropout", type=float, default=0.0,
-                      help="a Dropout layer of this rate before the head")
+                      help="a Dropout layer of this rate before the head "
+                      "(transformer_5w1s: the blocks' dropout rate)")
   args = parser.parse_args()
   closed_form = {"auto": "auto", "true": True, "false": False}
   jit_compile = {"auto": None, "true": True, "false": False}

@@ -127,6 +127,51 @@ def batchnorm_rank(layer: keras.layers.BatchNormalization) -> int:
   return len(layer._reduction_axes) + 1  # pylint: disable=protected-access
 
 
+# -------------------------------------------------------------- attention
+_ATTENTION_PARTS = ("_query_dense", "_key_dense", "_value_dense",
+                    "_output_dense", "_dropout_layer", "_compute_attention",
+                    "_compute_causal_mask", "_masked_softmax",
+                    "_dot_product_equation", "_combine_equation",
+                    "_inverse_sqrt_key_dim")
+
+
+def attention_parts(layer) -> Optional[dict]:
+  """The sublayers of a built ``keras.layers.MultiHeadAttention``:
+  ``{"query", "key", "value", "output": EinsumDense, "gate": EinsumDense or
+  None, "dropout": Dropout}``; ``None`` where this Keras names them
+  otherwise (the layer then runs task by task)."""
+  if not all(hasattr(layer, name) for name in _ATTENTION_PARTS):
+    return None
+  return {"query": layer.query_dense, "key": layer.key_dense,
+          "value": layer.value_dense, "output": layer.output_dense,
+          "gate": getattr(layer, "_gate_dense", None)  # pylint: disable=protected-access
+                  if getattr(layer, "_use_gate", False) else None,
+          "dropout": layer._dropout_layer}  # pylint: disable=protected-access
+
+
+def attention(layer, query, key, value, causal: bool, training: bool,
+              dropout_mask: Optional[Callable] = None):
+  """``layer``'s attention of projected ``query``/``key``/``value``
+  (``[B, S, heads, dim]``), computed as ``MultiHeadAttention.call`` does
+  without masks other than the causal one: its fused dot-product attention
+  without dropout; else its explicit scores, with ``dropout_mask(scores)``
+  (the factor to multiply them by, in training mode) in place of its own
+  Dropout draw."""
+  # pylint: disable=protected-access
+  if not layer.dropout:
+    extra = {"use_causal_mask": True} if causal else {}
+    return layer._compute_attention(query, key, value, None, training,
+                                    False, **extra)[0]
+  mask = layer._compute_causal_mask(query, value) if causal else None
+  query = keras.ops.multiply(
+      query, keras.ops.cast(layer._inverse_sqrt_key_dim, query.dtype))
+  scores = keras.ops.einsum(layer._dot_product_equation, key, query)
+  scores = layer._masked_softmax(scores, mask)
+  if training and dropout_mask is not None:
+    scores = scores * dropout_mask(scores)
+  return keras.ops.einsum(layer._combine_equation, scores, value)
+
+
 # ---------------------------------------------------------------- moments
 def _exact_moments(x, axes, keepdims=False):
   """Mean and (biased) variance with exact first and second derivatives."""

@@ -57,6 +57,42 @@ def test_model_meta_trains_and_adapts(build):
   assert not np.allclose(adapted.get_weights()[0], maml.model.get_weights()[0])
 
 
+def _batched_steps_equal_task_by_task(build, batch, loss, steps=2,
+                                      **options):
+  """``steps`` meta-steps of ``build()`` run task-batched (no PlanWarning)
+  and task by task (``map_fn``) give the same weights; returns the plan."""
+  import warnings  # pylint: disable=g-import-not-at-top
+  weights, plans = {}, {}
+  for vectorize in ("auto", "map_fn"):
+    keras.utils.set_random_seed(0)
+    with warnings.catch_warnings():
+      warnings.simplefilter("error")        # no PlanWarning: batched
+      maml = MAML(build(), loss, inner_lr=0.1, vectorize=vectorize,
+                  meta_optimizer=keras.optimizers.SGD(0.1), **options)
+    plans[vectorize] = maml.plan(batch)
+    for _ in range(steps):
+      maml.train_step(batch)
+    weights[vectorize] = maml.model.get_weights()
+  assert plans["auto"].execution == "batched"
+  assert plans["map_fn"].execution == "map_fn"
+  for a, b in zip(weights["auto"], weights["map_fn"]):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  return plans["auto"]
+
+
+def _classes_batch(inputs, tasks=4, support=3, query=5, seed=0):
+  from maml_tf import TaskBatch  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  draw = lambda n, shape: rng.normal(size=(tasks, n) + shape).astype("f4")
+  x = lambda n: ({k: draw(n, v) for k, v in inputs.items()}
+                 if isinstance(inputs, dict) else draw(n, inputs))
+  return TaskBatch(x(support), rng.integers(0, 3, (tasks, support)),
+                   x(query), rng.integers(0, 3, (tasks, query)))
+
+
+CLASSES = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
 def _operations_model():
   """A functional model written with keras.ops and operators between
   layers (a residual ``h + ...``, ``keras.ops.tanh``, indexing)."""
@@ -67,37 +103,22 @@ def _operations_model():
 
 
 def test_a_functional_model_with_keras_operations_runs_task_batched():
-  import warnings  # pylint: disable=g-import-not-at-top
   batch = sinusoid.sample_batch(4, 5, 5, np.random.default_rng(3))[0]
-  weights = {}
-  for vectorize in ("auto", "map_fn"):
-    keras.utils.set_random_seed(0)
-    with warnings.catch_warnings():
-      warnings.simplefilter("error")        # no PlanWarning: batched
-      maml = MAML(_operations_model(), "mse", inner_lr=0.05,
-                  vectorize=vectorize)
-    assert maml.plan(batch).execution == (
-        "batched" if vectorize == "auto" else "map_fn")
-    for _ in range(3):
-      maml.train_step(batch)
-    weights[vectorize] = maml.model.get_weights()
-  for a, b in zip(weights["auto"], weights["map_fn"]):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  _batched_steps_equal_task_by_task(_operations_model, batch, "mse", steps=3)
   # An operation across a task's examples keeps the model off the batched
   # path, with the reason, and it still trains.
   from maml_tf.core.plan import PlanWarning  # pylint: disable=g-import-not-at-top
   x = keras.Input((1,))
   h = keras.layers.Dense(8)(x)
   across = keras.Model(x, keras.layers.Dense(1)(h - keras.ops.mean(h, 0)))
-  with pytest.warns(PlanWarning, match=r"operation 'mean\w*' \(Mean\): its inputs and output "
-                    "must keep the batch axis"):
+  with pytest.warns(PlanWarning, match=r"operation 'mean\w*' \(Mean\): its "
+                    "inputs and output must keep the batch axis"):
     maml = MAML(across, "mse", inner_lr=0.05)
   assert maml.plan(batch).execution == "vectorized_map"
   assert np.isfinite(maml.train_step(batch)["loss_after"])
 
 
 def _image_and_vector():
-  keras.utils.set_random_seed(0)
   image = keras.Input((6, 6, 1), name="image")
   vector = keras.Input((3,), name="vector")
   h = keras.layers.Conv2D(3, 3, activation="tanh")(image)
@@ -112,29 +133,27 @@ def _image_and_vector():
                                      {"recompute": True}],
                          ids=["all_tasks", "task_chunks", "recompute"])
 def test_a_model_with_several_inputs_runs_task_batched(options):
-  import warnings  # pylint: disable=g-import-not-at-top
-  from maml_tf import TaskBatch  # pylint: disable=g-import-not-at-top
-  rng = np.random.default_rng(0)
-  inputs = lambda n: {"image": rng.normal(size=(4, n, 6, 6, 1)).astype("f4"),
-                      "vector": rng.normal(size=(4, n, 3)).astype("f4")}
-  batch = TaskBatch(inputs(3), rng.integers(0, 3, (4, 3)), inputs(5),
-                    rng.integers(0, 3, (4, 5)))
-  weights = {}
-  for vectorize in ("auto", "map_fn"):
-    with warnings.catch_warnings():
-      warnings.simplefilter("error")        # no PlanWarning: batched
-      maml = MAML(_image_and_vector(), keras.losses.SparseCategoricalCrossentropy(
-          from_logits=True), inner_lr=0.1, vectorize=vectorize,
-                  meta_optimizer=keras.optimizers.SGD(0.1), **options)
-    plan = maml.plan(batch)
-    assert plan.execution == ("batched" if vectorize == "auto" else "map_fn")
-    if vectorize == "auto" and "task_chunk" in options:
-      assert plan.split_gradients
-    for _ in range(2):
-      maml.train_step(batch)
-    weights[vectorize] = maml.model.get_weights()
-  for a, b in zip(weights["auto"], weights["map_fn"]):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  batch = _classes_batch({"image": (6, 6, 1), "vector": (3,)})
+  plan = _batched_steps_equal_task_by_task(_image_and_vector, batch, CLASSES,
+                                           **options)
+  assert plan.split_gradients == ("task_chunk" in options)
+  assert (plan.query_chunk is not None) == ("recompute" in options)
+
+
+def _transformer():
+  inp = keras.Input((5, 4))
+  x = keras.layers.Dense(8)(inp)
+  a = keras.layers.MultiHeadAttention(2, 4, dropout=0.2)(x, x)
+  x = keras.layers.LayerNormalization()(x + keras.layers.Dropout(0.1)(a))
+  x = keras.layers.GlobalAveragePooling1D()(x)
+  return keras.Model(inp, keras.layers.Dense(3)(x), name="transformer")
+
+
+def test_a_transformer_with_dropout_runs_task_batched():
+  """Attention and its dropout on the batched path: the steps of the task
+  by task path, masks included (per-task seeds)."""
+  _batched_steps_equal_task_by_task(_transformer, _classes_batch((5, 4)),
+                                    CLASSES)
 
 
 class NoTraining(keras.Model):

@@ -259,7 +259,7 @@ CASES = {
     "conv1d": (_conv1d, _images((10, 3)), CLASSES,
                ("batched",)),
     "transformer": (_transformer, _images((6, 8)), CLASSES,
-                    ("vectorized_map", "map_fn")),
+                    ("batched",)),
     "custom_add_weight": (_custom_layer, _regression, "mse",
                           ("vectorized_map",)),
     "group_norm": (_group_norm, _images((6, 6, 2)), CLASSES,
@@ -275,7 +275,7 @@ CASES = {
                                       _regression, "mse", ("vectorized_map",)),
     "two_inputs": (_two_inputs,
                    lambda rng: _regression(rng, ((3,), (2,))), "mse",
-                   ("vectorized_map",)),
+                   ("batched",)),
 }
 
 

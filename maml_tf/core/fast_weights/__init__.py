@@ -44,6 +44,11 @@ task axis and every layer is one task-batched kernel:
   its filter count: a first layer) followed by BatchNormalization is folded
   into one convolution in training mode (``_ConvBatchNorm``: the batch
   statistics from the moments of the input patches).
+* EinsumDense: the layer's equation with a task axis added.
+  MultiHeadAttention (no masks other than ``use_causal_mask``): its
+  projections as EinsumDense; the attention, which has no weights, on the
+  task and example axes merged as the layer computes it; an attention
+  dropout draws each task's mask from its seed state.
 * Conv1D: a Conv2D of height 1 on the same kernels. DepthwiseConv2D: the
   tasks' channels side by side in one depthwise convolution. Embedding: one
   gather over the task axis.

@@ -58,6 +58,75 @@ class _Dense(_Op):
     return y
 
 
+class _EinsumDense(_Op):
+  """EinsumDense with per-task kernels: the layer's equation with a task
+  axis added to the inputs, the kernel and the output."""
+
+  def __init__(self, layer, kernel_ref, bias_ref):
+    super().__init__(layer)
+    self.kernel_ref, self.bias_ref = kernel_ref, bias_ref
+    equation = layer.equation.replace(" ", "")
+    inputs, rest = equation.split(",")
+    kernel, output = rest.split("->")
+    task = next(c for c in "tzyxwvutsrqponmlkjihgfedcba"
+                if c not in equation)
+    self.equation = equation
+    self.per_task_equation = f"{task}{inputs},{task}{kernel}->{task}{output}"
+
+  def __call__(self, ctx, inputs):
+    x = inputs[0]
+    kernel, per_task = ctx.read(self.kernel_ref)
+    if per_task:
+      y = tf.einsum(self.per_task_equation, x, kernel)
+    else:
+      merged, split = _merge_task_axis(x)
+      y = split(tf.einsum(self.equation, merged, kernel))
+    if self.bias_ref is not None:
+      bias, per_task = ctx.read(self.bias_ref)
+      if per_task:       # [T, *b] lined up with y's trailing axes
+        ones = [1] * (y.shape.rank - bias.shape.rank)
+        bias = tf.reshape(bias, _dims(bias)[:1] + ones + _dims(bias)[1:])
+      y = y + bias
+    if self.layer.activation is not None:
+      y = self.layer.activation(y)
+    return y
+
+
+class _MultiHeadAttention(_Op):
+  """MultiHeadAttention: its projections as per-task EinsumDense ops, the
+  attention itself (no weights) on the task and example axes merged, as
+  the layer computes it (:func:`maml_tf.core.keras_compat.attention`); an
+  attention dropout draws each task's mask from that task's seed state."""
+
+  def __init__(self, layer, projections, seed_ref, causal: bool):
+    super().__init__(layer)
+    self.projections, self.seed_ref, self.causal = (projections, seed_ref,
+                                                    causal)
+
+  def __call__(self, ctx, inputs):
+    query, value, key = inputs
+    project = lambda name, x: self.projections[name](ctx, [x])
+    q, k, v = (_merge_task_axis(project(n, x)) for n, x in
+               (("query", query), ("key", key), ("value", value)))
+    rate = self.layer.dropout
+
+    def dropout_mask(scores):
+      seed, per_task = ctx.read(self.seed_ref)
+      if not per_task:
+        seed = tf.tile(seed[None], [tf.shape(query)[0], 1])
+      shape = tf.concat([tf.shape(query)[1:2], tf.shape(scores)[1:]], 0)
+      ctx.write(self.seed_ref, seed + tf.constant([0, 1], seed.dtype))
+      masks = keras_compat.dropout_masks(seed, shape, rate, scores.dtype)
+      return _merge_task_axis(masks)[0]
+
+    out = keras_compat.attention(self.layer, q[0], k[0], v[0], self.causal,
+                                 ctx.training, dropout_mask)
+    out = q[1](out)
+    if self.projections.get("gate") is not None:
+      out = out * project("gate", query)
+    return project("output", out)
+
+
 def _static_inputs(layer, x, axes: str):
   """``x``, checked to be ``[T, N, *axes]`` with the named axes static."""
   if x.shape.rank != 2 + len(axes.split(",")) or None in x.shape[2:]:
@@ -327,7 +396,8 @@ def _dropout_noise_shape(layer):
 
 
 _SUPPORTED = (
-    "InputLayer, Dense, Embedding, Conv1D, Conv2D, DepthwiseConv2D, "
+    "InputLayer, Dense, EinsumDense, MultiHeadAttention, Embedding, Conv1D, "
+    "Conv2D, DepthwiseConv2D, "
     "BatchNormalization, LayerNormalization, MaxPooling2D, AveragePooling2D, "
     "Flatten, Activation, ReLU, LeakyReLU, ELU, Softmax, Dropout, "
     "SpatialDropout1D/2D/3D, GaussianNoise, GaussianDropout, Add, "
@@ -396,6 +466,9 @@ class _Compiler:
       op = _Conv2D if kind is keras.layers.Conv2D else _Conv1D
       return op(layer, self.ref(layer, layer.kernel),
                 self.ref(layer, layer.bias), self.conv_impl)
+    if kind is keras.layers.EinsumDense:
+      return _EinsumDense(layer, self.ref(layer, layer.kernel),
+                          self.ref(layer, layer.bias))
     if kind is keras.layers.Embedding:
       if layer.mask_zero:
         raise _unsupported(layer, "mask_zero=True (masks are not "
@@ -475,6 +548,52 @@ class _Compiler:
     return _Random(layer, self.ref(layer, layer.seed_generator.state), draw,
                    combine)
 
+  def compile_attention(self, layer, node):
+    """A MultiHeadAttention node's step: ``layer(query, value[, key],
+    use_causal_mask=...)`` without masks or returned scores."""
+    self.check_common(layer)
+    args, kwargs = list(node.arguments.args), dict(node.arguments.kwargs)
+    kwargs.pop("training", None)
+    names = ("query", "value", "key")
+    given = dict(zip(names, args))
+    for name in names:
+      if name in kwargs:
+        given[name] = kwargs.pop(name)
+    causal = kwargs.pop("use_causal_mask", False)
+    scores = kwargs.pop("return_attention_scores", False)
+    masks = sorted(k for k, v in kwargs.items() if any(
+        m is not None for m in tf.nest.flatten(v)))
+    if masks or len(args) > 3:
+      raise _unsupported(layer, f"called with {masks or 'masks'} (masks are "
+                         "not task-batched)")
+    if scores is not False or not isinstance(causal, bool):
+      raise _unsupported(layer, "return_attention_scores, or a "
+                         "use_causal_mask that is not a Python bool")
+    config = layer.get_config()
+    if config.get("sliding_window") is not None:
+      raise _unsupported(layer, "sliding_window")
+    tensors = [given.get("query"), given.get("value"),
+               given.get("key") if given.get("key") is not None
+               else given.get("value")]
+    if any(not isinstance(t, keras.KerasTensor) for t in tensors) or any(
+        len(t.shape) != 3 for t in tensors):
+      raise _unsupported(layer, "needs query, value (and key) of shape "
+                         "[batch, length, features]")
+    if any(getattr(t, "_keras_mask", None) is not None for t in tensors):
+      raise _unsupported(layer, "inputs with Keras masks")
+    parts = keras_compat.attention_parts(layer)
+    if parts is None:
+      raise _unsupported(layer, f"this Keras ({keras.__version__}) names its "
+                         "sublayers otherwise")
+    projections = {}
+    for name in ("query", "key", "value", "output", "gate"):
+      if parts[name] is not None:
+        projections[name] = self.compile_layer(parts[name])
+    seed_ref = (self.ref(layer, parts["dropout"].seed_generator.state)
+                if layer.dropout else None)
+    op = _MultiHeadAttention(layer, projections, seed_ref, causal)
+    return op, [id(t) for t in tensors], id(node.outputs[0])
+
   def compile_model(self, model) -> _Program:
     if isinstance(model, keras.Sequential):
       steps, layers, i = [], model.layers, 0
@@ -515,6 +634,9 @@ class _Compiler:
           steps.append((_Operation(op, node.arguments),
                         [id(t) for t in node.input_tensors],
                         id(node.outputs[0])))
+          continue
+        if type(op) is keras.layers.MultiHeadAttention:  # pylint: disable=unidiomatic-typecheck
+          steps.append(self.compile_attention(op, node))
           continue
         # A `training` recorded when the graph was built is replaced by
         # the caller's in Keras' functional call (a bool: always here).
@@ -645,7 +767,9 @@ def compile_batched(model: keras.Model, conv_impl: str = "auto",
     model: a built ``keras.Sequential`` or functional ``keras.Model`` (one
       output, any number of inputs; nested Sequential/functional models are
       fine) made of supported layers:
-      InputLayer, Dense, Embedding (no ``mask_zero``), Conv1D, Conv2D and
+      InputLayer, Dense, EinsumDense, MultiHeadAttention (no masks but
+      ``use_causal_mask``, no returned scores), Embedding (no
+      ``mask_zero``), Conv1D, Conv2D and
       DepthwiseConv2D (channels_last, dilation 1, groups 1, 'same' or
       'valid'), BatchNormalization and LayerNormalization (last axis),
       MaxPooling2D, AveragePooling2D, Flatten, Activation, ReLU, LeakyReLU,

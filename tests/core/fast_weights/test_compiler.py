@@ -181,11 +181,30 @@ def _operations(dtype):
   return keras.Model(inp, out, name="operations")
 
 
+def _attention(dtype):
+  """Self-attention with a residual and LayerNorm; gated causal
+  cross-attention (query shorter than key and value, its own key); a
+  standalone EinsumDense."""
+  inp = keras.Input((5, 4), dtype=dtype)
+  h = L.Dense(6, dtype=dtype)(inp)
+  a = L.MultiHeadAttention(2, 3, dtype=dtype)(h, h)
+  x = L.LayerNormalization(dtype=dtype)(h + a)
+  c = L.MultiHeadAttention(2, 2, value_dim=3, output_shape=4, use_gate=True,
+                           dtype=dtype)(
+                               x[:, :3], x, key=L.Dense(6, dtype=dtype)(x),
+                               use_causal_mask=True)
+  e = L.EinsumDense("abc,cd->abd", output_shape=(3, 5), bias_axes="d",
+                    activation="tanh", dtype=dtype)(c)
+  return keras.Model(inp, L.Dense(3, dtype=dtype)(L.Flatten(dtype=dtype)(e)),
+                     name="attention")
+
+
 MODELS = {"sequence": _sequence, "omniglot": _omniglot, "miniimagenet": _miniimagenet,
           "mlp_layernorm": _mlp_layernorm, "skip": _skip, "odd": _odd,
           "omniglot_fold": _omniglot_fold, "odd_fold": _odd_fold,
           "preprocessed": _preprocessed, "conv1d": _conv1d,
-          "depthwise": _depthwise, "text": _text, "operations": _operations}
+          "depthwise": _depthwise, "text": _text, "operations": _operations,
+          "attention": _attention}
 CONV_MODELS = ("omniglot", "miniimagenet", "skip", "odd", "omniglot_fold",
                "odd_fold", "preprocessed", "conv1d", "depthwise")
 
@@ -331,7 +350,8 @@ def _meta_loss_loop(model, theta, state, sx, sy, qx, qy, alpha=0.5):
     ("miniimagenet", "patches"), ("mlp_layernorm", "patches"),
     ("skip", "patches"), ("odd", "map"), ("preprocessed", "patches"),
     ("conv1d", "patches"), ("conv1d", "map"), ("depthwise", "map"),
-    ("text", "patches"), ("operations", "patches")])
+    ("text", "patches"), ("operations", "patches"),
+    ("attention", "patches")])
 def test_second_order_gradients(name, impl):
   if impl == "grouped" and not tf.config.list_physical_devices("GPU"):
     pytest.skip("TF has no gradient for grouped convolutions on CPU")
@@ -361,7 +381,8 @@ def test_second_order_gradients(name, impl):
     np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-11)
 
   if name in ("omniglot", "skip", "omniglot_fold", "conv1d",
-              "depthwise", "text", "operations"):   # finite differences
+              "depthwise", "text", "operations",
+              "attention"):                          # finite differences
     eps = 1e-5
     for _ in range(2):
       d = [tf.constant(rng.normal(size=p.shape)) for p in theta]
@@ -539,16 +560,24 @@ def _functional_dropout():
   return keras.Model(inp, L.Dense(3)(h))
 
 
+def _attention_dropout():
+  inp = keras.Input((5, 4))
+  h = L.Dense(6, "tanh")(inp)
+  h = L.MultiHeadAttention(2, 3, dropout=0.4)(h, h, use_causal_mask=True)
+  return keras.Model(inp, L.Dense(3)(L.Flatten()(h)))
+
+
 @pytest.mark.parametrize("make,draws", [(_noisy_mlp, 5), (_spatial, 3),
-                                        (_functional_dropout, 2)])
+                                        (_functional_dropout, 2),
+                                        (_attention_dropout, 1)])
 def test_random_layers_draw_each_tasks_noise_from_its_seed(make, draws):
   """Per-task seed states: each task's masks and noise (and advanced seeds)
   are the ones Keras' Dropout (spatial, with a noise_shape), GaussianNoise
   and GaussianDropout draw for that task on its own."""
   keras.utils.set_random_seed(3)
   model = make()
-  assert [type(op).__name__ for op, _, _ in
-          compile_batched(model).program.steps].count("_Random") == draws
+  assert sum(type(op).__name__ in ("_Random", "_MultiHeadAttention")
+             for op, _, _ in compile_batched(model).program.steps) == draws
   rng = np.random.default_rng(3)
   params = [tf.constant(np.stack([v.numpy()] * T))
             for v in model.trainable_variables]
