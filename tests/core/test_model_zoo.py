@@ -207,6 +207,29 @@ def _subclassed(cls, *args):
   return build
 
 
+class ConvNet(keras.Model):
+  """Subclassed, the common research shape: conv, BatchNorm, dropout."""
+
+  def __init__(self):
+    super().__init__()
+    self.conv = keras.layers.Conv2D(4, 3, strides=2, padding="same",
+                                    activation="tanh")
+    self.norm = keras.layers.BatchNormalization()
+    self.drop = keras.layers.Dropout(0.2)
+    self.head = keras.layers.Dense(WAYS)
+
+  def call(self, x, training=False):
+    h = self.norm(self.conv(x), training=training)
+    h = self.drop(keras.ops.reshape(h, (-1, 36)), training=training)
+    return self.head(h)
+
+
+def _subclassed_conv():
+  model = ConvNet()
+  model(np.zeros((1, 6, 6, 1)))
+  return model
+
+
 def _two_inputs():
   a = keras.Input((3,), name="a")
   b = keras.Input((2,), name="b")
@@ -265,14 +288,17 @@ CASES = {
     "group_norm": (_group_norm, _images((6, 6, 2)), CLASSES,
                    ("map_fn",)),
     "dropout": (_dropout_mlp, _regression, "mse", ("batched",)),
+    # Subclassed models run task-batched: their call traced into layers.
     "subclassed_training_config": (_subclassed(WithTraining), _regression,
-                                   "mse", ("vectorized_map",)),
+                                   "mse", ("batched",)),
     "subclassed_no_training": (_subclassed(NoTrainingArg), _regression, "mse",
-                               ("vectorized_map",)),
+                               ("batched",)),
     "subclassed_no_config": (_subclassed(Bare, 8), _regression, "mse",
-                             ("vectorized_map",)),
+                             ("batched",)),
     "subclassed_training_no_config": (_subclassed(BareWithTraining, 8),
-                                      _regression, "mse", ("vectorized_map",)),
+                                      _regression, "mse", ("batched",)),
+    "subclassed_conv_dropout": (_subclassed_conv, _images((6, 6, 1)),
+                                CLASSES, ("batched",)),
     "two_inputs": (_two_inputs,
                    lambda rng: _regression(rng, ((3,), (2,))), "mse",
                    ("batched",)),

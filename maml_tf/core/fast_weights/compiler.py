@@ -9,6 +9,7 @@ weightless per-example layers) merge the task and example axes and run TF's
 own ops once.
 """
 
+import inspect
 import math
 from typing import List, Sequence, Tuple
 
@@ -610,13 +611,11 @@ class _Compiler:
         steps.append((op, [i], i + 1))
         i += 1
       return _Program(model, [0], steps, len(layers))
-    nodes_by_depth = keras_compat.nodes_by_depth(model)
-    if nodes_by_depth is None or not hasattr(model, "outputs"):
-      raise Unsupported(
-          f"maml_tf.fast_weights cannot batch model {model.name!r} "
-          f"({type(model).__name__}): subclassed models have no layer graph; "
-          "use keras.Sequential or the functional API")
-    if len(model.outputs) != 1:
+    graph = model
+    if keras_compat.nodes_by_depth(model) is None:   # subclassed
+      graph = _traced(model)
+    nodes_by_depth = keras_compat.nodes_by_depth(graph)
+    if len(graph.outputs) != 1:
       raise Unsupported(
           f"maml_tf.fast_weights cannot batch model {model.name!r}: it has "
           f"{len(model.outputs)} outputs; only single-output models are "
@@ -653,8 +652,75 @@ class _Compiler:
         steps.append((self.compile_layer(op),
                       [id(t) for t in node.input_tensors],
                       id(node.outputs[0])))
-    return _Program(model, [id(t) for t in model.inputs], steps,
-                    id(model.outputs[0]))
+    return _Program(model, [id(t) for t in graph.inputs], steps,
+                    id(graph.outputs[0]))
+
+
+def _traced(model: keras.Model) -> keras.Model:
+  """A subclassed model's ``call`` run on a symbolic input: a functional
+  model of the same layers and variables.
+
+  A ``call`` that takes ``training`` is traced in both modes, and must
+  take the same layers and operations in each (a branch on ``training``
+  would make one graph wrong for the other mode).
+
+  Raises:
+    Unsupported: the model was not built on one input of known shape, its
+      call cannot run on symbolic inputs (a TensorFlow op, Python on
+      values), or it branches on ``training``.
+  """
+  name = f"maml_tf.fast_weights cannot batch model {model.name!r} " + (
+      f"({type(model).__name__})")
+  shape = keras_compat.build_input_shape(model)
+  if not isinstance(shape, (tuple, list)) or not all(
+      d is None or isinstance(d, int) for d in shape) or len(shape) < 2:
+    raise Unsupported(f"{name}: a subclassed model must be built on one "
+                      f"input of known shape to be traced (built with "
+                      f"{shape!r})")
+  takes_training = "training" in inspect.signature(model.call).parameters
+  graphs = []
+  for mode in ((True, False) if takes_training else (None,)):
+    inputs = keras.Input(tuple(shape)[1:],
+                         dtype=model.dtype_policy.compute_dtype)
+    try:
+      outputs = (model.call(inputs, training=mode) if takes_training
+                 else model.call(inputs))
+      graphs.append(keras.Model(inputs, outputs))
+    except Exception as e:  # pylint: disable=broad-except
+      first = (str(e).splitlines() or [""])[0][:200]
+      raise Unsupported(
+          f"{name}: its call does not run on symbolic Keras inputs "
+          f"({type(e).__name__}: {first}); a call made of Keras layers and "
+          "keras.ops runs task-batched") from None
+  if len(graphs) == 2 and _structure(graphs[0]) != _structure(graphs[1]):
+    raise Unsupported(f"{name}: its call takes other layers or operations "
+                      "with training=True than with training=False")
+  return graphs[0]
+
+
+def _structure(graph: keras.Model) -> list:
+  """The layers and operations of a functional ``graph`` and how they
+  connect, comparable across two traces of one call."""
+  index = {id(t): i for i, t in enumerate(graph.inputs)}
+  out = []
+  nodes_by_depth = keras_compat.nodes_by_depth(graph)
+  for depth in sorted(nodes_by_depth, reverse=True):
+    for node in nodes_by_depth[depth]:
+      op = node.operation
+      if op is None or node.is_input:
+        continue
+      if isinstance(op, keras.layers.Layer):
+        key = id(op)
+      else:       # an operation: its type and non-tensor arguments
+        args, kwargs = node.arguments.convert(
+            lambda v: None if isinstance(v, keras.KerasTensor) else v)
+        key = (type(op).__name__, repr(args), repr(sorted(kwargs.items())),
+               repr(sorted((k, v) for k, v in vars(op).items()
+                           if not k.startswith("_") and k != "name")))
+      out.append((key, [index.get(id(t)) for t in node.input_tensors]))
+      for t in node.outputs:
+        index[id(t)] = len(index)
+  return out
 
 
 def _has_input(layer) -> bool:
@@ -764,9 +830,11 @@ def compile_batched(model: keras.Model, conv_impl: str = "auto",
   """Compiles ``model`` into a :class:`BatchedModel` running all tasks at once.
 
   Arguments:
-    model: a built ``keras.Sequential`` or functional ``keras.Model`` (one
-      output, any number of inputs; nested Sequential/functional models are
-      fine) made of supported layers:
+    model: a built ``keras.Sequential``, functional ``keras.Model`` (one
+      output, any number of inputs; nested models are fine) or subclassed
+      model (built on one input; its ``call`` is traced into its layers,
+      and must take the same ones with ``training`` True and False) made
+      of supported layers:
       InputLayer, Dense, EinsumDense, MultiHeadAttention (no masks but
       ``use_causal_mask``, no returned scores), Embedding (no
       ``mask_zero``), Conv1D, Conv2D and

@@ -600,19 +600,76 @@ def test_random_layers_draw_each_tasks_noise_from_its_seed(make, draws):
 
 
 
-def test_subclassed_model_is_unsupported():
-  class Net(keras.Model):
+class _Subclassed(keras.Model):
+  """The research style: layers in ``__init__``, ``call`` composes them."""
 
-    def __init__(self):
-      super().__init__()
-      self.dense = L.Dense(2)
+  def __init__(self):
+    super().__init__(name="subclassed")
+    self.conv = L.Conv2D(3, 3, activation="tanh")
+    self.norm = L.BatchNormalization()
+    self.drop = L.Dropout(0.0)
+    self.head = L.Dense(3)
 
-    def call(self, x):
-      return self.dense(x)
-  net = Net()
-  net(tf.ones((1, 3)))
-  with pytest.raises(Unsupported, match="subclassed"):
-    compile_batched(net)
+  def call(self, x, training=None):
+    h = self.norm(self.conv(x), training=training)
+    h = keras.ops.mean(h, axis=(1, 2)) + keras.ops.max(h, axis=(1, 2))
+    return self.head(self.drop(h, training=training))
+
+
+class _Branching(_Subclassed):
+
+  def call(self, x, training=None):
+    h = keras.ops.mean(self.conv(x), axis=(1, 2))
+    if training:
+      h = h * 2.0
+    return self.head(h)
+
+
+class _TensorFlowInside(_Subclassed):
+
+  def call(self, x, training=None):
+    return self.head(tf.reduce_mean(self.conv(x), axis=(1, 2)))
+
+
+def test_a_subclassed_model_is_traced_into_its_layers():
+  """Its call on a symbolic input gives the layer graph: the same numbers
+  as the per-task loop in both modes, and second-order meta-gradients."""
+  rng = np.random.default_rng(8)
+  model = _Subclassed()
+  model(np.zeros((1, 5, 5, 2), "float32"))
+  params, state = _per_task(model, rng, "float32")
+  x = tf.constant(rng.normal(size=(T, 4, 5, 5, 2)), "float32")
+  batched = compile_batched(model, conv_impl="patches")
+  for training in (True, False):
+    y, new_state = batched(params, state, x, training=training)
+    y_ref, state_ref = _loop(model, params, state, x, training)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(new_state, state_ref):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  theta = [tf.constant(v.numpy()) for v in model.trainable_variables]
+  sx, qx = x, tf.constant(rng.normal(size=(T, 6, 5, 5, 2)), "float32")
+  sy = tf.constant(rng.integers(0, 3, size=(T, 4)))
+  qy = tf.constant(rng.integers(0, 3, size=(T, 6)))
+  grads = []
+  for loss in (lambda th: _meta_loss_batched(batched, th, state, sx, sy, qx,
+                                             qy),
+               lambda th: _meta_loss_loop(model, th, state, sx, sy, qx, qy)):
+    with tf.GradientTape() as tape:
+      tape.watch(theta)
+      value = loss(theta)
+    grads.append(tape.gradient(value, theta))
+  for a, b in zip(*grads):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("cls,why", [
+    (_Branching, "other layers or operations with training=True"),
+    (_TensorFlowInside, "does not run on symbolic Keras inputs")])
+def test_subclassed_models_that_cannot_be_traced_are_named(cls, why):
+  model = cls()
+  model(np.zeros((1, 5, 5, 2), "float32"))
+  with pytest.raises(Unsupported, match=why):
+    compile_batched(model)
 
 
 def test_auto_conv_impl():
