@@ -90,6 +90,12 @@ def per_example_operation(node) -> Optional[str]:
       not t.shape or t.shape[0] is not None for t in node.input_tensors):
     return ("its inputs and output must keep the batch axis (an unknown "
             "first axis)")
+  if any(isinstance(v, (keras.Variable, tf.Variable, tf.Tensor))
+         or keras.ops.is_tensor(v)
+         for v in tf.nest.flatten(node.arguments.convert(
+             lambda v: None if isinstance(v, keras.KerasTensor) else v))):
+    return ("a weight or tensor argument (the task-batched path reads "
+            "weights only through layers)")
   if kind in _ELEMENTWISE_OPS:
     if all(r == len(out) for r in ranks):
       return None
@@ -116,9 +122,10 @@ def per_example_operation(node) -> Optional[str]:
       return None
     return f"indexing with {key!r} does not keep the batch axis whole"
   if kind == "Matmul":
-    if len(ranks) == 2 and min(ranks) >= 3:
+    if len(ranks) == 2 and ranks[0] == ranks[1] >= 3:
       return None
-    return "matmul across examples (operands of rank 2)"
+    return ("matmul across examples (operands of rank 2, or of different "
+            "ranks)")
   return "this operation is not known to act on each example alone"
 
 

@@ -549,7 +549,9 @@ class MAML:
 
   # ------------------------------------------------------------- public API
   def meta_loss(self, batch: TaskBatch) -> tf.Tensor:
-    """Mean query loss after ``inner_steps`` adaptation steps (a scalar).
+    """Mean query loss after ``inner_steps`` adaptation steps (a scalar),
+    plus the model's weight penalties: the objective :meth:`train_step`
+    minimises.
 
     Differentiable with respect to ``model.trainable_variables`` (and the
     learned step sizes), including the second-order terms unless
@@ -571,7 +573,8 @@ class MAML:
         params, state, lrs = self.meta_values()
         out = strategies.select(plan).run_tasks(
             self.context, plan, task_pass, params, state, lrs, batch)
-        return self._objective(out["loss"], task_pass)
+        return (self._objective(out["loss"], task_pass)
+                + self.objective.penalty(params))
       return meta_loss
     return self._runner.function(("meta_loss",), make, plan, batch,
                                  second_order=not plan.first_order)(batch)

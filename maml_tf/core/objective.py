@@ -82,24 +82,31 @@ class Objective:
       names += ["accuracy_after"] + (["accuracy_before"] if before else [])
     return tuple(names)
 
+  def penalty(self, params):
+    """The weight regularizers' penalty on ``params`` (theta; 0 without
+    regularizers)."""
+    terms = [tf.cast(regularizer(params[i]), params[i].dtype)
+             for i, regularizer in self.penalties]
+    return tf.add_n(terms) if terms else 0.0
+
   def penalized(self, grads, loss, params):
     """``(grads, loss)`` with the weight regularizers' penalty on
     ``params`` (theta) and its gradient added."""
     if not self.penalties:
       return grads, loss
     grads = list(grads)
-    total = tf.zeros([], loss.dtype)
-    for index, regularizer in self.penalties:
-      theta = params[index]
-      with tf.GradientTape() as tape:
-        tape.watch(theta)
-        penalty = tf.cast(regularizer(theta), loss.dtype)
-      extra = tape.gradient(penalty, theta)
-      grad = grads[index]
-      grads[index] = extra if grad is None else (
-          tf.convert_to_tensor(grad) + tf.cast(extra, grad.dtype))
-      total += penalty
-    return grads, loss + total
+    indices = [i for i, _ in self.penalties]
+    thetas = [params[i] for i in indices]
+    with tf.GradientTape() as tape:
+      tape.watch(thetas)
+      penalty = self.penalty(params)
+    extra = tape.gradient(penalty, thetas)
+    for i, g in zip(indices, extra):
+      if g is None:               # a penalty that does not depend on it
+        continue
+      grads[i] = g if grads[i] is None else (
+          tf.convert_to_tensor(grads[i]) + tf.cast(g, grads[i].dtype))
+    return grads, loss + tf.cast(penalty, loss.dtype)
 
   def result(self, grads, out, loss, state, accuracy: bool,
              task_pass: TaskPass, params=None) -> StepResult:

@@ -24,7 +24,8 @@ Example:
   python launch/rl.py --eval_only --logdir=runs/rl/cheetah_dir/maml
 
 --logdir defaults to runs/rl/ENV/ALGORITHM (runs/rl/ENV/shipped with
---pretrained --eval_only). --eval_only on a run directory takes the run's settings from
+--pretrained --eval_only, runs/rl/ENV/continued with --pretrained alone).
+--eval_only on a run directory takes the run's settings from
 its config.json; flags given on the command line override them.
 """
 
@@ -116,8 +117,8 @@ def main(argv):
            if FLAGS[name].present and name != "env"}
   logdir = FLAGS.logdir or (
       f"runs/rl/{rl.envs.short_name(FLAGS.env)}/"
-      + ("shipped" if FLAGS.pretrained and FLAGS.eval_only
-         else FLAGS.algorithm))
+      + (("shipped" if FLAGS.eval_only else "continued")
+         if FLAGS.pretrained else FLAGS.algorithm))
 
   def make_config():
     given.update(config_flags.overrides(RLConfig, _GENERATED))

@@ -42,3 +42,18 @@ def test_activity_regularizers_are_named_as_left_out():
   with pytest.warns(PlanWarning, match=r"activity regularizers of "
                     r"\['hidden'\] are not part of the meta-objective"):
     MAML(_model(activity=keras.regularizers.L2(0.1)), "mse", inner_lr=0.05)
+
+
+def test_meta_loss_includes_the_penalty_and_a_constant_one_is_harmless():
+  batch = sinusoid.sample_batch(4, 5, 5, np.random.default_rng(3))[0]
+  l2 = 0.05
+  plain = MAML(_model(), "mse", inner_lr=0.05)
+  penalized = MAML(_model(keras.regularizers.L2(l2)), "mse", inner_lr=0.05)
+  kernel = penalized.model.get_weights()[0]
+  np.testing.assert_allclose(
+      float(penalized.meta_loss(batch)) - float(plain.meta_loss(batch)),
+      l2 * np.sum(kernel ** 2), rtol=1e-4)
+  # A regularizer of zero weight (L1L2's defaults) has no gradient.
+  zero = MAML(_model(keras.regularizers.L1L2()), "mse", inner_lr=0.05)
+  assert np.isfinite(zero.train_step(batch)["loss_after"])
+

@@ -9,7 +9,6 @@ weightless per-example layers) merge the task and example axes and run TF's
 own ops once.
 """
 
-import inspect
 import math
 from typing import List, Sequence, Tuple
 
@@ -17,6 +16,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from maml_tf.core import functional
 from maml_tf.core import keras_compat
 from maml_tf.core.fast_weights.base import (
     Unsupported, _Context, _Op, _unsupported)
@@ -282,11 +282,14 @@ class _Operation(_Op):
     self.arguments = arguments
 
   def __call__(self, ctx, inputs):
-    merged = [_merge_task_axis(x) for x in inputs]
-    values = iter([m for m, _ in merged])
+    tasks = _dims(inputs[0])[:1]
+    values = iter([tf.reshape(x, [-1] + _dims(x)[2:]) for x in inputs])
     args, kwargs = self.arguments.convert(
         lambda v: next(values) if isinstance(v, keras.KerasTensor) else v)
-    return merged[0][1](self.layer(*args, **kwargs))
+    y = self.layer(*args, **kwargs)
+    # Each task's rows stay together: [T*M, ...] -> [T, M, ...], where M
+    # may differ from the inputs' N (a reshape of the examples).
+    return tf.reshape(y, tasks + [-1] + _dims(y)[1:])
 
 
 class _Random(_Op):
@@ -649,8 +652,10 @@ class _Compiler:
                              f"{sorted(kwargs)} (masks)")
         if len(node.outputs) != 1:
           raise _unsupported(op, "layers with several outputs")
-        steps.append((self.compile_layer(op),
-                      [id(t) for t in node.input_tensors],
+        sources = node.input_tensors
+        if isinstance(op, keras.Model) and len(node.arguments.args) == 1:
+          sources = _ordered_inputs(op, node.arguments.args[0])
+        steps.append((self.compile_layer(op), [id(t) for t in sources],
                       id(node.outputs[0])))
     return _Program(model, [id(t) for t in graph.inputs], steps,
                     id(graph.outputs[0]))
@@ -677,7 +682,7 @@ def _traced(model: keras.Model) -> keras.Model:
     raise Unsupported(f"{name}: a subclassed model must be built on one "
                       f"input of known shape to be traced (built with "
                       f"{shape!r})")
-  takes_training = "training" in inspect.signature(model.call).parameters
+  takes_training = functional.call_takes_training(model)
   graphs = []
   for mode in ((True, False) if takes_training else (None,)):
     inputs = keras.Input(tuple(shape)[1:],
@@ -685,17 +690,36 @@ def _traced(model: keras.Model) -> keras.Model:
     try:
       outputs = (model.call(inputs, training=mode) if takes_training
                  else model.call(inputs))
-      graphs.append(keras.Model(inputs, outputs))
+      graph = keras.Model(inputs, outputs)
     except Exception as e:  # pylint: disable=broad-except
       first = (str(e).splitlines() or [""])[0][:200]
       raise Unsupported(
           f"{name}: its call does not run on symbolic Keras inputs "
           f"({type(e).__name__}: {first}); a call made of Keras layers and "
           "keras.ops runs task-batched") from None
+    fixed = _fixed_training(graph, mode)
+    if fixed:
+      raise Unsupported(f"{name}: its call passes training={fixed[1]} to "
+                        f"{fixed[0]!r} whatever its own training (the "
+                        "task-batched layers follow the caller's)")
+    graphs.append(graph)
   if len(graphs) == 2 and _structure(graphs[0]) != _structure(graphs[1]):
     raise Unsupported(f"{name}: its call takes other layers or operations "
                       "with training=True than with training=False")
   return graphs[0]
+
+
+def _fixed_training(graph: keras.Model, mode):
+  """``(layer name, value)`` of a layer ``graph`` calls with a ``training``
+  other than ``mode`` (the trace's own: a value fixed in ``call``), or
+  ``None``."""
+  nodes_by_depth = keras_compat.nodes_by_depth(graph)
+  for depth in sorted(nodes_by_depth, reverse=True):
+    for node in nodes_by_depth[depth]:
+      value = node.arguments.kwargs.get("training")
+      if node.operation is not None and value is not None and value != mode:
+        return node.operation.name, value
+  return None
 
 
 def _structure(graph: keras.Model) -> list:
@@ -807,8 +831,8 @@ class BatchedModel:
       raise ValueError(
           f"model {self.model.name!r} takes {len(self.program.input_ids)} "
           f"inputs, got {len(flat)} ({tf.nest.map_structure(_shape_of, x)})")
-    if len(flat) > 1:         # Keras' own order: the structure's flat order
-      tf.nest.assert_same_structure(self.model.input, x, check_types=False)
+    if len(flat) > 1:
+      flat = _ordered_inputs(self.model, x)
     inputs = []
     for t in flat:
       t = tf.convert_to_tensor(t)
@@ -823,6 +847,26 @@ class BatchedModel:
 
 def _shape_of(t):
   return tuple(getattr(t, "shape", ()))
+
+
+def _ordered_inputs(model: keras.Model, x) -> list:
+  """The values of ``x`` (a structure of a functional ``model``'s several
+  inputs) in the order of ``model.inputs``, matched as Keras matches them:
+  a dict by key where the model was built on a dict, else by input name; a
+  list or tuple by position.
+
+  Raises:
+    ValueError: a dict whose keys are not the model's.
+  """
+  if not isinstance(x, dict):
+    return tf.nest.flatten(x)
+  declared = model.input
+  names = (sorted(declared) if isinstance(declared, dict)
+           else [t.name for t in model.inputs])
+  if sorted(names) != sorted(x):
+    raise ValueError(f"model {model.name!r} takes the inputs {names}; got "
+                     f"a dict of {sorted(x)}")
+  return [x[name] for name in names]
 
 
 def compile_batched(model: keras.Model, conv_impl: str = "auto",

@@ -515,6 +515,44 @@ def test_unsupported_layers_are_named(make, name, why):
   assert repr(name) in str(info.value)
 
 
+def test_operations_may_change_the_example_count():
+  """``reshape(x, (-1, 3))`` folds each example's rows into the example
+  axis: per task as on the task-batched path."""
+  inp = keras.Input((4, 3), dtype="float64")
+  h = keras.ops.reshape(L.Dense(3, dtype="float64")(inp), (-1, 3))
+  model = keras.Model(inp, L.Dense(2, dtype="float64")(h))
+  rng = np.random.default_rng(9)
+  params, state = _per_task(model, rng, "float64")
+  x = tf.constant(rng.normal(size=(T, 5, 4, 3)))
+  y, _ = compile_batched(model)(params, state, x)
+  assert y.shape == (T, 20, 2)
+  np.testing.assert_allclose(y, _loop(model, params, state, x, True)[0],
+                             rtol=1e-10, atol=1e-10)
+
+
+def test_inputs_are_matched_as_keras_matches_them():
+  """A dict for a model built on a list is matched by input name, as
+  Keras' functional call matches it, not by sorted key."""
+  dtype = "float64"
+  b = keras.Input((2,), name="b", dtype=dtype)
+  a = keras.Input((3,), name="a", dtype=dtype)
+  model = keras.Model([b, a], L.Dense(2, dtype=dtype)(L.Concatenate(
+      dtype=dtype)([L.Dense(2, dtype=dtype)(b), a])), name="list_built")
+  rng = np.random.default_rng(10)
+  params, state = _per_task(model, rng, dtype)
+  xb = tf.constant(rng.normal(size=(T, 4, 2)))
+  xa = tf.constant(rng.normal(size=(T, 4, 3)))
+  batched = compile_batched(model)
+  ref = tf.stack([functional_call(model, [p[t] for p in params], [],
+                                  {"a": xa[t], "b": xb[t]})[0]
+                  for t in range(T)])
+  for x in ([xb, xa], {"a": xa, "b": xb}):
+    np.testing.assert_allclose(batched(params, state, x)[0], ref,
+                               rtol=1e-10, atol=1e-10)
+  with pytest.raises(ValueError, match=r"takes the inputs \['b', 'a'\]"):
+    batched(params, state, {"x": xb, "a": xa})
+
+
 @pytest.mark.parametrize("across,why", [
     (lambda x: keras.ops.mean(x, axis=0), "batch axis"),
     (lambda x: keras.ops.sum(x), "batch axis"),
@@ -525,6 +563,9 @@ def test_unsupported_layers_are_named(make, name, why):
     (lambda x: x + keras.ops.expand_dims(x, 1), "different ranks"),
     (lambda x: keras.ops.cumsum(x), "every axis"),
     (lambda x: keras.ops.sort(x, axis=-2), "the batch axis"),
+    (lambda x: keras.ops.mean(keras.ops.matmul(
+        keras.ops.reshape(x, (-1, 1, 2, 2)), keras.ops.reshape(x, (-1, 2, 2))),
+                              axis=1), "different ranks"),
 ])
 def test_operations_across_examples_are_named(across, why):
   """Operations that mix the examples of a batch keep a model off the
@@ -662,8 +703,35 @@ def test_a_subclassed_model_is_traced_into_its_layers():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+class _FrozenNorm(_Subclassed):
+
+  def call(self, x, training=None):     # BatchNorm always in inference
+    return self.head(keras.ops.mean(self.norm(self.conv(x), training=False),
+                                    axis=(1, 2)))
+
+
+class _KwargsBranching(_Subclassed):
+
+  def call(self, x, **kwargs):
+    h = keras.ops.mean(self.conv(x), axis=(1, 2))
+    return self.head(h * 2.0 if kwargs.get("training") else h)
+
+
+class _OwnWeight(_Subclassed):
+
+  def build(self, input_shape):
+    super().build(input_shape)
+    self.scale = self.add_weight(shape=(3,), initializer="ones")
+
+  def call(self, x, training=None):
+    return self.head(keras.ops.mean(self.conv(x), axis=(1, 2))) * self.scale
+
+
 @pytest.mark.parametrize("cls,why", [
     (_Branching, "other layers or operations with training=True"),
+    (_KwargsBranching, "other layers or operations with training=True"),
+    (_FrozenNorm, "passes training=False to 'batch_normalization"),
+    (_OwnWeight, "a weight or tensor argument"),
     (_TensorFlowInside, "does not run on symbolic Keras inputs")])
 def test_subclassed_models_that_cannot_be_traced_are_named(cls, why):
   model = cls()
