@@ -224,6 +224,25 @@ class ConvNet(keras.Model):
     return self.head(h)
 
 
+class ResidualBlock(keras.layers.Layer):
+  """A user's block: a Layer made of Keras layers (traced, batched)."""
+
+  def __init__(self, **kwargs):
+    super().__init__(**kwargs)
+    self.conv = keras.layers.Conv2D(2, 3, padding="same")
+    self.norm = keras.layers.BatchNormalization()
+
+  def call(self, x, training=None):
+    return keras.ops.tanh(x + self.norm(self.conv(x), training=training))
+
+
+def _user_blocks():
+  x = keras.Input((6, 6, 2))
+  h = ResidualBlock()(ResidualBlock()(x))
+  h = keras.layers.GlobalAveragePooling2D()(h)
+  return keras.Model(x, keras.layers.Dense(WAYS)(h), name="user_blocks")
+
+
 def _subclassed_conv():
   model = ConvNet()
   model(np.zeros((1, 6, 6, 1)))
@@ -299,6 +318,8 @@ CASES = {
                                       _regression, "mse", ("batched",)),
     "subclassed_conv_dropout": (_subclassed_conv, _images((6, 6, 1)),
                                 CLASSES, ("batched",)),
+    "user_block_layers": (_user_blocks, _images((6, 6, 2)), CLASSES,
+                          ("batched",)),
     "two_inputs": (_two_inputs,
                    lambda rng: _regression(rng, ((3,), (2,))), "mse",
                    ("batched",)),

@@ -525,6 +525,9 @@ class _Compiler:
       return _Concatenate(layer)
     if kind in _PER_EXAMPLE:
       return _PerExample(layer)
+    if not kind.__module__.startswith("keras."):
+      # A user's layer (a block of Keras layers): its call traced.
+      return self.compile_model(_traced(layer))
     raise _unsupported(layer, "this layer type is not supported (supported: "
                        f"{_SUPPORTED})")
 
@@ -661,9 +664,11 @@ class _Compiler:
                     id(graph.outputs[0]))
 
 
-def _traced(model: keras.Model) -> keras.Model:
-  """A subclassed model's ``call`` run on a symbolic input: a functional
-  model of the same layers and variables.
+def _traced(model: keras.layers.Layer) -> keras.Model:
+  """A subclassed model's (or a user's layer's) ``call`` run on a symbolic
+  input: a functional model of the same layers and variables. (Weights of
+  its own, which its call reads directly, are refused where an operation
+  reads them: :func:`maml_tf.core.keras_compat.per_example_operation`.)
 
   A ``call`` that takes ``training`` is traced in both modes, and must
   take the same layers and operations in each (a branch on ``training``
@@ -674,12 +679,13 @@ def _traced(model: keras.Model) -> keras.Model:
       call cannot run on symbolic inputs (a TensorFlow op, Python on
       values), or it branches on ``training``.
   """
-  name = f"maml_tf.fast_weights cannot batch model {model.name!r} " + (
+  what = "model" if isinstance(model, keras.Model) else "layer"
+  name = f"maml_tf.fast_weights cannot batch {what} {model.name!r} " + (
       f"({type(model).__name__})")
   shape = keras_compat.build_input_shape(model)
   if not isinstance(shape, (tuple, list)) or not all(
       d is None or isinstance(d, int) for d in shape) or len(shape) < 2:
-    raise Unsupported(f"{name}: a subclassed model must be built on one "
+    raise Unsupported(f"{name}: a subclassed {what} must be built on one "
                       f"input of known shape to be traced (built with "
                       f"{shape!r})")
   takes_training = functional.call_takes_training(model)
@@ -877,8 +883,9 @@ def compile_batched(model: keras.Model, conv_impl: str = "auto",
     model: a built ``keras.Sequential``, functional ``keras.Model`` (one
       output, any number of inputs; nested models are fine) or subclassed
       model (built on one input; its ``call`` is traced into its layers,
-      and must take the same ones with ``training`` True and False) made
-      of supported layers:
+      and must take the same ones with ``training`` True and False; so is
+      a user's ``Layer`` subclass inside a model) made of supported
+      layers:
       InputLayer, Dense, EinsumDense, MultiHeadAttention (no masks but
       ``use_causal_mask``, no returned scores), Embedding (no
       ``mask_zero``), Conv1D, Conv2D and

@@ -672,12 +672,37 @@ class _TensorFlowInside(_Subclassed):
     return self.head(tf.reduce_mean(self.conv(x), axis=(1, 2)))
 
 
-def test_a_subclassed_model_is_traced_into_its_layers():
+class _Block(L.Layer):
+  """A user's residual block: a Layer made of Keras layers."""
+
+  def __init__(self, **kwargs):
+    super().__init__(**kwargs)
+    self.conv = L.Conv2D(2, 3, padding="same")
+    self.norm = L.BatchNormalization()
+
+  def call(self, x, training=None):
+    return keras.ops.tanh(x + self.norm(self.conv(x), training=training))
+
+
+def _blocks():
+  inp = keras.Input((5, 5, 2))
+  h = _Block()(_Block()(inp))
+  return keras.Model(inp, L.Dense(3)(L.GlobalAveragePooling2D()(h)))
+
+
+def _built_subclassed():
+  model = _Subclassed()
+  model(np.zeros((1, 5, 5, 2), "float32"))
+  return model
+
+
+@pytest.mark.parametrize("make", [_built_subclassed, _blocks],
+                         ids=["subclassed_model", "user_layers"])
+def test_a_subclassed_model_is_traced_into_its_layers(make):
   """Its call on a symbolic input gives the layer graph: the same numbers
   as the per-task loop in both modes, and second-order meta-gradients."""
   rng = np.random.default_rng(8)
-  model = _Subclassed()
-  model(np.zeros((1, 5, 5, 2), "float32"))
+  model = make()
   params, state = _per_task(model, rng, "float32")
   x = tf.constant(rng.normal(size=(T, 4, 5, 5, 2)), "float32")
   batched = compile_batched(model, conv_impl="patches")
@@ -715,6 +740,22 @@ class _KwargsBranching(_Subclassed):
   def call(self, x, **kwargs):
     h = keras.ops.mean(self.conv(x), axis=(1, 2))
     return self.head(h * 2.0 if kwargs.get("training") else h)
+
+
+class _Scale(L.Layer):
+  """A user's layer with a weight of its own, read by an operation."""
+
+  def build(self, input_shape):
+    self.gain = self.add_weight(shape=(input_shape[-1],), initializer="ones")
+
+  def call(self, x):
+    return x * self.gain
+
+
+def test_a_users_layer_with_its_own_weights_is_named():
+  inp = keras.Input((4,))
+  with pytest.raises(Unsupported, match="a weight or tensor argument"):
+    compile_batched(keras.Model(inp, L.Dense(2)(_Scale()(inp))))
 
 
 class _OwnWeight(_Subclassed):
