@@ -177,8 +177,8 @@ def test_a_runtime_fallback_is_a_new_plan_not_a_changed_learner():
 
 @pytest.mark.parametrize("layer, why", [
     (lambda: keras.layers.GRU(4), "recurrent"),
-    # Off the task-batched path: a dilated convolution, AlphaDropout.
-    (lambda: keras.layers.Conv1D(2, 2, dilation_rate=2), "convolutions"),
+    # Off the task-batched path: a grouped convolution, AlphaDropout.
+    (lambda: keras.layers.Conv1D(2, 2, groups=2), "convolutions"),
     (lambda: keras.layers.AlphaDropout(0.1), "random layers"),
 ])
 def test_auto_runs_what_vectorized_map_cannot_trace_under_map_fn(layer, why):

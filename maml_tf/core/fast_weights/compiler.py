@@ -22,7 +22,7 @@ from maml_tf.core.fast_weights.base import (
     Unsupported, _Context, _Op, _unsupported)
 from maml_tf.core.fast_weights.kernels import (
     _CONV_KERNELS, _dims, _merge_task_axis, _per_task_vector, batched_dense,
-    resolve_conv_impl)
+    conv2d, resolve_conv_impl)
 from maml_tf.core.fast_weights.normalization import (
     _BatchNorm, _ConvBatchNorm, _LayerNorm)
 
@@ -143,6 +143,7 @@ class _Conv2D(_Op):
     self.kernel_ref, self.bias_ref = kernel_ref, bias_ref
     self.impl = impl
     self.strides = tuple(int(s) for s in layer.strides)
+    self.dilations = tuple(int(d) for d in layer.dilation_rate)
     self.padding = layer.padding
 
   def __call__(self, ctx, inputs):
@@ -164,23 +165,31 @@ class _Conv2D(_Op):
   def apply_kernel(self, x, kernel, per_task: bool):
     """The convolution alone, ``[T, N, H, W, C] -> [T, N, H', W', F]``."""
     if per_task:
-      return _CONV_KERNELS[self.impl](x, kernel, self.strides, self.padding)
+      return _CONV_KERNELS[self.impl](x, kernel, self.strides, self.padding,
+                                      self.dilations)
     merged, split = _merge_task_axis(x)
-    return split(tf.nn.conv2d(merged, kernel, strides=list(self.strides),
-                              padding=self.padding.upper()))
+    return split(conv2d(merged, kernel, self.strides, self.padding,
+                        self.dilations))
 
 
 class _Conv1D(_Conv2D):
   """Conv1D as a Conv2D of height 1: ``[T, N, L, C]`` inputs get a unit
   axis, the ``[k, C, F]`` kernel a unit row (the same numbers, derivatives
-  of every order included, on the Conv2D kernels)."""
+  of every order included, on the Conv2D kernels); 'causal' padding pads
+  the left by ``(k - 1) * dilation`` and convolves 'valid', as Keras."""
 
   def __init__(self, layer, kernel_ref, bias_ref, impl):
     super().__init__(layer, kernel_ref, bias_ref, impl)
     self.strides = (1, int(layer.strides[0]))
+    self.dilations = (1, int(layer.dilation_rate[0]))
+    if layer.padding == "causal":
+      self.padding = "valid"
 
   def __call__(self, ctx, inputs):
     x = _static_inputs(self.layer, inputs[0], "L, C")
+    if self.layer.padding == "causal":   # left-padded, then 'valid'
+      left = (int(self.layer.kernel_size[0]) - 1) * self.dilations[1]
+      x = tf.pad(x, [[0, 0], [0, 0], [left, 0], [0, 0]])
     kernel, per_task = ctx.read(self.kernel_ref)
     y = self.convolve(ctx, tf.expand_dims(x, 2),
                       tf.expand_dims(kernel, 1 if per_task else 0), per_task)
@@ -196,20 +205,22 @@ class _DepthwiseConv2D(_Conv2D):
   def __init__(self, layer, kernel_ref, bias_ref):
     super().__init__(layer, kernel_ref, bias_ref, impl=None)
     self.strides = [1] + [int(v) for v in layer.strides] + [1]
+    self.rates = [int(d) for d in layer.dilation_rate]
 
   def apply_kernel(self, x, kernel, per_task: bool):
     padding = self.padding.upper()
     if not per_task:
       merged, split = _merge_task_axis(x)
       return split(tf.nn.depthwise_conv2d(merged, kernel, self.strides,
-                                          padding))
+                                          padding, dilations=self.rates))
     kh, kw, c, m = (int(v) for v in kernel.shape[1:])
     n, (h, w) = tf.shape(x)[1], x.shape[2:4]
     side_by_side = tf.reshape(tf.transpose(x, [1, 2, 3, 0, 4]),
                               [n, h, w, -1])
     kernels = tf.reshape(tf.transpose(kernel, [1, 2, 0, 3, 4]),
                          [kh, kw, -1, m])
-    y = tf.nn.depthwise_conv2d(side_by_side, kernels, self.strides, padding)
+    y = tf.nn.depthwise_conv2d(side_by_side, kernels, self.strides, padding,
+                               dilations=self.rates)
     y = tf.reshape(y, [n, y.shape[1], y.shape[2], -1, c * m])
     return tf.transpose(y, [3, 0, 1, 2, 4])
 
@@ -446,13 +457,12 @@ class _Compiler:
                          "'channels_last' is supported")
 
   def check_convolution(self, layer):
-    """Dilation 1, one group, 'same' or 'valid' padding."""
-    if any(int(d) != 1 for d in layer.dilation_rate):
-      raise _unsupported(layer, f"dilation_rate={layer.dilation_rate}; only "
-                         "1 is supported")
+    """One group, 'same' or 'valid' padding ('causal' too for Conv1D)."""
     if getattr(layer, "groups", 1) != 1:
       raise _unsupported(layer, f"groups={layer.groups}; only 1 is supported")
-    if layer.padding not in ("same", "valid"):
+    causal = isinstance(layer, keras.layers.Conv1D)
+    if layer.padding not in ("same", "valid") + (("causal",) if causal
+                                                  else ()):
       raise _unsupported(layer, f"padding={layer.padding!r}")
 
   def compile_layer(self, layer) -> _Op:
@@ -889,7 +899,7 @@ def compile_batched(model: keras.Model, conv_impl: str = "auto",
       InputLayer, Dense, EinsumDense, MultiHeadAttention (no masks but
       ``use_causal_mask``, no returned scores), Embedding (no
       ``mask_zero``), Conv1D, Conv2D and
-      DepthwiseConv2D (channels_last, dilation 1, groups 1, 'same' or
+      DepthwiseConv2D (channels_last, groups 1, 'same' or
       'valid'), BatchNormalization and LayerNormalization (last axis),
       MaxPooling2D, AveragePooling2D, Flatten, Activation, ReLU, LeakyReLU,
       ELU, Softmax (last axis), Dropout (and its ``noise_shape``),

@@ -92,6 +92,18 @@ def _conv_geometry(h, w, kh, kw, sh, sw, padding):
   return oh, ow, [[0, 0], [0, 0]]
 
 
+def conv2d(x, kernel, strides, padding: str, dilations=(1, 1)):
+  """``tf.nn.conv2d`` on ``[B, H, W, C]``; with a dilation,
+  ``tf.nn.convolution`` (space-to-batch), whose derivatives of every order
+  exist on CPU (``Conv2DBackpropInput`` has no dilated CPU kernel), as
+  Keras convolves."""
+  if tuple(dilations) == (1, 1):
+    return tf.nn.conv2d(x, kernel, strides=list(strides),
+                        padding=padding.upper())
+  return tf.nn.convolution(x, kernel, strides=list(strides),
+                           padding=padding.upper(), dilations=list(dilations))
+
+
 # Patches at most this deep come from a convolution with a one-hot filter.
 ONE_HOT_PATCH_DEPTH = 32
 
@@ -104,7 +116,7 @@ def _one_hot_filter(kh: int, kw: int, c: int, dtype):
   return tf.reshape(tf.eye(k, dtype=dtype), [kh, kw, c, k])
 
 
-def _flat_patches(x, kh: int, kw: int, strides, padding):
+def _flat_patches(x, kh: int, kw: int, strides, padding, dilations=(1, 1)):
   """``([T, N*H'*W', kh*kw*C] patches, H', W')`` of ``x [T, N, H, W, C]``.
 
   ``tf.image.extract_patches`` (TF's own 'SAME'/'VALID' geometry; depth
@@ -113,25 +125,27 @@ def _flat_patches(x, kh: int, kw: int, strides, padding):
   patches at most :data:`ONE_HOT_PATCH_DEPTH` deep a convolution with a
   one-hot filter, which gives the same values (each output is one input
   times 1 plus zeros) and whose gradients are convolutions, not the sparse
-  scatter of ``extract_patches``' gradient.
+  scatter of ``extract_patches``' gradient. ``dilations``: the kernel's
+  ``(dh, dw)`` (patches of dilated taps).
   """
   _, _, h, w, c = x.shape
   sh, sw = strides
+  dh, dw = dilations
   merged = tf.reshape(x, [-1, h, w, c])
   if kh == kw == 1:   # no padding either way; a strided subsample
     patches = merged[:, ::sh, ::sw, :]
   elif kh * kw * c <= ONE_HOT_PATCH_DEPTH:
-    patches = tf.nn.conv2d(merged, _one_hot_filter(kh, kw, c, merged.dtype),
-                           strides=[1, sh, sw, 1], padding=padding.upper())
+    patches = conv2d(merged, _one_hot_filter(kh, kw, c, merged.dtype),
+                     (sh, sw), padding, (dh, dw))
   else:
     patches = tf.image.extract_patches(
         merged, sizes=[1, kh, kw, 1], strides=[1, sh, sw, 1],
-        rates=[1, 1, 1, 1], padding=padding.upper())
+        rates=[1, dh, dw, 1], padding=padding.upper())
   flat = tf.reshape(patches, [_static_or_dynamic(x, 0), -1, kh * kw * c])
   return flat, patches.shape[1], patches.shape[2]
 
 
-def conv2d_patches(x, kernel, strides, padding):
+def conv2d_patches(x, kernel, strides, padding, dilations=(1, 1)):
   """Task-batched conv2d as patch extraction + one batched matmul.
 
   The ``kh*kw*C`` patches of every output pixel are extracted from the
@@ -147,6 +161,7 @@ def conv2d_patches(x, kernel, strides, padding):
     kernel: ``[T, kh, kw, C, F]``.
     strides: ``(sh, sw)``.
     padding: ``'same'`` or ``'valid'`` (TF conventions).
+    dilations: ``(dh, dw)``, the kernel's dilation.
 
   Returns:
     ``[T, N, H', W', F]``.
@@ -159,7 +174,7 @@ def conv2d_patches(x, kernel, strides, padding):
   kh, kw = int(kernel.shape[1]), int(kernel.shape[2])
   t = _static_or_dynamic(x, 0)
   n = _static_or_dynamic(x, 1)
-  flat, oh, ow = _flat_patches(x, kh, kw, strides, padding)
+  flat, oh, ow = _flat_patches(x, kh, kw, strides, padding, dilations)
   out = tf.matmul(flat, tf.reshape(kernel, [t, flat.shape[-1], -1]))
   return tf.reshape(out, [t, n, oh, ow, -1])
 
@@ -195,7 +210,7 @@ def conv2d_slices(x, kernel, strides, padding):
   return tf.reshape(out, [t, n, oh, ow, -1])
 
 
-def conv2d_grouped(x, kernel, strides, padding):
+def conv2d_grouped(x, kernel, strides, padding, dilations=(1, 1)):
   """Task-batched conv2d as one grouped convolution (tasks as groups).
 
   Input ``[T, N, H, W, C]`` becomes ``[N, H, W, T*C]`` and the filter
@@ -216,17 +231,16 @@ def conv2d_grouped(x, kernel, strides, padding):
   t, _, h, w, c = x.shape
   _, kh, kw, _, f = kernel.shape
   if t is None:   # the folded channel count must be static
-    return conv2d_map(x, kernel, strides, padding)
+    return conv2d_map(x, kernel, strides, padding, dilations)
   folded = tf.reshape(tf.transpose(x, [1, 2, 3, 0, 4]), [-1, h, w, t * c])
   filt = tf.reshape(tf.transpose(kernel, [1, 2, 3, 0, 4]), [kh, kw, c, t * f])
-  y = tf.nn.conv2d(folded, filt, strides=list(strides),
-                   padding=padding.upper())
+  y = conv2d(folded, filt, strides, padding, dilations)
   oh, ow = y.shape[1], y.shape[2]
   y = tf.reshape(y, [-1, oh, ow, t, f])
   return tf.transpose(y, [3, 0, 1, 2, 4])
 
 
-def conv2d_map(x, kernel, strides, padding):
+def conv2d_map(x, kernel, strides, padding, dilations=(1, 1)):
   """Task-batched conv2d as one ``tf.nn.conv2d`` per task.
 
   Unrolled over a static task axis (TF may run the T convolutions in
@@ -239,7 +253,7 @@ def conv2d_map(x, kernel, strides, padding):
   """
   def one(args):
     xt, kt = args
-    return tf.nn.conv2d(xt, kt, strides=list(strides), padding=padding.upper())
+    return conv2d(xt, kt, strides, padding, dilations)
   if x.shape[0] is not None:
     return tf.stack([one(a) for a in zip(tf.unstack(x), tf.unstack(kernel))])
   return tf.map_fn(one, (x, kernel), fn_output_signature=x.dtype)

@@ -186,7 +186,8 @@ class _ConvBatchNorm(_Op):
     fan_in = kh * kw * int(conv_layer.kernel.shape[2])
     linear = conv_layer.activation in (None, keras.activations.linear)
     return (linear and bn_layer.axis in (-1, 3) and bn_layer.trainable
-            and fan_in <= conv_layer.filters)
+            and fan_in <= conv_layer.filters
+            and all(int(d) == 1 for d in conv_layer.dilation_rate))
 
   def __call__(self, ctx, inputs):
     x = inputs[0]
