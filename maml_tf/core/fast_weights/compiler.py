@@ -365,6 +365,11 @@ class _Program(_Op):
 
 
 # ---------------------------------------------------------------- compiler
+# Ops that read no weights through the context (a layer of these kinds with
+# trainable weights is refused).
+_WEIGHTLESS = (_Identity, _Elementwise, _PerExample, _Pool2D, _Flatten,
+               _Random, _Add, _Concatenate)
+
 _ELEMENTWISE = (keras.layers.Activation, keras.layers.ReLU,
                 keras.layers.LeakyReLU, keras.layers.ELU)
 # No trainable weights, no batch statistics, no randomness: each example's
@@ -465,7 +470,16 @@ class _Compiler:
                                                   else ()):
       raise _unsupported(layer, f"padding={layer.padding!r}")
 
-  def compile_layer(self, layer) -> _Op:
+  def compile_layer(self, layer, node=None) -> _Op:
+    """``layer``'s op (``node``: its call site in a functional graph)."""
+    op = self._compile_layer(layer, node)
+    if isinstance(op, _WEIGHTLESS) and layer.trainable_weights:
+      raise _unsupported(layer, "it holds trainable weights (another "
+                         "layer's?) that the task-batched path would read "
+                         "unadapted")
+    return op
+
+  def _compile_layer(self, layer, node) -> _Op:
     kind = type(layer)
     if isinstance(layer, keras.Model):
       return self.compile_model(layer)
@@ -535,9 +549,13 @@ class _Compiler:
       return _Concatenate(layer)
     if kind in _PER_EXAMPLE:
       return _PerExample(layer)
-    if not kind.__module__.startswith("keras."):
-      # A user's layer (a block of Keras layers): its call traced.
-      return self.compile_model(_traced(layer))
+    if not kind.__module__.startswith("keras.") and node is not None:
+      # A user's layer (a block of Keras layers): its call traced on this
+      # call site's input.
+      if len(node.input_tensors) != 1:
+        raise _unsupported(layer, "a user's layer called on several tensors")
+      shape = tuple(node.input_tensors[0].shape)
+      return self.compile_model(_traced(layer, shape))
     raise _unsupported(layer, "this layer type is not supported (supported: "
                        f"{_SUPPORTED})")
 
@@ -642,6 +660,10 @@ class _Compiler:
         op = node.operation
         if op is None or node.is_input:
           continue
+        if any(getattr(t, "_keras_mask", None) is not None
+               for t in node.input_tensors):
+          raise _unsupported(op, "its inputs carry a Keras mask (masks are "
+                             "not task-batched)")
         if not isinstance(op, keras.layers.Layer):   # keras.ops, x + y
           why = keras_compat.per_example_operation(node)
           if why is not None:
@@ -668,13 +690,13 @@ class _Compiler:
         sources = node.input_tensors
         if isinstance(op, keras.Model) and len(node.arguments.args) == 1:
           sources = _ordered_inputs(op, node.arguments.args[0])
-        steps.append((self.compile_layer(op), [id(t) for t in sources],
-                      id(node.outputs[0])))
+        steps.append((self.compile_layer(op, node),
+                      [id(t) for t in sources], id(node.outputs[0])))
     return _Program(model, [id(t) for t in graph.inputs], steps,
                     id(graph.outputs[0]))
 
 
-def _traced(model: keras.layers.Layer) -> keras.Model:
+def _traced(model: keras.layers.Layer, shape=None) -> keras.Model:
   """A subclassed model's (or a user's layer's) ``call`` run on a symbolic
   input: a functional model of the same layers and variables. (Weights of
   its own, which its call reads directly, are refused where an operation
@@ -692,12 +714,34 @@ def _traced(model: keras.layers.Layer) -> keras.Model:
   what = "model" if isinstance(model, keras.Model) else "layer"
   name = f"maml_tf.fast_weights cannot batch {what} {model.name!r} " + (
       f"({type(model).__name__})")
-  shape = keras_compat.build_input_shape(model)
+  if shape is None:
+    shape = keras_compat.build_input_shape(model)
   if not isinstance(shape, (tuple, list)) or not all(
       d is None or isinstance(d, int) for d in shape) or len(shape) < 2:
     raise Unsupported(f"{name}: a subclassed {what} must be built on one "
                       f"input of known shape to be traced (built with "
                       f"{shape!r})")
+  with tf.init_scope():   # eagerly, even when compiled inside a step
+    before = [(v, v.numpy()) for v in model.weights]
+    try:
+      graphs = _trace_modes(model, shape, name)
+    finally:       # a call that writes variables: undone, then refused
+      changed = [v.path for v, value in before
+                 if not np.array_equal(v.numpy(), value)]
+      for v, value in before:
+        v.assign(value)
+  if changed:
+    raise Unsupported(f"{name}: its call writes variables ({changed}); "
+                      "the task-batched path would not")
+  if len(graphs) == 2 and _structure(graphs[0]) != _structure(graphs[1]):
+    raise Unsupported(f"{name}: its call takes other layers or operations "
+                      "with training=True than with training=False")
+  return graphs[0]
+
+
+def _trace_modes(model, shape, name) -> list:
+  """``model.call`` on a symbolic input of ``shape``, as functional models:
+  one per training mode its call takes."""
   takes_training = functional.call_takes_training(model)
   graphs = []
   for mode in ((True, False) if takes_training else (None,)):
@@ -719,10 +763,7 @@ def _traced(model: keras.layers.Layer) -> keras.Model:
                         f"{fixed[0]!r} whatever its own training (the "
                         "task-batched layers follow the caller's)")
     graphs.append(graph)
-  if len(graphs) == 2 and _structure(graphs[0]) != _structure(graphs[1]):
-    raise Unsupported(f"{name}: its call takes other layers or operations "
-                      "with training=True than with training=False")
-  return graphs[0]
+  return graphs
 
 
 def _fixed_training(graph: keras.Model, mode):

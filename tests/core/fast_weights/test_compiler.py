@@ -768,10 +768,87 @@ class _Scale(L.Layer):
     return x * self.gain
 
 
-def test_a_users_layer_with_its_own_weights_is_named():
-  inp = keras.Input((4,))
-  with pytest.raises(Unsupported, match="a weight or tensor argument"):
-    compile_batched(keras.Model(inp, L.Dense(2)(_Scale()(inp))))
+class _PadMask(L.Layer):
+  """Passes its input on with a mask (as Masking does)."""
+
+  def call(self, x):
+    return x
+
+  def compute_mask(self, x, mask=None):
+    return keras.ops.any(keras.ops.not_equal(x, 0), axis=-1)
+
+
+class _Counter(L.Layer):
+  """Counts its calls in a variable."""
+
+  def build(self, input_shape):
+    self.calls = self.add_weight(shape=(), initializer="zeros",
+                                 trainable=False)
+
+  def call(self, x):
+    self.calls.assign_add(1.0)
+    return x
+
+
+class _BorrowedScale(L.Layer):
+  """Hands its own weight to a Keras layer."""
+
+  def build(self, input_shape):
+    self.gain = self.add_weight(shape=(), initializer="ones")
+    self.rescale = L.Rescaling(scale=self.gain)
+
+  def call(self, x):
+    return self.rescale(x)
+
+
+class _Optional(L.Layer):
+  """An optional second tensor."""
+
+  def call(self, x, context=None):
+    return x if context is None else x + context
+
+
+class _Summed(L.Layer):
+  """Depends on its input's length (a Python int from the shape)."""
+
+  def call(self, x):
+    return keras.ops.mean(x, axis=1) * x.shape[1]
+
+
+@pytest.mark.parametrize("build,why", [
+    (lambda x: L.Dense(2)(_Scale()(x)), "a weight or tensor argument"),
+    (lambda x: L.GlobalAveragePooling1D()(_PadMask()(x)),
+     "inputs carry a Keras mask"),
+    (lambda x: L.Dense(2)(_Counter()(x)), "its call writes variables"),
+    (lambda x: L.Dense(2)(_BorrowedScale()(x)), "holds trainable weights"),
+    (lambda x: L.Dense(2)(_Optional()(x, x)), "called on several tensors"),
+])
+def test_users_layers_that_cannot_be_traced_are_named(build, why):
+  """Layers whose traced graph would differ from their call are refused
+  (and a refused trace leaves the variables as they were)."""
+  inp = keras.Input((3, 4))
+  model = keras.Model(inp, build(inp))
+  before = [v.numpy() for v in model.weights]
+  with pytest.raises(Unsupported, match=why):
+    compile_batched(model)
+  for v, value in zip(model.weights, before):
+    np.testing.assert_array_equal(v.numpy(), value)
+
+
+def test_a_users_layer_is_traced_at_each_call_site():
+  """One instance on inputs of two lengths: each site traced on its own."""
+  short, long = keras.Input((3, 4)), keras.Input((6, 4))
+  summed = _Summed()
+  h = L.Concatenate()([summed(short), summed(L.Dense(4)(long))])
+  model = keras.Model([short, long], L.Dense(2)(h))
+  rng = np.random.default_rng(11)
+  params, state = _per_task(model, rng, "float32")
+  xs = tf.constant(rng.normal(size=(T, 5, 3, 4)), "float32")
+  xl = tf.constant(rng.normal(size=(T, 5, 6, 4)), "float32")
+  y, _ = compile_batched(model)(params, state, [xs, xl])
+  ref = tf.stack([functional_call(model, [p[t] for p in params], [],
+                                  [xs[t], xl[t]])[0] for t in range(T)])
+  np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
 
 
 class _OwnWeight(_Subclassed):
