@@ -39,6 +39,11 @@ def nodes_by_depth(model: keras.Model) -> Optional[dict]:
   return getattr(model, "_nodes_by_depth", None)
 
 
+def keras_mask(tensor):
+  """The Keras mask a (symbolic) tensor carries, or ``None``."""
+  return getattr(tensor, "_keras_mask", None)
+
+
 def build_input_shape(model: keras.Model):
   """The input shape a subclassed model was built with, or ``None``."""
   shapes = getattr(model, "_build_shapes_dict", None) or {}

@@ -614,7 +614,7 @@ class _Compiler:
         len(t.shape) != 3 for t in tensors):
       raise _unsupported(layer, "needs query, value (and key) of shape "
                          "[batch, length, features]")
-    if any(getattr(t, "_keras_mask", None) is not None for t in tensors):
+    if any(keras_compat.keras_mask(t) is not None for t in tensors):
       raise _unsupported(layer, "inputs with Keras masks")
     parts = keras_compat.attention_parts(layer)
     if parts is None:
@@ -660,7 +660,7 @@ class _Compiler:
         op = node.operation
         if op is None or node.is_input:
           continue
-        if any(getattr(t, "_keras_mask", None) is not None
+        if any(keras_compat.keras_mask(t) is not None
                for t in node.input_tensors):
           raise _unsupported(op, "its inputs carry a Keras mask (masks are "
                              "not task-batched)")
