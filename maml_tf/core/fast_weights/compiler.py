@@ -112,11 +112,8 @@ class _MultiHeadAttention(_Op):
     rate = self.layer.dropout
 
     def dropout_mask(scores):
-      seed, per_task = ctx.read(self.seed_ref)
-      if not per_task:
-        seed = tf.tile(seed[None], [tf.shape(query)[0], 1])
+      seed = _drawn_seeds(ctx, self.seed_ref, tf.shape(query)[0])
       shape = tf.concat([tf.shape(query)[1:2], tf.shape(scores)[1:]], 0)
-      ctx.write(self.seed_ref, seed + tf.constant([0, 1], seed.dtype))
       masks = keras_compat.dropout_masks(seed, shape, rate, scores.dtype)
       return _merge_task_axis(masks)[0]
 
@@ -303,6 +300,17 @@ class _Operation(_Op):
     return tf.reshape(y, tasks + [-1] + _dims(y)[1:])
 
 
+def _drawn_seeds(ctx, seed_ref, num_tasks):
+  """The ``[T, 2]`` per-task seeds of a random layer's state (a shared
+  ``[2]`` seed tiled), left in ``ctx`` advanced by one draw, as the layer's
+  ``SeedGenerator`` advances."""
+  seed, per_task = ctx.read(seed_ref)
+  if not per_task:
+    seed = tf.tile(seed[None], [num_tasks, 1])
+  ctx.write(seed_ref, seed + tf.constant([0, 1], seed.dtype))
+  return seed
+
+
 class _Random(_Op):
   """A random layer (Dropout, GaussianNoise, GaussianDropout) with its noise
   drawn per task from that task's seed state as the per-task path draws it
@@ -318,12 +326,8 @@ class _Random(_Op):
     x = inputs[0]
     if not ctx.training:
       return x
-    seed, per_task = ctx.read(self.seed_ref)
-    if not per_task:
-      seed = tf.tile(seed[None], [tf.shape(x)[0], 1])
-    noise = self.draw(seed, tf.shape(x)[1:], x.dtype)
-    ctx.write(self.seed_ref, seed + tf.constant([0, 1], seed.dtype))
-    return self.combine(x, noise)
+    seed = _drawn_seeds(ctx, self.seed_ref, tf.shape(x)[0])
+    return self.combine(x, self.draw(seed, tf.shape(x)[1:], x.dtype))
 
 
 class _Add(_Op):
@@ -614,8 +618,6 @@ class _Compiler:
         len(t.shape) != 3 for t in tensors):
       raise _unsupported(layer, "needs query, value (and key) of shape "
                          "[batch, length, features]")
-    if any(keras_compat.keras_mask(t) is not None for t in tensors):
-      raise _unsupported(layer, "inputs with Keras masks")
     parts = keras_compat.attention_parts(layer)
     if parts is None:
       raise _unsupported(layer, f"this Keras ({keras.__version__}) names its "
