@@ -82,8 +82,9 @@ def per_example_operation(node) -> Optional[str]:
   concatenation and the like over given axes other than the batch axis;
   ``reshape`` keeping an unknown batch axis; ``transpose`` keeping the batch
   axis first; ``x[:, ...]`` indexing; ``matmul`` of two batched tensors of
-  rank 3 or more. Such an operation gives, on the task and example axes
-  merged, each task's own result.
+  one rank, 3 or more; never with a weight or tensor among its arguments
+  (only KerasTensors, Python values and NumPy arrays). Such an operation
+  gives, on the task and example axes merged, each task's own result.
   """
   op = node.operation
   kind = type(op).__name__
