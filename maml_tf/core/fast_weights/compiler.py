@@ -600,8 +600,7 @@ class _Compiler:
         given[name] = kwargs.pop(name)
     causal = kwargs.pop("use_causal_mask", False)
     scores = kwargs.pop("return_attention_scores", False)
-    masks = sorted(k for k, v in kwargs.items() if any(
-        m is not None for m in tf.nest.flatten(v)))
+    masks = sorted(k for k, v in kwargs.items() if _given(v))
     if masks or len(args) > 3:
       raise _unsupported(layer, f"called with {masks or 'masks'} (masks are "
                          "not task-batched)")
@@ -650,50 +649,45 @@ class _Compiler:
     graph = model
     if keras_compat.nodes_by_depth(model) is None:   # subclassed
       graph = _traced(model)
-    nodes_by_depth = keras_compat.nodes_by_depth(graph)
     if len(graph.outputs) != 1:
       raise Unsupported(
           f"maml_tf.fast_weights cannot batch model {model.name!r}: it has "
-          f"{len(model.outputs)} outputs; only single-output models are "
+          f"{len(graph.outputs)} outputs; only single-output models are "
           "supported")
     steps = []
-    for depth in sorted(nodes_by_depth, reverse=True):
-      for node in nodes_by_depth[depth]:
-        op = node.operation
-        if op is None or node.is_input:
-          continue
-        if any(keras_compat.keras_mask(t) is not None
-               for t in node.input_tensors):
-          raise _unsupported(op, "its inputs carry a Keras mask (masks are "
-                             "not task-batched)")
-        if not isinstance(op, keras.layers.Layer):   # keras.ops, x + y
-          why = keras_compat.per_example_operation(node)
-          if why is not None:
-            raise _unsupported(op, why)
-          steps.append((_Operation(op, node.arguments),
-                        [id(t) for t in node.input_tensors],
-                        id(node.outputs[0])))
-          continue
-        if type(op) is keras.layers.MultiHeadAttention:  # pylint: disable=unidiomatic-typecheck
-          steps.append(self.compile_attention(op, node))
-          continue
-        # A `training` recorded when the graph was built is replaced by
-        # the caller's in Keras' functional call (a bool: always here).
-        # (A nested model called on several inputs records mask=[None,
-        # ...]: no mask.)
-        kwargs = {k: v for k, v in node.arguments.kwargs.items()
-                  if k != "training" and any(
-                      m is not None for m in tf.nest.flatten(v))}
-        if kwargs:
-          raise _unsupported(op, f"called with keyword arguments "
-                             f"{sorted(kwargs)} (masks)")
-        if len(node.outputs) != 1:
-          raise _unsupported(op, "layers with several outputs")
-        sources = node.input_tensors
-        if isinstance(op, keras.Model) and len(node.arguments.args) == 1:
-          sources = _ordered_inputs(op, node.arguments.args[0])
-        steps.append((self.compile_layer(op, node),
-                      [id(t) for t in sources], id(node.outputs[0])))
+    for node in _graph_nodes(graph):
+      op = node.operation
+      if any(keras_compat.keras_mask(t) is not None
+             for t in node.input_tensors):
+        raise _unsupported(op, "its inputs carry a Keras mask (masks are "
+                           "not task-batched)")
+      if not isinstance(op, keras.layers.Layer):   # keras.ops, x + y
+        why = keras_compat.per_example_operation(node)
+        if why is not None:
+          raise _unsupported(op, why)
+        steps.append((_Operation(op, node.arguments),
+                      [id(t) for t in node.input_tensors],
+                      id(node.outputs[0])))
+        continue
+      if type(op) is keras.layers.MultiHeadAttention:  # pylint: disable=unidiomatic-typecheck
+        steps.append(self.compile_attention(op, node))
+        continue
+      # A `training` recorded when the graph was built is replaced by
+      # the caller's in Keras' functional call (a bool: always here).
+      # (A nested model called on several inputs records mask=[None,
+      # ...]: no mask.)
+      kwargs = {k: v for k, v in node.arguments.kwargs.items()
+                if k != "training" and _given(v)}
+      if kwargs:
+        raise _unsupported(op, f"called with keyword arguments "
+                           f"{sorted(kwargs)} (masks)")
+      if len(node.outputs) != 1:
+        raise _unsupported(op, "layers with several outputs")
+      sources = node.input_tensors
+      if isinstance(op, keras.Model) and len(node.arguments.args) == 1:
+        sources = _ordered_inputs(op, node.arguments.args[0])
+      steps.append((self.compile_layer(op, node),
+                    [id(t) for t in sources], id(node.outputs[0])))
     return _Program(model, [id(t) for t in graph.inputs], steps,
                     id(graph.outputs[0]))
 
@@ -768,16 +762,30 @@ def _trace_modes(model, shape, name) -> list:
   return graphs
 
 
+def _graph_nodes(graph: keras.Model):
+  """The call nodes of a functional ``graph``, from its inputs on (by
+  depth), without the input nodes."""
+  nodes_by_depth = keras_compat.nodes_by_depth(graph)
+  for depth in sorted(nodes_by_depth, reverse=True):
+    for node in nodes_by_depth[depth]:
+      if node.operation is not None and not node.is_input:
+        yield node
+
+
+def _given(value) -> bool:
+  """Does a recorded call argument hold anything (a mask list of ``None``
+  holds nothing)?"""
+  return any(v is not None for v in tf.nest.flatten(value))
+
+
 def _fixed_training(graph: keras.Model, mode):
   """``(layer name, value)`` of a layer ``graph`` calls with a ``training``
   other than ``mode`` (the trace's own: a value fixed in ``call``), or
   ``None``."""
-  nodes_by_depth = keras_compat.nodes_by_depth(graph)
-  for depth in sorted(nodes_by_depth, reverse=True):
-    for node in nodes_by_depth[depth]:
-      value = node.arguments.kwargs.get("training")
-      if node.operation is not None and value is not None and value != mode:
-        return node.operation.name, value
+  for node in _graph_nodes(graph):
+    value = node.arguments.kwargs.get("training")
+    if value is not None and value != mode:
+      return node.operation.name, value
   return None
 
 
@@ -786,23 +794,19 @@ def _structure(graph: keras.Model) -> list:
   connect, comparable across two traces of one call."""
   index = {id(t): i for i, t in enumerate(graph.inputs)}
   out = []
-  nodes_by_depth = keras_compat.nodes_by_depth(graph)
-  for depth in sorted(nodes_by_depth, reverse=True):
-    for node in nodes_by_depth[depth]:
-      op = node.operation
-      if op is None or node.is_input:
-        continue
-      if isinstance(op, keras.layers.Layer):
-        key = id(op)
-      else:       # an operation: its type and non-tensor arguments
-        args, kwargs = node.arguments.convert(
-            lambda v: None if isinstance(v, keras.KerasTensor) else v)
-        key = (type(op).__name__, repr(args), repr(sorted(kwargs.items())),
-               repr(sorted((k, v) for k, v in vars(op).items()
-                           if not k.startswith("_") and k != "name")))
-      out.append((key, [index.get(id(t)) for t in node.input_tensors]))
-      for t in node.outputs:
-        index[id(t)] = len(index)
+  for node in _graph_nodes(graph):
+    op = node.operation
+    if isinstance(op, keras.layers.Layer):
+      key = id(op)
+    else:       # an operation: its type and non-tensor arguments
+      args, kwargs = node.arguments.convert(
+          lambda v: None if isinstance(v, keras.KerasTensor) else v)
+      key = (type(op).__name__, repr(args), repr(sorted(kwargs.items())),
+             repr(sorted((k, v) for k, v in vars(op).items()
+                         if not k.startswith("_") and k != "name")))
+    out.append((key, [index.get(id(t)) for t in node.input_tensors]))
+    for t in node.outputs:
+      index[id(t)] = len(index)
   return out
 
 
