@@ -4,6 +4,7 @@
   python -m benchmarks.meta_step --workload omniglot_5w1s --iters 5 --warmup 2
   python -m benchmarks.meta_step --workload mobilenetv2_5w1s --vectorize map_fn
   python -m benchmarks.meta_step --workload transformer_5w1s --dropout 0.1
+  python -m benchmarks.meta_step --workload lstm_5w1s --vectorize map_fn
 
   python -m benchmarks.meta_step --workload sinusoid --steps_per_call 100
 
@@ -64,6 +65,18 @@ WORKLOADS = {
 VECTOR_FEATURES = 8
 WORKLOADS["transformer_5w1s"] = ((16, 32), 5, 1, 15, 16, 0.1, 1,
                                  "transformer")
+
+# Sequences of 20 steps of 16 features: two stacked LSTMs of 32 units.
+WORKLOADS["lstm_5w1s"] = ((20, 16), 5, 1, 15, 16, 0.1, 1, "lstm")
+
+
+def lstm(way: int, dropout: float) -> keras.Model:
+  """Two stacked LSTMs (32 units), ``Dropout(dropout)`` between them, and
+  a Dense head on the last output."""
+  inp = keras.Input(WORKLOADS["lstm_5w1s"][0])
+  h = keras.layers.LSTM(32, return_sequences=True)(inp)
+  h = keras.layers.LSTM(32)(keras.layers.Dropout(dropout)(h))
+  return keras.Model(inp, keras.layers.Dense(way)(h), name="lstm")
 
 
 def transformer(way: int, dropout: float) -> keras.Model:
@@ -166,6 +179,8 @@ def build(workload: str, first_order: bool, vectorize, inner_steps=None,
     model = image_and_vector(way)
   elif net == "transformer":
     model = transformer(way, dropout)
+  elif net == "lstm":
+    model = lstm(way, dropout)
   else:
     model = with_dropout(paper_nets.omniglot_conv(way) if net == "omniglot"
                          else paper_nets.miniimagenet_conv(way), dropout)
@@ -340,7 +355,8 @@ def main():
                       help="XLA for train_steps (--steps_per_call > 1)")
   parser.add_argument("--dropout", type=float, default=0.0,
                       help="a Dropout layer of this rate before the head "
-                      "(transformer_5w1s: the blocks' dropout rate)")
+                      "(transformer_5w1s: the blocks' dropout rate; "
+                      "lstm_5w1s: between the LSTMs)")
   args = parser.parse_args()
   closed_form = {"auto": "auto", "true": True, "false": False}
   jit_compile = {"auto": None, "true": True, "false": False}

@@ -92,6 +92,16 @@ def _text_rnn(cell):
   return build
 
 
+def _bidirectional():
+  x = keras.Input((6,), dtype="int32")
+  h = keras.layers.Embedding(20, 6)(x)
+  h = keras.layers.Bidirectional(
+      keras.layers.LSTM(4, return_sequences=True))(h)
+  h = keras.layers.TimeDistributed(keras.layers.Dense(3, activation="tanh"))(h)
+  h = keras.layers.GRU(4, reset_after=False, go_backwards=True)(h)
+  return keras.Model(x, keras.layers.Dense(WAYS)(h), name="bidirectional")
+
+
 def _conv1d():
   x = keras.Input((10, 3))
   h = keras.layers.Conv1D(6, 3, activation="tanh")(x)
@@ -295,9 +305,10 @@ CASES = {
     "convnext_block": (_convnext_block, _images((8, 8, 4)), CLASSES,
                        ("batched",)),
     "embedding_gru": (_text_rnn(keras.layers.GRU), _tokens, CLASSES,
-                      ("map_fn",)),
+                      ("batched",)),
     "embedding_lstm": (_text_rnn(keras.layers.LSTM), _tokens, CLASSES,
-                       ("map_fn",)),
+                       ("batched",)),
+    "bidirectional_lstm": (_bidirectional, _tokens, CLASSES, ("batched",)),
     "conv1d": (_conv1d, _images((10, 3)), CLASSES,
                ("batched",)),
     "transformer": (_transformer, _images((6, 8)), CLASSES,

@@ -156,7 +156,7 @@ def test_maml_plan_is_the_pure_resolution_and_keys_the_compiled_step():
 def test_a_runtime_fallback_is_a_new_plan_not_a_changed_learner():
   gru = keras.Sequential([keras.Input((3, 2)), keras.layers.GRU(4),
                           keras.layers.Dense(1)])
-  # Asked for explicitly: "auto" would pick map_fn for a recurrent model.
+  # Asked for explicitly: "auto" would pick the task-batched path.
   maml = MAML(gru, "mse", inner_lr=0.01, vectorize="vectorized_map")
   rng = np.random.default_rng(0)
   batch = TaskBatch(rng.normal(size=(2, 4, 3, 2)).astype("f4"),
@@ -176,7 +176,9 @@ def test_a_runtime_fallback_is_a_new_plan_not_a_changed_learner():
 
 
 @pytest.mark.parametrize("layer, why", [
-    (lambda: keras.layers.GRU(4), "recurrent"),
+    # Stacked cells in one RNN layer are not task-batched.
+    (lambda: keras.layers.RNN(keras.layers.StackedRNNCells(
+        [keras.layers.GRUCell(4)]), return_sequences=True), "recurrent"),
     # Off the task-batched path: a grouped convolution, AlphaDropout.
     (lambda: keras.layers.Conv1D(2, 2, groups=2), "convolutions"),
     (lambda: keras.layers.AlphaDropout(0.1), "random layers"),

@@ -49,6 +49,11 @@ task axis and every layer is one task-batched kernel:
   projections as EinsumDense; the attention, which has no weights, on the
   task and example axes merged as the layer computes it; an attention
   dropout draws each task's mask from its seed state.
+* SimpleRNN, GRU, LSTM (:mod:`~maml_tf.core.fast_weights.recurrent`): the
+  input projections of all time steps as one batched matmul, then one
+  ``tf.scan`` over time of the cell's recurrence on ``[T, N, U]`` states;
+  Bidirectional over them, TimeDistributed over any supported layer. Zero
+  initial states, no masks, no dropout inside the cell.
 * Conv1D: a Conv2D of height 1 on the same kernels. DepthwiseConv2D: the
   tasks' channels side by side in one depthwise convolution. Embedding: one
   gather over the task axis.

@@ -25,6 +25,9 @@ from maml_tf.core.fast_weights.kernels import (
     conv2d, resolve_conv_impl)
 from maml_tf.core.fast_weights.normalization import (
     _BatchNorm, _ConvBatchNorm, _LayerNorm)
+from maml_tf.core.fast_weights.recurrent import (
+    _Bidirectional, _Recurrent, _TimeDistributed, check_recurrent,
+    recurrent_cell)
 
 
 # ---------------------------------------------------------------- layer ops
@@ -421,7 +424,8 @@ def _dropout_noise_shape(layer):
 
 _SUPPORTED = (
     "InputLayer, Dense, EinsumDense, MultiHeadAttention, Embedding, Conv1D, "
-    "Conv2D, DepthwiseConv2D, "
+    "Conv2D, DepthwiseConv2D, SimpleRNN, GRU, LSTM, RNN over their cells, "
+    "Bidirectional over them, TimeDistributed, "
     "BatchNormalization, LayerNormalization, MaxPooling2D, AveragePooling2D, "
     "Flatten, Activation, ReLU, LeakyReLU, ELU, Softmax, Dropout, "
     "SpatialDropout1D/2D/3D, GaussianNoise, GaussianDropout, Add, "
@@ -498,6 +502,20 @@ class _Compiler:
       op = _Conv2D if kind is keras.layers.Conv2D else _Conv1D
       return op(layer, self.ref(layer, layer.kernel),
                 self.ref(layer, layer.bias), self.conv_impl)
+    if recurrent_cell(layer) is not None:
+      return self.compile_recurrent(layer)
+    if kind is keras.layers.Bidirectional:
+      if layer.merge_mode not in ("concat", "sum", "ave", "mul"):
+        raise _unsupported(layer, f"merge_mode={layer.merge_mode!r} (several "
+                           "outputs)")
+      directions = [layer.forward_layer, layer.backward_layer]
+      if any(recurrent_cell(d) is None for d in directions):
+        raise _unsupported(layer, "it wraps a layer other than SimpleRNN, "
+                           "GRU, LSTM or RNN over their cells")
+      return _Bidirectional(layer, *(self.compile_layer(d)
+                                     for d in directions))
+    if kind is keras.layers.TimeDistributed:
+      return _TimeDistributed(layer, self.compile_layer(layer.layer))
     if kind is keras.layers.EinsumDense:
       return _EinsumDense(layer, self.ref(layer, layer.kernel),
                           self.ref(layer, layer.bias))
@@ -562,6 +580,16 @@ class _Compiler:
       return self.compile_model(_traced(layer, shape))
     raise _unsupported(layer, "this layer type is not supported (supported: "
                        f"{_SUPPORTED})")
+
+  def compile_recurrent(self, layer) -> _Op:
+    """SimpleRNN, GRU, LSTM (or RNN over their cells) with zero initial
+    states, no masks and no dropout inside the cell."""
+    check_recurrent(layer)
+    cell = layer.cell
+    self.check_common(cell)
+    return _Recurrent(layer, self.ref(layer, cell.kernel),
+                      self.ref(layer, cell.recurrent_kernel),
+                      self.ref(layer, cell.bias))
 
   def compile_random(self, layer) -> _Op:
     """Dropout (spatial too), GaussianNoise, GaussianDropout: noise per

@@ -218,12 +218,32 @@ def _attention(dtype):
                      name="attention")
 
 
+def _recurrent(dtype):
+  """LSTM, GRU (both reset modes, backwards), SimpleRNN, RNN over a cell,
+  Bidirectional (concat and sum) and TimeDistributed."""
+  inp = keras.Input((5, 3), dtype=dtype)
+  a = L.LSTM(4, return_sequences=True, dtype=dtype)(inp)
+  b = L.GRU(4, return_sequences=True, go_backwards=True, dtype=dtype)(a)
+  c = L.GRU(3, reset_after=False, dtype=dtype)(b)
+  d = L.SimpleRNN(3, go_backwards=True, dtype=dtype)(a)
+  e = L.Bidirectional(L.LSTM(2, return_sequences=True, dtype=dtype),
+                      dtype=dtype)(inp)
+  e = L.TimeDistributed(L.Dense(3, activation="tanh", dtype=dtype),
+                        dtype=dtype)(e)
+  f = L.Bidirectional(L.GRU(2, dtype=dtype), merge_mode="sum",
+                      dtype=dtype)(e)
+  g = L.RNN(L.LSTMCell(2, use_bias=False, dtype=dtype), dtype=dtype)(inp)
+  out = L.Dense(3, dtype=dtype)(L.Concatenate(dtype=dtype)([c, d, f, g]))
+  return keras.Model(inp, out, name="recurrent")
+
+
 MODELS = {"sequence": _sequence, "omniglot": _omniglot, "miniimagenet": _miniimagenet,
           "mlp_layernorm": _mlp_layernorm, "skip": _skip, "odd": _odd,
           "omniglot_fold": _omniglot_fold, "odd_fold": _odd_fold,
           "preprocessed": _preprocessed, "conv1d": _conv1d,
           "depthwise": _depthwise, "text": _text, "operations": _operations,
-          "attention": _attention, "dilated": _dilated}
+          "attention": _attention, "dilated": _dilated,
+          "recurrent": _recurrent}
 CONV_MODELS = ("omniglot", "miniimagenet", "skip", "odd", "omniglot_fold",
                "odd_fold", "preprocessed", "conv1d", "depthwise", "dilated")
 
@@ -370,7 +390,8 @@ def _meta_loss_loop(model, theta, state, sx, sy, qx, qy, alpha=0.5):
     ("skip", "patches"), ("odd", "map"), ("preprocessed", "patches"),
     ("conv1d", "patches"), ("conv1d", "map"), ("depthwise", "map"),
     ("text", "patches"), ("operations", "patches"),
-    ("attention", "patches"), ("dilated", "patches"), ("dilated", "map")])
+    ("attention", "patches"), ("dilated", "patches"), ("dilated", "map"),
+    ("recurrent", "patches")])
 def test_second_order_gradients(name, impl):
   if impl == "grouped" and not tf.config.list_physical_devices("GPU"):
     pytest.skip("TF has no gradient for grouped convolutions on CPU")
@@ -401,7 +422,7 @@ def test_second_order_gradients(name, impl):
 
   if name in ("omniglot", "skip", "omniglot_fold", "conv1d",
               "depthwise", "text", "operations",
-              "attention", "dilated"):               # finite differences
+              "attention", "dilated", "recurrent"):  # finite differences
     eps = 1e-5
     for _ in range(2):
       d = [tf.constant(rng.normal(size=p.shape)) for p in theta]
@@ -510,8 +531,16 @@ def test_several_inputs_match_the_per_task_loop(as_dict):
 
 # ---------------------------------------------------------- 3. unsupported
 @pytest.mark.parametrize("make,name,why", [
-    (lambda: keras.Sequential([keras.Input((4, 2)), L.LSTM(3, name="rnn")]),
-     "rnn", "not supported"),
+    (lambda: keras.Sequential([keras.Input((4, 2)),
+                               L.LSTM(3, dropout=0.1, name="rnn")]),
+     "rnn", "dropout inside the cell"),
+    (lambda: keras.Sequential([keras.Input((4, 2), batch_size=2),
+                               L.GRU(3, stateful=True, name="st")]),
+     "st", "stateful"),
+    (lambda: keras.Sequential([keras.Input((4, 2)), L.Bidirectional(
+        L.SimpleRNN(3), merge_mode=None, name="bi")]), "bi", "merge_mode"),
+    (lambda: keras.Sequential([keras.Input((4, 3, 2)), L.ConvLSTM1D(
+        2, 1, name="clstm")]), "clstm", "not supported"),
     (lambda: keras.Sequential([keras.Input((4,)),
                                L.Lambda(lambda x: 2 * x, name="double")]),
      "double", "not supported"),
@@ -529,6 +558,21 @@ def test_unsupported_layers_are_named(make, name, why):
   with pytest.raises(Unsupported, match=why) as info:
     compile_batched(make())
   assert repr(name) in str(info.value)
+
+
+def test_recurrent_layers_take_sequences_of_unknown_length():
+  rng = np.random.default_rng(6)
+  model = keras.Sequential([keras.Input((None, 3), dtype="float64"),
+                            L.GRU(3, return_sequences=True, dtype="float64"),
+                            L.LSTM(2, dtype="float64")])
+  params, state = _per_task(model, rng, "float64")
+  batched = compile_batched(model)
+  fn = tf.function(lambda x: batched(params, state, x)[0], input_signature=[
+      tf.TensorSpec([T, None, None, 3], tf.float64)])
+  for length in (2, 7):
+    x = tf.constant(rng.normal(size=(T, 4, length, 3)))
+    np.testing.assert_allclose(fn(x), _loop(model, params, state, x, True)[0],
+                               rtol=1e-10, atol=1e-10)
 
 
 def test_operations_may_change_the_example_count():

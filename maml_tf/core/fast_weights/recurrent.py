@@ -1,0 +1,171 @@
+"""Recurrent layers with per-task weights: SimpleRNN, GRU, LSTM (and
+``keras.layers.RNN`` over one of their cells), Bidirectional over them, and
+TimeDistributed over any supported layer.
+
+A recurrent layer runs all tasks at once: the input projection of every time
+step as one batched matmul ``[T, N, L, D] x [T, D, G]``, then one
+``tf.scan`` over time whose step is the cell's recurrence on ``[T, N, U]``
+states (a batched matmul ``[T, N, U] x [T, U, G]``). The cell equations are
+Keras' own (``LSTMCell``, ``GRUCell`` with either ``reset_after``,
+``SimpleRNNCell``); a scan differentiates to every order, as Keras' own loop
+does.
+"""
+
+import keras
+import tensorflow as tf
+
+from maml_tf.core.fast_weights.base import _Op, _unsupported
+from maml_tf.core.fast_weights.kernels import (
+    _dims, _per_task_vector, batched_dense)
+
+_CELLS = (keras.layers.SimpleRNNCell, keras.layers.GRUCell,
+          keras.layers.LSTMCell)
+_LAYERS = (keras.layers.SimpleRNN, keras.layers.GRU, keras.layers.LSTM)
+
+
+def recurrent_cell(layer):
+  """The cell of a recurrent layer the task-batched path runs, else None:
+  SimpleRNN, GRU, LSTM, or ``keras.layers.RNN`` over one of their cells."""
+  # pylint: disable=unidiomatic-typecheck
+  if type(layer) in _LAYERS or (type(layer) is keras.layers.RNN
+                                and type(layer.cell) in _CELLS):
+    return layer.cell
+  return None
+
+
+def check_recurrent(layer):
+  """Raises Unsupported where the batched recurrence would differ from the
+  layer's: statefulness, dropout inside the cell, returned states."""
+  cell = layer.cell
+  if layer.stateful:
+    raise _unsupported(layer, "stateful=True")
+  if layer.return_state:
+    raise _unsupported(layer, "return_state=True (several outputs)")
+  if cell.dropout or cell.recurrent_dropout:
+    raise _unsupported(layer, "dropout or recurrent_dropout inside the cell "
+                       "(a Dropout layer before it is task-batched)")
+
+
+class _Recurrent(_Op):
+  """One recurrent layer over ``[T, N, L, D]`` inputs: ``[T, N, L, U]``
+  (``return_sequences``, in the order processed, as Keras returns it) or
+  the last output ``[T, N, U]``."""
+
+  def __init__(self, layer, kernel_ref, recurrent_ref, bias_ref):
+    super().__init__(layer)
+    self.kernel_ref, self.recurrent_ref, self.bias_ref = (
+        kernel_ref, recurrent_ref, bias_ref)
+    self.cell = layer.cell
+    self.units = int(self.cell.units)
+
+  def __call__(self, ctx, inputs):
+    x = inputs[0]
+    if x.shape.rank != 4 or x.shape[-1] is None:
+      raise _unsupported(self.layer, f"needs inputs [T, N, L, D] with static "
+                         f"D; got {x.shape}")
+    kernel, per_task = ctx.read(self.kernel_ref)
+    projected = batched_dense(x, kernel, per_task)           # [T, N, L, G]
+    input_bias = recurrent_bias = None
+    if self.bias_ref is not None:
+      bias, bias_per_task = ctx.read(self.bias_ref)
+      input_bias = bias
+      if isinstance(self.cell, keras.layers.GRUCell) and self.cell.reset_after:
+        # [(T,) 2, 3U]: the input and the recurrent biases.
+        input_bias, recurrent_bias = tf.unstack(bias, axis=int(bias_per_task))
+        recurrent_bias = _per_task_vector(recurrent_bias, bias_per_task, 3)
+      projected += _per_task_vector(input_bias, bias_per_task, 4)
+    if self.layer.go_backwards:
+      projected = tf.reverse(projected, [2])
+    recurrent, rec_per_task = ctx.read(self.recurrent_ref)
+    step = self._step(recurrent, rec_per_task, recurrent_bias)
+    zeros = tf.zeros(_dims(projected)[:2] + [self.units], projected.dtype)
+    carry = ((zeros, zeros) if isinstance(self.cell, keras.layers.LSTMCell)
+             else (zeros,))
+    states = tf.scan(step, tf.transpose(projected, [2, 0, 1, 3]),
+                     initializer=carry)
+    outputs = states[0]                                      # [L, T, N, U]
+    if self.layer.return_sequences:
+      return tf.transpose(outputs, [1, 2, 0, 3])
+    return outputs[-1]
+
+  def _step(self, recurrent, per_task, recurrent_bias):
+    """``(carry, x_t) -> carry`` of the cell; ``x_t`` holds the input
+    projection (and input bias) of one time step, ``[T, N, G]``."""
+    cell, units = self.cell, self.units
+    act, gate = cell.activation, getattr(cell, "recurrent_activation", None)
+    matmul = lambda h, k: batched_dense(h, k, per_task)
+    if isinstance(cell, keras.layers.LSTMCell):
+      def lstm(carry, x_t):
+        h, c = carry
+        z = x_t + matmul(h, recurrent)
+        z0, z1, z2, z3 = tf.split(z, 4, axis=-1)
+        c = gate(z1) * c + gate(z0) * act(z2)
+        return gate(z3) * act(c), c
+      return lstm
+    if isinstance(cell, keras.layers.GRUCell):
+      def gru(carry, x_t):
+        h, = carry
+        x_z, x_r, x_h = tf.split(x_t, 3, axis=-1)
+        if cell.reset_after:
+          inner = matmul(h, recurrent)
+          if recurrent_bias is not None:
+            inner += recurrent_bias
+          r_z, r_r, r_h = tf.split(inner, 3, axis=-1)
+          z, r = gate(x_z + r_z), gate(x_r + r_r)
+          hh = act(x_h + r * r_h)
+        else:
+          r_z, r_r = tf.split(matmul(h, recurrent[..., :2 * units]), 2,
+                              axis=-1)
+          z, r = gate(x_z + r_z), gate(x_r + r_r)
+          hh = act(x_h + matmul(r * h, recurrent[..., 2 * units:]))
+        return (z * h + (1 - z) * hh,)
+      return gru
+
+    def simple(carry, x_t):
+      h, = carry
+      y = x_t + matmul(h, recurrent)
+      return (act(y) if act is not None else y,)
+    return simple
+
+
+class _Bidirectional(_Op):
+  """Bidirectional over two recurrent ops: the backward layer's sequence
+  flipped back to the inputs' order, then merged (concat, sum, ave, mul)."""
+
+  def __init__(self, layer, forward, backward):
+    super().__init__(layer)
+    self.forward, self.backward = forward, backward
+
+  def __call__(self, ctx, inputs):
+    y, y_rev = self.forward(ctx, inputs), self.backward(ctx, inputs)
+    if self.layer.return_sequences:
+      y_rev = tf.reverse(y_rev, [2])
+    mode = self.layer.merge_mode
+    if mode == "concat":
+      return tf.concat([y, y_rev], axis=-1)
+    if mode == "sum":
+      return y + y_rev
+    if mode == "ave":
+      return (y + y_rev) / 2
+    return y * y_rev                                          # "mul"
+
+
+class _TimeDistributed(_Op):
+  """TimeDistributed: the inner layer's op on ``[T, N*L, ...]`` (each
+  task's examples and time steps merged, as Keras merges batch and time),
+  then ``[T, N, L, ...]`` again."""
+
+  def __init__(self, layer, inner):
+    super().__init__(layer)
+    self.inner = inner
+
+  def __call__(self, ctx, inputs):
+    x = inputs[0]
+    if x.shape.rank < 4:
+      raise _unsupported(self.layer, f"needs inputs [T, N, L, ...]; got "
+                         f"{x.shape}")
+    dims = _dims(x)
+    merged = tf.reshape(x, [dims[0], -1] + dims[3:])
+    y = self.inner(ctx, [merged])
+    return tf.reshape(y, dims[:3] + _dims(y)[2:])
+
