@@ -140,7 +140,7 @@ def _custom_layer():
 
 def _group_norm():
   return keras.Sequential([
-      keras.Input((6, 6, 2)), keras.layers.Conv2D(4, 3),
+      keras.Input((6, 6, 2)), keras.layers.Conv2D(4, 3, groups=2),
       keras.layers.GroupNormalization(groups=2),
       keras.layers.Activation("tanh"), keras.layers.Flatten(),
       keras.layers.Dense(WAYS)], name="group_norm")
@@ -316,7 +316,7 @@ CASES = {
     "custom_add_weight": (_custom_layer, _regression, "mse",
                           ("vectorized_map",)),
     "group_norm": (_group_norm, _images((6, 6, 2)), CLASSES,
-                   ("map_fn",)),
+                   ("batched",)),
     "dropout": (_dropout_mlp, _regression, "mse", ("batched",)),
     # Subclassed models run task-batched: their call traced into layers.
     "subclassed_training_config": (_subclassed(WithTraining), _regression,

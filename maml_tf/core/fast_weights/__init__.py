@@ -44,6 +44,8 @@ task axis and every layer is one task-batched kernel:
   its filter count: a first layer) followed by BatchNormalization is folded
   into one convolution in training mode (``_ConvBatchNorm``: the batch
   statistics from the moments of the input patches).
+  GroupNormalization: each example's groups of channels normalised by
+  their moments, then the per-task scale and offset.
 * EinsumDense: the layer's equation with a task axis added.
   MultiHeadAttention (no masks other than ``use_causal_mask``): its
   projections as EinsumDense; the attention, which has no weights, on the
@@ -54,7 +56,8 @@ task axis and every layer is one task-batched kernel:
   ``tf.scan`` over time of the cell's recurrence on ``[T, N, U]`` states;
   Bidirectional over them, TimeDistributed over any supported layer. Zero
   initial states, no masks, no dropout inside the cell.
-* Conv1D: a Conv2D of height 1 on the same kernels. DepthwiseConv2D: the
+* Conv1D: a Conv2D of height 1 on the same kernels. A grouped convolution
+  (``groups > 1``): one convolution per group of channels, concatenated. DepthwiseConv2D: the
   tasks' channels side by side in one depthwise convolution. Embedding: one
   gather over the task axis.
 * Pooling, Flatten, activations, Add, Concatenate and weightless

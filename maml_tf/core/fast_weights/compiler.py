@@ -24,7 +24,7 @@ from maml_tf.core.fast_weights.kernels import (
     _CONV_KERNELS, _dims, _merge_task_axis, _per_task_vector, batched_dense,
     conv2d, resolve_conv_impl)
 from maml_tf.core.fast_weights.normalization import (
-    _BatchNorm, _ConvBatchNorm, _LayerNorm)
+    _BatchNorm, _ConvBatchNorm, _GroupNorm, _LayerNorm)
 from maml_tf.core.fast_weights.recurrent import (
     _Bidirectional, _Recurrent, _TimeDistributed, check_recurrent,
     recurrent_cell)
@@ -145,6 +145,7 @@ class _Conv2D(_Op):
     self.strides = tuple(int(s) for s in layer.strides)
     self.dilations = tuple(int(d) for d in layer.dilation_rate)
     self.padding = layer.padding
+    self.groups = int(getattr(layer, "groups", 1))
 
   def __call__(self, ctx, inputs):
     x = _static_inputs(self.layer, inputs[0], "H, W, C")
@@ -163,7 +164,19 @@ class _Conv2D(_Op):
     return y
 
   def apply_kernel(self, x, kernel, per_task: bool):
-    """The convolution alone, ``[T, N, H, W, C] -> [T, N, H', W', F]``."""
+    """The convolution alone, ``[T, N, H, W, C] -> [T, N, H', W', F]``;
+    with ``groups``, one convolution per group of channels (each group's
+    inputs with its slice of the filters), concatenated as Keras orders
+    them."""
+    if self.groups > 1:
+      inputs = tf.split(x, self.groups, axis=-1)
+      kernels = tf.split(kernel, self.groups, axis=-1)
+      return tf.concat([self.apply_kernel_once(a, k, per_task)
+                        for a, k in zip(inputs, kernels)], axis=-1)
+    return self.apply_kernel_once(x, kernel, per_task)
+
+  def apply_kernel_once(self, x, kernel, per_task: bool):
+    """One group's convolution (the layer's with ``groups=1``)."""
     if per_task:
       return _CONV_KERNELS[self.impl](x, kernel, self.strides, self.padding,
                                       self.dilations)
@@ -426,7 +439,8 @@ _SUPPORTED = (
     "InputLayer, Dense, EinsumDense, MultiHeadAttention, Embedding, Conv1D, "
     "Conv2D, DepthwiseConv2D, SimpleRNN, GRU, LSTM, RNN over their cells, "
     "Bidirectional over them, TimeDistributed, "
-    "BatchNormalization, LayerNormalization, MaxPooling2D, AveragePooling2D, "
+    "BatchNormalization, LayerNormalization, GroupNormalization, "
+    "MaxPooling2D, AveragePooling2D, "
     "Flatten, Activation, ReLU, LeakyReLU, ELU, Softmax, Dropout, "
     "SpatialDropout1D/2D/3D, GaussianNoise, GaussianDropout, Add, "
     "Concatenate, "
@@ -470,9 +484,7 @@ class _Compiler:
                          "'channels_last' is supported")
 
   def check_convolution(self, layer):
-    """One group, 'same' or 'valid' padding ('causal' too for Conv1D)."""
-    if getattr(layer, "groups", 1) != 1:
-      raise _unsupported(layer, f"groups={layer.groups}; only 1 is supported")
+    """'same' or 'valid' padding ('causal' too for Conv1D)."""
     causal = isinstance(layer, keras.layers.Conv1D)
     if layer.padding not in ("same", "valid") + (("causal",) if causal
                                                   else ()):
@@ -548,6 +560,13 @@ class _Compiler:
       if layer.rms_scaling:
         raise _unsupported(layer, "rms_scaling=True")
       return _LayerNorm(layer, self.ref(layer, layer.gamma),
+                        self.ref(layer, layer.beta))
+    if kind is keras.layers.GroupNormalization:
+      last = len(layer.input.shape) - 1 if _has_input(layer) else None
+      if layer.axis not in (-1, last):
+        raise _unsupported(layer, f"axis={layer.axis}; only the last "
+                           "(channel) axis is supported")
+      return _GroupNorm(layer, self.ref(layer, layer.gamma),
                         self.ref(layer, layer.beta))
     if kind in (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D):
       if layer.padding not in ("same", "valid"):
@@ -973,9 +992,13 @@ def compile_batched(model: keras.Model, conv_impl: str = "auto",
       layers:
       InputLayer, Dense, EinsumDense, MultiHeadAttention (no masks but
       ``use_causal_mask``, no returned scores), Embedding (no
-      ``mask_zero``), Conv1D, Conv2D and
-      DepthwiseConv2D (channels_last, groups 1, 'same' or
-      'valid'), BatchNormalization and LayerNormalization (last axis),
+      ``mask_zero``), Conv1D, Conv2D (any ``groups``) and
+      DepthwiseConv2D (channels_last, 'same' or
+      'valid'), SimpleRNN, GRU, LSTM and RNN over their cells (no
+      dropout inside the cell, not stateful, no returned states),
+      Bidirectional over them, TimeDistributed over a supported layer,
+      BatchNormalization, LayerNormalization and GroupNormalization
+      (last axis),
       MaxPooling2D, AveragePooling2D, Flatten, Activation, ReLU, LeakyReLU,
       ELU, Softmax (last axis), Dropout (and its ``noise_shape``),
       SpatialDropout1D/2D/3D, GaussianNoise, GaussianDropout, Add,

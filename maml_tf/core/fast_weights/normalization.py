@@ -186,6 +186,7 @@ class _ConvBatchNorm(_Op):
     fan_in = kh * kw * int(conv_layer.kernel.shape[2])
     linear = conv_layer.activation in (None, keras.activations.linear)
     return (linear and bn_layer.axis in (-1, 3) and bn_layer.trainable
+            and conv_layer.groups == 1
             and fan_in <= conv_layer.filters
             and all(int(d) == 1 for d in conv_layer.dilation_rate))
 
@@ -258,3 +259,31 @@ class _LayerNorm(_Op):
     return normalize(x, mean, variance, vectors[0], vectors[1],
                       self.layer.epsilon)
 
+
+class _GroupNorm(_Op):
+  """GroupNormalization over the last axis: each example's channels in
+  ``groups`` groups, each group normalised by its moments over the
+  example's other axes, then the per-task (or shared) scale and offset."""
+
+  def __init__(self, layer, gamma_ref, beta_ref):
+    super().__init__(layer)
+    self.gamma_ref, self.beta_ref = gamma_ref, beta_ref
+
+  def __call__(self, ctx, inputs):
+    x = inputs[0]
+    dims, channels = _dims(x), int(x.shape[-1])
+    groups = int(self.layer.groups)
+    grouped = tf.reshape(x, dims[:-1] + [groups, channels // groups])
+    rank = grouped.shape.rank
+    vectors = []
+    for ref in (self.gamma_ref, self.beta_ref):
+      if ref is None:
+        vectors.append(None)
+        continue
+      value, per_task = ctx.read(ref)
+      lead = [-1] + [1] * (rank - 3) if per_task else []
+      vectors.append(tf.reshape(value, lead + [groups, channels // groups]))
+    mean, variance = moments(grouped, list(range(2, rank - 2)) + [rank - 1])
+    y = normalize(grouped, mean, variance, vectors[0], vectors[1],
+                  self.layer.epsilon)
+    return tf.reshape(y, dims)
