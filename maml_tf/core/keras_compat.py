@@ -39,6 +39,15 @@ def nodes_by_depth(model: keras.Model) -> Optional[dict]:
   return getattr(model, "_nodes_by_depth", None)
 
 
+def functional_graph(model: keras.Model) -> Optional[keras.Model]:
+  """The functional graph a model runs: itself (functional), the one a
+  Sequential builds on its ``Input``, else ``None`` (subclassed, or a
+  Sequential built without an ``Input``)."""
+  graph = getattr(model, "_functional", None)
+  graph = model if graph is None else graph
+  return graph if nodes_by_depth(graph) is not None else None
+
+
 def keras_mask(tensor):
   """The Keras mask a (symbolic) tensor carries, or ``None``."""
   return getattr(tensor, "_keras_mask", None)

@@ -94,7 +94,7 @@ def _text_rnn(cell):
 
 def _bidirectional():
   x = keras.Input((6,), dtype="int32")
-  h = keras.layers.Embedding(20, 6)(x)
+  h = keras.layers.Embedding(20, 6, mask_zero=True)(x)    # ids 0: padding
   h = keras.layers.Bidirectional(
       keras.layers.LSTM(4, return_sequences=True))(h)
   h = keras.layers.TimeDistributed(keras.layers.Dense(3, activation="tanh"))(h)
@@ -278,7 +278,11 @@ def _images(shape):
 
 
 def _tokens(rng):
-  x = lambda n: rng.integers(0, 20, size=(T, n, 6)).astype(np.int32)
+  """Ids 1-19, the last two steps of half the sequences 0 (padding)."""
+  def x(n):
+    ids = rng.integers(1, 20, size=(T, n, 6)).astype(np.int32)
+    ids[:, ::2, 4:] = 0
+    return ids
   y = lambda n: rng.integers(0, WAYS, size=(T, n)).astype(np.int32)
   return TaskBatch(x(K), y(K), x(Q), y(Q))
 
@@ -308,6 +312,7 @@ CASES = {
                       ("batched",)),
     "embedding_lstm": (_text_rnn(keras.layers.LSTM), _tokens, CLASSES,
                        ("batched",)),
+    # Padded token ids masked (mask_zero) for the recurrent layers.
     "bidirectional_lstm": (_bidirectional, _tokens, CLASSES, ("batched",)),
     "conv1d": (_conv1d, _images((10, 3)), CLASSES,
                ("batched",)),

@@ -54,8 +54,11 @@ task axis and every layer is one task-batched kernel:
 * SimpleRNN, GRU, LSTM (:mod:`~maml_tf.core.fast_weights.recurrent`): the
   input projections of all time steps as one batched matmul, then one
   ``tf.scan`` over time of the cell's recurrence on ``[T, N, U]`` states;
-  Bidirectional over them, TimeDistributed over any supported layer. Zero
-  initial states, no masks, no dropout inside the cell.
+  Bidirectional over them, TimeDistributed over a supported layer
+  without BatchNormalization or random draws (Keras calls it per step). Zero
+  initial states, no dropout inside the cell. A Keras mask
+  (``Embedding(mask_zero=True)``, ``Masking``) skips steps as Keras' loop
+  does; masked GlobalAveragePooling1D too.
 * Conv1D: a Conv2D of height 1 on the same kernels. A grouped convolution
   (``groups > 1``): one convolution per group of channels, concatenated. DepthwiseConv2D: the
   tasks' channels side by side in one depthwise convolution. Embedding: one

@@ -9,6 +9,7 @@ weightless per-example layers) merge the task and example axes and run TF's
 own ops once.
 """
 
+import inspect
 import math
 from typing import List, Sequence, Tuple
 
@@ -295,6 +296,31 @@ class _PerExample(_Op):
     return merged[0][1](y)
 
 
+class _MaskedPerExample(_Op):
+  """A per-example layer whose call takes a Keras mask (inputs: ``x`` and
+  its ``[T, N, ...]`` mask): its ``call`` once on the merged axes."""
+
+  def __call__(self, ctx, inputs):
+    (x, split), (mask, _) = (_merge_task_axis(v) for v in inputs)
+    return split(self.layer.call(x, mask=mask))
+
+
+def _uses_masks(graph) -> bool:
+  """Does a functional ``graph`` (``None``: no graph) pass Keras masks?"""
+  return graph is not None and any(
+      keras_compat.keras_mask(t) is not None
+      for node in _graph_nodes(graph) for t in node.input_tensors)
+
+
+def _takes_mask(layer) -> bool:
+  """Does ``layer.call`` take a ``mask`` (Keras then passes the mask its
+  input carries)?"""
+  try:
+    return "mask" in inspect.signature(layer.call).parameters
+  except (TypeError, ValueError):
+    return True
+
+
 class _Operation(_Op):
   """A Keras operation on KerasTensors in a functional graph (``x + y``,
   ``keras.ops.relu(x)``, ``x[:, 0]``) that acts on each example alone
@@ -402,7 +428,7 @@ _PER_EXAMPLE = (
     keras.layers.GlobalMaxPooling1D, keras.layers.GlobalAveragePooling2D,
     keras.layers.GlobalMaxPooling2D, keras.layers.Subtract,
     keras.layers.Multiply, keras.layers.Average, keras.layers.Maximum,
-    keras.layers.Minimum)
+    keras.layers.Minimum, keras.layers.Masking)
 # Random layers: noise per task from each task's seed stream.
 _SPATIAL_DROPOUT = (keras.layers.SpatialDropout1D,
                     keras.layers.SpatialDropout2D,
@@ -479,6 +505,10 @@ class _Compiler:
       raise _unsupported(layer, f"quantized ({layer.quantization_mode})")
     if getattr(layer, "lora_enabled", False):
       raise _unsupported(layer, "LoRA is enabled")
+    for name in ("activation", "recurrent_activation"):
+      if isinstance(getattr(layer, name, None), keras.layers.Layer):
+        raise _unsupported(layer, f"its {name} is a layer (its weights "
+                           "would not be the per-task ones)")
     if getattr(layer, "data_format", "channels_last") != "channels_last":
       raise _unsupported(layer, f"data_format={layer.data_format!r}; only "
                          "'channels_last' is supported")
@@ -527,14 +557,16 @@ class _Compiler:
       return _Bidirectional(layer, *(self.compile_layer(d)
                                      for d in directions))
     if kind is keras.layers.TimeDistributed:
+      if any(isinstance(l, keras.layers.BatchNormalization)
+             for l in keras_compat.flatten_layers(layer)
+             ) or functional.draws_random(layer):
+        raise _unsupported(layer, "it wraps BatchNormalization or a random "
+                           "layer, which Keras runs once per time step")
       return _TimeDistributed(layer, self.compile_layer(layer.layer))
     if kind is keras.layers.EinsumDense:
       return _EinsumDense(layer, self.ref(layer, layer.kernel),
                           self.ref(layer, layer.bias))
     if kind is keras.layers.Embedding:
-      if layer.mask_zero:
-        raise _unsupported(layer, "mask_zero=True (masks are not "
-                           "task-batched)")
       return _Embedding(layer, self.ref(layer, layer.embeddings))
     if kind is keras.layers.DepthwiseConv2D:
       self.check_convolution(layer)
@@ -600,12 +632,52 @@ class _Compiler:
     raise _unsupported(layer, "this layer type is not supported (supported: "
                        f"{_SUPPORTED})")
 
+  def input_mask(self, op, node):
+    """The Keras mask (a tensor of the graph) that ``node``'s call passes
+    and its task-batched op applies, or ``None``.
+
+    Keras computes a mask in the graph (``Embedding(mask_zero=True)``'s
+    ``ids != 0``, ``Masking``'s, a layer's ``compute_mask``) and passes it
+    to the layers whose call takes ``mask``; here recurrent layers and
+    per-example layers (GlobalAveragePooling1D) apply it, and layers whose
+    call takes no mask are unaffected by it.
+
+    Raises:
+      Unsupported: a mask reaches attention (which reads it from its
+        inputs), a nested model or a user's layer (whose inner layers would
+        see it), or a layer that would apply it otherwise.
+    """
+    carried = any(keras_compat.keras_mask(t) is not None
+                  for t in node.input_tensors)
+    if carried and (type(op) is keras.layers.MultiHeadAttention  # pylint: disable=unidiomatic-typecheck
+                    or isinstance(op, keras.Model)
+                    or not type(op).__module__.startswith("keras.")):
+      raise _unsupported(op, "its inputs carry a Keras mask, which it would "
+                         "apply where the task-batched path cannot")
+    mask = node.arguments.kwargs.get("mask")
+    if not isinstance(op, keras.layers.Layer) or not _given(mask):
+      return None
+    if not isinstance(mask, keras.KerasTensor):
+      raise _unsupported(op, "called with several Keras masks")
+    if isinstance(op, keras.layers.TimeDistributed) and not _takes_mask(
+        op.layer):
+      return None                 # the wrapped layer does not take it
+    if (recurrent_cell(op) is not None or type(op) in _PER_EXAMPLE
+        or isinstance(op, keras.layers.Bidirectional)):
+      return mask
+    raise _unsupported(op, "its call takes a Keras mask (masks reach only "
+                       "recurrent layers and GlobalAveragePooling1D here)")
+
   def compile_recurrent(self, layer) -> _Op:
     """SimpleRNN, GRU, LSTM (or RNN over their cells) with zero initial
-    states, no masks and no dropout inside the cell."""
+    states and no dropout inside the cell (a Keras mask is the op's second
+    input)."""
     check_recurrent(layer)
     cell = layer.cell
     self.check_common(cell)
+    if cell.dtype_policy.name != layer.dtype_policy.name:
+      raise _unsupported(layer, f"its cell computes in {cell.dtype_policy.name}"
+                         f", the layer in {layer.dtype_policy.name}")
     return _Recurrent(layer, self.ref(layer, cell.kernel),
                       self.ref(layer, cell.recurrent_kernel),
                       self.ref(layer, cell.bias))
@@ -678,7 +750,8 @@ class _Compiler:
     return op, [id(t) for t in tensors], id(node.outputs[0])
 
   def compile_model(self, model) -> _Program:
-    if isinstance(model, keras.Sequential):
+    if isinstance(model, keras.Sequential) and not _uses_masks(
+        keras_compat.functional_graph(model)):
       steps, layers, i = [], model.layers, 0
       while i < len(layers):
         op = self.compile_layer(layers[i])
@@ -693,21 +766,23 @@ class _Compiler:
         steps.append((op, [i], i + 1))
         i += 1
       return _Program(model, [0], steps, len(layers))
-    graph = model
-    if keras_compat.nodes_by_depth(model) is None:   # subclassed
+    graph = keras_compat.functional_graph(model)
+    if graph is None:                                 # subclassed
       graph = _traced(model)
     if len(graph.outputs) != 1:
       raise Unsupported(
           f"maml_tf.fast_weights cannot batch model {model.name!r}: it has "
           f"{len(graph.outputs)} outputs; only single-output models are "
           "supported")
+    if keras_compat.keras_mask(graph.outputs[0]) is not None:
+      raise Unsupported(
+          f"maml_tf.fast_weights cannot batch model {model.name!r}: its "
+          "output carries a Keras mask, by which Keras losses weight the "
+          "examples' terms")
     steps = []
     for node in _graph_nodes(graph):
       op = node.operation
-      if any(keras_compat.keras_mask(t) is not None
-             for t in node.input_tensors):
-        raise _unsupported(op, "its inputs carry a Keras mask (masks are "
-                           "not task-batched)")
+      mask = self.input_mask(op, node)
       if not isinstance(op, keras.layers.Layer):   # keras.ops, x + y
         why = keras_compat.per_example_operation(node)
         if why is not None:
@@ -724,17 +799,28 @@ class _Compiler:
       # (A nested model called on several inputs records mask=[None,
       # ...]: no mask.)
       kwargs = {k: v for k, v in node.arguments.kwargs.items()
-                if k != "training" and _given(v)}
+                if k not in ("training", "mask") and _given(v)}
       if kwargs:
         raise _unsupported(op, f"called with keyword arguments "
                            f"{sorted(kwargs)} (masks)")
       if len(node.outputs) != 1:
         raise _unsupported(op, "layers with several outputs")
-      sources = node.input_tensors
+      if len(node.arguments.args) != 1:
+        raise _unsupported(op, f"called with {len(node.arguments.args)} "
+                           "positional arguments (its task-batched op reads "
+                           "only the first: an initial state or mask given "
+                           "so would be dropped)")
+      recorded = node.arguments.kwargs.get("mask")
+      sources = [t for t in node.input_tensors if t is not recorded]
       if isinstance(op, keras.Model) and len(node.arguments.args) == 1:
         sources = _ordered_inputs(op, node.arguments.args[0])
-      steps.append((self.compile_layer(op, node),
-                    [id(t) for t in sources], id(node.outputs[0])))
+      compiled = self.compile_layer(op, node)
+      ids = [id(t) for t in sources]
+      if mask is not None:          # the layer's call takes this mask
+        ids.append(id(mask))
+        if type(compiled) is _PerExample:  # pylint: disable=unidiomatic-typecheck
+          compiled = _MaskedPerExample(op)
+      steps.append((compiled, ids, id(node.outputs[0])))
     return _Program(model, [id(t) for t in graph.inputs], steps,
                     id(graph.outputs[0]))
 
@@ -991,15 +1077,14 @@ def compile_batched(model: keras.Model, conv_impl: str = "auto",
       a user's ``Layer`` subclass inside a model) made of supported
       layers:
       InputLayer, Dense, EinsumDense, MultiHeadAttention (no masks but
-      ``use_causal_mask``, no returned scores), Embedding (no
-      ``mask_zero``), Conv1D, Conv2D (any ``groups``) and
-      DepthwiseConv2D (channels_last, 'same' or
+      ``use_causal_mask``, no returned scores), Embedding, Conv1D, Conv2D
+      (any ``groups``) and DepthwiseConv2D (channels_last, 'same' or
       'valid'), SimpleRNN, GRU, LSTM and RNN over their cells (no
       dropout inside the cell, not stateful, no returned states),
-      Bidirectional over them, TimeDistributed over a supported layer,
+      Bidirectional over them, TimeDistributed over a supported layer
+      (no BatchNormalization or random layers inside),
       BatchNormalization, LayerNormalization and GroupNormalization
-      (last axis),
-      MaxPooling2D, AveragePooling2D, Flatten, Activation, ReLU, LeakyReLU,
+      (last axis), Masking, MaxPooling2D, AveragePooling2D, Flatten, Activation, ReLU, LeakyReLU,
       ELU, Softmax (last axis), Dropout (and its ``noise_shape``),
       SpatialDropout1D/2D/3D, GaussianNoise, GaussianDropout, Add,
       Concatenate and the weightless per-example layers (Rescaling, Normalization,
@@ -1007,7 +1092,9 @@ def compile_batched(model: keras.Model, conv_impl: str = "auto",
       pooling, Subtract, Multiply, Average, Maximum, Minimum); between
       them, Keras operations that act on each example alone (``x + y``,
       ``keras.ops.tanh(x)``, ``x[:, 0]``, reductions over feature axes:
-      :func:`maml_tf.core.keras_compat.per_example_operation`).
+      :func:`maml_tf.core.keras_compat.per_example_operation`). Keras
+      masks reach the recurrent layers and GlobalAveragePooling1D as Keras
+      passes them; a model whose output carries one is refused.
     conv_impl: ``'auto'``, ``'patches'``, ``'grouped'`` or ``'map'`` (see
       :mod:`maml_tf.core.fast_weights`).
     fold_conv_batchnorm: in training mode, fold a Conv2D with few inputs

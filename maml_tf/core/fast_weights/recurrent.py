@@ -1,6 +1,7 @@
 """Recurrent layers with per-task weights: SimpleRNN, GRU, LSTM (and
 ``keras.layers.RNN`` over one of their cells), Bidirectional over them, and
-TimeDistributed over any supported layer.
+TimeDistributed over a supported layer without batch statistics or random
+draws.
 
 A recurrent layer runs all tasks at once: the input projection of every time
 step as one batched matmul ``[T, N, L, D] x [T, D, G]``, then one
@@ -49,7 +50,11 @@ def check_recurrent(layer):
 class _Recurrent(_Op):
   """One recurrent layer over ``[T, N, L, D]`` inputs: ``[T, N, L, U]``
   (``return_sequences``, in the order processed, as Keras returns it) or
-  the last output ``[T, N, U]``."""
+  the last output ``[T, N, U]``.
+
+  A second input, a ``[T, N, L]`` Keras mask, skips masked steps as Keras'
+  loop does: their states are the previous step's, their output the
+  previous output (zeros with ``zero_output_for_mask``)."""
 
   def __init__(self, layer, kernel_ref, recurrent_ref, bias_ref):
     super().__init__(layer)
@@ -74,16 +79,31 @@ class _Recurrent(_Op):
         input_bias, recurrent_bias = tf.unstack(bias, axis=int(bias_per_task))
         recurrent_bias = _per_task_vector(recurrent_bias, bias_per_task, 3)
       projected += _per_task_vector(input_bias, bias_per_task, 4)
+    mask = inputs[1] if len(inputs) > 1 else None
     if self.layer.go_backwards:
       projected = tf.reverse(projected, [2])
+      mask = None if mask is None else tf.reverse(mask, [2])
     recurrent, rec_per_task = ctx.read(self.recurrent_ref)
     step = self._step(recurrent, rec_per_task, recurrent_bias)
     zeros = tf.zeros(_dims(projected)[:2] + [self.units], projected.dtype)
     carry = ((zeros, zeros) if isinstance(self.cell, keras.layers.LSTMCell)
              else (zeros,))
-    states = tf.scan(step, tf.transpose(projected, [2, 0, 1, 3]),
-                     initializer=carry)
-    outputs = states[0]                                      # [L, T, N, U]
+    time_major = tf.transpose(projected, [2, 0, 1, 3])
+    if mask is None:
+      outputs = tf.scan(step, time_major, initializer=carry)[0]
+    else:                      # (output, *states): [L, T, N, U] each
+      keep_zero = self.layer.zero_output_for_mask
+
+      def masked_step(carry, elems):
+        output, states = carry[0], carry[1:]
+        x_t, m_t = elems
+        new = step(states, x_t)
+        m_t = m_t[..., None]
+        output = tf.where(m_t, new[0], zeros if keep_zero else output)
+        return (output,) + tuple(tf.where(m_t, a, b)
+                                 for a, b in zip(new, states))
+      outputs = tf.scan(masked_step, (time_major, tf.transpose(
+          tf.cast(mask, tf.bool), [2, 0, 1])), initializer=(zeros,) + carry)[0]
     if self.layer.return_sequences:
       return tf.transpose(outputs, [1, 2, 0, 3])
     return outputs[-1]
@@ -136,7 +156,7 @@ class _Bidirectional(_Op):
     super().__init__(layer)
     self.forward, self.backward = forward, backward
 
-  def __call__(self, ctx, inputs):
+  def __call__(self, ctx, inputs):     # inputs: x (and its mask)
     y, y_rev = self.forward(ctx, inputs), self.backward(ctx, inputs)
     if self.layer.return_sequences:
       y_rev = tf.reverse(y_rev, [2])
@@ -152,8 +172,10 @@ class _Bidirectional(_Op):
 
 class _TimeDistributed(_Op):
   """TimeDistributed: the inner layer's op on ``[T, N*L, ...]`` (each
-  task's examples and time steps merged, as Keras merges batch and time),
-  then ``[T, N, L, ...]`` again."""
+  task's examples and time steps merged), then ``[T, N, L, ...]`` again.
+  Keras calls the layer once per time step: the same numbers for a layer
+  without batch statistics or random draws (the compiler refuses
+  those)."""
 
   def __init__(self, layer, inner):
     super().__init__(layer)

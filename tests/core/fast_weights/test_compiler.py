@@ -558,6 +558,18 @@ def test_several_inputs_match_the_per_task_loop(as_dict):
         L.SimpleRNN(3), merge_mode=None, name="bi")]), "bi", "merge_mode"),
     (lambda: keras.Sequential([keras.Input((4, 3, 2)), L.ConvLSTM1D(
         2, 1, name="clstm")]), "clstm", "not supported"),
+    # Keras calls a TimeDistributed layer per step: statistics and draws
+    # per step.
+    (lambda: keras.Sequential([keras.Input((4, 3)), L.TimeDistributed(
+        L.BatchNormalization(), name="tdbn")]), "tdbn", "once per time step"),
+    (lambda: keras.Sequential([keras.Input((4, 3)), L.TimeDistributed(
+        keras.Sequential([L.Dense(2), L.Dropout(0.5)]), name="tdd")]), "tdd",
+     "once per time step"),
+    (lambda: keras.Sequential([keras.Input((4, 3), dtype="float64"), L.RNN(
+        L.GRUCell(3, dtype="float32"), dtype="float64", name="cd")]), "cd",
+     "its cell computes in float32"),
+    (lambda: keras.Sequential([keras.Input((4, 3)), L.LSTM(
+        2, activation=L.PReLU(), name="act")]), "act", "activation is a layer"),
     (lambda: keras.Sequential([keras.Input((4,)),
                                L.Lambda(lambda x: 2 * x, name="double")]),
      "double", "not supported"),
@@ -587,6 +599,119 @@ def test_recurrent_layers_take_sequences_of_unknown_length():
     x = tf.constant(rng.normal(size=(T, 4, length, 3)))
     np.testing.assert_allclose(fn(x), _loop(model, params, state, x, True)[0],
                                rtol=1e-10, atol=1e-10)
+
+
+def _masked_text(dtype):
+  """Padded token ids: Embedding(mask_zero=True) -> Dense (passes the
+  mask) -> LSTM, Bidirectional GRU, a backwards GRU, SimpleRNN with
+  zero_output_for_mask, and a masked GlobalAveragePooling1D."""
+  x = keras.Input((6,), dtype="int32")
+  e = L.Embedding(10, 4, mask_zero=True, dtype=dtype)(x)
+  d = L.Dense(4, activation="tanh", dtype=dtype)(e)
+  a = L.LSTM(3, return_sequences=True, dtype=dtype)(d)
+  b = L.Bidirectional(L.GRU(2, return_sequences=True, dtype=dtype),
+                      dtype=dtype)(a)
+  c = L.GRU(2, go_backwards=True, dtype=dtype)(b)
+  g = L.GlobalAveragePooling1D(dtype=dtype)(b)
+  h = L.SimpleRNN(2, zero_output_for_mask=True, dtype=dtype)(a)
+  out = L.Concatenate(dtype=dtype)([c, g, h])
+  return keras.Model(x, L.Dense(3, dtype=dtype)(out), name="masked_text")
+
+
+def _masked_sequence(dtype):
+  """Masking (a step of zeros is skipped) in a Sequential."""
+  return keras.Sequential([
+      keras.Input((5, 3), dtype=dtype), L.Masking(0.0, dtype=dtype),
+      L.LSTM(3, return_sequences=True, dtype=dtype),
+      L.TimeDistributed(L.Dense(2, dtype=dtype), dtype=dtype),
+      L.GRU(2, dtype=dtype), L.Dense(3, dtype=dtype)], name="masked_seq")
+
+
+def _padded(rng, n, masked_text=True):
+  """Token ids with trailing padding and holes (0), or sequences with
+  steps of zeros; no sequence entirely masked."""
+  if masked_text:
+    ids = rng.integers(1, 10, size=(T, n, 6))
+    ids[:, ::2, 4:] = 0
+    ids[:, 1::3, 1] = 0
+    return tf.constant(ids, "int32")
+  v = rng.normal(size=(T, n, 5, 3))
+  v[:, ::2, 3:] = 0
+  v[:, 1, 0] = 0
+  return tf.constant(v)
+
+
+def _users_mask(dtype):
+  """A user's layer making a mask (compute_mask) for an LSTM."""
+  return keras.Sequential([keras.Input((5, 3), dtype=dtype),
+                           _PadMask(dtype=dtype), L.LSTM(3, dtype=dtype),
+                           L.Dense(3, dtype=dtype)], name="users_mask")
+
+
+@pytest.mark.parametrize("make", [_masked_text, _masked_sequence,
+                                  _users_mask])
+def test_keras_masks_match_the_per_task_loop(make):
+  """Masks from Embedding(mask_zero=True) and Masking reach the recurrent
+  layers and the pooling as Keras passes them (the loop applies them, so
+  ignoring them would differ): values, and second-order meta-gradients
+  against the loop and finite differences."""
+  rng = np.random.default_rng(8)
+  model = make("float64")
+  text = make is _masked_text
+  params, state = _per_task(model, rng, "float64")
+  batched = compile_batched(model)
+  x = _padded(rng, 4, text)
+  for training in (True, False):
+    y, _ = batched(params, state, x, training=training)
+    y_ref, _ = _loop(model, params, state, x, training)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-10, atol=1e-10)
+  theta = [tf.constant(v.numpy()) for v in model.trainable_variables]
+  sx, qx = _padded(rng, 5, text), _padded(rng, 6, text)
+  sy = tf.constant(rng.integers(0, 3, size=(T, 5)))
+  qy = tf.constant(rng.integers(0, 3, size=(T, 6)))
+  loss_b = lambda th: _meta_loss_batched(batched, th, state, sx, sy, qx, qy)
+  with tf.GradientTape() as tape:
+    tape.watch(theta)
+    lb = loss_b(theta)
+  gb = [tf.convert_to_tensor(g) for g in tape.gradient(lb, theta)]
+  with tf.GradientTape() as tape:
+    tape.watch(theta)
+    ll = _meta_loss_loop(model, theta, state, sx, sy, qx, qy)
+  gl = [tf.convert_to_tensor(g) for g in tape.gradient(ll, theta)]
+  np.testing.assert_allclose(lb, ll, rtol=1e-10)
+  for a, b in zip(gb, gl):
+    np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-11)
+  eps, d = 1e-5, [tf.constant(rng.normal(size=p.shape)) for p in theta]
+  fd = float((loss_b([p + eps * v for p, v in zip(theta, d)])
+              - loss_b([p - eps * v for p, v in zip(theta, d)])) / (2 * eps))
+  an = float(sum(tf.reduce_sum(g * v) for g, v in zip(gb, d)))
+  assert abs(fd - an) <= 1e-5 * max(abs(an), 1e-3), (fd, an)
+
+
+def _embedded(x):
+  return L.Embedding(10, 4, mask_zero=True)(x)
+
+
+@pytest.mark.parametrize("build,why", [
+    (lambda x: L.GlobalAveragePooling1D()(
+        L.MultiHeadAttention(2, 2)(_embedded(x), _embedded(x))),
+     "carry a Keras mask"),
+    (lambda x: L.Dense(2)(keras.Sequential(
+        [keras.Input((6, 4)), L.LSTM(2)])(_embedded(x))),
+     "carry a Keras mask"),
+    (lambda x: L.LSTM(2, return_sequences=True)(_embedded(x)),
+     "output carries a Keras mask"),
+    (lambda x: L.GRU(4)(_embedded(x), [L.Dense(4)(L.Flatten()(
+        _embedded(x)))]), "positional arguments"),
+    (lambda x: L.LSTM(2)(L.Embedding(10, 4)(x), None,
+                         keras.ops.not_equal(x, 0)), "positional arguments"),
+])
+def test_masks_the_batched_path_cannot_apply_are_named(build, why):
+  """(And initial states or masks given positionally, which the batched
+  recurrence would not read.)"""
+  inp = keras.Input((6,), dtype="int32")
+  with pytest.raises(Unsupported, match=why):
+    compile_batched(keras.Model(inp, build(inp)))
 
 
 def test_operations_may_change_the_example_count():
@@ -875,11 +1000,11 @@ class _Summed(L.Layer):
 
 @pytest.mark.parametrize("build,why", [
     (lambda x: L.Dense(2)(_Scale()(x)), "a weight or tensor argument"),
-    (lambda x: L.GlobalAveragePooling1D()(_PadMask()(x)),
+    (lambda x: L.GlobalAveragePooling1D()(_PadMask()(L.Masking()(x))),
      "inputs carry a Keras mask"),
     (lambda x: L.Dense(2)(_Counter()(x)), "its call writes variables"),
     (lambda x: L.Dense(2)(_BorrowedScale()(x)), "holds trainable weights"),
-    (lambda x: L.Dense(2)(_Optional()(x, x)), "called on several tensors"),
+    (lambda x: L.Dense(2)(_Optional()(x, x)), "2 positional arguments"),
 ])
 def test_users_layers_that_cannot_be_traced_are_named(build, why):
   """Layers whose traced graph would differ from their call are refused
