@@ -64,8 +64,9 @@ task axis and every layer is one task-batched kernel:
   tasks' channels side by side in one depthwise convolution. Embedding: one
   gather over the task axis.
 * Pooling, Flatten, activations, Add, Concatenate and weightless
-  per-example layers (Rescaling, Normalization, Reshape, padding, global
-  pooling, elementwise merges): no per-task weights; the task and example
+  per-example layers (Rescaling, Normalization, Reshape, padding,
+  cropping, 1-D and global pooling, nearest upsampling, RepeatVector,
+  UnitNormalization, elementwise merges): no per-task weights; the task and example
   axes are merged and TF's own ops (or the layer's ``call``) run once
   (pooling keeps TF's exact tie-breaking, so derivatives equal Keras' too).
   Keras operations of a functional graph (``x + y``, ``keras.ops.*``,

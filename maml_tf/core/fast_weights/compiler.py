@@ -428,7 +428,13 @@ _PER_EXAMPLE = (
     keras.layers.GlobalMaxPooling1D, keras.layers.GlobalAveragePooling2D,
     keras.layers.GlobalMaxPooling2D, keras.layers.Subtract,
     keras.layers.Multiply, keras.layers.Average, keras.layers.Maximum,
-    keras.layers.Minimum, keras.layers.Masking)
+    keras.layers.Minimum, keras.layers.Masking, keras.layers.MaxPooling1D,
+    keras.layers.AveragePooling1D, keras.layers.GlobalAveragePooling3D,
+    keras.layers.GlobalMaxPooling3D, keras.layers.ZeroPadding1D,
+    keras.layers.ZeroPadding3D, keras.layers.Cropping1D,
+    keras.layers.Cropping3D, keras.layers.RepeatVector,
+    keras.layers.UnitNormalization, keras.layers.UpSampling1D,
+    keras.layers.UpSampling3D)
 # Random layers: noise per task from each task's seed stream.
 _SPATIAL_DROPOUT = (keras.layers.SpatialDropout1D,
                     keras.layers.SpatialDropout2D,
@@ -469,7 +475,7 @@ _SUPPORTED = (
     "MaxPooling2D, AveragePooling2D, "
     "Flatten, Activation, ReLU, LeakyReLU, ELU, Softmax, Dropout, "
     "SpatialDropout1D/2D/3D, GaussianNoise, GaussianDropout, Add, "
-    "Concatenate, "
+    "Concatenate, UpSampling2D (nearest), "
     + ", ".join(k.__name__ for k in _PER_EXAMPLE)
     + ", nested Sequential/functional models, and Keras operations that "
     "act on each example alone (x + y, keras.ops.tanh(x), x[:, 0])")
@@ -621,6 +627,11 @@ class _Compiler:
         raise _unsupported(layer, "concatenation along the batch axis")
       return _Concatenate(layer)
     if kind in _PER_EXAMPLE:
+      return _PerExample(layer)
+    if kind is keras.layers.UpSampling2D:
+      if layer.interpolation != "nearest":
+        raise _unsupported(layer, f"interpolation={layer.interpolation!r} "
+                           "(TensorFlow's resize has no second derivative)")
       return _PerExample(layer)
     if not kind.__module__.startswith("keras.") and node is not None:
       # A user's layer (a block of Keras layers): its call traced on this
@@ -1088,8 +1099,9 @@ def compile_batched(model: keras.Model, conv_impl: str = "auto",
       ELU, Softmax (last axis), Dropout (and its ``noise_shape``),
       SpatialDropout1D/2D/3D, GaussianNoise, GaussianDropout, Add,
       Concatenate and the weightless per-example layers (Rescaling, Normalization,
-      Identity, Reshape, Permute, ZeroPadding2D, Cropping2D, global
-      pooling, Subtract, Multiply, Average, Maximum, Minimum); between
+      Identity, Reshape, Permute, padding and cropping, 1-D and global
+      pooling, UpSampling (nearest), RepeatVector, UnitNormalization,
+      Subtract, Multiply, Average, Maximum, Minimum); between
       them, Keras operations that act on each example alone (``x + y``,
       ``keras.ops.tanh(x)``, ``x[:, 0]``, reductions over feature axes:
       :func:`maml_tf.core.keras_compat.per_example_operation`). Keras

@@ -237,6 +237,28 @@ def _recurrent(dtype):
   return keras.Model(inp, out, name="recurrent")
 
 
+def _resampled(dtype):
+  """1-D pooling, upsampling, padding and cropping, UnitNormalization,
+  RepeatVector, UpSampling2D (nearest), 3-D padding, cropping and global
+  pooling."""
+  inp = keras.Input((8, 3), dtype=dtype)
+  h = L.Conv1D(4, 3, activation="tanh", dtype=dtype)(inp)          # 6 x 4
+  h = L.UpSampling1D(2, dtype=dtype)(L.MaxPooling1D(2, dtype=dtype)(h))
+  h = L.Cropping1D((2, 1), dtype=dtype)(L.ZeroPadding1D(1, dtype=dtype)(h))
+  h = L.AveragePooling1D(2, padding="same", dtype=dtype)(h)        # 3 x 4
+  h = L.UnitNormalization(dtype=dtype)(h)
+  v = L.RepeatVector(2, dtype=dtype)(L.Flatten(dtype=dtype)(h))     # 2 x 12
+  img = L.UpSampling2D(2, dtype=dtype)(L.Reshape((3, 4, 2), dtype=dtype)(
+      L.Dense(24, activation="tanh", dtype=dtype)(L.Flatten(dtype=dtype)(v))))
+  vol = L.Reshape((6, 8, 2, 1), dtype=dtype)(img)
+  vol = L.ZeroPadding3D(1, dtype=dtype)(
+      L.Cropping3D(((1, 1), (0, 0), (0, 0)), dtype=dtype)(
+          L.UpSampling3D((1, 1, 2), dtype=dtype)(vol)))
+  out = L.Concatenate(dtype=dtype)([L.GlobalAveragePooling3D(dtype=dtype)(vol),
+                                    L.GlobalMaxPooling3D(dtype=dtype)(vol)])
+  return keras.Model(inp, L.Dense(3, dtype=dtype)(out), name="resampled")
+
+
 def _grouped(dtype):
   """Grouped Conv2D and Conv1D (ResNeXt-style), GroupNormalization on
   images and on vectors."""
@@ -258,7 +280,8 @@ MODELS = {"sequence": _sequence, "omniglot": _omniglot, "miniimagenet": _miniima
           "preprocessed": _preprocessed, "conv1d": _conv1d,
           "depthwise": _depthwise, "text": _text, "operations": _operations,
           "attention": _attention, "dilated": _dilated,
-          "recurrent": _recurrent, "grouped": _grouped}
+          "recurrent": _recurrent, "grouped": _grouped,
+          "resampled": _resampled}
 CONV_MODELS = ("omniglot", "miniimagenet", "skip", "odd", "omniglot_fold",
                "odd_fold", "preprocessed", "conv1d", "depthwise", "dilated",
                "grouped")
@@ -407,7 +430,8 @@ def _meta_loss_loop(model, theta, state, sx, sy, qx, qy, alpha=0.5):
     ("conv1d", "patches"), ("conv1d", "map"), ("depthwise", "map"),
     ("text", "patches"), ("operations", "patches"),
     ("attention", "patches"), ("dilated", "patches"), ("dilated", "map"),
-    ("recurrent", "patches"), ("grouped", "patches"), ("grouped", "map")])
+    ("recurrent", "patches"), ("grouped", "patches"), ("grouped", "map"),
+    ("resampled", "patches")])
 def test_second_order_gradients(name, impl):
   if impl == "grouped" and not tf.config.list_physical_devices("GPU"):
     pytest.skip("TF has no gradient for grouped convolutions on CPU")
@@ -439,7 +463,7 @@ def test_second_order_gradients(name, impl):
   if name in ("omniglot", "skip", "omniglot_fold", "conv1d",
               "depthwise", "text", "operations",
               "attention", "dilated", "recurrent",
-              "grouped"):                            # finite differences
+              "grouped", "resampled"):               # finite differences
     eps = 1e-5
     for _ in range(2):
       d = [tf.constant(rng.normal(size=p.shape)) for p in theta]
@@ -556,6 +580,8 @@ def test_several_inputs_match_the_per_task_loop(as_dict):
      "st", "stateful"),
     (lambda: keras.Sequential([keras.Input((4, 2)), L.Bidirectional(
         L.SimpleRNN(3), merge_mode=None, name="bi")]), "bi", "merge_mode"),
+    (lambda: keras.Sequential([keras.Input((4, 3, 2)), L.UpSampling2D(
+        interpolation="bilinear", name="bil")]), "bil", "second derivative"),
     (lambda: keras.Sequential([keras.Input((4, 3, 2)), L.ConvLSTM1D(
         2, 1, name="clstm")]), "clstm", "not supported"),
     # Keras calls a TimeDistributed layer per step: statistics and draws
