@@ -156,7 +156,10 @@ class _Conv2D(_Op):
   def convolve(self, ctx, x, kernel, per_task: bool):
     """The layer on ``x`` with ``kernel`` (``[T, kh, kw, C, F]`` per task or
     ``[kh, kw, C, F]`` shared), bias and activation included."""
-    y = self.apply_kernel(x, kernel, per_task)
+    return self.finish(ctx, self.apply_kernel(x, kernel, per_task))
+
+  def finish(self, ctx, y):
+    """The bias and activation after the convolution ``y``."""
     if self.bias_ref is not None:
       bias, per_task = ctx.read(self.bias_ref)
       y = y + _per_task_vector(bias, per_task, 5)
@@ -237,6 +240,25 @@ class _DepthwiseConv2D(_Conv2D):
                                dilations=self.rates)
     y = tf.reshape(y, [n, y.shape[1], y.shape[2], -1, c * m])
     return tf.transpose(y, [3, 0, 1, 2, 4])
+
+
+class _SeparableConv2D(_DepthwiseConv2D):
+  """SeparableConv2D as Keras computes it: the depthwise convolution
+  (strides and dilation included), then the 1x1 pointwise kernel as one
+  batched matmul over pixels, then bias and activation."""
+
+  def __init__(self, layer, kernel_ref, pointwise_ref, bias_ref):
+    super().__init__(layer, kernel_ref, bias_ref)
+    self.pointwise_ref = pointwise_ref
+
+  def __call__(self, ctx, inputs):
+    x = _static_inputs(self.layer, inputs[0], "H, W, C")
+    kernel, per_task = ctx.read(self.kernel_ref)
+    y = self.apply_kernel(x, kernel, per_task)         # [T, N, H', W', C*M]
+    pointwise, per_task = ctx.read(self.pointwise_ref)  # [(T,) 1, 1, CM, F]
+    lead = _dims(pointwise)[:1] if per_task else []
+    pointwise = tf.reshape(pointwise, lead + _dims(pointwise)[-2:])
+    return self.finish(ctx, batched_dense(y, pointwise, per_task))
 
 
 class _Embedding(_Op):
@@ -469,7 +491,7 @@ def _dropout_noise_shape(layer):
 
 _SUPPORTED = (
     "InputLayer, Dense, EinsumDense, MultiHeadAttention, Embedding, Conv1D, "
-    "Conv2D, DepthwiseConv2D, SimpleRNN, GRU, LSTM, RNN over their cells, "
+    "Conv2D, DepthwiseConv2D, SeparableConv2D, SimpleRNN, GRU, LSTM, RNN over their cells, "
     "Bidirectional over them, TimeDistributed, "
     "BatchNormalization, LayerNormalization, GroupNormalization, "
     "MaxPooling2D, AveragePooling2D, "
@@ -577,6 +599,11 @@ class _Compiler:
     if kind is keras.layers.DepthwiseConv2D:
       self.check_convolution(layer)
       return _DepthwiseConv2D(layer, self.ref(layer, layer.kernel),
+                              self.ref(layer, layer.bias))
+    if kind is keras.layers.SeparableConv2D:
+      self.check_convolution(layer)
+      return _SeparableConv2D(layer, self.ref(layer, layer.depthwise_kernel),
+                              self.ref(layer, layer.pointwise_kernel),
                               self.ref(layer, layer.bias))
     if kind is keras.layers.BatchNormalization:
       rank = keras_compat.batchnorm_rank(layer)
@@ -1089,8 +1116,8 @@ def compile_batched(model: keras.Model, conv_impl: str = "auto",
       layers:
       InputLayer, Dense, EinsumDense, MultiHeadAttention (no masks but
       ``use_causal_mask``, no returned scores), Embedding, Conv1D, Conv2D
-      (any ``groups``) and DepthwiseConv2D (channels_last, 'same' or
-      'valid'), SimpleRNN, GRU, LSTM and RNN over their cells (no
+      (any ``groups``), DepthwiseConv2D and SeparableConv2D (channels_last,
+      'same' or 'valid'), SimpleRNN, GRU, LSTM and RNN over their cells (no
       dropout inside the cell, not stateful, no returned states),
       Bidirectional over them, TimeDistributed over a supported layer
       (no BatchNormalization or random layers inside),
