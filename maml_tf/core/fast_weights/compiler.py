@@ -261,6 +261,40 @@ class _SeparableConv2D(_DepthwiseConv2D):
     return self.finish(ctx, batched_dense(y, pointwise, per_task))
 
 
+class _ConvTranspose(_Op):
+  """Conv1DTranspose, Conv2DTranspose, Conv3DTranspose: Keras' own
+  ``ops.conv_transpose`` once per task (unrolled over a static task axis,
+  ``tf.map_fn`` otherwise), once on the merged axes for a shared kernel;
+  then bias and activation."""
+
+  def __init__(self, layer, kernel_ref, bias_ref):
+    super().__init__(layer)
+    self.kernel_ref, self.bias_ref = kernel_ref, bias_ref
+
+  def __call__(self, ctx, inputs):
+    x, layer = inputs[0], self.layer
+    conv = lambda xt, kt: keras.ops.conv_transpose(
+        xt, kt, strides=list(layer.strides), padding=layer.padding,
+        output_padding=layer.output_padding,
+        dilation_rate=layer.dilation_rate, data_format=layer.data_format)
+    kernel, per_task = ctx.read(self.kernel_ref)
+    if not per_task:
+      merged, split = _merge_task_axis(x)
+      y = split(conv(merged, kernel))
+    elif x.shape[0] is not None:
+      y = tf.stack([conv(a, k) for a, k in zip(tf.unstack(x),
+                                               tf.unstack(kernel))])
+    else:
+      y = tf.map_fn(lambda a: conv(*a), (x, kernel),
+                    fn_output_signature=x.dtype)
+    if self.bias_ref is not None:
+      bias, per_task = ctx.read(self.bias_ref)
+      y = y + _per_task_vector(bias, per_task, y.shape.rank)
+    if layer.activation is not None:
+      y = layer.activation(y)
+    return y
+
+
 class _Embedding(_Op):
   """Embedding with per-task tables ``[T, V, D]``: one gather over the task
   axis (``batch_dims=1``); negative ids count from the end, as Keras'
@@ -491,7 +525,8 @@ def _dropout_noise_shape(layer):
 
 _SUPPORTED = (
     "InputLayer, Dense, EinsumDense, MultiHeadAttention, Embedding, Conv1D, "
-    "Conv2D, DepthwiseConv2D, SeparableConv2D, SimpleRNN, GRU, LSTM, RNN over their cells, "
+    "Conv2D, DepthwiseConv2D, SeparableConv2D, Conv1D/2D/3DTranspose, "
+    "SimpleRNN, GRU, LSTM, RNN over their cells, "
     "Bidirectional over them, TimeDistributed, "
     "BatchNormalization, LayerNormalization, GroupNormalization, "
     "MaxPooling2D, AveragePooling2D, "
@@ -600,6 +635,10 @@ class _Compiler:
       self.check_convolution(layer)
       return _DepthwiseConv2D(layer, self.ref(layer, layer.kernel),
                               self.ref(layer, layer.bias))
+    if kind in (keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose,
+                keras.layers.Conv3DTranspose):
+      return _ConvTranspose(layer, self.ref(layer, layer.kernel),
+                            self.ref(layer, layer.bias))
     if kind is keras.layers.SeparableConv2D:
       self.check_convolution(layer)
       return _SeparableConv2D(layer, self.ref(layer, layer.depthwise_kernel),
@@ -1117,7 +1156,7 @@ def compile_batched(model: keras.Model, conv_impl: str = "auto",
       InputLayer, Dense, EinsumDense, MultiHeadAttention (no masks but
       ``use_causal_mask``, no returned scores), Embedding, Conv1D, Conv2D
       (any ``groups``), DepthwiseConv2D and SeparableConv2D (channels_last,
-      'same' or 'valid'), SimpleRNN, GRU, LSTM and RNN over their cells (no
+      'same' or 'valid'), Conv1D/2D/3DTranspose, SimpleRNN, GRU, LSTM and RNN over their cells (no
       dropout inside the cell, not stateful, no returned states),
       Bidirectional over them, TimeDistributed over a supported layer
       (no BatchNormalization or random layers inside),

@@ -259,6 +259,21 @@ def _resampled(dtype):
   return keras.Model(inp, L.Dense(3, dtype=dtype)(out), name="resampled")
 
 
+def _transposed(dtype):
+  """Conv2DTranspose (strides, output_padding, 'valid'), Conv1DTranspose:
+  a decoder's upsampling."""
+  inp = keras.Input((3, 3, 2), dtype=dtype)
+  h = L.Conv2DTranspose(3, 3, strides=2, padding="same", activation="tanh",
+                        dtype=dtype)(inp)                              # 6x6
+  h = L.Conv2DTranspose(2, 2, strides=2, output_padding=1,
+                        use_bias=False, dtype=dtype)(h)                # 13x13
+  s = L.Conv1DTranspose(2, 3, strides=2, activation="tanh", dtype=dtype)(
+      L.Reshape((9, 2), dtype=dtype)(inp))
+  out = L.Concatenate(dtype=dtype)([L.GlobalAveragePooling2D(dtype=dtype)(h),
+                                    L.Flatten(dtype=dtype)(s)])
+  return keras.Model(inp, L.Dense(3, dtype=dtype)(out), name="transposed")
+
+
 def _grouped(dtype):
   """Grouped Conv2D and Conv1D (ResNeXt-style), GroupNormalization on
   images and on vectors, SeparableConv2D (Xception-style; strides,
@@ -287,7 +302,7 @@ MODELS = {"sequence": _sequence, "omniglot": _omniglot, "miniimagenet": _miniima
           "depthwise": _depthwise, "text": _text, "operations": _operations,
           "attention": _attention, "dilated": _dilated,
           "recurrent": _recurrent, "grouped": _grouped,
-          "resampled": _resampled}
+          "resampled": _resampled, "transposed": _transposed}
 CONV_MODELS = ("omniglot", "miniimagenet", "skip", "odd", "omniglot_fold",
                "odd_fold", "preprocessed", "conv1d", "depthwise", "dilated",
                "grouped")
@@ -394,6 +409,22 @@ def test_unknown_task_and_example_counts(impl):
     np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10)
 
 
+def test_transposed_convolutions_with_unknown_task_count():
+  """Per-task transposed convolutions under tf.map_fn when T is unknown."""
+  rng = np.random.default_rng(9)
+  model = _transposed("float64")
+  params, state = _per_task(model, rng, "float64")
+  x = _inputs(model, rng, "float64")
+  batched = compile_batched(model)
+  spec = lambda t: tf.TensorSpec([None] + t.shape[1:], t.dtype)
+  fn = tf.function(lambda p, x: batched(p, state, x)[0], input_signature=[
+      [spec(p) for p in params], tf.TensorSpec([None, None, 3, 3, 2],
+                                               tf.float64)])
+  np.testing.assert_allclose(fn(params, x), _loop(model, params, state, x,
+                                                  True)[0],
+                             rtol=1e-10, atol=1e-10)
+
+
 # ------------------------------------------------------------ 2. gradients
 def _ce(y, logits):
   """Per-task mean cross-entropy: ``[T, N]`` labels -> ``[T]``."""
@@ -437,7 +468,7 @@ def _meta_loss_loop(model, theta, state, sx, sy, qx, qy, alpha=0.5):
     ("text", "patches"), ("operations", "patches"),
     ("attention", "patches"), ("dilated", "patches"), ("dilated", "map"),
     ("recurrent", "patches"), ("grouped", "patches"), ("grouped", "map"),
-    ("resampled", "patches")])
+    ("resampled", "patches"), ("transposed", "patches")])
 def test_second_order_gradients(name, impl):
   if impl == "grouped" and not tf.config.list_physical_devices("GPU"):
     pytest.skip("TF has no gradient for grouped convolutions on CPU")
@@ -469,7 +500,7 @@ def test_second_order_gradients(name, impl):
   if name in ("omniglot", "skip", "omniglot_fold", "conv1d",
               "depthwise", "text", "operations",
               "attention", "dilated", "recurrent",
-              "grouped", "resampled"):               # finite differences
+              "grouped", "resampled", "transposed"):  # finite differences
     for _ in range(2):
       d = [tf.constant(rng.normal(size=p.shape)) for p in theta]
       an = float(sum(tf.reduce_sum(g * v) for g, v in zip(gb, d)))
