@@ -260,8 +260,8 @@ def _resampled(dtype):
 
 
 def _transposed(dtype):
-  """Conv2DTranspose (strides, output_padding, 'valid'), Conv1DTranspose:
-  a decoder's upsampling."""
+  """Conv2DTranspose (strides, output_padding, 'valid'), Conv1DTranspose,
+  Conv3DTranspose: a decoder's upsampling."""
   inp = keras.Input((3, 3, 2), dtype=dtype)
   h = L.Conv2DTranspose(3, 3, strides=2, padding="same", activation="tanh",
                         dtype=dtype)(inp)                              # 6x6
@@ -269,8 +269,11 @@ def _transposed(dtype):
                         use_bias=False, dtype=dtype)(h)                # 13x13
   s = L.Conv1DTranspose(2, 3, strides=2, activation="tanh", dtype=dtype)(
       L.Reshape((9, 2), dtype=dtype)(inp))
+  v = L.Conv3DTranspose(1, 2, strides=(1, 2, 2), activation="tanh",
+                        dtype=dtype)(L.Reshape((1, 3, 3, 2), dtype=dtype)(inp))
   out = L.Concatenate(dtype=dtype)([L.GlobalAveragePooling2D(dtype=dtype)(h),
-                                    L.Flatten(dtype=dtype)(s)])
+                                    L.Flatten(dtype=dtype)(s),
+                                    L.GlobalAveragePooling3D(dtype=dtype)(v)])
   return keras.Model(inp, L.Dense(3, dtype=dtype)(out), name="transposed")
 
 
