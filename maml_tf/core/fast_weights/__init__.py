@@ -59,7 +59,8 @@ task axis and every layer is one task-batched kernel:
   initial states, no dropout inside the cell. A Keras mask
   (``Embedding(mask_zero=True)``, ``Masking``) skips steps as Keras' loop
   does; masked GlobalAveragePooling1D too.
-* Conv1D/2D/3DTranspose: Keras' ``conv_transpose`` once per task.
+* Conv3D, Conv1D/2D/3DTranspose: Keras' ``conv`` / ``conv_transpose``
+  once per task.
 * SeparableConv2D: that depthwise convolution, then the pointwise kernel
   as one batched matmul over pixels.
 * Conv1D: a Conv2D of height 1 on the same kernels. A grouped convolution

@@ -261,11 +261,11 @@ class _SeparableConv2D(_DepthwiseConv2D):
     return self.finish(ctx, batched_dense(y, pointwise, per_task))
 
 
-class _ConvTranspose(_Op):
-  """Conv1DTranspose, Conv2DTranspose, Conv3DTranspose: Keras' own
-  ``ops.conv_transpose`` once per task (unrolled over a static task axis,
-  ``tf.map_fn`` otherwise), once on the merged axes for a shared kernel;
-  then bias and activation."""
+class _PerTaskConv(_Op):
+  """Conv3D, Conv1DTranspose, Conv2DTranspose, Conv3DTranspose: Keras' own
+  ``ops.conv`` / ``ops.conv_transpose`` once per task (unrolled over a
+  static task axis, ``tf.map_fn`` otherwise), once on the merged axes for
+  a shared kernel; then bias and activation."""
 
   def __init__(self, layer, kernel_ref, bias_ref):
     super().__init__(layer)
@@ -273,10 +273,15 @@ class _ConvTranspose(_Op):
 
   def __call__(self, ctx, inputs):
     x, layer = inputs[0], self.layer
-    conv = lambda xt, kt: keras.ops.conv_transpose(
-        xt, kt, strides=list(layer.strides), padding=layer.padding,
-        output_padding=layer.output_padding,
-        dilation_rate=layer.dilation_rate, data_format=layer.data_format)
+    if isinstance(layer, keras.layers.Conv3D):
+      conv = lambda xt, kt: keras.ops.conv(
+          xt, kt, strides=list(layer.strides), padding=layer.padding,
+          dilation_rate=layer.dilation_rate, data_format=layer.data_format)
+    else:
+      conv = lambda xt, kt: keras.ops.conv_transpose(
+          xt, kt, strides=list(layer.strides), padding=layer.padding,
+          output_padding=layer.output_padding,
+          dilation_rate=layer.dilation_rate, data_format=layer.data_format)
     kernel, per_task = ctx.read(self.kernel_ref)
     if not per_task:
       merged, split = _merge_task_axis(x)
@@ -525,7 +530,8 @@ def _dropout_noise_shape(layer):
 
 _SUPPORTED = (
     "InputLayer, Dense, EinsumDense, MultiHeadAttention, Embedding, Conv1D, "
-    "Conv2D, DepthwiseConv2D, SeparableConv2D, Conv1D/2D/3DTranspose, "
+    "Conv2D, Conv3D, DepthwiseConv2D, SeparableConv2D, "
+    "Conv1D/2D/3DTranspose, "
     "SimpleRNN, GRU, LSTM, RNN over their cells, "
     "Bidirectional over them, TimeDistributed, "
     "BatchNormalization, LayerNormalization, GroupNormalization, "
@@ -636,9 +642,13 @@ class _Compiler:
       return _DepthwiseConv2D(layer, self.ref(layer, layer.kernel),
                               self.ref(layer, layer.bias))
     if kind in (keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose,
-                keras.layers.Conv3DTranspose):
-      return _ConvTranspose(layer, self.ref(layer, layer.kernel),
-                            self.ref(layer, layer.bias))
+                keras.layers.Conv3DTranspose, keras.layers.Conv3D):
+      if kind is keras.layers.Conv3D:
+        self.check_convolution(layer)
+        if layer.groups != 1:
+          raise _unsupported(layer, f"groups={layer.groups} (3-D)")
+      return _PerTaskConv(layer, self.ref(layer, layer.kernel),
+                          self.ref(layer, layer.bias))
     if kind is keras.layers.SeparableConv2D:
       self.check_convolution(layer)
       return _SeparableConv2D(layer, self.ref(layer, layer.depthwise_kernel),
@@ -1156,7 +1166,7 @@ def compile_batched(model: keras.Model, conv_impl: str = "auto",
       InputLayer, Dense, EinsumDense, MultiHeadAttention (no masks but
       ``use_causal_mask``, no returned scores), Embedding, Conv1D, Conv2D
       (any ``groups``), DepthwiseConv2D and SeparableConv2D (channels_last,
-      'same' or 'valid'), Conv1D/2D/3DTranspose, SimpleRNN, GRU, LSTM and RNN over their cells (no
+      'same' or 'valid'), Conv3D, Conv1D/2D/3DTranspose, SimpleRNN, GRU, LSTM and RNN over their cells (no
       dropout inside the cell, not stateful, no returned states),
       Bidirectional over them, TimeDistributed over a supported layer
       (no BatchNormalization or random layers inside),

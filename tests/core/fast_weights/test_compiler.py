@@ -261,7 +261,7 @@ def _resampled(dtype):
 
 def _transposed(dtype):
   """Conv2DTranspose (strides, output_padding, 'valid'), Conv1DTranspose,
-  Conv3DTranspose: a decoder's upsampling."""
+  Conv3DTranspose: a decoder's upsampling; a Conv3D."""
   inp = keras.Input((3, 3, 2), dtype=dtype)
   h = L.Conv2DTranspose(3, 3, strides=2, padding="same", activation="tanh",
                         dtype=dtype)(inp)                              # 6x6
@@ -271,6 +271,7 @@ def _transposed(dtype):
       L.Reshape((9, 2), dtype=dtype)(inp))
   v = L.Conv3DTranspose(1, 2, strides=(1, 2, 2), activation="tanh",
                         dtype=dtype)(L.Reshape((1, 3, 3, 2), dtype=dtype)(inp))
+  v = L.Conv3D(2, 2, padding="same", activation="tanh", dtype=dtype)(v)
   out = L.Concatenate(dtype=dtype)([L.GlobalAveragePooling2D(dtype=dtype)(h),
                                     L.Flatten(dtype=dtype)(s),
                                     L.GlobalAveragePooling3D(dtype=dtype)(v)])
