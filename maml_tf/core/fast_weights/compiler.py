@@ -366,11 +366,20 @@ class _MaskedPerExample(_Op):
     return split(self.layer.call(x, mask=mask))
 
 
+# Merge layers that read their inputs' masks at run time and change values
+# by them; operations that may hand on their input tensor itself.
+_MASK_READING_MERGES = (keras.layers.Maximum, keras.layers.Minimum,
+                        keras.layers.Multiply)
+_SAME_TENSOR_OPERATIONS = ("Cast", "ConvertToTensor")
+
+
 def _uses_masks(graph) -> bool:
-  """Does a functional ``graph`` (``None``: no graph) pass Keras masks?"""
-  return graph is not None and any(
-      keras_compat.keras_mask(t) is not None
-      for node in _graph_nodes(graph) for t in node.input_tensors)
+  """Does a functional ``graph`` (``None``: no graph) carry Keras masks
+  (between its layers or on its output)?"""
+  return graph is not None and (
+      keras_compat.keras_mask(graph.outputs[0]) is not None or any(
+          keras_compat.keras_mask(t) is not None
+          for node in _graph_nodes(graph) for t in node.input_tensors))
 
 
 def _takes_mask(layer) -> bool:
@@ -724,31 +733,53 @@ class _Compiler:
     and its task-batched op applies, or ``None``.
 
     Keras computes a mask in the graph (``Embedding(mask_zero=True)``'s
-    ``ids != 0``, ``Masking``'s, a layer's ``compute_mask``) and passes it
-    to the layers whose call takes ``mask``; here recurrent layers and
-    per-example layers (GlobalAveragePooling1D) apply it, and layers whose
-    call takes no mask are unaffected by it.
+    ``ids != 0``, ``Masking``'s, a layer's ``compute_mask``), records it as
+    the ``mask`` argument of the layers whose call takes one, and at run
+    time also hands a tensor's mask to any such layer called without it;
+    some layers read it from their inputs. Here recurrent layers,
+    Bidirectional and per-example layers (GlobalAveragePooling1D) apply a
+    recorded mask; layers that take no mask and read none are unaffected.
 
     Raises:
-      Unsupported: a mask reaches attention (which reads it from its
-        inputs), a nested model or a user's layer (whose inner layers would
-        see it), or a layer that would apply it otherwise.
+      Unsupported: wherever the run-time mask could differ from the
+        recorded one or be applied otherwise: a masked input reaching a
+        layer that takes a mask without one recorded (a call with other
+        keyword arguments, a dtype conversion), attention, Maximum /
+        Minimum / Multiply, a nested model or a user's layer, a cast (which
+        hands on the same tensor, mask and all); a mask not ``[B, L]``; an
+        unrolled recurrent layer (Keras' unrolled loop masks otherwise).
     """
     carried = any(keras_compat.keras_mask(t) is not None
                   for t in node.input_tensors)
-    if carried and (type(op) is keras.layers.MultiHeadAttention  # pylint: disable=unidiomatic-typecheck
-                    or isinstance(op, keras.Model)
+    if not isinstance(op, keras.layers.Layer):
+      if carried and type(op).__name__ in _SAME_TENSOR_OPERATIONS:
+        raise _unsupported(op, "a cast of a masked tensor hands on the same "
+                           "tensor, whose mask then reaches later layers")
+      return None
+    if carried and (isinstance(op, (keras.layers.MultiHeadAttention,
+                                    keras.Model) + _MASK_READING_MERGES)
                     or not type(op).__module__.startswith("keras.")):
       raise _unsupported(op, "its inputs carry a Keras mask, which it would "
                          "apply where the task-batched path cannot")
     mask = node.arguments.kwargs.get("mask")
-    if not isinstance(op, keras.layers.Layer) or not _given(mask):
+    if not _given(mask):
+      if carried and _takes_mask(op):
+        raise _unsupported(op, "its inputs carry a Keras mask that Keras "
+                           "passes at run time but the graph does not "
+                           "record (a call with other keyword arguments, "
+                           "or a dtype conversion)")
       return None
-    if not isinstance(mask, keras.KerasTensor):
-      raise _unsupported(op, "called with several Keras masks")
+    if not isinstance(mask, keras.KerasTensor) or len(mask.shape) != 2:
+      raise _unsupported(op, "called with a Keras mask other than one "
+                         "[batch, steps] tensor")
     if isinstance(op, keras.layers.TimeDistributed) and not _takes_mask(
         op.layer):
       return None                 # the wrapped layer does not take it
+    directions = ([op.forward_layer, op.backward_layer]
+                  if isinstance(op, keras.layers.Bidirectional) else [op])
+    if any(getattr(d, "unroll", False) for d in directions):
+      raise _unsupported(op, "unroll=True with a Keras mask (Keras' "
+                         "unrolled loop masks otherwise than its loop)")
     if (recurrent_cell(op) is not None or type(op) in _PER_EXAMPLE
         or isinstance(op, keras.layers.Bidirectional)):
       return mask
@@ -864,8 +895,8 @@ class _Compiler:
     if keras_compat.keras_mask(graph.outputs[0]) is not None:
       raise Unsupported(
           f"maml_tf.fast_weights cannot batch model {model.name!r}: its "
-          "output carries a Keras mask, by which Keras losses weight the "
-          "examples' terms")
+          "output carries a Keras mask (which the layers after it, or a "
+          "Keras loss, would apply)")
     steps = []
     for node in _graph_nodes(graph):
       op = node.operation
@@ -902,6 +933,11 @@ class _Compiler:
       if isinstance(op, keras.Model) and len(node.arguments.args) == 1:
         sources = _ordered_inputs(op, node.arguments.args[0])
       compiled = self.compile_layer(op, node)
+      floats = {t.dtype for t in sources if "float" in str(t.dtype)}
+      if not isinstance(op, keras.Model) and floats - {op.compute_dtype}:
+        raise _unsupported(op, f"its inputs are {sorted(floats)}, it "
+                           f"computes in {op.compute_dtype} (Keras casts "
+                           "them; the task-batched op would not)")
       ids = [id(t) for t in sources]
       if mask is not None:          # the layer's call takes this mask
         ids.append(id(mask))

@@ -641,6 +641,9 @@ def test_several_inputs_match_the_per_task_loop(as_dict):
      "its cell computes in float32"),
     (lambda: keras.Sequential([keras.Input((4, 3)), L.LSTM(
         2, activation=L.PReLU(), name="act")]), "act", "activation is a layer"),
+    (lambda: (lambda x: keras.Model(x, L.Dense(2, dtype="float32", name="d32")(
+        L.Dense(3, dtype="float64")(x))))(keras.Input((4,), dtype="float64")),
+     "d32", "computes in float32"),
     (lambda: keras.Sequential([keras.Input((4,)),
                                L.Lambda(lambda x: 2 * x, name="double")]),
      "double", "not supported"),
@@ -772,8 +775,21 @@ def _embedded(x):
      "carry a Keras mask"),
     (lambda x: L.LSTM(2, return_sequences=True)(_embedded(x)),
      "output carries a Keras mask"),
-    (lambda x: L.GRU(4)(_embedded(x), [L.Dense(4)(L.Flatten()(
+    (lambda x: L.GRU(4)(L.Embedding(10, 4)(x), [L.Dense(4)(L.Flatten()(
         _embedded(x)))]), "positional arguments"),
+    # Keras hands on masks at run time where the graph records none.
+    (lambda x: L.Flatten()(L.Maximum()([_embedded(x), _embedded(x)])),
+     "carry a Keras mask"),
+    (lambda x: L.LSTM(3)(_embedded(x), training=False), "does not record"),
+    (lambda x: L.GlobalAveragePooling1D()(_embedded(x), mask=None),
+     "does not record"),
+    (lambda x: L.LSTM(3)(keras.ops.cast(_embedded(x), "float32")), "cast"),
+    (lambda x: L.LSTM(3)(keras.Sequential([
+        keras.Input((6,), dtype="int32"),
+        L.Embedding(10, 4, mask_zero=True)])(x)), "output carries"),
+    (lambda x: L.SimpleRNN(2, unroll=True)(_embedded(x)), "unroll"),
+    (lambda x: L.LSTM(3)(L.Embedding(10, 4)(x), mask=keras.ops.expand_dims(
+        keras.ops.not_equal(x, 0), -1)), "other than one"),
     (lambda x: L.LSTM(2)(L.Embedding(10, 4)(x), None,
                          keras.ops.not_equal(x, 0)), "positional arguments"),
 ])
