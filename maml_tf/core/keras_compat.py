@@ -48,6 +48,17 @@ def functional_graph(model: keras.Model) -> Optional[keras.Model]:
   return graph if nodes_by_depth(graph) is not None else None
 
 
+def autocast_dtype(layer) -> Optional[str]:
+  """The dtype ``layer.__call__`` casts floating inputs to (Keras'
+  autocast), or ``None`` where it casts none (functional models, layers
+  with ``autocast=False``)."""
+  if not getattr(layer, "_convert_input_args", True) or not getattr(
+      layer, "autocast", True):
+    return None
+  dtype = getattr(layer, "input_dtype", None)
+  return dtype if dtype is not None and "float" in str(dtype) else None
+
+
 def keras_mask(tensor):
   """The Keras mask a (symbolic) tensor carries, or ``None``."""
   return getattr(tensor, "_keras_mask", None)

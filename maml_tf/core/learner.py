@@ -48,7 +48,8 @@ MANY_SAMPLERS = 8
 EXECUTIONS = plan_lib.EXECUTIONS
 _CONV_LAYERS = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D,
                 keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D,
-                keras.layers.Conv2DTranspose)
+                keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose,
+                keras.layers.Conv3DTranspose)
 
 
 def _fixed(name: str):

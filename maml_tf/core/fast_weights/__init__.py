@@ -64,15 +64,15 @@ task axis and every layer is one task-batched kernel:
 * SeparableConv2D: that depthwise convolution, then the pointwise kernel
   as one batched matmul over pixels.
 * Conv1D: a Conv2D of height 1 on the same kernels. A grouped convolution
-  (``groups > 1``): one convolution per group of channels, concatenated. DepthwiseConv2D: the
-  tasks' channels side by side in one depthwise convolution. Embedding: one
-  gather over the task axis.
+  (``groups > 1``): one convolution per group of channels, concatenated.
+  DepthwiseConv2D: the tasks' channels side by side in one depthwise
+  convolution. Embedding: one gather over the task axis.
 * Pooling, Flatten, activations, Add, Concatenate and weightless
   per-example layers (Rescaling, Normalization, Reshape, padding,
   cropping, 1-D and global pooling, nearest upsampling, RepeatVector,
-  UnitNormalization, elementwise merges): no per-task weights; the task and example
-  axes are merged and TF's own ops (or the layer's ``call``) run once
-  (pooling keeps TF's exact tie-breaking, so derivatives equal Keras' too).
+  UnitNormalization, elementwise merges): no per-task weights; the task
+  and example axes are merged and TF's own ops (or the layer's ``call``)
+  run once (pooling keeps TF's exact tie-breaking, so derivatives equal Keras' too).
   Keras operations of a functional graph (``x + y``, ``keras.ops.*``,
   ``x[:, 0]``) likewise, where they act on each example alone
   (:func:`maml_tf.core.keras_compat.per_example_operation` says which).

@@ -58,7 +58,13 @@ class _Context:
 
 
 class _Op:
-  """One compiled layer: ``op(ctx, inputs) -> output`` (inputs: a list)."""
+  """One compiled layer: ``op(ctx, inputs) -> output`` (inputs: a list).
+
+  ``input_dtype``: where set, the program casts floating inputs to it
+  first, as Keras' ``Layer.__call__`` does (its autocast).
+  """
+
+  input_dtype = None
 
   def __init__(self, layer):
     self.layer = layer

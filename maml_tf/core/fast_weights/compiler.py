@@ -23,7 +23,7 @@ from maml_tf.core.fast_weights.base import (
     Unsupported, _Context, _Op, _unsupported)
 from maml_tf.core.fast_weights.kernels import (
     _CONV_KERNELS, _dims, _merge_task_axis, _per_task_vector, batched_dense,
-    conv2d, resolve_conv_impl)
+    conv2d, map_tasks, resolve_conv_impl)
 from maml_tf.core.fast_weights.normalization import (
     _BatchNorm, _ConvBatchNorm, _GroupNorm, _LayerNorm)
 from maml_tf.core.fast_weights.recurrent import (
@@ -45,6 +45,17 @@ class _Elementwise(_Op):
     return self.layer.call(inputs[0])
 
 
+def _bias_and_activation(ctx, op, y):
+  """``y`` plus ``op``'s bias (per task or shared; ``op.bias_ref``), through
+  its layer's activation: what Dense and the convolutions end with."""
+  if op.bias_ref is not None:
+    bias, per_task = ctx.read(op.bias_ref)
+    y = y + _per_task_vector(bias, per_task, y.shape.rank)
+  if op.layer.activation is not None:
+    y = op.layer.activation(y)
+  return y
+
+
 class _Dense(_Op):
 
   def __init__(self, layer, kernel_ref, bias_ref):
@@ -52,15 +63,9 @@ class _Dense(_Op):
     self.kernel_ref, self.bias_ref = kernel_ref, bias_ref
 
   def __call__(self, ctx, inputs):
-    x = inputs[0]
     kernel, per_task = ctx.read(self.kernel_ref)
-    y = batched_dense(x, kernel, per_task)
-    if self.bias_ref is not None:
-      bias, per_task = ctx.read(self.bias_ref)
-      y = y + _per_task_vector(bias, per_task, y.shape.rank)
-    if self.layer.activation is not None:
-      y = self.layer.activation(y)
-    return y
+    return _bias_and_activation(ctx, self,
+                                batched_dense(inputs[0], kernel, per_task))
 
 
 class _EinsumDense(_Op):
@@ -160,12 +165,7 @@ class _Conv2D(_Op):
 
   def finish(self, ctx, y):
     """The bias and activation after the convolution ``y``."""
-    if self.bias_ref is not None:
-      bias, per_task = ctx.read(self.bias_ref)
-      y = y + _per_task_vector(bias, per_task, 5)
-    if self.layer.activation is not None:
-      y = self.layer.activation(y)
-    return y
+    return _bias_and_activation(ctx, self, y)
 
   def apply_kernel(self, x, kernel, per_task: bool):
     """The convolution alone, ``[T, N, H, W, C] -> [T, N, H', W', F]``;
@@ -263,9 +263,9 @@ class _SeparableConv2D(_DepthwiseConv2D):
 
 class _PerTaskConv(_Op):
   """Conv3D, Conv1DTranspose, Conv2DTranspose, Conv3DTranspose: Keras' own
-  ``ops.conv`` / ``ops.conv_transpose`` once per task (unrolled over a
-  static task axis, ``tf.map_fn`` otherwise), once on the merged axes for
-  a shared kernel; then bias and activation."""
+  ``ops.conv`` / ``ops.conv_transpose`` once per task
+  (:func:`~maml_tf.core.fast_weights.kernels.map_tasks`), once on the
+  merged axes for a shared kernel; then bias and activation."""
 
   def __init__(self, layer, kernel_ref, bias_ref):
     super().__init__(layer)
@@ -273,31 +273,21 @@ class _PerTaskConv(_Op):
 
   def __call__(self, ctx, inputs):
     x, layer = inputs[0], self.layer
+    options = dict(strides=list(layer.strides), padding=layer.padding,
+                   dilation_rate=layer.dilation_rate,
+                   data_format=layer.data_format)
     if isinstance(layer, keras.layers.Conv3D):
-      conv = lambda xt, kt: keras.ops.conv(
-          xt, kt, strides=list(layer.strides), padding=layer.padding,
-          dilation_rate=layer.dilation_rate, data_format=layer.data_format)
+      conv = lambda xt, kt: keras.ops.conv(xt, kt, **options)
     else:
       conv = lambda xt, kt: keras.ops.conv_transpose(
-          xt, kt, strides=list(layer.strides), padding=layer.padding,
-          output_padding=layer.output_padding,
-          dilation_rate=layer.dilation_rate, data_format=layer.data_format)
+          xt, kt, output_padding=layer.output_padding, **options)
     kernel, per_task = ctx.read(self.kernel_ref)
-    if not per_task:
+    if per_task:
+      y = map_tasks(conv, x, kernel)
+    else:
       merged, split = _merge_task_axis(x)
       y = split(conv(merged, kernel))
-    elif x.shape[0] is not None:
-      y = tf.stack([conv(a, k) for a, k in zip(tf.unstack(x),
-                                               tf.unstack(kernel))])
-    else:
-      y = tf.map_fn(lambda a: conv(*a), (x, kernel),
-                    fn_output_signature=x.dtype)
-    if self.bias_ref is not None:
-      bias, per_task = ctx.read(self.bias_ref)
-      y = y + _per_task_vector(bias, per_task, y.shape.rank)
-    if layer.activation is not None:
-      y = layer.activation(y)
-    return y
+    return _bias_and_activation(ctx, self, y)
 
 
 class _Embedding(_Op):
@@ -348,22 +338,19 @@ class _Flatten(_Op):
 
 class _PerExample(_Op):
   """Weightless layers acting on each example alone: the layer's own
-  ``call`` once, over the merged task and example axes."""
+  ``call`` once, over the merged task and example axes; with ``masked``,
+  the last input is the Keras mask its call takes."""
+
+  def __init__(self, layer, masked: bool = False):
+    super().__init__(layer)
+    self.masked = masked
 
   def __call__(self, ctx, inputs):
-    merged = [_merge_task_axis(x) for x in inputs]
-    values = [m for m, _ in merged]
-    y = self.layer.call(values[0] if len(values) == 1 else values)
-    return merged[0][1](y)
-
-
-class _MaskedPerExample(_Op):
-  """A per-example layer whose call takes a Keras mask (inputs: ``x`` and
-  its ``[T, N, ...]`` mask): its ``call`` once on the merged axes."""
-
-  def __call__(self, ctx, inputs):
-    (x, split), (mask, _) = (_merge_task_axis(v) for v in inputs)
-    return split(self.layer.call(x, mask=mask))
+    merged = [_merge_task_axis(x)[0] for x in inputs]
+    split = _merge_task_axis(inputs[0])[1]
+    kwargs = {"mask": merged.pop()} if self.masked else {}
+    y = self.layer.call(merged[0] if len(merged) == 1 else merged, **kwargs)
+    return split(y)
 
 
 # Merge layers that read their inputs' masks at run time and change values
@@ -476,7 +463,11 @@ class _Program(_Op):
                        f"{len(self.input_ids)} inputs, got {len(inputs)}")
     values = dict(zip(self.input_ids, inputs))
     for op, input_ids, output_id in self.steps:
-      values[output_id] = op(ctx, [values[i] for i in input_ids])
+      args = [values[i] for i in input_ids]
+      if op.input_dtype is not None:
+        args = [tf.cast(a, op.input_dtype) if a.dtype.is_floating
+                and a.dtype != op.input_dtype else a for a in args]
+      values[output_id] = op(ctx, args)
     return values[self.output_id]
 
 
@@ -605,6 +596,13 @@ class _Compiler:
       raise _unsupported(layer, "it holds trainable weights (another "
                          "layer's?) that the task-batched path would read "
                          "unadapted")
+    if isinstance(op, _Conv2D):       # its kernels need static sizes
+      shape = (node.input_tensors[0].shape if node is not None else
+               layer.input.shape if _has_input(layer) else None)
+      if shape is not None and None in tuple(shape)[1:]:
+        raise _unsupported(layer, f"needs inputs of static shape (but the "
+                           f"batch axis); built on {tuple(shape)}")
+    op.input_dtype = keras_compat.autocast_dtype(layer)
     return op
 
   def _compile_layer(self, layer, node) -> _Op:
@@ -675,7 +673,8 @@ class _Compiler:
       return _BatchNorm(layer, [self.ref(layer, v) for v in (
           layer.gamma, layer.beta, layer.moving_mean, layer.moving_variance)])
     if kind is keras.layers.LayerNormalization:
-      axis = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
+      axis = (layer.axis if isinstance(layer.axis, (list, tuple))
+              else [layer.axis])
       last = len(layer.input.shape) - 1 if _has_input(layer) else None
       if list(axis) not in ([-1], [last]):
         raise _unsupported(layer, f"axis={layer.axis}; only the last axis is "
@@ -711,6 +710,13 @@ class _Compiler:
       if layer.axis == 0:
         raise _unsupported(layer, "concatenation along the batch axis")
       return _Concatenate(layer)
+    if kind is keras.layers.UnitNormalization:
+      axes = layer.axis if isinstance(layer.axis, (list, tuple)) else [
+          layer.axis]
+      rank = len(layer.input.shape) if _has_input(layer) else None
+      if any(a == 0 or (rank is not None and a % rank == 0)
+             or (rank is None and a < -1) for a in axes):
+        raise _unsupported(layer, f"axis={layer.axis} (across examples)")
     if kind in _PER_EXAMPLE:
       return _PerExample(layer)
     if kind is keras.layers.UpSampling2D:
@@ -720,9 +726,7 @@ class _Compiler:
       return _PerExample(layer)
     if not kind.__module__.startswith("keras.") and node is not None:
       # A user's layer (a block of Keras layers): its call traced on this
-      # call site's input.
-      if len(node.input_tensors) != 1:
-        raise _unsupported(layer, "a user's layer called on several tensors")
+      # call site's input (one positional tensor: compile_model's checks).
       shape = tuple(node.input_tensors[0].shape)
       return self.compile_model(_traced(layer, shape))
     raise _unsupported(layer, "this layer type is not supported (supported: "
@@ -865,6 +869,7 @@ class _Compiler:
     seed_ref = (self.ref(layer, parts["dropout"].seed_generator.state)
                 if layer.dropout else None)
     op = _MultiHeadAttention(layer, projections, seed_ref, causal)
+    op.input_dtype = keras_compat.autocast_dtype(layer)
     return op, [id(t) for t in tensors], id(node.outputs[0])
 
   def compile_model(self, model) -> _Program:
@@ -920,7 +925,8 @@ class _Compiler:
                 if k not in ("training", "mask") and _given(v)}
       if kwargs:
         raise _unsupported(op, f"called with keyword arguments "
-                           f"{sorted(kwargs)} (masks)")
+                           f"{sorted(kwargs)} (only the input is "
+                           "task-batched)")
       if len(node.outputs) != 1:
         raise _unsupported(op, "layers with several outputs")
       if len(node.arguments.args) != 1:
@@ -930,19 +936,14 @@ class _Compiler:
                            "so would be dropped)")
       recorded = node.arguments.kwargs.get("mask")
       sources = [t for t in node.input_tensors if t is not recorded]
-      if isinstance(op, keras.Model) and len(node.arguments.args) == 1:
+      if isinstance(op, keras.Model):
         sources = _ordered_inputs(op, node.arguments.args[0])
       compiled = self.compile_layer(op, node)
-      floats = {t.dtype for t in sources if "float" in str(t.dtype)}
-      if not isinstance(op, keras.Model) and floats - {op.compute_dtype}:
-        raise _unsupported(op, f"its inputs are {sorted(floats)}, it "
-                           f"computes in {op.compute_dtype} (Keras casts "
-                           "them; the task-batched op would not)")
       ids = [id(t) for t in sources]
       if mask is not None:          # the layer's call takes this mask
         ids.append(id(mask))
         if type(compiled) is _PerExample:  # pylint: disable=unidiomatic-typecheck
-          compiled = _MaskedPerExample(op)
+          compiled = _PerExample(op, masked=True)
       steps.append((compiled, ids, id(node.outputs[0])))
     return _Program(model, [id(t) for t in graph.inputs], steps,
                     id(graph.outputs[0]))
@@ -1201,19 +1202,21 @@ def compile_batched(model: keras.Model, conv_impl: str = "auto",
       layers:
       InputLayer, Dense, EinsumDense, MultiHeadAttention (no masks but
       ``use_causal_mask``, no returned scores), Embedding, Conv1D, Conv2D
-      (any ``groups``), DepthwiseConv2D and SeparableConv2D (channels_last,
-      'same' or 'valid'), Conv3D, Conv1D/2D/3DTranspose, SimpleRNN, GRU, LSTM and RNN over their cells (no
-      dropout inside the cell, not stateful, no returned states),
-      Bidirectional over them, TimeDistributed over a supported layer
-      (no BatchNormalization or random layers inside),
-      BatchNormalization, LayerNormalization and GroupNormalization
-      (last axis), Masking, MaxPooling2D, AveragePooling2D, Flatten, Activation, ReLU, LeakyReLU,
-      ELU, Softmax (last axis), Dropout (and its ``noise_shape``),
-      SpatialDropout1D/2D/3D, GaussianNoise, GaussianDropout, Add,
-      Concatenate and the weightless per-example layers (Rescaling, Normalization,
-      Identity, Reshape, Permute, padding and cropping, 1-D and global
-      pooling, UpSampling (nearest), RepeatVector, UnitNormalization,
-      Subtract, Multiply, Average, Maximum, Minimum); between
+      (any ``groups``), DepthwiseConv2D and SeparableConv2D
+      (channels_last, 'same' or 'valid'), Conv3D, Conv1D/2D/3DTranspose,
+      SimpleRNN, GRU, LSTM and RNN over their cells (no dropout inside
+      the cell, not stateful, no returned states), Bidirectional over
+      them, TimeDistributed over a supported layer (no
+      BatchNormalization or random layers inside), BatchNormalization,
+      LayerNormalization and GroupNormalization (last axis), Masking,
+      MaxPooling2D, AveragePooling2D, Flatten, Activation, ReLU,
+      LeakyReLU, ELU, Softmax (last axis), Dropout (and its
+      ``noise_shape``), SpatialDropout1D/2D/3D, GaussianNoise,
+      GaussianDropout, Add, Concatenate and the weightless per-example
+      layers (Rescaling, Normalization, Identity, Reshape, Permute,
+      padding and cropping, 1-D and global pooling, UpSampling
+      (nearest), RepeatVector, UnitNormalization, Subtract, Multiply,
+      Average, Maximum, Minimum); between
       them, Keras operations that act on each example alone (``x + y``,
       ``keras.ops.tanh(x)``, ``x[:, 0]``, reductions over feature axes:
       :func:`maml_tf.core.keras_compat.per_example_operation`). Keras

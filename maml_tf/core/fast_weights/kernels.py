@@ -251,12 +251,18 @@ def conv2d_map(x, kernel, strides, padding, dilations=(1, 1)):
     ...            (1, 1), "same").shape
     TensorShape([2, 3, 7, 7, 4])
   """
-  def one(args):
-    xt, kt = args
-    return conv2d(xt, kt, strides, padding, dilations)
+  return map_tasks(lambda xt, kt: conv2d(xt, kt, strides, padding, dilations),
+                   x, kernel)
+
+
+def map_tasks(fn, x, kernel):
+  """``fn(x[t], kernel[t])`` for every task, stacked: unrolled over a
+  static task axis of ``x`` (the kernel's may be unknown), ``tf.map_fn``
+  when it is unknown."""
   if x.shape[0] is not None:
-    return tf.stack([one(a) for a in zip(tf.unstack(x), tf.unstack(kernel))])
-  return tf.map_fn(one, (x, kernel), fn_output_signature=x.dtype)
+    return tf.stack([fn(a, k) for a, k in zip(
+        tf.unstack(x), tf.unstack(kernel, num=x.shape[0]))])
+  return tf.map_fn(lambda a: fn(*a), (x, kernel), fn_output_signature=x.dtype)
 
 
 _CONV_KERNELS = {"patches": conv2d_patches, "grouped": conv2d_grouped,

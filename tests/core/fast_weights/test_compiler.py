@@ -372,9 +372,13 @@ def test_matches_per_task_loop(name, impl, dtype, tol):
         np.testing.assert_array_equal(a, b)
 
 
-def test_shared_params_equal_tiled():
+@pytest.mark.parametrize("name", ["omniglot", "recurrent", "grouped",
+                                  "transposed", "attention"])
+def test_shared_params_equal_tiled(name):
+  """Parameters without the task axis (shared, as an adapt mask leaves
+  them): the same outputs as tiled ones, gradients summed over tasks."""
   rng = np.random.default_rng(1)
-  model = _omniglot("float64")
+  model = MODELS[name]("float64")
   x = _inputs(model, rng, "float64")
   shared = [v.value for v in model.trainable_variables]
   state = [v.value for v in model.non_trainable_variables]
@@ -641,9 +645,10 @@ def test_several_inputs_match_the_per_task_loop(as_dict):
      "its cell computes in float32"),
     (lambda: keras.Sequential([keras.Input((4, 3)), L.LSTM(
         2, activation=L.PReLU(), name="act")]), "act", "activation is a layer"),
-    (lambda: (lambda x: keras.Model(x, L.Dense(2, dtype="float32", name="d32")(
-        L.Dense(3, dtype="float64")(x))))(keras.Input((4,), dtype="float64")),
-     "d32", "computes in float32"),
+    (lambda: keras.Sequential([keras.Input((None, None, 2)), L.SeparableConv2D(
+        2, 2, name="sep")]), "sep", "static shape"),
+    (lambda: keras.Sequential([keras.Input((4, 3)), L.UnitNormalization(
+        axis=0, name="un0")]), "un0", "axis"),
     (lambda: keras.Sequential([keras.Input((4,)),
                                L.Lambda(lambda x: 2 * x, name="double")]),
      "double", "not supported"),
@@ -799,6 +804,31 @@ def test_masks_the_batched_path_cannot_apply_are_named(build, why):
   inp = keras.Input((6,), dtype="int32")
   with pytest.raises(Unsupported, match=why):
     compile_batched(keras.Model(inp, build(inp)))
+
+
+def test_layers_cast_their_inputs_as_keras_does():
+  """A float32 layer after float64 ones, a float32 nested model in a
+  float64 one, float32 inputs to float64 layers: each layer casts its
+  floating inputs to its dtype, as Keras' __call__ does."""
+  rng = np.random.default_rng(10)
+  inner = keras.Sequential([keras.Input((3,)), L.Dense(3, activation="tanh")])
+  x = keras.Input((4,), dtype="float64")
+  h = L.Dense(3, activation="tanh", dtype="float64")(x)
+  h = L.Dense(3, dtype="float32")(h)
+  h = L.Dense(3, activation="tanh", dtype="float64")(inner(h))
+  functional = keras.Model(x, h)
+  sequential = keras.Sequential([keras.Input((4,), dtype="float32"),
+                                 L.Dense(3, dtype="float64"),
+                                 L.Dense(2, dtype="float32")])
+  for model in (functional, sequential):
+    params = [tf.constant(v.numpy()[None] + 0.3 * rng.normal(
+        size=(T,) + tuple(v.shape)), v.dtype) for v in
+              model.trainable_variables]
+    xs = tf.constant(rng.normal(size=(T, 5, 4)), model.inputs[0].dtype)
+    y, _ = compile_batched(model)(params, [], xs)
+    y_ref, _ = _loop(model, params, [], xs, True)
+    assert y.dtype == y_ref.dtype
+    np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-6)
 
 
 def test_operations_may_change_the_example_count():
