@@ -467,6 +467,37 @@ def _meta_loss_loop(model, theta, state, sx, sy, qx, qy, alpha=0.5):
   return total
 
 
+def _check_second_order(model, batched, state, sx, sy, qx, qy, rng,
+                        directions):
+  """The batched meta-gradient (one inner SGD step, second order) against
+  the per-task loop's, then against central finite differences along
+  ``directions`` random directions (a smaller step where curvature, e.g.
+  GroupNorm over few values, shows the first one's truncation error)."""
+  theta = [tf.constant(v.numpy()) for v in model.trainable_variables]
+  loss_b = lambda th: _meta_loss_batched(batched, th, state, sx, sy, qx, qy)
+  with tf.GradientTape() as tape:
+    tape.watch(theta)
+    lb = loss_b(theta)
+  gb = [tf.convert_to_tensor(g) for g in tape.gradient(lb, theta)]
+  with tf.GradientTape() as tape:
+    tape.watch(theta)
+    ll = _meta_loss_loop(model, theta, state, sx, sy, qx, qy)
+  gl = [tf.convert_to_tensor(g) for g in tape.gradient(ll, theta)]
+  np.testing.assert_allclose(lb, ll, rtol=1e-10)
+  for a, b in zip(gb, gl):
+    np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-11)
+  for _ in range(directions):
+    d = [tf.constant(rng.normal(size=p.shape)) for p in theta]
+    an = float(sum(tf.reduce_sum(g * v) for g, v in zip(gb, d)))
+    for eps in (1e-5, 1e-6):
+      fd = float((loss_b([p + eps * v for p, v in zip(theta, d)])
+                  - loss_b([p - eps * v for p, v in zip(theta, d)]))
+                 / (2 * eps))
+      if abs(fd - an) <= 1e-5 * max(abs(an), 1e-3):
+        break
+    assert abs(fd - an) <= 1e-5 * max(abs(an), 1e-3), (fd, an)
+
+
 @pytest.mark.parametrize("name,impl", [
     ("omniglot", "patches"), ("omniglot", "grouped"),
     ("omniglot_fold", "map"), ("odd_fold", "patches"),
@@ -483,44 +514,17 @@ def test_second_order_gradients(name, impl):
   rng = np.random.default_rng(2)
   dtype = "float64"
   model = MODELS[name](dtype)
-  theta = [tf.constant(v.numpy()) for v in model.trainable_variables]
   _, state = _per_task(model, rng, dtype)
   sx, qx = _inputs(model, rng, dtype, 5), _inputs(model, rng, dtype, 6)
   sy = tf.constant(rng.integers(0, 3, size=(T, 5)))
   qy = tf.constant(rng.integers(0, 3, size=(T, 6)))
   batched = compile_batched(model, conv_impl=impl)
-
-  def loss_b(th):
-    return _meta_loss_batched(batched, th, state, sx, sy, qx, qy)
-
-  with tf.GradientTape() as tape:
-    tape.watch(theta)
-    lb = loss_b(theta)
-  gb = [tf.convert_to_tensor(g) for g in tape.gradient(lb, theta)]
-  with tf.GradientTape() as tape:
-    tape.watch(theta)
-    ll = _meta_loss_loop(model, theta, state, sx, sy, qx, qy)
-  gl = [tf.convert_to_tensor(g) for g in tape.gradient(ll, theta)]
-  np.testing.assert_allclose(lb, ll, rtol=1e-10)
-  for a, b in zip(gb, gl):
-    np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-11)
-
-  if name in ("omniglot", "skip", "omniglot_fold", "conv1d",
-              "depthwise", "text", "operations",
-              "attention", "dilated", "recurrent",
-              "grouped", "resampled", "transposed"):  # finite differences
-    for _ in range(2):
-      d = [tf.constant(rng.normal(size=p.shape)) for p in theta]
-      an = float(sum(tf.reduce_sum(g * v) for g, v in zip(gb, d)))
-      # (A smaller step where curvature, e.g. GroupNorm over few values,
-      # makes the first one's truncation error show.)
-      for eps in (1e-5, 1e-6):
-        plus = loss_b([p + eps * v for p, v in zip(theta, d)])
-        minus = loss_b([p - eps * v for p, v in zip(theta, d)])
-        fd = float((plus - minus) / (2 * eps))
-        if abs(fd - an) <= 1e-5 * max(abs(an), 1e-3):
-          break
-      assert abs(fd - an) <= 1e-5 * max(abs(an), 1e-3), (fd, an)
+  with_fd = name in ("omniglot", "skip", "omniglot_fold", "conv1d",
+                     "depthwise", "text", "operations", "attention",
+                     "dilated", "recurrent", "grouped", "resampled",
+                     "transposed")
+  _check_second_order(model, batched, state, sx, sy, qx, qy, rng,
+                      2 if with_fd else 0)
 
 
 def test_conv_batchnorm_fold_applies_to_small_fan_in_only():
@@ -744,27 +748,10 @@ def test_keras_masks_match_the_per_task_loop(make):
     y, _ = batched(params, state, x, training=training)
     y_ref, _ = _loop(model, params, state, x, training)
     np.testing.assert_allclose(y, y_ref, rtol=1e-10, atol=1e-10)
-  theta = [tf.constant(v.numpy()) for v in model.trainable_variables]
   sx, qx = _padded(rng, 5, text), _padded(rng, 6, text)
   sy = tf.constant(rng.integers(0, 3, size=(T, 5)))
   qy = tf.constant(rng.integers(0, 3, size=(T, 6)))
-  loss_b = lambda th: _meta_loss_batched(batched, th, state, sx, sy, qx, qy)
-  with tf.GradientTape() as tape:
-    tape.watch(theta)
-    lb = loss_b(theta)
-  gb = [tf.convert_to_tensor(g) for g in tape.gradient(lb, theta)]
-  with tf.GradientTape() as tape:
-    tape.watch(theta)
-    ll = _meta_loss_loop(model, theta, state, sx, sy, qx, qy)
-  gl = [tf.convert_to_tensor(g) for g in tape.gradient(ll, theta)]
-  np.testing.assert_allclose(lb, ll, rtol=1e-10)
-  for a, b in zip(gb, gl):
-    np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-11)
-  eps, d = 1e-5, [tf.constant(rng.normal(size=p.shape)) for p in theta]
-  fd = float((loss_b([p + eps * v for p, v in zip(theta, d)])
-              - loss_b([p - eps * v for p, v in zip(theta, d)])) / (2 * eps))
-  an = float(sum(tf.reduce_sum(g * v) for g, v in zip(gb, d)))
-  assert abs(fd - an) <= 1e-5 * max(abs(an), 1e-3), (fd, an)
+  _check_second_order(model, batched, state, sx, sy, qx, qy, rng, 1)
 
 
 def _embedded(x):
