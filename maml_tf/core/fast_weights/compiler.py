@@ -346,8 +346,9 @@ class _PerExample(_Op):
     self.masked = masked
 
   def __call__(self, ctx, inputs):
-    merged = [_merge_task_axis(x)[0] for x in inputs]
-    split = _merge_task_axis(inputs[0])[1]
+    merged = [_merge_task_axis(x) for x in inputs]
+    split = merged[0][1]
+    merged = [m for m, _ in merged]
     kwargs = {"mask": merged.pop()} if self.masked else {}
     y = self.layer.call(merged[0] if len(merged) == 1 else merged, **kwargs)
     return split(y)
@@ -943,7 +944,7 @@ class _Compiler:
       if mask is not None:          # the layer's call takes this mask
         ids.append(id(mask))
         if type(compiled) is _PerExample:  # pylint: disable=unidiomatic-typecheck
-          compiled = _PerExample(op, masked=True)
+          compiled.masked = True
       steps.append((compiled, ids, id(node.outputs[0])))
     return _Program(model, [id(t) for t in graph.inputs], steps,
                     id(graph.outputs[0]))
