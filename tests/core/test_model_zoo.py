@@ -102,6 +102,21 @@ def _bidirectional():
   return keras.Model(x, keras.layers.Dense(WAYS)(h), name="bidirectional")
 
 
+def _unet():
+  """A small U-Net-style encoder-decoder: a strided convolution down,
+  Conv2DTranspose up, a skip Concatenate, SeparableConv2D, BatchNorm."""
+  x = keras.Input((8, 8, 2))
+  c1 = keras.layers.Conv2D(4, 3, padding="same", activation="tanh")(x)
+  c2 = keras.layers.Conv2D(6, 3, strides=2, padding="same",
+                           activation="tanh")(c1)
+  u = keras.layers.Conv2DTranspose(4, 2, strides=2, padding="same")(c2)
+  h = keras.layers.Concatenate()([u, c1])
+  h = keras.layers.SeparableConv2D(4, 3, padding="same")(h)
+  h = keras.layers.Activation("tanh")(keras.layers.BatchNormalization()(h))
+  h = keras.layers.GlobalAveragePooling2D()(h)
+  return keras.Model(x, keras.layers.Dense(WAYS)(h), name="unet")
+
+
 def _conv1d():
   x = keras.Input((10, 3))
   h = keras.layers.Conv1D(6, 3, activation="tanh")(x)
@@ -314,6 +329,7 @@ CASES = {
                        ("batched",)),
     # Padded token ids masked (mask_zero) for the recurrent layers.
     "bidirectional_lstm": (_bidirectional, _tokens, CLASSES, ("batched",)),
+    "unet": (_unet, _images((8, 8, 2)), CLASSES, ("batched",)),
     "conv1d": (_conv1d, _images((10, 3)), CLASSES,
                ("batched",)),
     "transformer": (_transformer, _images((6, 8)), CLASSES,
