@@ -522,6 +522,19 @@ def dropout_masks(seeds, shape, rate: float, dtype) -> tf.Tensor:
       seeds, fn_output_signature=dtype)
 
 
+def uniform_noise(seeds, shape) -> tf.Tensor:
+  """``[T, *shape]`` uniform draws in ``[0, 1)``, row ``t`` the one
+  ``keras.random.uniform(shape, seed=generator)`` makes on TensorFlow (in
+  ``floatx``) when the generator holds ``seeds[t]`` (AlphaDropout's)."""
+  seeds = _int32_seeds(seeds)
+  dtype = keras.config.floatx()
+  return tf.map_fn(
+      lambda seed: tf.random.stateless_uniform(
+          shape, minval=tf.cast(0.0, dtype), maxval=tf.cast(1.0, dtype),
+          dtype=dtype, seed=seed),
+      seeds, fn_output_signature=dtype)
+
+
 def normal_noise(seeds, shape, mean: float, stddev: float, dtype
                  ) -> tf.Tensor:
   """``[T, *shape]`` normal draws, row ``t`` the one ``keras.random.normal``

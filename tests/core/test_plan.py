@@ -179,10 +179,11 @@ def test_a_runtime_fallback_is_a_new_plan_not_a_changed_learner():
     # Stacked cells in one RNN layer are not task-batched.
     (lambda: keras.layers.RNN(keras.layers.StackedRNNCells(
         [keras.layers.GRUCell(4)]), return_sequences=True), "recurrent"),
-    # Off the task-batched path: channels_first, AlphaDropout.
+    # Off the task-batched path: channels_first, dropout inside a cell.
     (lambda: keras.layers.Conv1D(2, 2, data_format="channels_first"),
      "convolutions"),
-    (lambda: keras.layers.AlphaDropout(0.1), "random layers"),
+    (lambda: keras.layers.GRU(4, dropout=0.1, return_sequences=True),
+     "random layers"),
 ])
 def test_auto_runs_what_vectorized_map_cannot_trace_under_map_fn(layer, why):
   model = keras.Sequential([keras.Input((3, 2)), layer(),

@@ -76,7 +76,8 @@ task axis and every layer is one task-batched kernel:
   Keras operations of a functional graph (``x + y``, ``keras.ops.*``,
   ``x[:, 0]``) likewise, where they act on each example alone
   (:func:`maml_tf.core.keras_compat.per_example_operation` says which).
-* Random layers (Dropout, spatial dropout, GaussianNoise, GaussianDropout):
+* Random layers (Dropout, spatial dropout, GaussianNoise, GaussianDropout,
+  AlphaDropout):
   each task's noise is drawn from its own seed state (``[T, 2]`` seeds) as
   Keras draws it for that task alone; the layers themselves run batched.
 

@@ -412,9 +412,9 @@ def _drawn_seeds(ctx, seed_ref, num_tasks):
 
 
 class _Random(_Op):
-  """A random layer (Dropout, GaussianNoise, GaussianDropout) with its noise
-  drawn per task from that task's seed state as the per-task path draws it
-  (``draw(seeds, shape, dtype)``, :mod:`~maml_tf.core.keras_compat`), then
+  """A random layer (Dropout, GaussianNoise, GaussianDropout, AlphaDropout)
+  with its noise drawn per task from that task's seed state as the
+  per-task path draws it (``draw(seeds, shape, dtype)``, :mod:`~maml_tf.core.keras_compat`), then
   ``combine(x, noise)``; the state then holds the seed advanced by one draw,
   as the layer's ``SeedGenerator`` would. Inference mode passes ``x``."""
 
@@ -502,7 +502,8 @@ _SPATIAL_DROPOUT = (keras.layers.SpatialDropout1D,
                     keras.layers.SpatialDropout2D,
                     keras.layers.SpatialDropout3D)
 _RANDOM = (keras.layers.Dropout, keras.layers.GaussianNoise,
-           keras.layers.GaussianDropout) + _SPATIAL_DROPOUT
+           keras.layers.GaussianDropout,
+           keras.layers.AlphaDropout) + _SPATIAL_DROPOUT
 
 
 def _dropout_noise_shape(layer):
@@ -538,7 +539,8 @@ _SUPPORTED = (
     "BatchNormalization, LayerNormalization, GroupNormalization, "
     "MaxPooling2D, AveragePooling2D, "
     "Flatten, Activation, ReLU, LeakyReLU, ELU, Softmax, Dropout, "
-    "SpatialDropout1D/2D/3D, GaussianNoise, GaussianDropout, Add, "
+    "SpatialDropout1D/2D/3D, GaussianNoise, GaussianDropout, AlphaDropout, "
+    "Add, "
     "Concatenate, UpSampling2D (nearest), "
     + ", ".join(k.__name__ for k in _PER_EXAMPLE)
     + ", nested Sequential/functional models, and Keras operations that "
@@ -806,8 +808,8 @@ class _Compiler:
                       self.ref(layer, cell.bias))
 
   def compile_random(self, layer) -> _Op:
-    """Dropout (spatial too), GaussianNoise, GaussianDropout: noise per
-    task."""
+    """Dropout (spatial too), GaussianNoise, GaussianDropout, AlphaDropout:
+    noise per task."""
     rate = (layer.stddev if isinstance(layer, keras.layers.GaussianNoise)
             else layer.rate)
     if rate == 0:
@@ -817,6 +819,15 @@ class _Compiler:
       draw = lambda s, shape, dtype: keras_compat.dropout_masks(
           s, noise_shape(shape), rate, dtype)
       combine = tf.multiply
+    elif isinstance(layer, keras.layers.AlphaDropout):
+      noise_shape = _dropout_noise_shape(layer)
+      alpha_p = -1.6732632423543772848170429916717 * (
+          1.0507009873554804934193349852946)
+      a = ((1 - rate) * (1 + rate * alpha_p**2)) ** -0.5
+      b = -a * alpha_p * rate
+      draw = lambda s, shape, dtype: tf.cast(keras_compat.uniform_noise(
+          s, noise_shape(shape)) >= rate, dtype)
+      combine = lambda x, kept: a * (x * kept + alpha_p * (1 - kept)) + b
     elif isinstance(layer, keras.layers.GaussianNoise):
       draw = lambda s, shape, dtype: keras_compat.normal_noise(
           s, shape, 0.0, rate, dtype)
@@ -1213,12 +1224,11 @@ def compile_batched(model: keras.Model, conv_impl: str = "auto",
       MaxPooling2D, AveragePooling2D, Flatten, Activation, ReLU,
       LeakyReLU, ELU, Softmax (last axis), Dropout (and its
       ``noise_shape``), SpatialDropout1D/2D/3D, GaussianNoise,
-      GaussianDropout, Add, Concatenate and the weightless per-example
-      layers (Rescaling, Normalization, Identity, Reshape, Permute,
-      padding and cropping, 1-D and global pooling, UpSampling
+      GaussianDropout, AlphaDropout, Add, Concatenate and the weightless
+      per-example layers (Rescaling, Normalization, Identity, Reshape,
+      Permute, padding and cropping, 1-D and global pooling, UpSampling
       (nearest), RepeatVector, UnitNormalization, Subtract, Multiply,
-      Average, Maximum, Minimum); between
-      them, Keras operations that act on each example alone (``x + y``,
+      Average, Maximum, Minimum); between them, Keras operations that act on each example alone (``x + y``,
       ``keras.ops.tanh(x)``, ``x[:, 0]``, reductions over feature axes:
       :func:`maml_tf.core.keras_compat.per_example_operation`). Keras
       masks reach the recurrent layers and GlobalAveragePooling1D as Keras

@@ -887,6 +887,14 @@ def _noisy_mlp():
                            L.Dense(3), L.Dropout(0.2)])
 
 
+def _alpha():
+  """AlphaDropout (SELU networks), with and without a noise_shape."""
+  return keras.Sequential([keras.Input((4,)), L.Dense(6, "selu"),
+                           L.AlphaDropout(0.3), L.Dense(5, "selu"),
+                           L.AlphaDropout(0.2, noise_shape=(None, 5)),
+                           L.Dense(3)])
+
+
 def _spatial():
   return keras.Sequential([
       keras.Input((4, 4, 2)), L.Conv2D(3, 3, padding="same",
@@ -913,11 +921,12 @@ def _attention_dropout():
 
 @pytest.mark.parametrize("make,draws", [(_noisy_mlp, 5), (_spatial, 3),
                                         (_functional_dropout, 2),
+                                        (_alpha, 2),
                                         (_attention_dropout, 1)])
 def test_random_layers_draw_each_tasks_noise_from_its_seed(make, draws):
   """Per-task seed states: each task's masks and noise (and advanced seeds)
-  are the ones Keras' Dropout (spatial, with a noise_shape), GaussianNoise
-  and GaussianDropout draw for that task on its own."""
+  are the ones Keras' Dropout (spatial, with a noise_shape), GaussianNoise,
+  GaussianDropout and AlphaDropout draw for that task on its own."""
   keras.utils.set_random_seed(3)
   model = make()
   assert sum(type(op).__name__ in ("_Random", "_MultiHeadAttention")
