@@ -175,10 +175,25 @@ def test_a_runtime_fallback_is_a_new_plan_not_a_changed_learner():
   assert maml.execution == "map_fn"
 
 
+class _MinimalCell(keras.layers.Layer):
+  """A user's RNN cell (``h' = x W + h``): not task-batched."""
+
+  def __init__(self, units, **kwargs):
+    super().__init__(**kwargs)
+    self.units = self.state_size = units
+
+  def build(self, input_shape):
+    self.kernel = self.add_weight(shape=(input_shape[-1], self.units))
+
+  def call(self, inputs, states):
+    h = keras.ops.matmul(inputs, self.kernel) + states[0]
+    return h, [h]
+
+
 @pytest.mark.parametrize("layer, why", [
-    # Stacked cells in one RNN layer are not task-batched.
-    (lambda: keras.layers.RNN(keras.layers.StackedRNNCells(
-        [keras.layers.GRUCell(4)]), return_sequences=True), "recurrent"),
+    # A user's cell in an RNN layer is not task-batched.
+    (lambda: keras.layers.RNN(_MinimalCell(4), return_sequences=True),
+     "recurrent"),
     # Off the task-batched path: channels_first, dropout inside a cell.
     (lambda: keras.layers.Conv1D(2, 2, data_format="channels_first"),
      "convolutions"),

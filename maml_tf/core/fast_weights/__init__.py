@@ -53,8 +53,8 @@ task axis and every layer is one task-batched kernel:
   dropout draws each task's mask from its seed state.
 * SimpleRNN, GRU, LSTM (:mod:`~maml_tf.core.fast_weights.recurrent`): the
   input projections of all time steps as one batched matmul, then one
-  ``tf.scan`` over time of the cell's recurrence on ``[T, N, U]`` states;
-  Bidirectional over them, TimeDistributed over a supported layer
+  ``tf.scan`` over time of the cell's recurrence on ``[T, N, U]`` states
+  (stacked cells: one such op per cell); Bidirectional over them, TimeDistributed over a supported layer
   without BatchNormalization or random draws (Keras calls it per step). Zero
   initial states, no dropout inside the cell. A Keras mask
   (``Embedding(mask_zero=True)``, ``Masking``) skips steps as Keras' loop

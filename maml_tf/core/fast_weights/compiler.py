@@ -27,8 +27,8 @@ from maml_tf.core.fast_weights.kernels import (
 from maml_tf.core.fast_weights.normalization import (
     _BatchNorm, _ConvBatchNorm, _GroupNorm, _LayerNorm)
 from maml_tf.core.fast_weights.recurrent import (
-    _Bidirectional, _Recurrent, _TimeDistributed, check_recurrent,
-    recurrent_cell)
+    _Bidirectional, _Recurrent, _Stacked, _TimeDistributed, check_recurrent,
+    recurrent_cells)
 
 
 # ---------------------------------------------------------------- layer ops
@@ -534,7 +534,7 @@ _SUPPORTED = (
     "InputLayer, Dense, EinsumDense, MultiHeadAttention, Embedding, Conv1D, "
     "Conv2D, Conv3D, DepthwiseConv2D, SeparableConv2D, "
     "Conv1D/2D/3DTranspose, "
-    "SimpleRNN, GRU, LSTM, RNN over their cells, "
+    "SimpleRNN, GRU, LSTM, RNN over their cells or a stack of them, "
     "Bidirectional over them, TimeDistributed, "
     "BatchNormalization, LayerNormalization, GroupNormalization, "
     "MaxPooling2D, AveragePooling2D, "
@@ -623,14 +623,14 @@ class _Compiler:
       op = _Conv2D if kind is keras.layers.Conv2D else _Conv1D
       return op(layer, self.ref(layer, layer.kernel),
                 self.ref(layer, layer.bias), self.conv_impl)
-    if recurrent_cell(layer) is not None:
+    if recurrent_cells(layer) is not None:
       return self.compile_recurrent(layer)
     if kind is keras.layers.Bidirectional:
       if layer.merge_mode not in ("concat", "sum", "ave", "mul"):
         raise _unsupported(layer, f"merge_mode={layer.merge_mode!r} (several "
                            "outputs)")
       directions = [layer.forward_layer, layer.backward_layer]
-      if any(recurrent_cell(d) is None for d in directions):
+      if any(recurrent_cells(d) is None for d in directions):
         raise _unsupported(layer, "it wraps a layer other than SimpleRNN, "
                            "GRU, LSTM or RNN over their cells")
       return _Bidirectional(layer, *(self.compile_layer(d)
@@ -787,25 +787,34 @@ class _Compiler:
     if any(getattr(d, "unroll", False) for d in directions):
       raise _unsupported(op, "unroll=True with a Keras mask (Keras' "
                          "unrolled loop masks otherwise than its loop)")
-    if (recurrent_cell(op) is not None or type(op) in _PER_EXAMPLE
+    if (recurrent_cells(op) is not None or type(op) in _PER_EXAMPLE
         or isinstance(op, keras.layers.Bidirectional)):
       return mask
     raise _unsupported(op, "its call takes a Keras mask (masks reach only "
                        "recurrent layers and GlobalAveragePooling1D here)")
 
   def compile_recurrent(self, layer) -> _Op:
-    """SimpleRNN, GRU, LSTM (or RNN over their cells) with zero initial
-    states and no dropout inside the cell (a Keras mask is the op's second
-    input)."""
+    """SimpleRNN, GRU, LSTM (or RNN over their cells, or over a stack of
+    them: one op per cell) with zero initial states and no dropout inside
+    the cell (a Keras mask is the op's second input)."""
     check_recurrent(layer)
-    cell = layer.cell
-    self.check_common(cell)
-    if cell.dtype_policy.name != layer.dtype_policy.name:
-      raise _unsupported(layer, f"its cell computes in {cell.dtype_policy.name}"
-                         f", the layer in {layer.dtype_policy.name}")
-    return _Recurrent(layer, self.ref(layer, cell.kernel),
-                      self.ref(layer, cell.recurrent_kernel),
-                      self.ref(layer, cell.bias))
+    cells = recurrent_cells(layer)
+    for cell in cells + [layer.cell]:   # (the stack of cells casts too)
+      self.check_common(cell)
+      if cell.dtype_policy.name != layer.dtype_policy.name:
+        raise _unsupported(layer, f"its cell computes in "
+                           f"{cell.dtype_policy.name}, the layer in "
+                           f"{layer.dtype_policy.name}")
+    refs = lambda cell: [self.ref(layer, v) for v in (
+        cell.kernel, cell.recurrent_kernel, cell.bias)]
+    if len(cells) == 1 and cells[0] is layer.cell:
+      return _Recurrent(layer, *refs(cells[0]))
+    last = len(cells) - 1
+    return _Stacked(layer, [_Recurrent(
+        layer, *refs(cell), cell=cell, go_backwards=layer.go_backwards and not i,
+        return_sequences=layer.return_sequences or i < last,
+        zero_output=layer.zero_output_for_mask and i == last)
+                            for i, cell in enumerate(cells)])
 
   def compile_random(self, layer) -> _Op:
     """Dropout (spatial too), GaussianNoise, GaussianDropout, AlphaDropout:
@@ -1216,8 +1225,8 @@ def compile_batched(model: keras.Model, conv_impl: str = "auto",
       ``use_causal_mask``, no returned scores), Embedding, Conv1D, Conv2D
       (any ``groups``), DepthwiseConv2D and SeparableConv2D
       (channels_last, 'same' or 'valid'), Conv3D, Conv1D/2D/3DTranspose,
-      SimpleRNN, GRU, LSTM and RNN over their cells (no dropout inside
-      the cell, not stateful, no returned states), Bidirectional over
+      SimpleRNN, GRU, LSTM and RNN over their cells or a stack of them
+      (no dropout inside the cell, not stateful, no returned states), Bidirectional over
       them, TimeDistributed over a supported layer (no
       BatchNormalization or random layers inside), BatchNormalization,
       LayerNormalization and GroupNormalization (last axis), Masking,

@@ -1,5 +1,6 @@
 """Recurrent layers with per-task weights: SimpleRNN, GRU, LSTM (and
-``keras.layers.RNN`` over one of their cells), Bidirectional over them, and
+``keras.layers.RNN`` over one of their cells, or over a stack of them),
+Bidirectional over them, and
 TimeDistributed over a supported layer without batch statistics or random
 draws.
 
@@ -24,25 +25,29 @@ _CELLS = (keras.layers.SimpleRNNCell, keras.layers.GRUCell,
 _LAYERS = (keras.layers.SimpleRNN, keras.layers.GRU, keras.layers.LSTM)
 
 
-def recurrent_cell(layer):
-  """The cell of a recurrent layer the task-batched path runs, else None:
-  SimpleRNN, GRU, LSTM, or ``keras.layers.RNN`` over one of their cells."""
+def recurrent_cells(layer):
+  """The cells of a recurrent layer the task-batched path runs (a list,
+  first cell first), else None: SimpleRNN, GRU, LSTM, or
+  ``keras.layers.RNN`` over one of their cells or a StackedRNNCells of
+  them."""
   # pylint: disable=unidiomatic-typecheck
-  if type(layer) in _LAYERS or (type(layer) is keras.layers.RNN
-                                and type(layer.cell) in _CELLS):
-    return layer.cell
-  return None
+  if type(layer) in _LAYERS:
+    return [layer.cell]
+  if type(layer) is not keras.layers.RNN:
+    return None
+  cells = (layer.cell.cells if type(layer.cell) is keras.layers.StackedRNNCells
+           else [layer.cell])
+  return cells if all(type(c) in _CELLS for c in cells) else None
 
 
 def check_recurrent(layer):
   """Raises Unsupported where the batched recurrence would differ from the
-  layer's: statefulness, dropout inside the cell, returned states."""
-  cell = layer.cell
+  layer's: statefulness, dropout inside a cell, returned states."""
   if layer.stateful:
     raise _unsupported(layer, "stateful=True")
   if layer.return_state:
     raise _unsupported(layer, "return_state=True (several outputs)")
-  if cell.dropout or cell.recurrent_dropout:
+  if any(c.dropout or c.recurrent_dropout for c in recurrent_cells(layer)):
     raise _unsupported(layer, "dropout or recurrent_dropout inside the cell "
                        "(a Dropout layer before it is task-batched)")
 
@@ -54,13 +59,22 @@ class _Recurrent(_Op):
 
   A second input, a ``[T, N, L]`` Keras mask, skips masked steps as Keras'
   loop does: their states are the previous step's, their output the
-  previous output (zeros with ``zero_output_for_mask``)."""
+  previous output (zeros with ``zero_output_for_mask``).
 
-  def __init__(self, layer, kernel_ref, recurrent_ref, bias_ref):
+  ``cell``, ``go_backwards``, ``return_sequences``, ``zero_output``: the
+  layer's own unless given (one cell of a stack).
+  """
+
+  def __init__(self, layer, kernel_ref, recurrent_ref, bias_ref, cell=None,
+               go_backwards=None, return_sequences=None, zero_output=None):
     super().__init__(layer)
     self.kernel_ref, self.recurrent_ref, self.bias_ref = (
         kernel_ref, recurrent_ref, bias_ref)
-    self.cell = layer.cell
+    given = lambda value, default: default if value is None else value
+    self.cell = given(cell, layer.cell)
+    self.go_backwards = given(go_backwards, layer.go_backwards)
+    self.return_sequences = given(return_sequences, layer.return_sequences)
+    self.zero_output = given(zero_output, layer.zero_output_for_mask)
     self.units = int(self.cell.units)
 
   def __call__(self, ctx, inputs):
@@ -80,7 +94,7 @@ class _Recurrent(_Op):
         recurrent_bias = _per_task_vector(recurrent_bias, bias_per_task, 3)
       projected += _per_task_vector(input_bias, bias_per_task, 4)
     mask = inputs[1] if len(inputs) > 1 else None
-    if self.layer.go_backwards:
+    if self.go_backwards:
       projected = tf.reverse(projected, [2])
       mask = None if mask is None else tf.reverse(mask, [2])
     recurrent, rec_per_task = ctx.read(self.recurrent_ref)
@@ -92,7 +106,7 @@ class _Recurrent(_Op):
     if mask is None:
       outputs = tf.scan(step, time_major, initializer=carry)[0]
     else:                      # (output, *states): [L, T, N, U] each
-      keep_zero = self.layer.zero_output_for_mask
+      keep_zero = self.zero_output
 
       def masked_step(carry, elems):
         output, states = carry[0], carry[1:]
@@ -104,7 +118,7 @@ class _Recurrent(_Op):
                                  for a, b in zip(new, states))
       outputs = tf.scan(masked_step, (time_major, tf.transpose(
           tf.cast(mask, tf.bool), [2, 0, 1])), initializer=(zeros,) + carry)[0]
-    if self.layer.return_sequences:
+    if self.return_sequences:
       return tf.transpose(outputs, [1, 2, 0, 3])
     return outputs[-1]
 
@@ -146,6 +160,26 @@ class _Recurrent(_Op):
       y = x_t + matmul(h, recurrent)
       return (act(y) if act is not None else y,)
     return simple
+
+
+class _Stacked(_Op):
+  """``keras.layers.RNN`` over StackedRNNCells: the cells as recurrent ops
+  one after another, each over the whole sequence the one before returns
+  (in the order processed: the first cell goes backwards if the layer
+  does, the mask then goes reversed to the others). A stack's cell at a
+  masked step keeps its states, as here, so the outputs are Keras'."""
+
+  def __init__(self, layer, parts):
+    super().__init__(layer)
+    self.parts = parts
+
+  def __call__(self, ctx, inputs):
+    x, mask = inputs[0], (inputs[1] if len(inputs) > 1 else None)
+    for i, part in enumerate(self.parts):
+      x = part(ctx, [x] + ([mask] if mask is not None else []))
+      if i == 0 and mask is not None and self.layer.go_backwards:
+        mask = tf.reverse(mask, [2])
+    return x
 
 
 class _Bidirectional(_Op):

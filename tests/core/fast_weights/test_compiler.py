@@ -219,8 +219,8 @@ def _attention(dtype):
 
 
 def _recurrent(dtype):
-  """LSTM, GRU (both reset modes, backwards), SimpleRNN, RNN over a cell,
-  Bidirectional (concat and sum) and TimeDistributed."""
+  """LSTM, GRU (both reset modes, backwards), SimpleRNN, RNN over a cell and
+  over stacked cells, Bidirectional (concat and sum) and TimeDistributed."""
   inp = keras.Input((5, 3), dtype=dtype)
   a = L.LSTM(4, return_sequences=True, dtype=dtype)(inp)
   b = L.GRU(4, return_sequences=True, go_backwards=True, dtype=dtype)(a)
@@ -233,7 +233,11 @@ def _recurrent(dtype):
   f = L.Bidirectional(L.GRU(2, dtype=dtype), merge_mode="sum",
                       dtype=dtype)(e)
   g = L.RNN(L.LSTMCell(2, use_bias=False, dtype=dtype), dtype=dtype)(inp)
-  out = L.Dense(3, dtype=dtype)(L.Concatenate(dtype=dtype)([c, d, f, g]))
+  s = L.RNN(L.StackedRNNCells([L.GRUCell(3, dtype=dtype),
+                               L.LSTMCell(2, dtype=dtype)], dtype=dtype),
+            go_backwards=True, return_sequences=True, dtype=dtype)(inp)
+  out = L.Dense(3, dtype=dtype)(L.Concatenate(dtype=dtype)(
+      [c, d, f, g, L.Flatten(dtype=dtype)(s)]))
   return keras.Model(inp, out, name="recurrent")
 
 
@@ -647,6 +651,9 @@ def test_several_inputs_match_the_per_task_loop(as_dict):
     (lambda: keras.Sequential([keras.Input((4, 3), dtype="float64"), L.RNN(
         L.GRUCell(3, dtype="float32"), dtype="float64", name="cd")]), "cd",
      "its cell computes in float32"),
+    (lambda: keras.Sequential([keras.Input((4, 3), dtype="float64"), L.RNN(
+        [L.GRUCell(3, dtype="float64")], dtype="float64", name="sd")]), "sd",
+     "computes in float32"),
     (lambda: keras.Sequential([keras.Input((4, 3)), L.LSTM(
         2, activation=L.PReLU(), name="act")]), "act", "activation is a layer"),
     (lambda: keras.Sequential([keras.Input((None, None, 2)), L.SeparableConv2D(
@@ -697,7 +704,12 @@ def _masked_text(dtype):
   c = L.GRU(2, go_backwards=True, dtype=dtype)(b)
   g = L.GlobalAveragePooling1D(dtype=dtype)(b)
   h = L.SimpleRNN(2, zero_output_for_mask=True, dtype=dtype)(a)
-  out = L.Concatenate(dtype=dtype)([c, g, h])
+  s = L.RNN(L.StackedRNNCells([L.SimpleRNNCell(2, dtype=dtype),
+                               L.GRUCell(2, dtype=dtype)], dtype=dtype),
+            go_backwards=True, return_sequences=True,
+            zero_output_for_mask=True, dtype=dtype)(d)
+  out = L.Concatenate(dtype=dtype)([c, g, h, L.GlobalAveragePooling1D(
+      dtype=dtype)(s)])
   return keras.Model(x, L.Dense(3, dtype=dtype)(out), name="masked_text")
 
 
