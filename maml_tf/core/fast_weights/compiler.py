@@ -446,6 +446,13 @@ class _Concatenate(_Op):
     return tf.concat(inputs, axis=axis if axis < 0 else axis + 1)
 
 
+def _cast_floats(x, dtype):
+  """``x`` in ``dtype`` if it is floating (as Keras converts inputs)."""
+  if x.dtype.is_floating and x.dtype != dtype:
+    return tf.cast(x, dtype)
+  return x
+
+
 class _Program(_Op):
   """A nested (or the top-level) model as a sequence of compiled steps.
 
@@ -454,20 +461,25 @@ class _Program(_Op):
   of ``model.inputs``).
   """
 
-  def __init__(self, layer, input_ids, steps, output_id):
+  def __init__(self, layer, input_ids, steps, output_id, input_dtypes=None):
     super().__init__(layer)
     self.input_ids, self.steps, self.output_id = input_ids, steps, output_id
+    # The dtypes of the model's Inputs, which Keras casts floating inputs
+    # to (None: a model traced from its call, which casts none).
+    self.input_dtypes = input_dtypes
 
   def __call__(self, ctx, inputs):
     if len(inputs) != len(self.input_ids):
       raise ValueError(f"model {self.layer.name!r} takes "
                        f"{len(self.input_ids)} inputs, got {len(inputs)}")
+    if self.input_dtypes is not None:
+      inputs = [_cast_floats(x, dtype) if "float" in dtype else x
+                for x, dtype in zip(inputs, self.input_dtypes)]
     values = dict(zip(self.input_ids, inputs))
     for op, input_ids, output_id in self.steps:
       args = [values[i] for i in input_ids]
       if op.input_dtype is not None:
-        args = [tf.cast(a, op.input_dtype) if a.dtype.is_floating
-                and a.dtype != op.input_dtype else a for a in args]
+        args = [_cast_floats(a, op.input_dtype) for a in args]
       values[output_id] = op(ctx, args)
     return values[self.output_id]
 
@@ -599,12 +611,6 @@ class _Compiler:
       raise _unsupported(layer, "it holds trainable weights (another "
                          "layer's?) that the task-batched path would read "
                          "unadapted")
-    if isinstance(op, _Conv2D):       # its kernels need static sizes
-      shape = (node.input_tensors[0].shape if node is not None else
-               layer.input.shape if _has_input(layer) else None)
-      if shape is not None and None in tuple(shape)[1:]:
-        raise _unsupported(layer, f"needs inputs of static shape (but the "
-                           f"batch axis); built on {tuple(shape)}")
     op.input_dtype = keras_compat.autocast_dtype(layer)
     return op
 
@@ -625,6 +631,12 @@ class _Compiler:
                 self.ref(layer, layer.bias), self.conv_impl)
     if recurrent_cells(layer) is not None:
       return self.compile_recurrent(layer)
+    if kind in (keras.layers.Bidirectional, keras.layers.TimeDistributed):
+      inner = ([layer.forward_layer, layer.backward_layer]
+               if kind is keras.layers.Bidirectional else [layer.layer])
+      if any(l.compute_dtype != layer.compute_dtype for l in inner):
+        raise _unsupported(layer, "it wraps a layer of another dtype (Keras "
+                           "casts or promotes between them)")
     if kind is keras.layers.Bidirectional:
       if layer.merge_mode not in ("concat", "sum", "ave", "mul"):
         raise _unsupported(layer, f"merge_mode={layer.merge_mode!r} (several "
@@ -829,6 +841,8 @@ class _Compiler:
           s, noise_shape(shape), rate, dtype)
       combine = tf.multiply
     elif isinstance(layer, keras.layers.AlphaDropout):
+      if rate >= 1:
+        raise _unsupported(layer, f"rate={rate}")
       noise_shape = _dropout_noise_shape(layer)
       alpha_p = -1.6732632423543772848170429916717 * (
           1.0507009873554804934193349852946)
@@ -902,15 +916,21 @@ class _Compiler:
         # pylint: disable=unidiomatic-typecheck
         if (self.fold and type(op) is _Conv2D and i + 1 < len(layers)
             and type(layers[i + 1]) is keras.layers.BatchNormalization
+            and layers[i + 1].compute_dtype == layers[i].compute_dtype
             and _ConvBatchNorm.applies(layers[i], layers[i + 1])):
-          steps.append((_ConvBatchNorm(op, self.compile_layer(layers[i + 1])),
-                        [i], i + 2))
+          folded = _ConvBatchNorm(op, self.compile_layer(layers[i + 1]))
+          folded.input_dtype = op.input_dtype
+          steps.append((folded, [i], i + 2))
           i += 2
           continue
         steps.append((op, [i], i + 1))
         i += 1
-      return _Program(model, [0], steps, len(layers))
+      graph = keras_compat.functional_graph(model)
+      return _Program(model, [0], steps, len(layers), None if graph is None
+                      else [str(graph.inputs[0].dtype)])
     graph = keras_compat.functional_graph(model)
+    input_dtypes = None if graph is None else [str(t.dtype)
+                                               for t in graph.inputs]
     if graph is None:                                 # subclassed
       graph = _traced(model)
     if len(graph.outputs) != 1:
@@ -960,6 +980,11 @@ class _Compiler:
       if isinstance(op, keras.Model):
         sources = _ordered_inputs(op, node.arguments.args[0])
       compiled = self.compile_layer(op, node)
+      if not isinstance(op, keras.Model) and compiled.input_dtype is None and (
+          {str(t.dtype) for t in sources if "float" in str(t.dtype)}
+          - {op.compute_dtype}):
+        raise _unsupported(op, "autocast=False on inputs of another dtype "
+                           "(Keras promotes them inside its ops)")
       ids = [id(t) for t in sources]
       if mask is not None:          # the layer's call takes this mask
         ids.append(id(mask))
@@ -967,7 +992,7 @@ class _Compiler:
           compiled.masked = True
       steps.append((compiled, ids, id(node.outputs[0])))
     return _Program(model, [id(t) for t in graph.inputs], steps,
-                    id(graph.outputs[0]))
+                    id(graph.outputs[0]), input_dtypes)
 
 
 def _traced(model: keras.layers.Layer, shape=None) -> keras.Model:
@@ -1177,8 +1202,8 @@ class BatchedModel:
     inputs = []
     for t in flat:
       t = tf.convert_to_tensor(t)
-      if t.dtype.is_floating and t.dtype != self._dtype:
-        t = tf.cast(t, self._dtype)
+      if self.program.input_dtypes is None:   # (the program casts the rest)
+        t = _cast_floats(t, self._dtype)
       if t.shape.rank is None or t.shape.rank < 2:
         raise ValueError(f"x must be [T, N, *input_shape], got shape "
                          f"{t.shape}")

@@ -656,8 +656,12 @@ def test_several_inputs_match_the_per_task_loop(as_dict):
      "computes in float32"),
     (lambda: keras.Sequential([keras.Input((4, 3)), L.LSTM(
         2, activation=L.PReLU(), name="act")]), "act", "activation is a layer"),
-    (lambda: keras.Sequential([keras.Input((None, None, 2)), L.SeparableConv2D(
-        2, 2, name="sep")]), "sep", "static shape"),
+    (lambda: keras.Sequential([keras.Input((4, 3), dtype="float64"),
+                               L.Bidirectional(L.GRU(2, dtype="float64"),
+                                               name="bd")]), "bd",
+     "another dtype"),
+    (lambda: keras.Sequential([keras.Input((4,)), L.AlphaDropout(
+        1.0, name="a1")]), "a1", "rate=1"),
     (lambda: keras.Sequential([keras.Input((4, 3)), L.UnitNormalization(
         axis=0, name="un0")]), "un0", "axis"),
     (lambda: keras.Sequential([keras.Input((4,)),
@@ -805,29 +809,44 @@ def test_masks_the_batched_path_cannot_apply_are_named(build, why):
     compile_batched(keras.Model(inp, build(inp)))
 
 
-def test_layers_cast_their_inputs_as_keras_does():
-  """A float32 layer after float64 ones, a float32 nested model in a
-  float64 one, float32 inputs to float64 layers: each layer casts its
-  floating inputs to its dtype, as Keras' __call__ does."""
-  rng = np.random.default_rng(10)
+def _mixed_dtypes():
+  """Models whose layers and Inputs differ in dtype."""
   inner = keras.Sequential([keras.Input((3,)), L.Dense(3, activation="tanh")])
   x = keras.Input((4,), dtype="float64")
   h = L.Dense(3, activation="tanh", dtype="float64")(x)
   h = L.Dense(3, dtype="float32")(h)
   h = L.Dense(3, activation="tanh", dtype="float64")(inner(h))
-  functional = keras.Model(x, h)
-  sequential = keras.Sequential([keras.Input((4,), dtype="float32"),
-                                 L.Dense(3, dtype="float64"),
-                                 L.Dense(2, dtype="float32")])
-  for model in (functional, sequential):
+  yield keras.Model(x, h)
+  yield keras.Sequential([keras.Input((4,), dtype="float32"),
+                          L.Dense(3, dtype="float64"),
+                          L.Dense(2, dtype="float32")])
+  x = keras.Input((4,))                  # float32 Input, float64 layers
+  yield keras.Model(x, L.Dense(2, dtype="float64")(
+      L.Dense(4, dtype="float64")(x) + keras.ops.sin(x * 3)))
+  x = keras.Input((4,), dtype="float64")  # a float64 skip past float32
+  yield keras.Model(x, L.Add(dtype="float64")([L.Dense(4)(x), x]))
+  inner = keras.Input((4,))               # a float32 functional inside
+  inner = keras.Model(inner, L.Dense(3, dtype="float64")(inner))
+  x = keras.Input((4,), dtype="float64")
+  yield keras.Model(x, L.Dense(2, dtype="float64")(inner(
+      L.Dense(4, dtype="float64")(x))))
+
+
+def test_layers_cast_their_inputs_as_keras_does():
+  """Each layer casts its floating inputs to its dtype as Keras' __call__
+  does, and each model its inputs to its Inputs' dtypes."""
+  rng = np.random.default_rng(10)
+  for model in _mixed_dtypes():
     params = [tf.constant(v.numpy()[None] + 0.3 * rng.normal(
         size=(T,) + tuple(v.shape)), v.dtype) for v in
               model.trainable_variables]
-    xs = tf.constant(rng.normal(size=(T, 5, 4)), model.inputs[0].dtype)
+    xs = tf.constant(rng.normal(size=(T, 5, 4)), "float64")
     y, _ = compile_batched(model)(params, [], xs)
     y_ref, _ = _loop(model, params, [], xs, True)
     assert y.dtype == y_ref.dtype
-    np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-6)
+    # float64 outputs to 1e-12: a float32 rounding on the way would show.
+    tol = 1e-12 if y.dtype == tf.float64 else 1e-6
+    np.testing.assert_allclose(y, y_ref, rtol=tol, atol=tol)
 
 
 def test_operations_may_change_the_example_count():
