@@ -908,8 +908,10 @@ class _Compiler:
     return op, [id(t) for t in tensors], id(node.outputs[0])
 
   def compile_model(self, model) -> _Program:
-    if isinstance(model, keras.Sequential) and not _uses_masks(
-        keras_compat.functional_graph(model)):
+    graph = keras_compat.functional_graph(model)
+    input_dtypes = None if graph is None else [str(t.dtype)
+                                               for t in graph.inputs]
+    if isinstance(model, keras.Sequential) and not _uses_masks(graph):
       steps, layers, i = [], model.layers, 0
       while i < len(layers):
         op = self.compile_layer(layers[i])
@@ -925,12 +927,7 @@ class _Compiler:
           continue
         steps.append((op, [i], i + 1))
         i += 1
-      graph = keras_compat.functional_graph(model)
-      return _Program(model, [0], steps, len(layers), None if graph is None
-                      else [str(graph.inputs[0].dtype)])
-    graph = keras_compat.functional_graph(model)
-    input_dtypes = None if graph is None else [str(t.dtype)
-                                               for t in graph.inputs]
+      return _Program(model, [0], steps, len(layers), input_dtypes)
     if graph is None:                                 # subclassed
       graph = _traced(model)
     if len(graph.outputs) != 1:
@@ -980,8 +977,10 @@ class _Compiler:
       if isinstance(op, keras.Model):
         sources = _ordered_inputs(op, node.arguments.args[0])
       compiled = self.compile_layer(op, node)
-      if not isinstance(op, keras.Model) and compiled.input_dtype is None and (
-          {str(t.dtype) for t in sources if "float" in str(t.dtype)}
+      # (Embedding casts its ids to integers itself.)
+      if (not isinstance(op, (keras.Model, keras.layers.Embedding))
+          and compiled.input_dtype is None
+          and {str(t.dtype) for t in sources if "float" in str(t.dtype)}
           - {op.compute_dtype}):
         raise _unsupported(op, "autocast=False on inputs of another dtype "
                            "(Keras promotes them inside its ops)")

@@ -825,6 +825,9 @@ def _mixed_dtypes():
       L.Dense(4, dtype="float64")(x) + keras.ops.sin(x * 3)))
   x = keras.Input((4,), dtype="float64")  # a float64 skip past float32
   yield keras.Model(x, L.Add(dtype="float64")([L.Dense(4)(x), x]))
+  x = keras.Input((4,))                   # float ids, a float64 Embedding
+  yield keras.Model(x, L.Flatten(dtype="float64")(L.Embedding(
+      7, 2, dtype="float64")(keras.ops.abs(x * 2))))
   inner = keras.Input((4,))               # a float32 functional inside
   inner = keras.Model(inner, L.Dense(3, dtype="float64")(inner))
   x = keras.Input((4,), dtype="float64")
