@@ -161,11 +161,8 @@ class _Conv2D(_Op):
   def convolve(self, ctx, x, kernel, per_task: bool):
     """The layer on ``x`` with ``kernel`` (``[T, kh, kw, C, F]`` per task or
     ``[kh, kw, C, F]`` shared), bias and activation included."""
-    return self.finish(ctx, self.apply_kernel(x, kernel, per_task))
-
-  def finish(self, ctx, y):
-    """The bias and activation after the convolution ``y``."""
-    return _bias_and_activation(ctx, self, y)
+    return _bias_and_activation(ctx, self,
+                                self.apply_kernel(x, kernel, per_task))
 
   def apply_kernel(self, x, kernel, per_task: bool):
     """The convolution alone, ``[T, N, H, W, C] -> [T, N, H', W', F]``;
@@ -258,7 +255,8 @@ class _SeparableConv2D(_DepthwiseConv2D):
     pointwise, per_task = ctx.read(self.pointwise_ref)  # [(T,) 1, 1, CM, F]
     lead = _dims(pointwise)[:1] if per_task else []
     pointwise = tf.reshape(pointwise, lead + _dims(pointwise)[-2:])
-    return self.finish(ctx, batched_dense(y, pointwise, per_task))
+    return _bias_and_activation(ctx, self,
+                                batched_dense(y, pointwise, per_task))
 
 
 class _PerTaskConv(_Op):
@@ -368,6 +366,12 @@ def _uses_masks(graph) -> bool:
       keras_compat.keras_mask(graph.outputs[0]) is not None or any(
           keras_compat.keras_mask(t) is not None
           for node in _graph_nodes(graph) for t in node.input_tensors))
+
+
+def _users_layer(layer) -> bool:
+  """Is ``layer`` of a class defined outside Keras (a user's block, which
+  is traced into its layers)?"""
+  return not type(layer).__module__.startswith("keras.")
 
 
 def _takes_mask(layer) -> bool:
@@ -739,7 +743,7 @@ class _Compiler:
         raise _unsupported(layer, f"interpolation={layer.interpolation!r} "
                            "(TensorFlow's resize has no second derivative)")
       return _PerExample(layer)
-    if not kind.__module__.startswith("keras.") and node is not None:
+    if _users_layer(layer) and node is not None:
       # A user's layer (a block of Keras layers): its call traced on this
       # call site's input (one positional tensor: compile_model's checks).
       shape = tuple(node.input_tensors[0].shape)
@@ -777,7 +781,7 @@ class _Compiler:
       return None
     if carried and (isinstance(op, (keras.layers.MultiHeadAttention,
                                     keras.Model) + _MASK_READING_MERGES)
-                    or not type(op).__module__.startswith("keras.")):
+                    or _users_layer(op)):
       raise _unsupported(op, "its inputs carry a Keras mask, which it would "
                          "apply where the task-batched path cannot")
     mask = node.arguments.kwargs.get("mask")
