@@ -62,9 +62,13 @@ class _Op:
 
   ``input_dtype``: where set, the program casts floating inputs to it
   first, as Keras' ``Layer.__call__`` does (its autocast).
+  ``promotes_integers``: the layer's Keras ops promote integer inputs to
+  its compute dtype (a matmul of ids and a float kernel); the program
+  casts them first.
   """
 
   input_dtype = None
+  promotes_integers = False
 
   def __init__(self, layer):
     self.layer = layer

@@ -58,6 +58,8 @@ def _bias_and_activation(ctx, op, y):
 
 class _Dense(_Op):
 
+  promotes_integers = True
+
   def __init__(self, layer, kernel_ref, bias_ref):
     super().__init__(layer)
     self.kernel_ref, self.bias_ref = kernel_ref, bias_ref
@@ -71,6 +73,8 @@ class _Dense(_Op):
 class _EinsumDense(_Op):
   """EinsumDense with per-task kernels: the layer's equation with a task
   axis added to the inputs, the kernel and the output."""
+
+  promotes_integers = True
 
   def __init__(self, layer, kernel_ref, bias_ref):
     super().__init__(layer)
@@ -457,6 +461,14 @@ def _cast_floats(x, dtype):
   return x
 
 
+def _cast_integers(x, dtype):
+  """``x`` in ``dtype`` if it is an integer tensor (as Keras' type
+  promotion of integers with floats gives)."""
+  if x.dtype.is_integer:
+    return tf.cast(x, dtype)
+  return x
+
+
 class _Program(_Op):
   """A nested (or the top-level) model as a sequence of compiled steps.
 
@@ -484,6 +496,8 @@ class _Program(_Op):
       args = [values[i] for i in input_ids]
       if op.input_dtype is not None:
         args = [_cast_floats(a, op.input_dtype) for a in args]
+      if op.promotes_integers:
+        args = [_cast_integers(a, op.layer.compute_dtype) for a in args]
       values[output_id] = op(ctx, args)
     return values[self.output_id]
 

@@ -117,6 +117,8 @@ def normalize_with_moments(x, gamma, beta, epsilon: float, axes):
 
 class _BatchNorm(_Op):
 
+  promotes_integers = True
+
   def __init__(self, layer, refs):
     super().__init__(layer)
     self.gamma_ref, self.beta_ref, self.mean_ref, self.var_ref = refs
@@ -241,6 +243,8 @@ class _ConvBatchNorm(_Op):
 
 class _LayerNorm(_Op):
 
+  promotes_integers = True
+
   def __init__(self, layer, gamma_ref, beta_ref):
     super().__init__(layer)
     self.gamma_ref, self.beta_ref = gamma_ref, beta_ref
@@ -264,6 +268,8 @@ class _GroupNorm(_Op):
   """GroupNormalization over the last axis: each example's channels in
   ``groups`` groups, each group normalised by its moments over the
   example's other axes, then the per-task (or shared) scale and offset."""
+
+  promotes_integers = True
 
   def __init__(self, layer, gamma_ref, beta_ref):
     super().__init__(layer)

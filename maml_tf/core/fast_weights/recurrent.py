@@ -65,6 +65,8 @@ class _Recurrent(_Op):
   layer's own unless given (one cell of a stack).
   """
 
+  promotes_integers = True
+
   def __init__(self, layer, kernel_ref, recurrent_ref, bias_ref, cell=None,
                go_backwards=None, return_sequences=None, zero_output=None):
     super().__init__(layer)
@@ -169,6 +171,8 @@ class _Stacked(_Op):
   does, the mask then goes reversed to the others). A stack's cell at a
   masked step keeps its states, as here, so the outputs are Keras'."""
 
+  promotes_integers = True
+
   def __init__(self, layer, parts):
     super().__init__(layer)
     self.parts = parts
@@ -185,6 +189,8 @@ class _Stacked(_Op):
 class _Bidirectional(_Op):
   """Bidirectional over two recurrent ops: the backward layer's sequence
   flipped back to the inputs' order, then merged (concat, sum, ave, mul)."""
+
+  promotes_integers = True
 
   def __init__(self, layer, forward, backward):
     super().__init__(layer)
@@ -214,6 +220,10 @@ class _TimeDistributed(_Op):
   def __init__(self, layer, inner):
     super().__init__(layer)
     self.inner = inner
+
+  @property
+  def promotes_integers(self):
+    return self.inner.promotes_integers
 
   def __call__(self, ctx, inputs):
     x = inputs[0]

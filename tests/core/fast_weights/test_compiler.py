@@ -852,6 +852,44 @@ def test_layers_cast_their_inputs_as_keras_does():
     np.testing.assert_allclose(y, y_ref, rtol=tol, atol=tol)
 
 
+def _integer_inputs():
+  """Models whose integer Inputs reach layers that promote them."""
+  yield keras.Sequential([keras.Input((4,), dtype="int32"),
+                          L.Dense(3, activation="tanh"), L.Dense(2)])
+  x = keras.Input((4,), dtype="int32")
+  h = L.LayerNormalization()(L.EinsumDense("ab,bc->ac", (3,))(x))
+  yield keras.Model(x, L.Concatenate()([h, L.BatchNormalization()(x)]))
+  x = keras.Input((5, 2), dtype="int32")   # integer sequences
+  h = L.Bidirectional(L.LSTM(3, return_sequences=True))(x)
+  yield keras.Model(x, L.Concatenate()([h, L.TimeDistributed(L.Dense(2))(
+      x), L.GroupNormalization(2)(L.TimeDistributed(L.Dense(4))(x))]))
+  yield keras.Sequential([keras.Input((4,), dtype="int32"),
+                          L.Dense(3, dtype="float64")])
+
+
+def test_integer_inputs_are_promoted_as_keras_promotes_them():
+  """Integer inputs of a Dense, EinsumDense, normalization or recurrent
+  layer become the layer's floats, as Keras' own call promotes them."""
+  rng = np.random.default_rng(11)
+  for model in _integer_inputs():
+    params = [tf.constant(v.numpy()[None] + 0.3 * rng.normal(
+        size=(T,) + tuple(v.shape)), v.dtype) for v in
+              model.trainable_variables]
+    state = [tf.constant(np.stack([v.numpy()] * T)) for v in
+             model.non_trainable_variables]
+    shape = tuple(model.inputs[0].shape[1:])
+    xs = tf.constant(rng.integers(-3, 4, size=(T, 5) + shape), "int32")
+    for training in (True, False):
+      y, new_state = compile_batched(model)(params, state, xs,
+                                            training=training)
+      y_ref, state_ref = _loop(model, params, state, xs, training)
+      assert y.dtype == y_ref.dtype
+      tol = 1e-10 if y.dtype == tf.float64 else 1e-5
+      np.testing.assert_allclose(y, y_ref, rtol=tol, atol=tol)
+      for a, b in zip(new_state, state_ref):
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
+
+
 def test_operations_may_change_the_example_count():
   """``reshape(x, (-1, 3))`` folds each example's rows into the example
   axis: per task as on the task-batched path."""
