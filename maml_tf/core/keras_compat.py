@@ -131,7 +131,9 @@ def per_example_operation(node) -> Optional[str]:
     if axis is None:
       return "over every axis, the batch axis included"
     axes = axis if isinstance(axis, (list, tuple)) else (axis,)
-    if any(int(a) % ranks[0] == 0 for a in axes):
+    # (expand_dims counts its axes in the output, the others in the input)
+    rank = len(out) if kind == "ExpandDims" else ranks[0]
+    if any(int(a) % rank == 0 for a in axes):
       return f"over axis {axis}, the batch axis"
     return None
   if kind == "Reshape":
@@ -182,20 +184,31 @@ def attention_parts(layer) -> Optional[dict]:
           "dropout": layer._dropout_layer}  # pylint: disable=protected-access
 
 
+def attention_mask(layer, query, value, masks: dict, causal: bool):
+  """The ``[B, T, S]`` boolean mask ``MultiHeadAttention.call`` attends
+  with, from the raw ``query``/``value`` (``[B, T, ...]``, ``[B, S, ...]``)
+  and ``masks`` (``query_mask``, ``value_mask``, ``key_mask``,
+  ``attention_mask``: those given), the causal mask included."""
+  return layer._compute_attention_mask(  # pylint: disable=protected-access
+      query, value, use_causal_mask=causal, **masks)
+
+
 def attention(layer, query, key, value, causal: bool, training: bool,
-              dropout_mask: Optional[Callable] = None):
+              dropout_mask: Optional[Callable] = None, mask=None):
   """``layer``'s attention of projected ``query``/``key``/``value``
-  (``[B, S, heads, dim]``), computed as ``MultiHeadAttention.call`` does
-  without masks other than the causal one: its fused dot-product attention
-  without dropout; else its explicit scores, with ``dropout_mask(scores)``
-  (the factor to multiply them by, in training mode) in place of its own
-  Dropout draw."""
+  (``[B, S, heads, dim]``), computed as ``MultiHeadAttention.call`` does:
+  its fused dot-product attention without dropout; else its explicit
+  scores, with ``dropout_mask(scores)`` (the factor to multiply them by, in
+  training mode) in place of its own Dropout draw. ``mask``: the
+  :func:`attention_mask` (which holds the causal mask), or ``None`` for
+  the causal mask alone (``causal``) or none."""
   # pylint: disable=protected-access
   if not layer.dropout:
-    extra = {"use_causal_mask": True} if causal else {}
-    return layer._compute_attention(query, key, value, None, training,
+    extra = {"use_causal_mask": True} if causal and mask is None else {}
+    return layer._compute_attention(query, key, value, mask, training,
                                     False, **extra)[0]
-  mask = layer._compute_causal_mask(query, value) if causal else None
+  if mask is None and causal:
+    mask = layer._compute_causal_mask(query, value)
   query = keras.ops.multiply(
       query, keras.ops.cast(layer._inverse_sqrt_key_dim, query.dtype))
   scores = keras.ops.einsum(layer._dot_product_equation, key, query)

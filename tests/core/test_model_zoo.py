@@ -136,6 +136,17 @@ def _transformer():
   return keras.Model(x, keras.layers.Dense(WAYS)(h), name="transformer")
 
 
+def _masked_transformer():
+  """A text transformer on padded ids: Embedding(mask_zero=True), attention
+  over the masked tokens, mean over the unmasked ones."""
+  x = keras.Input((6,), dtype="int32")
+  e = keras.layers.Embedding(20, 8, mask_zero=True)(x)    # ids 0: padding
+  a = keras.layers.MultiHeadAttention(num_heads=2, key_dim=4)(e, e)
+  h = keras.layers.LayerNormalization()(keras.layers.Add()([e, a]))
+  h = keras.layers.GlobalAveragePooling1D()(h)
+  return keras.Model(x, keras.layers.Dense(WAYS)(h), name="masked_transformer")
+
+
 class Scale(keras.layers.Layer):
   """A custom layer with its own ``add_weight``."""
 
@@ -334,6 +345,8 @@ CASES = {
                ("batched",)),
     "transformer": (_transformer, _images((6, 8)), CLASSES,
                     ("batched",)),
+    "masked_transformer": (_masked_transformer, _tokens, CLASSES,
+                           ("batched",)),
     "custom_add_weight": (_custom_layer, _regression, "mse",
                           ("vectorized_map",)),
     "group_norm": (_group_norm, _images((6, 6, 2)), CLASSES,

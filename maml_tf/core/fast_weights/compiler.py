@@ -110,15 +110,28 @@ class _MultiHeadAttention(_Op):
   """MultiHeadAttention: its projections as per-task EinsumDense ops, the
   attention itself (no weights) on the task and example axes merged, as
   the layer computes it (:func:`maml_tf.core.keras_compat.attention`); an
-  attention dropout draws each task's mask from that task's seed state."""
+  attention dropout draws each task's mask from that task's seed state.
 
-  def __init__(self, layer, projections, seed_ref, causal: bool):
+  Inputs: query, value, key, then the masks named in ``masks`` (Keras
+  masks of the inputs, an ``attention_mask``), combined as the layer
+  combines them (:func:`maml_tf.core.keras_compat.attention_mask`)."""
+
+  def __init__(self, layer, projections, seed_ref, causal: bool,
+               masks=()):
     super().__init__(layer)
     self.projections, self.seed_ref, self.causal = (projections, seed_ref,
                                                     causal)
+    self.masks = tuple(masks)
 
   def __call__(self, ctx, inputs):
-    query, value, key = inputs
+    query, value, key = inputs[:3]
+    mask = None
+    if self.masks:
+      given = {name: _merge_task_axis(m)[0]
+               for name, m in zip(self.masks, inputs[3:])}
+      mask = keras_compat.attention_mask(
+          self.layer, _merge_task_axis(query)[0],
+          _merge_task_axis(value)[0], given, self.causal)
     project = lambda name, x: self.projections[name](ctx, [x])
     q, k, v = (_merge_task_axis(project(n, x)) for n, x in
                (("query", query), ("key", key), ("value", value)))
@@ -131,7 +144,7 @@ class _MultiHeadAttention(_Op):
       return _merge_task_axis(masks)[0]
 
     out = keras_compat.attention(self.layer, q[0], k[0], v[0], self.causal,
-                                 ctx.training, dropout_mask)
+                                 ctx.training, dropout_mask, mask)
     out = q[1](out)
     if self.projections.get("gate") is not None:
       out = out * project("gate", query)
@@ -775,14 +788,16 @@ class _Compiler:
     time also hands a tensor's mask to any such layer called without it;
     some layers read it from their inputs. Here recurrent layers,
     Bidirectional and per-example layers (GlobalAveragePooling1D) apply a
-    recorded mask; layers that take no mask and read none are unaffected.
+    recorded mask; MultiHeadAttention reads its inputs' masks itself (its
+    op's inputs: :meth:`attention_masks`); layers that take no mask and read
+    none are unaffected.
 
     Raises:
       Unsupported: wherever the run-time mask could differ from the
         recorded one or be applied otherwise: a masked input reaching a
         layer that takes a mask without one recorded (a call with other
-        keyword arguments, a dtype conversion), attention, Maximum /
-        Minimum / Multiply, a nested model or a user's layer, a cast (which
+        keyword arguments, a dtype conversion), a subclass of
+        MultiHeadAttention, Maximum / Minimum / Multiply, a nested model or a user's layer, a cast (which
         hands on the same tensor, mask and all); a mask not ``[B, L]``; an
         unrolled recurrent layer (Keras' unrolled loop masks otherwise).
     """
@@ -793,6 +808,8 @@ class _Compiler:
         raise _unsupported(op, "a cast of a masked tensor hands on the same "
                            "tensor, whose mask then reaches later layers")
       return None
+    if type(op) is keras.layers.MultiHeadAttention:  # pylint: disable=unidiomatic-typecheck
+      return None            # its masks are its op's inputs (see above)
     if carried and (isinstance(op, (keras.layers.MultiHeadAttention,
                                     keras.Model) + _MASK_READING_MERGES)
                     or _users_layer(op)):
@@ -883,7 +900,9 @@ class _Compiler:
 
   def compile_attention(self, layer, node):
     """A MultiHeadAttention node's step: ``layer(query, value[, key],
-    use_causal_mask=...)`` without masks or returned scores."""
+    use_causal_mask=..., attention_mask=...)`` without returned scores;
+    the Keras masks its call reads (the query's own; the value's and the
+    key's unless given as ``value_mask``/``key_mask``) are inputs too."""
     self.check_common(layer)
     args, kwargs = list(node.arguments.args), dict(node.arguments.kwargs)
     kwargs.pop("training", None)
@@ -894,10 +913,8 @@ class _Compiler:
         given[name] = kwargs.pop(name)
     causal = kwargs.pop("use_causal_mask", False)
     scores = kwargs.pop("return_attention_scores", False)
-    masks = sorted(k for k, v in kwargs.items() if _given(v))
-    if masks or len(args) > 3:
-      raise _unsupported(layer, f"called with {masks or 'masks'} (masks are "
-                         "not task-batched)")
+    if len(args) > 3:
+      raise _unsupported(layer, "called with masks as positional arguments")
     if scores is not False or not isinstance(causal, bool):
       raise _unsupported(layer, "return_attention_scores, or a "
                          "use_causal_mask that is not a Python bool")
@@ -911,6 +928,7 @@ class _Compiler:
         len(t.shape) != 3 for t in tensors):
       raise _unsupported(layer, "needs query, value (and key) of shape "
                          "[batch, length, features]")
+    masks = self.attention_masks(layer, given, kwargs)
     parts = keras_compat.attention_parts(layer)
     if parts is None:
       raise _unsupported(layer, f"this Keras ({keras.__version__}) names its "
@@ -921,9 +939,39 @@ class _Compiler:
         projections[name] = self.compile_layer(parts[name])
     seed_ref = (self.ref(layer, parts["dropout"].seed_generator.state)
                 if layer.dropout else None)
-    op = _MultiHeadAttention(layer, projections, seed_ref, causal)
+    op = _MultiHeadAttention(layer, projections, seed_ref, causal,
+                             list(masks))
     op.input_dtype = keras_compat.autocast_dtype(layer)
-    return op, [id(t) for t in tensors], id(node.outputs[0])
+    return (op, [id(t) for t in tensors] + [id(m) for m in masks.values()],
+            id(node.outputs[0]))
+
+  @staticmethod
+  def attention_masks(layer, given, kwargs) -> dict:
+    """The masks a MultiHeadAttention call site attends with, as its call
+    reads them: ``{name: mask tensor}`` for ``query_mask`` (always the
+    query's own Keras mask), ``value_mask`` and ``key_mask`` (those given,
+    else the value's and the key's Keras masks, which Keras' ``__call__``
+    passes) and ``attention_mask``; each one ``[batch, ...]``."""
+    kwargs = {k: v for k, v in kwargs.items() if _given(v)}
+    kwargs.pop("query_mask", None)       # the call reads the query's own
+    unknown = sorted(set(kwargs) - {"value_mask", "key_mask",
+                                    "attention_mask"})
+    if unknown:
+      raise _unsupported(layer, f"called with {unknown}")
+    masks = {"query_mask": keras_compat.keras_mask(given["query"])}
+    for name in ("value", "key"):
+      tensor = given.get(name)
+      masks[name + "_mask"] = kwargs.get(name + "_mask", None if tensor is
+                                         None else
+                                         keras_compat.keras_mask(tensor))
+    masks["attention_mask"] = kwargs.get("attention_mask")
+    masks = {k: m for k, m in masks.items() if m is not None}
+    for name, m in masks.items():
+      rank = 3 if name == "attention_mask" else 2
+      if not isinstance(m, keras.KerasTensor) or len(m.shape) != rank:
+        raise _unsupported(layer, f"a {name} that is not a [batch, ...] "
+                           f"tensor of rank {rank} computed in the model")
+    return masks
 
   def compile_model(self, model) -> _Program:
     graph = keras_compat.functional_graph(model)
@@ -959,7 +1007,7 @@ class _Compiler:
           "output carries a Keras mask (which the layers after it, or a "
           "Keras loss, would apply)")
     steps = []
-    for node in _graph_nodes(graph):
+    for node in _graph_nodes(_with_attention_masks(graph)):
       op = node.operation
       mask = self.input_mask(op, node)
       if not isinstance(op, keras.layers.Layer):   # keras.ops, x + y
@@ -1008,7 +1056,8 @@ class _Compiler:
         if type(compiled) is _PerExample:  # pylint: disable=unidiomatic-typecheck
           compiled.masked = True
       steps.append((compiled, ids, id(node.outputs[0])))
-    return _Program(model, [id(t) for t in graph.inputs], steps,
+    inputs = [id(t) for t in graph.inputs]
+    return _Program(model, inputs, _in_dependency_order(steps, inputs),
                     id(graph.outputs[0]), input_dtypes)
 
 
@@ -1090,6 +1139,42 @@ def _graph_nodes(graph: keras.Model):
     for node in nodes_by_depth[depth]:
       if node.operation is not None and not node.is_input:
         yield node
+
+
+def _with_attention_masks(graph: keras.Model) -> keras.Model:
+  """``graph``, or a functional model of its inputs that also computes the
+  Keras masks its MultiHeadAttention calls read from their inputs where no
+  layer of ``graph`` takes them (Keras computes them beside the graph)."""
+  computed = {id(t) for t in graph.inputs} | {
+      id(t) for node in _graph_nodes(graph) for t in node.outputs}
+  missing = {}
+  for node in _graph_nodes(graph):
+    if type(node.operation) is keras.layers.MultiHeadAttention:  # pylint: disable=unidiomatic-typecheck
+      for t in node.input_tensors:
+        mask = keras_compat.keras_mask(t)
+        if mask is not None and id(mask) not in computed:
+          missing[id(mask)] = mask
+  if not missing:
+    return graph
+  return keras.Model(graph.inputs, [graph.outputs[0]] + list(
+      missing.values()))
+
+
+def _in_dependency_order(steps, input_ids):
+  """``steps`` reordered (stably) so that each comes after the steps whose
+  outputs it reads: a Keras mask an attention reads is no edge of the
+  layer graph, so its depth may put it after the attention."""
+  available, pending, ordered = set(input_ids), list(steps), []
+  while pending:
+    ready = [s for s in pending if all(i in available for i in s[1])]
+    if not ready:
+      raise Unsupported(f"maml_tf.fast_weights: {len(pending)} layer calls "
+                        "read tensors no earlier call computes")
+    for step in ready:
+      ordered.append(step)
+      available.add(step[2])
+    pending = [s for s in pending if all(s is not r for r in ready)]
+  return ordered
 
 
 def _given(value) -> bool:
@@ -1263,8 +1348,9 @@ def compile_batched(model: keras.Model, conv_impl: str = "auto",
       and must take the same ones with ``training`` True and False; so is
       a user's ``Layer`` subclass inside a model) made of supported
       layers:
-      InputLayer, Dense, EinsumDense, MultiHeadAttention (no masks but
-      ``use_causal_mask``, no returned scores), Embedding, Conv1D, Conv2D
+      InputLayer, Dense, EinsumDense, MultiHeadAttention (Keras masks,
+      ``attention_mask``, ``use_causal_mask``; no returned scores),
+      Embedding, Conv1D, Conv2D
       (any ``groups``), DepthwiseConv2D and SeparableConv2D
       (channels_last, 'same' or 'valid'), Conv3D, Conv1D/2D/3DTranspose,
       SimpleRNN, GRU, LSTM and RNN over their cells or a stack of them
@@ -1282,8 +1368,9 @@ def compile_batched(model: keras.Model, conv_impl: str = "auto",
       Average, Maximum, Minimum); between them, Keras operations that act on each example alone (``x + y``,
       ``keras.ops.tanh(x)``, ``x[:, 0]``, reductions over feature axes:
       :func:`maml_tf.core.keras_compat.per_example_operation`). Keras
-      masks reach the recurrent layers and GlobalAveragePooling1D as Keras
-      passes them; a model whose output carries one is refused.
+      masks reach the recurrent layers, MultiHeadAttention and
+      GlobalAveragePooling1D as Keras passes them; a model whose output
+      carries one is refused.
     conv_impl: ``'auto'``, ``'patches'``, ``'grouped'`` or ``'map'`` (see
       :mod:`maml_tf.core.fast_weights`).
     fold_conv_batchnorm: in training mode, fold a Conv2D with few inputs

@@ -726,6 +726,24 @@ def _masked_sequence(dtype):
       L.GRU(2, dtype=dtype), L.Dense(3, dtype=dtype)], name="masked_seq")
 
 
+def _masked_attention(dtype):
+  """Embedding(mask_zero=True) into attention: a transformer block (the
+  masks of the query and the value, Add's mask to the pooling) and a
+  causal cross-attention with a key and an attention_mask of id pairs."""
+  x = keras.Input((6,), dtype="int32")
+  e = L.Embedding(10, 4, mask_zero=True, dtype=dtype)(x)
+  a = L.MultiHeadAttention(2, 3, dtype=dtype)(e, e)
+  h = L.LayerNormalization(dtype=dtype)(L.Add(dtype=dtype)([e, a]))
+  d = L.Dense(4, activation="tanh", dtype=dtype)(h)
+  ids = keras.ops.not_equal(x, 0)
+  pairs = keras.ops.logical_and(keras.ops.expand_dims(ids, 1),
+                                keras.ops.expand_dims(ids, 2))
+  b = L.MultiHeadAttention(2, 3, use_bias=False, dtype=dtype)(
+      d, h, key=e, attention_mask=pairs, use_causal_mask=True)
+  g = L.GlobalAveragePooling1D(dtype=dtype)(L.Add(dtype=dtype)([h, b]))
+  return keras.Model(x, L.Dense(3, dtype=dtype)(g), name="masked_attention")
+
+
 def _padded(rng, n, masked_text=True):
   """Token ids with trailing padding and holes (0), or sequences with
   steps of zeros; no sequence entirely masked."""
@@ -748,15 +766,15 @@ def _users_mask(dtype):
 
 
 @pytest.mark.parametrize("make", [_masked_text, _masked_sequence,
-                                  _users_mask])
+                                  _users_mask, _masked_attention])
 def test_keras_masks_match_the_per_task_loop(make):
   """Masks from Embedding(mask_zero=True) and Masking reach the recurrent
-  layers and the pooling as Keras passes them (the loop applies them, so
-  ignoring them would differ): values, and second-order meta-gradients
-  against the loop and finite differences."""
+  layers, attention and the pooling as Keras passes them (the loop
+  applies them, so ignoring them would differ): values, and second-order
+  meta-gradients against the loop and finite differences."""
   rng = np.random.default_rng(8)
   model = make("float64")
-  text = make is _masked_text
+  text = make in (_masked_text, _masked_attention)
   params, state = _per_task(model, rng, "float64")
   batched = compile_batched(model)
   x = _padded(rng, 4, text)
@@ -775,9 +793,9 @@ def _embedded(x):
 
 
 @pytest.mark.parametrize("build,why", [
-    (lambda x: L.GlobalAveragePooling1D()(
-        L.MultiHeadAttention(2, 2)(_embedded(x), _embedded(x))),
-     "carry a Keras mask"),
+    (lambda x: L.Flatten()(L.MultiHeadAttention(2, 2)(
+        L.Embedding(10, 4)(x), L.Embedding(10, 4)(x),
+        attention_mask=keras.ops.not_equal(x, 0))), "attention_mask that"),
     (lambda x: L.Dense(2)(keras.Sequential(
         [keras.Input((6, 4)), L.LSTM(2)])(_embedded(x))),
      "carry a Keras mask"),
@@ -847,8 +865,12 @@ def test_layers_cast_their_inputs_as_keras_does():
     y, _ = compile_batched(model)(params, [], xs)
     y_ref, _ = _loop(model, params, [], xs, True)
     assert y.dtype == y_ref.dtype
-    # float64 outputs to 1e-12: a float32 rounding on the way would show.
-    tol = 1e-12 if y.dtype == tf.float64 else 1e-6
+    # float64 outputs of float64 weights to 1e-12: a float32 rounding on
+    # the way would show. (A float32 layer's matmul rounds as the CPU's
+    # kernel sums, which differs between one batched and T matmuls.)
+    exact = y.dtype == tf.float64 and all(
+        v.dtype == "float64" for v in model.trainable_variables)
+    tol = 1e-12 if exact else 1e-6
     np.testing.assert_allclose(y, y_ref, rtol=tol, atol=tol)
 
 
