@@ -145,6 +145,20 @@ def _keep_seeds(new_state, state, seed_mask) -> list:
   return [old if m else new for new, old, m in zip(new_state, state, seed_mask)]
 
 
+def _unscaled(grads, loss_scale):
+  """Gradients of a scaled loss divided by the scale; all NaN where any
+  overflowed (as a ``LossScaleOptimizer`` reads an overflowed step)."""
+  grads = [None if g is None else g / tf.cast(loss_scale, g.dtype)
+           for g in grads]
+  present = [g for g in grads if g is not None]
+  if not present:
+    return grads
+  finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g))
+                          for g in present])
+  return [None if g is None else tf.where(
+      finite, g, tf.constant(np.nan, g.dtype)) for g in grads]
+
+
 def adapt_params(model: keras.Model, loss_fn: LossFn, params, state, x, y,
                  inner_lr, steps, first_order: bool = False,
                  on_step: Optional[Callable[[int, list, list], None]] = None,
@@ -184,7 +198,11 @@ def adapt_params(model: keras.Model, loss_fn: LossFn, params, state, x, y,
       come back unchanged (see the module docstring).
     loss_scale: a scalar (or ``None``) the support loss is multiplied by
       before its gradient, which is divided by it again: keeps float16
-      gradients from underflowing (mixed precision).
+      gradients from underflowing (mixed precision). A step whose scaled
+      gradients overflow makes every gradient NaN, so that the adapted
+      weights, the query loss and the meta-gradients are NaN and a
+      ``LossScaleOptimizer`` skips the update and lowers its scale (a
+      saturating activation would otherwise hide the overflow).
 
   Returns:
     ``(fast_params, state)``.
@@ -210,8 +228,7 @@ def adapt_params(model: keras.Model, loss_fn: LossFn, params, state, x, y,
         loss, watched, unconnected_gradients=tf.UnconnectedGradients.ZERO))
     grads = [_dense(next(grads)) if m else None for m in mask]
     if loss_scale is not None:
-      grads = [None if g is None else g / tf.cast(loss_scale, g.dtype)
-               for g in grads]
+      grads = _unscaled(grads, loss_scale)
     if first_order:
       grads = [None if g is None else tf.stop_gradient(g) for g in grads]
     return inner_update(fast, grads, lr), _keep_seeds(new_state, state,

@@ -97,6 +97,38 @@ def test_float16_scales_losses_and_steps_like_float32():
                                atol=2e-3 * np.abs(step_p).max())
 
 
+def test_float16_inner_overflow_is_skipped_even_where_tanh_hides_it():
+  """An inner gradient that overflows under the loss scale makes the step
+  NaN (skipped, scale halved), also where a saturating tanh would keep the
+  query loss finite on infinite adapted weights: training then follows
+  the float32 objective, and evaluate and adapt match float32."""
+  rng = np.random.default_rng(0)
+  batch = TaskBatch(*[rng.normal(size=s).astype("float32") for s in
+                      [(2, 5, 3), (2, 5, 1), (2, 6, 3), (2, 6, 1)]])
+  results = {}
+  for policy in ("float32", "mixed_float16"):
+    with _policy(policy):
+      keras.utils.set_random_seed(8)
+      maml = MAML(keras.Sequential([
+          keras.Input((3,)), keras.layers.Dense(8, activation="tanh"),
+          keras.layers.Dense(1, dtype="float32")]), "mse", inner_lr=0.1)
+    if policy == "mixed_float16":
+      start = maml.meta_optimizer.dynamic_scale.numpy()
+      # 2**15 times the first kernel's gradient (about 2.6) overflows.
+      assert np.isnan(maml.evaluate(batch, steps=(1,))["loss"][0])
+    for _ in range(20):
+      maml.train_step(batch)
+    adapted = maml.adapt(batch.support_x[0], batch.support_y[0])
+    assert all(np.isfinite(v.numpy()).all() for v in adapted.weights)
+    results[policy] = (maml.evaluate(batch, steps=(0, 1))["loss"],
+                       adapted(batch.query_x[0]).numpy())
+  assert maml.meta_optimizer.dynamic_scale.numpy() < start
+  np.testing.assert_allclose(results["mixed_float16"][0],
+                             results["float32"][0], rtol=2e-2)
+  np.testing.assert_allclose(results["mixed_float16"][1],
+                             results["float32"][1], rtol=5e-2, atol=5e-3)
+
+
 def test_float16_overflow_under_xla_is_the_optimizer_s_to_skip():
   """Under XLA as in the graph executor, an overflowed loss-scaled step is
   skipped by the LossScaleOptimizer (scale halved), not reported as an
