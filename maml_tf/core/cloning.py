@@ -1,6 +1,8 @@
 """Adapted models as new Keras models (the meta-model is never written)."""
 
 import keras
+import numpy as np
+import tensorflow as tf
 
 from maml_tf.core import functional
 from maml_tf.core import inner_loop
@@ -64,28 +66,60 @@ def example_input_shape(model: keras.Model):
   return shape if shape is not None else keras_compat.build_input_shape(model)
 
 
-def clone_with_weights(model: keras.Model, params, state) -> keras.Model:
+def clone_with_weights(model: keras.Model, params, state,
+                       check_x=None) -> keras.Model:
   """A new model of ``model``'s architecture holding ``params`` and ``state``.
 
-  A clone through ``get_config`` where Keras can make one, else an
-  :class:`AdaptedModel`.
+  A clone through ``get_config`` where Keras makes one of the same
+  variables (shapes, dtypes, trainable or not, in order) that computes
+  what ``model`` computes with them on ``check_x`` (in inference mode;
+  where given); else an :class:`AdaptedModel`. (A subclassed model whose
+  layers were frozen, replaced or created in ``build`` after ``__init__``
+  clones into another architecture.)
   """
   try:
     clone = keras.models.clone_model(model)
+    if not clone.built:
+      clone.build(model.inputs[0].shape if getattr(model, "inputs", None)
+                  else example_input_shape(model))
   except Exception:  # pylint: disable=broad-except
     return AdaptedModel(model, params, state)
-  if not clone.built:
-    clone.build(model.inputs[0].shape if getattr(model, "inputs", None)
-                else None)
-  if (len(clone.trainable_variables) != len(params)
-      or len(clone.non_trainable_variables) != len(state)):
-    raise TypeError(f"the clone of {model.name!r} has different variables "
-                    "than the model; cannot copy adapted weights")
+  if not (_same_variables(clone.trainable_variables, params)
+          and _same_variables(clone.non_trainable_variables, state)):
+    return AdaptedModel(model, params, state)
   for var, value in zip(clone.trainable_variables, params):
     var.assign(value)
   for var, value in zip(clone.non_trainable_variables, state):
     var.assign(value)
+  if check_x is not None and not _computes_the_same(clone, model, params,
+                                                    state, check_x):
+    return AdaptedModel(model, params, state)
   return clone
+
+
+def _same_variables(variables, values) -> bool:
+  return len(variables) == len(values) and all(
+      tuple(v.shape) == tuple(x.shape)
+      and tf.as_dtype(v.dtype) == tf.as_dtype(x.dtype)
+      for v, x in zip(variables, values))
+
+
+def _computes_the_same(clone, model, params, state, x) -> bool:
+  try:
+    got = clone(x, training=False)
+  except Exception:  # pylint: disable=broad-except
+    return False
+  want, _ = functional.functional_call(model, params, state, x, False)
+  got, want = tf.nest.flatten(got), tf.nest.flatten(want)
+  if len(got) != len(want):
+    return False
+  for a, b in zip(got, want):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    scale = max(1.0, float(np.abs(b).max(initial=0.0)))
+    if a.shape != b.shape or not np.allclose(a, b, rtol=1e-3,
+                                             atol=1e-3 * scale):
+      return False
+  return True
 
 
 def refresh_batchnorm_statistics(model: keras.Model, x) -> keras.Model:

@@ -812,7 +812,7 @@ class MAML:
         inner_lr=None if inner_lr is None else float(inner_lr))
     if batchnorm_statistics == "support":
       state = inner_loop_lib.support_statistics(self.model, fast, state, x)
-    return cloning.clone_with_weights(self.model, fast, state)
+    return cloning.clone_with_weights(self.model, fast, state, check_x=x)
 
 
 

@@ -241,3 +241,74 @@ assert "maml_tf" not in sys.modules
                              atol=1e-5)
   np.testing.assert_allclose(np.load(tmp_path / "adapted_in_graph.npy"), want,
                              atol=1e-5)
+
+
+class _Frozen(keras.Model):
+  """Subclassed, its body frozen after __init__ (the clone's is not)."""
+
+  def __init__(self, units=1, **kwargs):
+    super().__init__(**kwargs)
+    self.units = units
+    self.body = keras.layers.Dense(6, activation="tanh")
+    self.head = keras.layers.Dense(units)
+
+  def call(self, x):
+    return self.head(self.body(x))
+
+  def get_config(self):
+    return {**super().get_config(), "units": self.units}
+
+
+class _BuiltLate(keras.Model):
+  """Subclassed, its layers made in build() (the clone comes back unbuilt
+  or otherwise built)."""
+
+  def build(self, shape):
+    self.body = keras.layers.Dense(5, activation="tanh")
+    self.head = keras.layers.Dense(1)
+
+  def call(self, x):
+    return self.head(self.body(x))
+
+
+def _frozen():
+  model = _Frozen()
+  model(np.zeros((2, 1), np.float32))
+  model.body.trainable = False
+  return model
+
+
+def _replaced_head():
+  """Its head swapped after __init__ for one of the same shapes but
+  another activation: a clone from the config would compute otherwise."""
+  model = _Frozen()
+  model.head = keras.layers.Dense(1, activation="softplus")
+  model(np.zeros((2, 1), np.float32))
+  return model
+
+
+def _built_late():
+  model = _BuiltLate()
+  model(np.zeros((2, 1), np.float32))
+  return model
+
+
+@pytest.mark.parametrize("build", [_frozen, _replaced_head, _built_late])
+def test_adapt_returns_what_the_adapted_weights_compute(build):
+  """Where Keras' clone differs from the model (frozen or replaced layers,
+  layers made in build), adapt returns an AdaptedModel instead: its
+  predictions are the adapted weights' through the model."""
+  from maml_tf.core import functional  # pylint: disable=g-import-not-at-top
+  keras.utils.set_random_seed(1)
+  model = build()
+  maml = MAML(model, "mse", inner_lr=0.1)
+  batch = sinusoid.sample_batch(2, 5, 5, np.random.default_rng(0))[0]
+  maml.train_step(batch)
+  sx, sy, qx = batch.support_x[0], batch.support_y[0], batch.query_x[0]
+  adapted = maml.adapt(sx, sy, steps=2)
+  params, state, lrs = maml.meta_values()
+  fast, _ = maml.inner_loop.adapt(params, state, sx, sy, 2, lrs)
+  want, _ = functional.functional_call(model, fast, state, qx, False)
+  np.testing.assert_allclose(np.asarray(adapted(qx, training=False)),
+                             np.asarray(want), rtol=1e-5, atol=1e-6)
+  assert not np.allclose(np.asarray(want), np.asarray(model(qx)), atol=1e-4)
