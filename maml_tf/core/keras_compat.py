@@ -137,6 +137,11 @@ def per_example_operation(node) -> Optional[str]:
       return f"over axis {axis}, the batch axis"
     return None
   if kind == "Reshape":
+    newshape = tuple(getattr(op, "newshape", None) or ())
+    if None in newshape and (None in newshape[1:] or (
+        -1 in newshape and None in node.input_tensors[0].shape[1:])):
+      return (f"reshape to {newshape}: an unknown size past the batch "
+              "axis")
     return None               # the output's first axis is unknown (above)
   if kind == "Transpose":
     axes = getattr(op, "axes", None)
@@ -227,6 +232,41 @@ def _exact_moments(x, axes, keepdims=False):
     mean = tf.squeeze(mean, axis=axes)
     variance = tf.squeeze(variance, axis=axes)
   return mean, variance
+
+
+@contextlib.contextmanager
+def call_context(layer, training: bool) -> Iterator[None]:
+  """Within this context the layers ``layer.call`` calls take ``training``
+  where not given one, as inside ``layer(x, training=training)`` (Keras'
+  call context, which its ``__call__`` opens)."""
+  from keras.src.backend.common import global_state  # pylint: disable=g-import-not-at-top
+  from keras.src.layers.layer import CallContext  # pylint: disable=g-import-not-at-top
+  previous = global_state.get_global_attribute("current_call_ctx")
+  context = CallContext(entry_layer=layer)
+  context.set_value("training", training)
+  global_state.set_global_attribute("current_call_ctx", context)
+  try:
+    yield
+  finally:
+    global_state.set_global_attribute("current_call_ctx", previous)
+
+
+@contextlib.contextmanager
+def name_scopes_restored_on_error() -> Iterator[None]:
+  """Within this context, an error leaves Keras' variable name scopes as it
+  found them. (A model call that raises while TensorFlow traces it can
+  leave its scope open, and every variable built afterwards, in any model,
+  would take its name as a path prefix.)"""
+  from keras.src.backend.common import global_state  # pylint: disable=g-import-not-at-top
+  stack = global_state.get_global_attribute("name_scope_stack")
+  depth = len(stack) if isinstance(stack, list) else 0
+  try:
+    yield
+  except BaseException:
+    stack = global_state.get_global_attribute("name_scope_stack")
+    if isinstance(stack, list):
+      del stack[depth:]
+    raise
 
 
 @contextlib.contextmanager

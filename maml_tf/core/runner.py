@@ -35,6 +35,10 @@ import tensorflow as tf
 from maml_tf.core import keras_compat
 from maml_tf.core import numerics
 from maml_tf.core.plan import ExecutionPlan
+from maml_tf.core.plan import PlanWarning
+
+_TRACE_ERRORS = (ValueError, NotImplementedError, TypeError,
+                 tf.errors.OpError)
 
 # Gradient ops that TF registers as not differentiable although they are:
 # second-order terms through them would silently vanish.
@@ -58,7 +62,13 @@ class StepOutput(NamedTuple):
 
 
 def root_cause(error: Exception) -> str:
+  """The line of ``error``'s message that says what went wrong: the last,
+  before the argument dump Keras appends to errors raised in a call."""
   lines = [l.strip() for l in str(error).strip().splitlines() if l.strip()]
+  for i, line in enumerate(lines):
+    if line.startswith("Arguments received by"):
+      lines = lines[:i]
+      break
   return lines[-1][:300] if lines else type(error).__name__
 
 
@@ -109,19 +119,26 @@ class Runner:
     fn = tf.function(make(plan), reduce_retracing=reduce_retracing,
                      jit_compile=jit_compile)
     try:
-      self.trace(fn, example, second_order)
-    except (ValueError, NotImplementedError, TypeError,
-            tf.errors.OpError) as e:
+      with keras_compat.name_scopes_restored_on_error():
+        self.trace(fn, example, second_order)
+    except _TRACE_ERRORS as e:
       if plan.execution != "vectorized_map":
         raise
       why = f"{type(e).__name__}: {root_cause(e)}"
+      self.fallbacks["execution"] = ("map_fn", why)
+      try:
+        mapped = self.function(key, make, plan, example, second_order,
+                               reduce_retracing, jit_compile)
+      except _TRACE_ERRORS:
+        # Task by task fails too: the batch's (or the model's) error, not
+        # pfor's; nothing is recorded.
+        del self.fallbacks["execution"]
+        raise
       warnings.warn(
           f"maml_tf: could not vectorise model {self.model_name!r} over "
           f"tasks ({why}); using tf.map_fn, which gives the same numbers "
-          "more slowly.")
-      self.fallbacks["execution"] = ("map_fn", why)
-      return self.function(key, make, plan, example, second_order,
-                           reduce_retracing, jit_compile)
+          "more slowly.", PlanWarning)
+      return mapped
     self._cache[full] = fn
     return fn
 

@@ -4,6 +4,8 @@ Config x batch shape x device -> the plan's fields; then MAML.plan() agrees
 with the pure function, and a runtime fallback produces a new plan.
 """
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -165,7 +167,7 @@ def test_a_runtime_fallback_is_a_new_plan_not_a_changed_learner():
                     rng.normal(size=(2, 4, 1)).astype("f4"))
   before = maml.plan(batch)
   assert before.execution == "vectorized_map"
-  with pytest.warns(UserWarning, match="could not vectorise"):
+  with pytest.warns(PlanWarning, match="could not vectorise"):
     maml.train_step(batch)
   after = maml.plan(batch)
   assert before.execution == "vectorized_map"      # the old plan is unchanged
@@ -173,6 +175,41 @@ def test_a_runtime_fallback_is_a_new_plan_not_a_changed_learner():
   assert dict(after.reasons)["execution"]
   assert maml.fallbacks["execution"][0] == "map_fn"
   assert maml.execution == "map_fn"
+
+
+class _Subclassed(keras.Model):
+
+  def __init__(self):
+    super().__init__()
+    self.hidden = keras.layers.Dense(4, activation="tanh")
+    self.out = keras.layers.Dense(1)
+
+  def call(self, x):
+    return self.out(self.hidden(x))
+
+
+def test_a_bad_batch_is_its_own_error_not_a_fallback():
+  """A batch the model cannot take (5 features for 3) fails task by task
+  too: its error is raised and no map_fn fallback is recorded (nor a Keras
+  name scope left open: later variables would be named under it)."""
+  model = _Subclassed()
+  model(np.zeros((1, 3), "f4"))
+  maml = MAML(model, "mse", inner_lr=0.01, vectorize="vectorized_map")
+  rng = np.random.default_rng(0)
+  batch = lambda d: TaskBatch(*[rng.normal(size=s).astype("f4") for s in (
+      (2, 4, d), (2, 4, 1), (2, 4, d), (2, 4, 1))])
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", PlanWarning)   # no fallback warning
+    with pytest.raises((ValueError, TypeError, tf.errors.OpError)):
+      maml.train_step(batch(5))
+    assert "execution" not in maml.fallbacks
+    # The failed trace left no Keras name scope open behind it.
+    fresh = keras.layers.Dense(2)
+    fresh.build((None, 3))
+    assert fresh.kernel.path == f"{fresh.name}/kernel"
+    good = batch(3)
+    assert maml.plan(good).execution == "vectorized_map"
+    assert np.isfinite(maml.train_step(good)["loss_after"])
 
 
 class _MinimalCell(keras.layers.Layer):

@@ -406,16 +406,28 @@ class _Operation(_Op):
   (:func:`~maml_tf.core.keras_compat.per_example_operation`): called once,
   with its recorded arguments, on the task and example axes merged."""
 
-  def __init__(self, operation, arguments):
+  def __init__(self, operation, arguments, input_shape=None):
     super().__init__(operation)
     self.arguments = arguments
+    self.call = operation
+    newshape = tuple(getattr(operation, "newshape", None) or ())
+    if type(operation).__name__ == "Reshape" and None in newshape:
+      # ``reshape(x, (shape(x)[0], ...))`` records the batch size as None:
+      # each example takes the rest (a -1 in it resolved from the input's
+      # static example shape: checked by per_example_operation).
+      rest = list(newshape[1:])
+      if -1 in rest:
+        rest[rest.index(-1)] = int(np.prod(input_shape[1:]) // np.prod(
+            [d for d in rest if d != -1]))
+      shape = (-1, *rest)
+      self.call = lambda x: keras.ops.reshape(x, shape)
 
   def __call__(self, ctx, inputs):
     tasks = _dims(inputs[0])[:1]
     values = iter([tf.reshape(x, [-1] + _dims(x)[2:]) for x in inputs])
     args, kwargs = self.arguments.convert(
         lambda v: next(values) if isinstance(v, keras.KerasTensor) else v)
-    y = self.layer(*args, **kwargs)
+    y = self.call(*args, **kwargs)
     # Each task's rows stay together: [T*M, ...] -> [T, M, ...], where M
     # may differ from the inputs' N (a reshape of the examples).
     return tf.reshape(y, tasks + [-1] + _dims(y)[1:])
@@ -1014,7 +1026,8 @@ class _Compiler:
         why = keras_compat.per_example_operation(node)
         if why is not None:
           raise _unsupported(op, why)
-        steps.append((_Operation(op, node.arguments),
+        steps.append((_Operation(op, node.arguments,
+                                 tuple(node.input_tensors[0].shape)),
                       [id(t) for t in node.input_tensors],
                       id(node.outputs[0])))
         continue
@@ -1067,9 +1080,11 @@ def _traced(model: keras.layers.Layer, shape=None) -> keras.Model:
   its own, which its call reads directly, are refused where an operation
   reads them: :func:`maml_tf.core.keras_compat.per_example_operation`.)
 
-  A ``call`` that takes ``training`` is traced in both modes, and must
-  take the same layers and operations in each (a branch on ``training``
-  would make one graph wrong for the other mode).
+  ``call`` is traced in both modes (its layers take the mode where not
+  given one, as Keras' ``__call__`` passes it on, and a ``training``
+  argument takes it too), and must take the same layers and operations in
+  each (a branch on ``training`` would make one graph wrong for the other
+  mode).
 
   Raises:
     Unsupported: the model was not built on one input of known shape, its
@@ -1106,15 +1121,17 @@ def _traced(model: keras.layers.Layer, shape=None) -> keras.Model:
 
 def _trace_modes(model, shape, name) -> list:
   """``model.call`` on a symbolic input of ``shape``, as functional models:
-  one per training mode its call takes."""
+  one per training mode (True, False)."""
   takes_training = functional.call_takes_training(model)
   graphs = []
-  for mode in ((True, False) if takes_training else (None,)):
+  for mode in (True, False):
     inputs = keras.Input(tuple(shape)[1:],
                          dtype=model.dtype_policy.compute_dtype)
     try:
-      outputs = (model.call(inputs, training=mode) if takes_training
-                 else model.call(inputs))
+      # (Its layers take the mode where not given one, as in its __call__.)
+      with keras_compat.call_context(model, mode):
+        outputs = (model.call(inputs, training=mode) if takes_training
+                   else model.call(inputs))
       graph = keras.Model(inputs, outputs)
     except Exception as e:  # pylint: disable=broad-except
       first = (str(e).splitlines() or [""])[0][:200]
@@ -1268,8 +1285,9 @@ class BatchedModel:
     self._shapes = {
         "p": [tuple(v.shape) for v in model.trainable_variables],
         "s": [tuple(v.shape) for v in model.non_trainable_variables]}
-    self._dtype = model.trainable_variables[0].dtype if (
-        model.trainable_variables) else keras.config.floatx()
+    # What a model traced from its call (no Inputs) casts floating inputs
+    # to in its __call__ (Keras' autocast), or None.
+    self._dtype = keras_compat.autocast_dtype(model)
 
   def __call__(self, params: Sequence[tf.Tensor], state: Sequence[tf.Tensor],
                x, training: bool = True) -> Tuple[tf.Tensor, List[tf.Tensor]]:
@@ -1304,8 +1322,8 @@ class BatchedModel:
     inputs = []
     for t in flat:
       t = tf.convert_to_tensor(t)
-      if self.program.input_dtypes is None:   # (the program casts the rest)
-        t = _cast_floats(t, self._dtype)
+      if self.program.input_dtypes is None and self._dtype is not None:
+        t = _cast_floats(t, self._dtype)     # (the program casts the rest)
       if t.shape.rank is None or t.shape.rank < 2:
         raise ValueError(f"x must be [T, N, *input_shape], got shape "
                          f"{t.shape}")

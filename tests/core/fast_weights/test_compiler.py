@@ -927,6 +927,35 @@ def test_operations_may_change_the_example_count():
                              rtol=1e-10, atol=1e-10)
 
 
+class _ReshapedByBatchSize(keras.Model):
+  """``reshape(h, (shape(h)[0], ...))``: the batch size is None when
+  traced."""
+
+  def __init__(self):
+    super().__init__()
+    self.a, self.o = L.Dense(8, dtype="float64"), L.Dense(1, dtype="float64")
+
+  def call(self, x):
+    h = self.a(x)
+    n = keras.ops.shape(h)[0]
+    h = keras.ops.sum(keras.ops.reshape(h, (n, 2, 4)), 1)
+    return self.o(h + keras.ops.reshape(keras.ops.reshape(h, (n, -1)),
+                                        (n, 4)))
+
+
+def test_reshapes_by_the_traced_batch_size():
+  """(The model's float32 policy casts its float64 inputs first, as its
+  Keras __call__ does, then its float64 layers cast them back.)"""
+  model = _ReshapedByBatchSize()
+  model(np.zeros((2, 8)))
+  rng = np.random.default_rng(12)
+  params, state = _per_task(model, rng, "float64")
+  x = tf.constant(rng.normal(size=(T, 5, 8)))
+  y, _ = compile_batched(model)(params, state, x)
+  np.testing.assert_allclose(y, _loop(model, params, state, x, True)[0],
+                             rtol=1e-10, atol=1e-10)
+
+
 def test_inputs_are_matched_as_keras_matches_them():
   """A dict for a model built on a list is matched by input name, as
   Keras' functional call matches it, not by sorted key."""
@@ -1102,8 +1131,29 @@ def _built_subclassed():
   return model
 
 
-@pytest.mark.parametrize("make", [_built_subclassed, _blocks],
-                         ids=["subclassed_model", "user_layers"])
+class _NoTrainingArgument(_Subclassed):
+  """``call(self, x)``: its layers take the caller's mode from Keras' call
+  context (BatchNorm, and a Dropout that draws)."""
+
+  def __init__(self):
+    super().__init__()
+    self.drop = L.Dropout(0.3)
+
+  def call(self, x):
+    h = keras.ops.mean(self.norm(self.conv(x)), axis=(1, 2))
+    return self.head(self.drop(h))
+
+
+def _no_training_argument():
+  model = _NoTrainingArgument()
+  model(np.zeros((1, 5, 5, 2), "float32"))
+  return model
+
+
+@pytest.mark.parametrize("make", [_built_subclassed, _blocks,
+                                  _no_training_argument],
+                         ids=["subclassed_model", "user_layers",
+                              "no_training_argument"])
 def test_a_subclassed_model_is_traced_into_its_layers(make):
   """Its call on a symbolic input gives the layer graph: the same numbers
   as the per-task loop in both modes, and second-order meta-gradients."""
