@@ -110,11 +110,13 @@ def previous_training(path: str) -> dict:
       old, dict) else {}
 
 
-def check_writable(workdir: str, names=()) -> None:
+def check_writable(workdir: str, names=(), folders=()) -> None:
   """Fails early when the run's outputs could not be written at the end.
 
-  Creates ``workdir`` and a scratch file in it, and opens every existing
-  output ``workdir/name`` for appending (nothing is written to it).
+  Creates ``workdir`` and a scratch file in it and in every existing
+  output folder ``workdir/folder`` (checkpoints, summaries, exports), and
+  opens every existing output ``workdir/name`` for appending (nothing is
+  written to it).
 
   Raises:
     OutputNotWritableError: (a ``PermissionError``) naming the folder or
@@ -128,6 +130,18 @@ def check_writable(workdir: str, names=()) -> None:
   except OSError as e:
     raise OutputNotWritableError(f"cannot write to the output folder {workdir} "
                           f"({e}); choose another --logdir") from e
+  for folder in folders:
+    path = os.path.join(workdir, folder)
+    if not os.path.isdir(path):
+      continue
+    try:
+      fd, tmp = tempfile.mkstemp(dir=path, suffix=".probe")
+      os.close(fd)
+      os.remove(tmp)
+    except OSError as e:
+      raise OutputNotWritableError(
+          f"the output folder {path} cannot be written ({type(e).__name__}: "
+          f"{e}); make it writable or choose another --logdir") from e
   for name in names:
     path = os.path.join(workdir, name)
     if not os.path.lexists(path):

@@ -111,20 +111,39 @@ def _read(path: str) -> Dict:
   return stored
 
 
+def _check_kind(stored: Dict, kind: str, current: Dict, workdir: str):
+  """Refuses a run of another launcher (``kind``: the config class; a
+  ``config.json`` written before it was recorded sharing fewer than half
+  of this config's fields)."""
+  old = stored.get("kind")
+  shared = set(stored["config"]) & set(current)
+  if old == kind or (old is None and 2 * len(shared) >= len(current)):
+    return
+  raise ConfigMismatchError(
+      f"{workdir} holds a run of another launcher "
+      f"({old or 'other settings'}, not {kind}); use a new --logdir (or "
+      "--noresume to move it aside)")
+
+
 def _move_aside(workdir: str, log: Callable[[str], None]) -> str:
   """Renames the run in ``workdir`` to a sibling ``WORKDIR.replaced-TIME``
   and leaves ``workdir`` empty (its checkpoints, summaries and logs must not
   mix with a fresh start's)."""
-  target = (f"{os.path.normpath(workdir)}.replaced-"
-            f"{time.strftime('%Y%m%d-%H%M%S')}")
+  # (Absolute: ``--logdir=.`` gets a sibling, not a folder inside itself.)
+  source = os.path.abspath(workdir)
+  target = f"{source}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+  cwd = os.path.join(os.path.abspath(os.getcwd()), "")
   try:
     try:
-      os.rename(workdir, target)
+      if cwd.startswith(os.path.join(source, "")):
+        # The working directory is in it: a rename would take "." along.
+        raise OSError("the working directory is inside it")
+      os.rename(source, target)
     except OSError:   # a mount point, an unwritable parent: move its contents
       os.makedirs(target)
-      for name in os.listdir(workdir):
-        shutil.move(os.path.join(workdir, name), os.path.join(target, name))
-    os.makedirs(workdir, exist_ok=True)
+      for name in os.listdir(source):
+        shutil.move(os.path.join(source, name), os.path.join(target, name))
+    os.makedirs(source, exist_ok=True)
   except OSError as e:
     raise ConfigMismatchError(
         f"--noresume: {workdir} holds a run that could not be moved aside "
@@ -157,6 +176,7 @@ def check_resume(config, workdir: str, log: Callable[[str], None] = print,
   """
   path = os.path.join(workdir, CONFIG_FILE)
   current = _plain(dataclasses.asdict(config))
+  kind = type(config).__name__
   eval_only = getattr(config, "eval_only", False)
   if eval_only:
     # An evaluation never defines a run: nothing is written, and a folder
@@ -168,10 +188,11 @@ def check_resume(config, workdir: str, log: Callable[[str], None] = print,
   resuming = eval_only or (getattr(config, "resume", True)
                            and has_checkpoints(workdir))
   if not resuming or not os.path.exists(path):
-    write_json(path, {"config": current, "changes": []})
+    write_json(path, {"kind": kind, "config": current, "changes": []})
     return []
   stored = _read(path)
   old = stored["config"]
+  _check_kind(stored, kind, current, workdir)
   diff: Dict[str, Tuple] = {k: (old.get(k), v) for k, v in current.items()
                             if k in old and old[k] != v}
   unsafe = {k: d for k, d in diff.items()
@@ -200,5 +221,5 @@ def check_resume(config, workdir: str, log: Callable[[str], None] = print,
     log(f"resuming with changed settings: {listed}")
     changes.append({"at": time.strftime("%Y-%m-%d %H:%M:%S"),
                     "fields": {k: list(d) for k, d in diff.items()}})
-  write_json(path, {"config": current, "changes": changes})
+  write_json(path, {"kind": kind, "config": current, "changes": changes})
   return changes

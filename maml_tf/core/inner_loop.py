@@ -27,6 +27,7 @@ value. Steps beyond the learned per-step sizes reuse the last one.
 """
 
 import dataclasses
+import warnings
 from typing import Callable, Optional, Sequence, Tuple
 
 import keras
@@ -445,13 +446,62 @@ def support_statistics(model: keras.Model, params, state, x) -> list:
   return new_state
 
 
+def head_layer(model: keras.layers.Layer) -> keras.layers.Layer:
+  """The last layer with trainable weights that ``model``'s call runs (in a
+  nested model or a user's block, its own head): from the layer graph,
+  traced from ``call`` for a subclassed model (whose layers Keras lists in
+  creation order). Where the call cannot be traced, the last layer
+  created, with a warning naming it."""
+  graph = keras_compat.functional_graph(model)
+  if graph is None and not isinstance(model, keras.Sequential):
+    graph = _traced_call(model)
+  if graph is None:
+    layers = [l for l in keras_compat.flatten_layers(model)
+              if l.trainable_weights and not isinstance(l, keras.Model)]
+    if not layers:
+      raise ValueError(f"model {model.name!r} has no trainable weights")
+    warnings.warn(
+        f"maml_tf: adapt='head' takes {layers[-1].name!r}, the last layer "
+        f"of {model.name!r} created: its call could not be traced to find "
+        "the last one called; pass adapt=[layer names] to choose")
+    return layers[-1]
+  for node in reversed(list(keras_compat.graph_nodes(graph))):
+    layer = node.operation
+    if isinstance(layer, keras.layers.Layer) and layer.trainable_weights:
+      # A model or a user's block of layers: its own head.
+      block = isinstance(layer, keras.Model) or (
+          not type(layer).__module__.startswith("keras.")
+          and keras_compat.flatten_layers(layer))
+      return head_layer(layer) if block else layer
+  raise ValueError(f"model {model.name!r} has no trainable weights")
+
+
+def _traced_call(model):
+  """``model.call`` on a symbolic input as a functional model, or ``None``."""
+  shape = keras_compat.build_input_shape(model)
+  if not isinstance(shape, (tuple, list)) or not all(
+      d is None or isinstance(d, int) for d in shape):
+    return None
+  try:
+    inputs = keras.Input(tuple(shape)[1:],
+                         dtype=model.dtype_policy.compute_dtype)
+    with keras_compat.call_context(model, False):
+      outputs = (model.call(inputs, training=False)
+                 if functional.call_takes_training(model)
+                 else model.call(inputs))
+    return keras.Model(inputs, outputs)
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
 def adapt_mask(model: keras.Model, adapt) -> Tuple[bool, ...]:
   """One bool per trainable variable: does the inner loop adapt it?
 
   Arguments:
     model: the meta-model.
-    adapt: ``"all"``, ``"head"`` (the last layer that has weights), a list of
-      layer names, or a predicate ``f(variable) -> bool``.
+    adapt: ``"all"``, ``"head"`` (the last layer with weights that the
+      call runs: :func:`head_layer`), a list of layer names, or a
+      predicate ``f(variable) -> bool``.
 
   Raises:
     ValueError: an unknown form, unknown layer names, or nothing selected.
@@ -461,8 +511,7 @@ def adapt_mask(model: keras.Model, adapt) -> Tuple[bool, ...]:
     return (True,) * len(variables)
   layers = keras_compat.flatten_layers(model)
   if isinstance(adapt, str) and adapt == "head":
-    head = {id(v) for v in [l for l in layers if l.trainable_weights][-1]
-            .trainable_weights}
+    head = {id(v) for v in head_layer(model).trainable_weights}
     mask = [id(v) in head for v in variables]
   elif callable(adapt):
     mask = [bool(adapt(v)) for v in variables]

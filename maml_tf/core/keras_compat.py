@@ -39,6 +39,16 @@ def nodes_by_depth(model: keras.Model) -> Optional[dict]:
   return getattr(model, "_nodes_by_depth", None)
 
 
+def graph_nodes(graph: keras.Model):
+  """The call nodes of a functional ``graph``, from its inputs on (by
+  depth), without the input nodes."""
+  by_depth = nodes_by_depth(graph)
+  for depth in sorted(by_depth, reverse=True):
+    for node in by_depth[depth]:
+      if node.operation is not None and not node.is_input:
+        yield node
+
+
 def functional_graph(model: keras.Model) -> Optional[keras.Model]:
   """The functional graph a model runs: itself (functional), the one a
   Sequential builds on its ``Input``, else ``None`` (subclassed, or a

@@ -166,9 +166,10 @@ class MAML:
       outputs = model.outputs
     except (AttributeError, ValueError):    # subclassed: no graph
       outputs = None
-    if outputs and len(outputs) > 1:
+    count = len(outputs) if outputs else _traced_output_count(model)
+    if count > 1:
       raise ValueError(
-          f"model {model.name!r} has {len(outputs)} outputs; MAML adapts "
+          f"model {model.name!r} has {count} outputs; MAML adapts "
           "models with one output (several inputs are supported): combine "
           "the outputs into one tensor, or meta-train a model per output")
     self._num_classes = outputs[0].shape[-1] if outputs else None
@@ -843,6 +844,21 @@ def _why_not_vectorizable(model: keras.Model, has_conv: bool
          for l in keras_compat.flatten_layers(model)):
     return "tf.vectorized_map cannot vectorise recurrent layers' loops"
   return None
+
+
+def _traced_output_count(model) -> int:
+  """How many tensors a subclassed model returns for its build shape (1
+  where that cannot be told without data)."""
+  shape = keras_compat.build_input_shape(model)
+  if not isinstance(shape, (tuple, list)) or not all(
+      d is None or isinstance(d, int) for d in shape):
+    return 1
+  try:
+    spec = model.compute_output_spec(keras.KerasTensor(
+        tuple(shape), dtype=model.dtype_policy.compute_dtype))
+  except Exception:  # pylint: disable=broad-except
+    return 1
+  return len(tf.nest.flatten(spec))
 
 
 def _single_input_shape(model) -> Optional[Tuple]:

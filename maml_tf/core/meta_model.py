@@ -191,9 +191,10 @@ class MetaModel(keras.Model):
     for what, value in parts.items():
       try:
         config[what] = keras.saving.serialize_keras_object(value)
-        if what != "model" and not isinstance(value, str):
+        if not isinstance(value, str):
           # Keras writes some things it cannot read back (an unregistered
-          # function, a lambda): found here, not at load time.
+          # function, a lambda, a model of an unregistered class): found
+          # here, not at load time.
           keras.saving.deserialize_keras_object(config[what])
       except (NotImplementedError, TypeError, ValueError) as e:
         first = " ".join(str(e).split()).split(". ")[0]

@@ -51,11 +51,13 @@ def _default_signature(model: keras.Model):
                           name=f"x{j}" if len(inputs) > 1 else "x")
             for j, i in enumerate(inputs)]
   shape = cloning.example_input_shape(model)
-  if shape is None:
+  if shape is None or not all(d is None or isinstance(d, int)
+                              for d in shape):   # (several inputs: nested)
     raise ValueError(
         f"cannot infer the input signature of model {model.name!r} (a "
-        "subclassed model without keras.Input); pass input_signature=["
-        "tf.TensorSpec((None, ...), tf.float32)]")
+        "subclassed model without keras.Input, built on "
+        f"{shape!r}); pass input_signature=[tf.TensorSpec((None, ...), "
+        "tf.float32)] (one spec per input)")
   return [tf.TensorSpec((None,) + tuple(shape[1:]), model.compute_dtype,
                         name="x")]
 

@@ -418,7 +418,7 @@ def train_and_evaluate(config: RLConfig, workdir: str) -> Dict:
   """
   check_writable(workdir, ("results.json", "returns.png",
                            "training_curve.png", "train_history.json",
-                           "config.json"))
+                           "config.json"), ("ckpt", "tb"))
   changes = run_config.check_resume(config, workdir, print)
   shipped = (_shipped_iterations(config)
              if config.pretrained and not config.eval_only else None)

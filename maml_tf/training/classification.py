@@ -320,8 +320,8 @@ def load_splits(config: ClassificationConfig) -> Dict[str, np.ndarray]:
     {'train': 4400, 'val': 400, 'test': 1692}
   """
   if config.dataset == "omniglot":
-    images = _omniglot_images(omniglot.resolve_omniglot_dir(config.data_dir),
-                              config.omniglot_source)
+    # (load_omniglot resolves $MAML_TF_OMNIGLOT_DIR, and names it.)
+    images = _omniglot_images(config.data_dir, config.omniglot_source)
     splits = omniglot.omniglot_splits(images, train_on_val=config.train_on_val)
   else:
     if config.train_on_val:
@@ -710,7 +710,9 @@ def train_and_evaluate(config: ClassificationConfig, workdir: str,
   strategy = distribute.make_strategy(config.distribute)   # before any TF op
   workdir = distribute.worker_workdir(workdir, strategy)
   results.check_writable(workdir, ("results.json", "accuracy_vs_steps.png",
-                                   "training_curve.png", "config.json"))
+                                   "training_curve.png", "config.json",
+                                   "train_log.jsonl"),
+                         ("checkpoints", "tensorboard", "adapted_savedmodel"))
   changes = run_config.check_resume(config, workdir, log,
                                      config_lib.fixed_on_resume(config))
   if config.pretrained:   # before the data: a shipped setting must match

@@ -268,8 +268,12 @@ def train_and_evaluate(config: SinusoidConfig, workdir: str,
   config.validate()
   strategy = distribute.make_strategy(config.distribute)   # before any TF op
   workdir = distribute.worker_workdir(workdir, strategy)
-  results.check_writable(workdir, ("results.json", "sinusoid.png",
-                                   "config.json"))
+  runs = ("maml", "pretrained")     # each network's own outputs
+  results.check_writable(
+      workdir, ("results.json", "sinusoid.png", "config.json") + tuple(
+          f"{r}/train_log.jsonl" for r in runs),
+      runs + tuple(f"{r}/{d}" for r in runs
+                   for d in ("checkpoints", "tensorboard")))
   changes = run_config.check_resume(config, workdir, log,
                                      config_lib.fixed_on_resume(config))
   t0 = time.perf_counter()
@@ -289,15 +293,17 @@ def train_and_evaluate(config: SinusoidConfig, workdir: str,
     run_config.check_not_a_run(workdir)
     from maml_tf.models import pretrained  # pylint: disable=g-import-not-at-top
     pretrained.load_into(learner, "sinusoid")
-    log("evaluating the shipped weights 'sinusoid' "
-        f"({pretrained.card('sinusoid')['iterations']} meta-iterations)")
+    done = int(pretrained.card("sinusoid")["iterations"])
+    log(f"evaluating the shipped weights 'sinusoid' ({done} "
+        "meta-iterations)")
   elif config.eval_only:
-    ckpt, manager, _ = loop.make_checkpoint(learner, maml_dir)
+    ckpt, manager, step = loop.make_checkpoint(learner, maml_dir)
     if not loop.restore_latest(ckpt, manager, log):
       raise FileNotFoundError(
           f"eval_only: no checkpoint under {maml_dir}/checkpoints; train first")
+    done = int(step.numpy())
   else:
-    loop.meta_train(
+    done = loop.meta_train(
         distribute.distributed_learner(learner, strategy),
         lambda i: tasks.sample_batch(config.meta_batch, config.k_shot,
                                      config.k_query, _rng(config.seed, 1, i))[0],
@@ -309,6 +315,7 @@ def train_and_evaluate(config: SinusoidConfig, workdir: str,
         steps_per_call=config.steps_per_call, timing=timing)
   train_seconds = time.perf_counter() - t0
   out = {"config": dataclasses.asdict(config), "config_changes": changes,
+         "iterations": done,     # of the weights evaluated
          "train_seconds": train_seconds,
          # Without compilation and evaluation (training.loop.meta_train).
          "timing": timing,
@@ -354,7 +361,7 @@ def train_and_evaluate(config: SinusoidConfig, workdir: str,
       {f"loss_{k.replace('=', '')}_after_{st.split('=')[1]}_steps":
        float(v["mean"])
        for k, row in out["maml"].items() for st, v in row.items()},
-      int(learner.meta_optimizer.iterations.numpy()))
+      done)
   out["environment"] = results.environment()
   results.write_json(os.path.join(workdir, "results.json"), out)
   log(f"wrote {os.path.join(workdir, 'results.json')}")

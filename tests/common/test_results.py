@@ -31,6 +31,28 @@ def test_an_unwritable_output_fails_before_training(tmp_path):
     results.check_writable(str(tmp_path / "file"), ())
 
 
+def test_unwritable_output_folders_fail_before_training(tmp_path,
+                                                       monkeypatch):
+  """An existing checkpoints/ (or other output folder) that cannot be
+  written stops the run at once, not at its first checkpoint."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "run"
+  os.makedirs(workdir / "maml" / "checkpoints")
+  mkstemp = tempfile.mkstemp
+
+  def refuse(*args, dir=None, **kwargs):  # pylint: disable=redefined-builtin
+    if dir and dir.endswith("checkpoints"):
+      raise PermissionError(1, "Operation not permitted")
+    return mkstemp(*args, dir=dir, **kwargs)
+  monkeypatch.setattr(tempfile, "mkstemp", refuse)
+  lines = []
+  with pytest.raises(PermissionError, match=r"output folder .*maml/"
+                     "checkpoints cannot be written"):
+    experiment.train_and_evaluate(experiment.make_config("smoke", **_SMALL),
+                                  str(workdir), log=lines.append)
+  assert not any("meta-training" in line for line in lines)
+
+
 def test_results_files_are_strict_json_readable_by_all(tmp_path):
   path = results.write_json(str(tmp_path / "r.json"),
                             {"a": float("nan"), "b": [1.5, float("inf")],

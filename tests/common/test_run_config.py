@@ -141,6 +141,53 @@ def test_noresume_moves_the_old_run_aside_and_fixed_fields_stay(tmp_path):
   assert not os.listdir(empty)
 
 
+@dataclasses.dataclass
+class _OtherLaunchersConfig:
+  env: str = "navigation"
+  iterations: int = 10
+  resume: bool = True
+
+
+def test_a_run_of_another_launcher_is_refused(tmp_path):
+  """Its config shares a few field names (iterations): the config class
+  recorded in config.json tells, or, in a file from before it was
+  recorded, the fields shared."""
+  workdir = str(tmp_path)
+  run_config.check_resume(_OtherLaunchersConfig(), workdir)
+  _fake_checkpoint(workdir)
+  with pytest.raises(run_config.ConfigMismatchError,
+                     match=r"another launcher \(_OtherLaunchersConfig, not "
+                     r"_Config\); use a new --logdir"):
+    run_config.check_resume(_Config(), workdir)
+  path = os.path.join(workdir, "config.json")
+  with open(path) as f:
+    stored = json.load(f)
+  del stored["kind"]
+  with open(path, "w") as f:
+    json.dump(stored, f)
+  with pytest.raises(run_config.ConfigMismatchError, match="another launcher"):
+    run_config.check_resume(_Config(), workdir)
+  run_config.check_resume(_OtherLaunchersConfig(iterations=20), workdir,
+                          lambda m: None)
+
+
+def test_noresume_in_the_run_directory_itself(tmp_path, monkeypatch):
+  """--logdir=. from inside the run: the old run goes to a sibling, and
+  the working directory is the fresh, empty run directory."""
+  workdir = tmp_path / "run"
+  os.makedirs(workdir)
+  monkeypatch.chdir(workdir)
+  run_config.check_resume(_Config(), ".")
+  _fake_checkpoint(".")
+  run_config.check_resume(_Config(inner_lr=0.2, resume=False), ".",
+                          lambda m: None)
+  moved = [p for p in os.listdir(tmp_path) if p.startswith("run.replaced-")]
+  assert len(moved) == 1
+  assert run_config.has_checkpoints(str(tmp_path / moved[0]))
+  assert sorted(os.listdir(".")) == ["config.json"]
+  assert run_config.stored_config(".")["inner_lr"] == 0.2
+
+
 def test_a_cosine_schedule_fixes_the_iteration_count():
   from maml_tf.training import config as config_lib  # pylint: disable=g-import-not-at-top
   assert config_lib.fixed_on_resume(experiment.make_config("smoke")) == ()

@@ -81,6 +81,34 @@ def test_adapt_mask_forms():
     adapt_mask(model, 3)
 
 
+class _HeadFirst(keras.Model):
+  """Subclassed, its classifier created first and called last."""
+
+  def __init__(self):
+    super().__init__()
+    self.classifier = keras.layers.Dense(5, name="classifier")
+    self.backbone = [keras.layers.Dense(8, activation="relu")
+                     for _ in range(2)]
+
+  def call(self, x):
+    for layer in self.backbone:
+      x = layer(x)
+    return self.classifier(x)
+
+
+def test_the_head_is_the_last_layer_called_not_the_last_created():
+  model = _HeadFirst()
+  model(np.zeros((1, 3), "f4"))
+  head = {id(v) for v in model.classifier.trainable_weights}
+  assert adapt_mask(model, "head") == tuple(
+      id(v) in head for v in model.trainable_variables)
+  # A nested model as the last layer: its own head.
+  inner = keras.Sequential([keras.Input((4,)), keras.layers.Dense(4),
+                            keras.layers.Dense(2, name="inner_head")])
+  outer = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4), inner])
+  assert adapt_mask(outer, "head") == adapt_mask(outer, ["inner_head"])
+
+
 def test_support_statistics_are_the_batch_moments_and_leave_momentum():
   model = _model()
   x, _ = _data()

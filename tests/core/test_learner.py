@@ -359,6 +359,18 @@ def test_a_model_with_several_outputs_is_refused():
                      "with one output"):
     MAML(model, "mse")
 
+  class TwoHeads(keras.Model):      # subclassed: its call traced to tell
+    def __init__(self):
+      super().__init__()
+      self.a, self.b = keras.layers.Dense(1), keras.layers.Dense(2)
+
+    def call(self, x):
+      return self.a(x), self.b(x)
+  model = TwoHeads()
+  model(np.zeros((1, 4), "f4"))
+  with pytest.raises(ValueError, match="has 2 outputs"):
+    MAML(model, "mse")
+
 
 def test_a_frozen_model_is_named_frozen_not_unbuilt():
   model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])

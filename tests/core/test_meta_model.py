@@ -265,6 +265,16 @@ class _Shifted(keras.Model):
     return self.dense(x) + self.table["shift"]
 
 
+class _Unregistered(keras.Model):
+
+  def __init__(self, **kwargs):
+    super().__init__(**kwargs)
+    self.dense = keras.layers.Dense(1)
+
+  def call(self, x):
+    return self.dense(x)
+
+
 def test_a_meta_model_keras_cannot_save_whole_says_which_part(tmp_path):
   net = _Shifted(type("Table", (dict,), {})(shift=1.0))
   net(np.zeros((1, 1), np.float32))
@@ -274,6 +284,14 @@ def test_a_meta_model_keras_cannot_save_whole_says_which_part(tmp_path):
                      r"save_weights"):
     meta.save(str(tmp_path / "meta.keras"))
   meta.save_weights(str(tmp_path / "meta.weights.h5"))   # still possible
+  # A subclassed model of an unregistered class: Keras writes it but could
+  # not load it back.
+  net = _Unregistered()
+  net(np.zeros((1, 1), np.float32))
+  meta = MetaModel(net, "mse", inner_lr=0.01)
+  meta.compile(optimizer="adam")
+  with pytest.raises(ValueError, match=r"cannot be saved whole: its model"):
+    meta.save(str(tmp_path / "meta.keras"))
   # A plain function loss Keras would write but could not read back.
   def squared(y, p):
     return tf.reduce_mean((y - p) ** 2)

@@ -88,6 +88,24 @@ def test_subclassed_model_signature_comes_from_its_build_shape(tmp_path):
   np.testing.assert_allclose(out, net(tf.ones((4, 3))), atol=1e-6)
 
 
+def test_a_subclassed_model_of_several_inputs_asks_for_a_signature(tmp_path):
+  class Pair(keras.Model):
+    def __init__(self, **kw):
+      super().__init__(**kw)
+      self.d = keras.layers.Dense(2)
+
+    def call(self, inputs):
+      a, b = inputs
+      return self.d(keras.ops.concatenate([a, b], axis=-1))
+  net = Pair()
+  net((np.zeros((1, 3), "f4"), np.zeros((1, 2), "f4")))
+  with pytest.raises(ValueError, match="pass input_signature="):
+    export_adapted(net, str(tmp_path / "p"))
+  spec = [(tf.TensorSpec((None, 3)), tf.TensorSpec((None, 2)))]
+  path = export_adapted(net, str(tmp_path / "p"), input_signature=spec)
+  assert tf.saved_model.load(path)
+
+
 def test_transductive_export_uses_the_batch_statistics(tmp_path):
   maml = MAML(_bn_classifier(), keras.losses.SparseCategoricalCrossentropy(
       from_logits=True), inner_lr=0.2)

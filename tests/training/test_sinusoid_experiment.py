@@ -27,6 +27,7 @@ def test_smoke_run_writes_results_plot_and_lowers_post_update_mse(tmp_path):
   out = experiment.train_and_evaluate(config, str(tmp_path), log=lines.append)
   saved = json.loads((tmp_path / "results.json").read_text())
   assert saved["maml"]["K=10"]["steps=1"]["n"] == 100
+  assert saved["iterations"] == 1500        # of the weights evaluated
   k10 = saved["maml"]["K=10"]
   assert k10["steps=1"]["mean"] < 0.6 * k10["steps=0"]["mean"]
   # MAML after one step beats the pretrained baseline after one step.

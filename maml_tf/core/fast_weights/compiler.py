@@ -382,7 +382,7 @@ def _uses_masks(graph) -> bool:
   return graph is not None and (
       keras_compat.keras_mask(graph.outputs[0]) is not None or any(
           keras_compat.keras_mask(t) is not None
-          for node in _graph_nodes(graph) for t in node.input_tensors))
+          for node in keras_compat.graph_nodes(graph) for t in node.input_tensors))
 
 
 def _users_layer(layer) -> bool:
@@ -1019,7 +1019,7 @@ class _Compiler:
           "output carries a Keras mask (which the layers after it, or a "
           "Keras loss, would apply)")
     steps = []
-    for node in _graph_nodes(_with_attention_masks(graph)):
+    for node in keras_compat.graph_nodes(_with_attention_masks(graph)):
       op = node.operation
       mask = self.input_mask(op, node)
       if not isinstance(op, keras.layers.Layer):   # keras.ops, x + y
@@ -1148,24 +1148,14 @@ def _trace_modes(model, shape, name) -> list:
   return graphs
 
 
-def _graph_nodes(graph: keras.Model):
-  """The call nodes of a functional ``graph``, from its inputs on (by
-  depth), without the input nodes."""
-  nodes_by_depth = keras_compat.nodes_by_depth(graph)
-  for depth in sorted(nodes_by_depth, reverse=True):
-    for node in nodes_by_depth[depth]:
-      if node.operation is not None and not node.is_input:
-        yield node
-
-
 def _with_attention_masks(graph: keras.Model) -> keras.Model:
   """``graph``, or a functional model of its inputs that also computes the
   Keras masks its MultiHeadAttention calls read from their inputs where no
   layer of ``graph`` takes them (Keras computes them beside the graph)."""
   computed = {id(t) for t in graph.inputs} | {
-      id(t) for node in _graph_nodes(graph) for t in node.outputs}
+      id(t) for node in keras_compat.graph_nodes(graph) for t in node.outputs}
   missing = {}
-  for node in _graph_nodes(graph):
+  for node in keras_compat.graph_nodes(graph):
     if type(node.operation) is keras.layers.MultiHeadAttention:  # pylint: disable=unidiomatic-typecheck
       for t in node.input_tensors:
         mask = keras_compat.keras_mask(t)
@@ -1204,7 +1194,7 @@ def _fixed_training(graph: keras.Model, mode):
   """``(layer name, value)`` of a layer ``graph`` calls with a ``training``
   other than ``mode`` (the trace's own: a value fixed in ``call``), or
   ``None``."""
-  for node in _graph_nodes(graph):
+  for node in keras_compat.graph_nodes(graph):
     value = node.arguments.kwargs.get("training")
     if value is not None and value != mode:
       return node.operation.name, value
@@ -1216,7 +1206,7 @@ def _structure(graph: keras.Model) -> list:
   connect, comparable across two traces of one call."""
   index = {id(t): i for i, t in enumerate(graph.inputs)}
   out = []
-  for node in _graph_nodes(graph):
+  for node in keras_compat.graph_nodes(graph):
     op = node.operation
     if isinstance(op, keras.layers.Layer):
       key = id(op)
