@@ -53,7 +53,8 @@ flags.DEFINE_integer("horizon", None, "Episode length (default 100 / 200).")
 flags.DEFINE_integer("seed", 0, "Random seed.")
 flags.DEFINE_string("logdir", None,
                     "Output directory (default runs/rl/ENV/ALGORITHM; with "
-                    "--pretrained, runs/rl/ENV/shipped).")
+                    "--pretrained --eval_only, runs/rl/ENV/shipped; with "
+                    "--pretrained alone, runs/rl/ENV/continued).")
 flags.DEFINE_bool("resume", True, "Resume from the latest checkpoint.")
 flags.DEFINE_bool("first_order", False, "First-order MAML.")
 flags.DEFINE_integer("num_workers", 2, "Sampler processes (MuJoCo envs).")

@@ -432,8 +432,7 @@ def train_and_evaluate(config: RLConfig, workdir: str) -> Dict:
     step = tf.Variable(0, dtype=tf.int64, name="step")
     ckpt = tf.train.Checkpoint(step=step, policy=learner.policy)
     manager = tf.train.CheckpointManager(
-        ckpt, os.path.join(workdir, "ckpt"), max_to_keep=2, step_counter=step,
-        checkpoint_interval=max(config.checkpoint_every, 1))
+        ckpt, os.path.join(workdir, "ckpt"), max_to_keep=2, step_counter=step)
     history = []
     history_path = os.path.join(workdir, "train_history.json")
     if shipped is not None and not manager.latest_checkpoint:
@@ -471,16 +470,22 @@ def train_and_evaluate(config: RLConfig, workdir: str) -> Dict:
     last_save = time.time()
 
     def save(force: bool = False):
+      """At multiples of checkpoint_every, every checkpoint_seconds, or
+      when forced."""
       nonlocal last_save
-      due = time.time() - last_save >= config.checkpoint_seconds
-      if manager.save(checkpoint_number=step,
-                      check_interval=not (force or due)) is not None:
+      due = (time.time() - last_save >= config.checkpoint_seconds
+             or int(step) % max(config.checkpoint_every, 1) == 0)
+      if force or due:
+        manager.save(checkpoint_number=step, check_interval=False)
         write_json(history_path, history)
         last_save = time.time()
 
     # SIGTERM and the first Ctrl-C stop after the iteration in progress,
     # with a checkpoint; a second Ctrl-C stops at once, with the checkpoint
     # of the last finished iteration.
+    if int(step) < iterations:
+      print("[rl] the first iteration traces the adaptation and the "
+            "meta-step (compilation) ...", flush=True)
     with interrupts.StopRequest(sigint=True) as stop:
       try:
         while int(step) < iterations:
@@ -514,7 +519,10 @@ def train_and_evaluate(config: RLConfig, workdir: str) -> Dict:
                 + (f" post {post:.2f}" if post is not None else "")
                 + f" kl {stats['kl']:.4f} ls {int(stats['ls_steps'])} "
                 + format_speed(rate, time.perf_counter() - train_start,
-                               iterations - int(step)), flush=True)
+                               iterations - int(step))
+                + (" (the first iteration traces the steps: later ones "
+                   "are faster)" if done == 1 and iterations - int(step)
+                   else ""), flush=True)
           if config.eval_every and int(step) % config.eval_every == 0:
             ev = evaluate_adaptation(
                 learner, sampler, eval_tasks, config.eval_batch_size,

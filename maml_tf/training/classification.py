@@ -692,8 +692,8 @@ def train_and_evaluate(config: ClassificationConfig, workdir: str,
     The results dictionary also written to ``workdir/results.json``:
     ``config``, ``data`` (shape of each split), ``iterations`` (meta-steps
     of the evaluated weights), ``train_seconds``, ``seconds_per_iteration``
-    (wall time per meta-iteration run by this call, compilation and
-    validation included; ``None`` if none ran), ``test`` (``tasks``,
+    (wall time per meta-iteration run by this call, without compilation
+    and validation; ``None`` if none ran), ``test`` (``tasks``,
     ``steps``, and ``accuracy`` / ``loss`` each with per-step ``mean``,
     ``ci95`` and ``by_step``), ``eval_seconds``, ``final_val`` (the last
     validation record), ``adapted_inference``, ``plots``, ``total_seconds``.

@@ -403,11 +403,12 @@ def test_an_immediate_stop_keeps_the_last_checkpoint_and_names_it(
                        hidden_sizes=(4,), checkpoint_every=2)
   with pytest.raises(interrupts.Interrupted) as e:
     rl.train_and_evaluate(config, str(tmp_path / "run"))
-  # Three iterations ran; the newest checkpoint (step 3) holds them all.
-  assert e.value.step == 3
+  # Three iterations ran; the newest checkpoint is iteration 2's
+  # (checkpoints at multiples of checkpoint_every).
+  assert e.value.step == 2
   assert sorted(os.listdir(tmp_path / "run" / "ckpt"))[-1].startswith(
-      "ckpt-3.")
-  assert "the checkpoint of iteration 3 is kept" in capsys.readouterr().out
+      "ckpt-2.")
+  assert "the checkpoint of iteration 2 is kept" in capsys.readouterr().out
   calls.clear()
   at[0] = 1
   with pytest.raises(KeyboardInterrupt) as e:   # nothing saved yet
