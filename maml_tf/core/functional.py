@@ -76,6 +76,31 @@ def call_takes_training(model: keras.Model) -> bool:
              for p in parameters)
 
 
+def traced_call(model: keras.layers.Layer, training: bool,
+                shape=None) -> keras.Model:
+  """``model.call`` run on a symbolic input of ``shape`` (default the shape
+  it was built on) inside Keras' call context of ``training`` (also passed
+  to a call that takes it), as a functional model of the same layers and
+  variables.
+
+  Raises:
+    ValueError: no single input shape to trace on; else what the call
+      raises on symbolic inputs (TensorFlow ops, Python on values).
+  """
+  if shape is None:
+    shape = keras_compat.build_input_shape(model)
+  if not isinstance(shape, (tuple, list)) or len(shape) < 2 or not all(
+      d is None or isinstance(d, int) for d in shape):
+    raise ValueError(f"{model.name!r} was not built on one input of known "
+                     f"shape (built with {shape!r})")
+  inputs = keras.Input(tuple(shape)[1:],
+                       dtype=model.dtype_policy.compute_dtype)
+  with keras_compat.call_context(model, training):
+    outputs = (model.call(inputs, training=training)
+               if call_takes_training(model) else model.call(inputs))
+  return keras.Model(inputs, outputs)
+
+
 def read_weights(model: keras.Model):
   """Current ``(params, state)`` tensors of ``model`` (reads are taped)."""
   params = [tf.convert_to_tensor(v) for v in model.trainable_variables]

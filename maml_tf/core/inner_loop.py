@@ -477,19 +477,9 @@ def head_layer(model: keras.layers.Layer) -> keras.layers.Layer:
 
 
 def _traced_call(model):
-  """``model.call`` on a symbolic input as a functional model, or ``None``."""
-  shape = keras_compat.build_input_shape(model)
-  if not isinstance(shape, (tuple, list)) or not all(
-      d is None or isinstance(d, int) for d in shape):
-    return None
+  """``model.call`` as a functional model, or ``None``."""
   try:
-    inputs = keras.Input(tuple(shape)[1:],
-                         dtype=model.dtype_policy.compute_dtype)
-    with keras_compat.call_context(model, False):
-      outputs = (model.call(inputs, training=False)
-                 if functional.call_takes_training(model)
-                 else model.call(inputs))
-    return keras.Model(inputs, outputs)
+    return functional.traced_call(model, False)
   except Exception:  # pylint: disable=broad-except
     return None
 

@@ -848,17 +848,11 @@ def _why_not_vectorizable(model: keras.Model, has_conv: bool
 
 def _traced_output_count(model) -> int:
   """How many tensors a subclassed model returns for its build shape (1
-  where that cannot be told without data)."""
-  shape = keras_compat.build_input_shape(model)
-  if not isinstance(shape, (tuple, list)) or not all(
-      d is None or isinstance(d, int) for d in shape):
-    return 1
+  where its call cannot be traced)."""
   try:
-    spec = model.compute_output_spec(keras.KerasTensor(
-        tuple(shape), dtype=model.dtype_policy.compute_dtype))
+    return len(functional.traced_call(model, False).outputs)
   except Exception:  # pylint: disable=broad-except
     return 1
-  return len(tf.nest.flatten(spec))
 
 
 def _single_input_shape(model) -> Optional[Tuple]:

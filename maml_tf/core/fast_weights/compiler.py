@@ -1122,17 +1122,11 @@ def _traced(model: keras.layers.Layer, shape=None) -> keras.Model:
 def _trace_modes(model, shape, name) -> list:
   """``model.call`` on a symbolic input of ``shape``, as functional models:
   one per training mode (True, False)."""
-  takes_training = functional.call_takes_training(model)
   graphs = []
   for mode in (True, False):
-    inputs = keras.Input(tuple(shape)[1:],
-                         dtype=model.dtype_policy.compute_dtype)
     try:
       # (Its layers take the mode where not given one, as in its __call__.)
-      with keras_compat.call_context(model, mode):
-        outputs = (model.call(inputs, training=mode) if takes_training
-                   else model.call(inputs))
-      graph = keras.Model(inputs, outputs)
+      graph = functional.traced_call(model, mode, shape)
     except Exception as e:  # pylint: disable=broad-except
       first = (str(e).splitlines() or [""])[0][:200]
       raise Unsupported(
