@@ -117,7 +117,8 @@ def _computes_the_same(clone, model, params, state, x) -> bool:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     scale = max(1.0, float(np.abs(b).max(initial=0.0)))
     if a.shape != b.shape or not np.allclose(a, b, rtol=1e-3,
-                                             atol=1e-3 * scale):
+                                             atol=1e-3 * scale,
+                                             equal_nan=True):
       return False
   return True
 

@@ -98,7 +98,7 @@ def traced_call(model: keras.layers.Layer, training: bool,
   with keras_compat.call_context(model, training):
     outputs = (model.call(inputs, training=training)
                if call_takes_training(model) else model.call(inputs))
-  return keras.Model(inputs, outputs)
+  return keras.Model(inputs, outputs, name=f"{model.name}_traced")
 
 
 def read_weights(model: keras.Model):

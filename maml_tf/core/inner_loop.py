@@ -468,11 +468,18 @@ def head_layer(model: keras.layers.Layer) -> keras.layers.Layer:
   for node in reversed(list(keras_compat.graph_nodes(graph))):
     layer = node.operation
     if isinstance(layer, keras.layers.Layer) and layer.trainable_weights:
-      # A model or a user's block of layers: its own head.
+      # A model or a user's block of weighted layers: its own head (the
+      # block itself where its sublayers hold none of its weights).
       block = isinstance(layer, keras.Model) or (
           not type(layer).__module__.startswith("keras.")
-          and keras_compat.flatten_layers(layer))
-      return head_layer(layer) if block else layer
+          and any(l.trainable_weights
+                  for l in keras_compat.flatten_layers(layer)))
+      if block:
+        try:
+          return head_layer(layer)
+        except ValueError:
+          return layer
+      return layer
   raise ValueError(f"model {model.name!r} has no trainable weights")
 
 

@@ -129,7 +129,7 @@ class Runner:
       try:
         mapped = self.function(key, make, plan, example, second_order,
                                reduce_retracing, jit_compile)
-      except _TRACE_ERRORS:
+      except BaseException:
         # Task by task fails too: the batch's (or the model's) error, not
         # pfor's; nothing is recorded.
         del self.fallbacks["execution"]

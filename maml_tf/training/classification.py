@@ -297,8 +297,15 @@ def make_config(preset: str = "omniglot_5w1s",
 
 
 # ---------------------------------------------------------------------- data
-@functools.lru_cache(maxsize=2)
 def _omniglot_images(data_dir: Optional[str], source: str) -> np.ndarray:
+  # (Cached per folder: $MAML_TF_OMNIGLOT_DIR is part of the key.)
+  return _cached_omniglot_images(data_dir, source,
+                                 os.environ.get(omniglot.ENV_VAR))
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_omniglot_images(data_dir: Optional[str], source: str,
+                            unused_env: Optional[str]) -> np.ndarray:
   images = omniglot.load_omniglot(data_dir, source=source, dtype=np.uint8)
   images.setflags(write=False)
   return images

@@ -107,6 +107,25 @@ def test_the_head_is_the_last_layer_called_not_the_last_created():
                             keras.layers.Dense(2, name="inner_head")])
   outer = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4), inner])
   assert adapt_mask(outer, "head") == adapt_mask(outer, ["inner_head"])
+  # A user's layer whose weights are its own (its sublayer holds none).
+  x = keras.Input((3,))
+  model = keras.Model(x, _ScaledOut(2, name="scaled")(
+      keras.layers.Dense(4)(x)))
+  assert adapt_mask(model, "head") == adapt_mask(model, ["scaled"])
+
+
+class _ScaledOut(keras.layers.Layer):
+
+  def __init__(self, units, **kwargs):
+    super().__init__(**kwargs)
+    self.units = units
+    self.act = keras.layers.Activation("tanh")
+
+  def build(self, shape):
+    self.w = self.add_weight(shape=(shape[-1], self.units))
+
+  def call(self, x):
+    return self.act(keras.ops.matmul(x, self.w))
 
 
 def test_support_statistics_are_the_batch_moments_and_leave_momentum():

@@ -608,6 +608,7 @@ class _Compiler:
   def __init__(self, model, conv_impl, fold=True):
     self.conv_impl = conv_impl
     self.fold = fold
+    self.masked_attention = None   # the attention reading Keras masks
     self.refs = {}
     for i, v in enumerate(model.trainable_variables):
       self.refs[id(v)] = ("p", i)
@@ -941,6 +942,14 @@ class _Compiler:
       raise _unsupported(layer, "needs query, value (and key) of shape "
                          "[batch, length, features]")
     masks = self.attention_masks(layer, given, kwargs)
+    if set(masks) - {"attention_mask"}:
+      if self.masked_attention is not None:
+        raise _unsupported(layer, "a second attention reading Keras masks "
+                           f"(after {self.masked_attention!r}): Keras' "
+                           "attention removes its inputs' masks when it runs, "
+                           "so later ones attend otherwise than the graph "
+                           "records")
+      self.masked_attention = layer.name
     parts = keras_compat.attention_parts(layer)
     if parts is None:
       raise _unsupported(layer, f"this Keras ({keras.__version__}) names its "
@@ -1158,23 +1167,26 @@ def _with_attention_masks(graph: keras.Model) -> keras.Model:
   if not missing:
     return graph
   return keras.Model(graph.inputs, [graph.outputs[0]] + list(
-      missing.values()))
+      missing.values()), name=f"{graph.name}_with_masks")
 
 
 def _in_dependency_order(steps, input_ids):
-  """``steps`` reordered (stably) so that each comes after the steps whose
-  outputs it reads: a Keras mask an attention reads is no edge of the
-  layer graph, so its depth may put it after the attention."""
+  """``steps`` reordered so that each comes after the steps whose outputs
+  it reads (a Keras mask an attention reads is no edge of the layer graph,
+  so its depth may put it after the attention), otherwise in their order:
+  each time the earliest step whose inputs are ready. (Already in order,
+  they stay so: a layer called twice keeps its calls' order, which its
+  state and random draws follow.)"""
   available, pending, ordered = set(input_ids), list(steps), []
   while pending:
-    ready = [s for s in pending if all(i in available for i in s[1])]
-    if not ready:
+    for i, step in enumerate(pending):
+      if all(j in available for j in step[1]):
+        break
+    else:
       raise Unsupported(f"maml_tf.fast_weights: {len(pending)} layer calls "
                         "read tensors no earlier call computes")
-    for step in ready:
-      ordered.append(step)
-      available.add(step[2])
-    pending = [s for s in pending if all(s is not r for r in ready)]
+    ordered.append(pending.pop(i))
+    available.add(step[2])
   return ordered
 
 

@@ -728,20 +728,24 @@ def _masked_sequence(dtype):
 
 def _masked_attention(dtype):
   """Embedding(mask_zero=True) into attention: a transformer block (the
-  masks of the query and the value, Add's mask to the pooling) and a
-  causal cross-attention with a key and an attention_mask of id pairs."""
+  masks of the query and the value; Add's mask to the pooling), then a
+  causal cross-attention with a key and an attention_mask of id pairs on
+  unmasked inputs (Keras' first attention removes its inputs' masks when
+  it runs: one attention reads Keras masks)."""
   x = keras.Input((6,), dtype="int32")
   e = L.Embedding(10, 4, mask_zero=True, dtype=dtype)(x)
   a = L.MultiHeadAttention(2, 3, dtype=dtype)(e, e)
   h = L.LayerNormalization(dtype=dtype)(L.Add(dtype=dtype)([e, a]))
-  d = L.Dense(4, activation="tanh", dtype=dtype)(h)
+  g = L.GlobalAveragePooling1D(dtype=dtype)(h)
+  u = L.Embedding(10, 4, dtype=dtype)(x)
+  d = L.Dense(4, activation="tanh", dtype=dtype)(u)
   ids = keras.ops.not_equal(x, 0)
   pairs = keras.ops.logical_and(keras.ops.expand_dims(ids, 1),
                                 keras.ops.expand_dims(ids, 2))
   b = L.MultiHeadAttention(2, 3, use_bias=False, dtype=dtype)(
-      d, h, key=e, attention_mask=pairs, use_causal_mask=True)
-  g = L.GlobalAveragePooling1D(dtype=dtype)(L.Add(dtype=dtype)([h, b]))
-  return keras.Model(x, L.Dense(3, dtype=dtype)(g), name="masked_attention")
+      d, u, key=d, attention_mask=pairs, use_causal_mask=True)
+  out = L.Concatenate(dtype=dtype)([g, L.Flatten(dtype=dtype)(b)])
+  return keras.Model(x, L.Dense(3, dtype=dtype)(out), name="masked_attention")
 
 
 def _padded(rng, n, masked_text=True):
@@ -792,10 +796,17 @@ def _embedded(x):
   return L.Embedding(10, 4, mask_zero=True)(x)
 
 
+def _stacked_attention(e):
+  h = L.Add()([e, L.MultiHeadAttention(2, 2)(e, e)])
+  return L.Add()([h, L.MultiHeadAttention(2, 2)(h, h)])
+
+
 @pytest.mark.parametrize("build,why", [
     (lambda x: L.Flatten()(L.MultiHeadAttention(2, 2)(
         L.Embedding(10, 4)(x), L.Embedding(10, 4)(x),
         attention_mask=keras.ops.not_equal(x, 0))), "attention_mask that"),
+    (lambda x: L.GlobalAveragePooling1D()(_stacked_attention(_embedded(x))),
+     "second attention reading Keras masks"),
     (lambda x: L.Dense(2)(keras.Sequential(
         [keras.Input((6, 4)), L.LSTM(2)])(_embedded(x))),
      "carry a Keras mask"),
@@ -954,6 +965,24 @@ def test_reshapes_by_the_traced_batch_size():
   y, _ = compile_batched(model)(params, state, x)
   np.testing.assert_allclose(y, _loop(model, params, state, x, True)[0],
                              rtol=1e-10, atol=1e-10)
+
+
+def test_a_layer_called_twice_keeps_its_calls_order():
+  """A BatchNorm called on a long branch and then on the input: its moving
+  statistics are updated in Keras' order (the second call's last)."""
+  x = keras.Input((4,), dtype="float64")
+  norm = L.BatchNormalization(momentum=0.5, dtype="float64")
+  dense = lambda: L.Dense(4, dtype="float64")
+  a = dense()(dense()(norm(dense()(dense()(x)))))
+  model = keras.Model(x, L.Add(dtype="float64")([a, norm(x)]))
+  rng = np.random.default_rng(13)
+  params, state = _per_task(model, rng, "float64")
+  xs = tf.constant(rng.normal(size=(T, 5, 4)) * 3 + 1)
+  y, new_state = compile_batched(model)(params, state, xs, training=True)
+  y_ref, state_ref = _loop(model, params, state, xs, True)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-10, atol=1e-10)
+  for got, want in zip(new_state, state_ref):
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
 
 
 def test_inputs_are_matched_as_keras_matches_them():
