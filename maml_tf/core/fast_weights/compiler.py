@@ -1362,8 +1362,9 @@ def compile_batched(model: keras.Model, conv_impl: str = "auto",
       and must take the same ones with ``training`` True and False; so is
       a user's ``Layer`` subclass inside a model) made of supported
       layers:
-      InputLayer, Dense, EinsumDense, MultiHeadAttention (Keras masks,
-      ``attention_mask``, ``use_causal_mask``; no returned scores),
+      InputLayer, Dense, EinsumDense, MultiHeadAttention (Keras masks in
+      one attention of a model, ``attention_mask``, ``use_causal_mask``;
+      no returned scores),
       Embedding, Conv1D, Conv2D
       (any ``groups``), DepthwiseConv2D and SeparableConv2D
       (channels_last, 'same' or 'valid'), Conv3D, Conv1D/2D/3DTranspose,
