@@ -460,10 +460,11 @@ def head_layer(model: keras.layers.Layer) -> keras.layers.Layer:
               if l.trainable_weights and not isinstance(l, keras.Model)]
     if not layers:
       raise ValueError(f"model {model.name!r} has no trainable weights")
-    warnings.warn(
-        f"maml_tf: adapt='head' takes {layers[-1].name!r}, the last layer "
-        f"of {model.name!r} created: its call could not be traced to find "
-        "the last one called; pass adapt=[layer names] to choose")
+    if not isinstance(model, keras.Sequential):   # (calls them in order)
+      warnings.warn(
+          f"maml_tf: adapt='head' takes {layers[-1].name!r}, the last layer "
+          f"of {model.name!r} created: its call could not be traced to find "
+          "the last one called; pass adapt=[layer names] to choose")
     return layers[-1]
   for node in reversed(list(keras_compat.graph_nodes(graph))):
     layer = node.operation

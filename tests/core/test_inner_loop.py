@@ -1,5 +1,7 @@
 """The one adaptation: adapt_params, step sizes, masks, support statistics."""
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -107,6 +109,12 @@ def test_the_head_is_the_last_layer_called_not_the_last_created():
                             keras.layers.Dense(2, name="inner_head")])
   outer = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4), inner])
   assert adapt_mask(outer, "head") == adapt_mask(outer, ["inner_head"])
+  # A Sequential built without an Input: its layers in order, no warning.
+  bare = keras.Sequential([keras.layers.Dense(4), keras.layers.Dense(2)])
+  bare.build((None, 3))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    assert adapt_mask(bare, "head") == (False, False, True, True)
   # A user's layer whose weights are its own (its sublayer holds none).
   x = keras.Input((3,))
   model = keras.Model(x, _ScaledOut(2, name="scaled")(
