@@ -15,6 +15,8 @@ through :func:`functional_call` swaps in exact moments while it traces.
 """
 
 import inspect
+import warnings
+import weakref
 from typing import Sequence, Tuple
 
 import keras
@@ -44,6 +46,10 @@ def functional_call(model: keras.Model,
 
   Returns:
     ``(outputs, new_state)``. The model's own variables are never written.
+    Losses the call adds (``Layer.add_loss``, activity regularizers) are
+    not returned: the first call that adds any warns with a
+    :class:`maml_tf.PlanWarning` (weight regularizers are part of MAML's
+    objective, see :class:`maml_tf.core.objective.Objective`).
 
   Example:
     >>> params = [v.value for v in model.trainable_variables]
@@ -52,13 +58,17 @@ def functional_call(model: keras.Model,
   """
   with exact_moments():
     if call_takes_training(model):
-      outputs, new_state = model.stateless_call(
-          list(params), list(state), x, training=training)
+      outputs, new_state, call_losses = model.stateless_call(
+          list(params), list(state), x, training=training, return_losses=True)
+      _warn_about_dropped_losses(
+          model, keras_compat.added_losses(model, call_losses))
       return outputs, list(new_state)
     mapping = (list(zip(model.trainable_variables, params))
                + list(zip(model.non_trainable_variables, state)))
-    with keras.StatelessScope(state_mapping=mapping) as scope:
+    with keras.StatelessScope(state_mapping=mapping,
+                              collect_losses=True) as scope:
       outputs = model(x, training=training)
+    _warn_about_dropped_losses(model, scope.losses)
   new_state = []
   for variable, old in zip(model.non_trainable_variables, state):
     value = scope.get_current_value(variable)
@@ -74,6 +84,29 @@ def call_takes_training(model: keras.Model) -> bool:
     return True
   return any(p.name == "training" or p.kind is inspect.Parameter.VAR_KEYWORD
              for p in parameters)
+
+
+_WARNED_LOSSES = weakref.WeakSet()
+
+
+def warn_dropped_losses(model, what: str) -> None:
+  """A :class:`maml_tf.PlanWarning` (once per model) that ``what`` (losses
+  a forward pass of ``model`` adds) is left out of MAML's objective."""
+  if model in _WARNED_LOSSES:
+    return
+  _WARNED_LOSSES.add(model)
+  from maml_tf.core.plan import PlanWarning  # pylint: disable=g-import-not-at-top
+  warnings.warn(
+      f"maml_tf: {what} are not part of the meta-objective or the inner "
+      "steps, which use the loss function (and the weight regularizers, "
+      "added on the meta-parameters) only; add such a penalty to the loss "
+      "function instead", PlanWarning, stacklevel=3)
+
+
+def _warn_about_dropped_losses(model, call_losses) -> None:
+  if call_losses:
+    warn_dropped_losses(model, f"the {len(call_losses)} loss term(s) that "
+                        f"{model.name!r} adds in its call (Layer.add_loss)")
 
 
 def traced_call(model: keras.layers.Layer, training: bool,

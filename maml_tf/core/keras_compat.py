@@ -74,6 +74,16 @@ def keras_mask(tensor):
   return getattr(tensor, "_keras_mask", None)
 
 
+def added_losses(model: keras.Model, losses: list) -> list:
+  """The losses of ``model.stateless_call(..., return_losses=True)`` that its
+  call added (``add_loss``, activity regularizers), without the weight
+  regularizers' terms, which Keras appends last, one per regularized
+  trainable weight."""
+  regularized = sum(1 for v in model.trainable_weights
+                    if getattr(v, "regularizer", None) is not None)
+  return list(losses)[:max(0, len(losses) - regularized)]
+
+
 def build_input_shape(model: keras.Model):
   """The input shape a subclassed model was built with, or ``None``."""
   shapes = getattr(model, "_build_shapes_dict", None) or {}

@@ -94,7 +94,9 @@ class MAML:
       ``"map_fn"``), one of those three, or ``True``/``False``
       (``"vectorized_map"``/``"map_fn"``). All give the same numbers.
     conv_impl: the batched path's convolution kernel: ``"auto"``,
-      ``"patches"``, ``"grouped"`` or ``"map"``.
+      ``"patches"``, ``"grouped"`` or ``"map"``. ``"grouped"`` needs a
+      visible GPU (TensorFlow's CPU kernels have no gradient for grouped
+      convolutions) and is refused without one.
     learn_inner_lr: meta-learn the inner step sizes: ``None`` (fixed),
       ``"scalar"``, ``"per_parameter"`` (Meta-SGD) or
       ``"per_layer_per_step"`` (MAML++ LSLR).
@@ -190,6 +192,11 @@ class MAML:
     if conv_impl not in fast_weights.CONV_IMPLS:
       raise ValueError(f"conv_impl must be one of {fast_weights.CONV_IMPLS}, "
                        f"got {conv_impl!r}")
+    if conv_impl == "grouped" and not tf.config.list_physical_devices("GPU"):
+      raise ValueError(
+          "conv_impl='grouped' needs a GPU, and none is visible: TensorFlow's "
+          "CPU kernels have no gradient for grouped convolutions, which every "
+          "inner step takes; use 'auto', 'map' or 'patches' on a CPU")
     if jit_compile not in (None, True, False):
       raise ValueError(f"jit_compile must be None, True or False, got "
                        f"{jit_compile!r}")
@@ -741,6 +748,13 @@ class MAML:
                per_task: bool = False) -> Dict[str, np.ndarray]:
     """Query loss (and accuracy) after each number of inner steps in ``steps``.
 
+    The inner steps and the query pass run the model in training mode, as
+    meta-training does (and as the paper evaluates): BatchNormalization
+    uses each set's batch statistics, and random layers (Dropout,
+    GaussianNoise, ...) are active, so a model with Dropout scores with
+    dropout on. A model returned by :meth:`adapt` predicts in inference
+    mode (Dropout off) when called as Keras models are.
+
     Arguments:
       batch: tasks to adapt to (support) and score on (query).
       steps: step counts to report, e.g. ``(0, 1, 5, 10)``.
@@ -818,17 +832,14 @@ class MAML:
 
 
 def _warn_about_call_losses(model: keras.Model) -> None:
-  """A :class:`PlanWarning` naming the layers with an activity regularizer:
-  losses a forward pass adds are not part of MAML's objective (weight
-  regularizers are, see :class:`maml_tf.core.objective.Objective`)."""
+  """Names the layers with an activity regularizer: losses a forward pass
+  adds are not part of MAML's objective (weight regularizers are, see
+  :class:`maml_tf.core.objective.Objective`)."""
   names = [layer.name for layer in keras_compat.flatten_layers(model)
            if getattr(layer, "activity_regularizer", None) is not None]
   if names:
-    warnings.warn(
-        f"maml_tf: the activity regularizers of {names} are not part of the "
-        "meta-objective or the inner steps (only weight regularizers are, "
-        "added on the meta-parameters); add such a penalty to the loss "
-        "instead", PlanWarning, stacklevel=3)
+    functional.warn_dropped_losses(model,
+                                   f"the activity regularizers of {names}")
 
 
 def _why_not_vectorizable(model: keras.Model, has_conv: bool

@@ -158,10 +158,20 @@ def test_inputs_not_of_the_models_input_shape_are_named(tail, match):
     ({"inner_steps": 0}, "inner_steps must be an integer >= 1"),
     ({"inner_lr": float("nan")}, "inner_lr"),
     ({"vectorize": "sometimes"}, "vectorize"),
+    ({"conv_impl": "im2col"}, "conv_impl must be one of"),
 ])
 def test_bad_constructor_arguments(kwargs, match):
   with pytest.raises(ValueError, match=match):
     MAML(mlp(1, 1, hidden=(4,)), "mse", **kwargs)
+
+
+@pytest.mark.skipif(bool(tf.config.list_physical_devices("GPU")),
+                    reason="a GPU has grouped-convolution gradients")
+def test_grouped_convolutions_are_refused_without_a_gpu():
+  # TF's CPU kernels run a grouped convolution but have no gradient for it:
+  # accepted, the first inner step crashed inside TensorFlow.
+  with pytest.raises(ValueError, match="'grouped' needs a GPU"):
+    MAML(mlp(1, 1, hidden=(4,)), "mse", conv_impl="grouped")
 
 
 def test_unbuilt_model_is_rejected_with_advice():

@@ -57,3 +57,68 @@ def test_meta_loss_includes_the_penalty_and_a_constant_one_is_harmless():
   zero = MAML(_model(keras.regularizers.L1L2()), "mse", inner_lr=0.05)
   assert np.isfinite(zero.train_step(batch)["loss_after"])
 
+
+
+class _AddsLoss(keras.layers.Layer):
+  """A custom layer that adds a penalty with ``add_loss``."""
+
+  def call(self, x):
+    self.add_loss(0.1 * keras.ops.sum(x ** 2))
+    return x
+
+
+class _SubclassedAddsLoss(keras.Model):
+
+  def __init__(self):
+    super().__init__()
+    self.hidden = keras.layers.Dense(8, activation="tanh")
+    self.penalty = _AddsLoss()
+    self.out = keras.layers.Dense(1)
+
+  def call(self, x, training=False):
+    return self.out(self.penalty(self.hidden(x)))
+
+
+def _functional_adds_loss():
+  inp = keras.Input((1,))
+  h = _AddsLoss()(keras.layers.Dense(8, activation="tanh")(inp))
+  return keras.Model(inp, keras.layers.Dense(1)(h))
+
+
+def _subclassed_adds_loss():
+  model = _SubclassedAddsLoss()
+  model(np.zeros((1, 1), "float32"))    # its symbolic build cannot add_loss
+  return model
+
+
+@pytest.mark.parametrize("build", [_functional_adds_loss,
+                                   _subclassed_adds_loss])
+def test_losses_added_in_call_are_named_as_left_out_once(build):
+  # Before, add_loss inside a layer was dropped from the objective silently.
+  batch = sinusoid.sample_batch(4, 5, 5, np.random.default_rng(3))[0]
+  with pytest.warns(PlanWarning) as record:
+    maml = MAML(build(), "mse", inner_lr=0.05)
+    maml.train_step(batch)
+    maml.train_step(batch)
+  dropped = [w for w in record if "loss term" in str(w.message)]
+  assert len(dropped) == 1, [str(w.message) for w in record]
+  assert "not part of the meta-objective" in str(dropped[0].message)
+
+
+def test_weight_regularizers_alone_do_not_warn(recwarn):
+  batch = sinusoid.sample_batch(4, 5, 5, np.random.default_rng(3))[0]
+  model = keras.Sequential([keras.Input((1,)), _WithRegularizedWeight(),
+                            keras.layers.Dense(1)])
+  MAML(model, "mse", inner_lr=0.05).train_step(batch)
+  assert not [w for w in recwarn if "loss term" in str(w.message)]
+
+
+class _WithRegularizedWeight(keras.layers.Layer):
+  """A custom layer (per-task path) with a regularized weight."""
+
+  def build(self, shape):
+    self.kernel = self.add_weight(shape=(shape[-1], 4),
+                                  regularizer=keras.regularizers.L2(0.01))
+
+  def call(self, x):
+    return keras.ops.tanh(x @ self.kernel)
