@@ -117,14 +117,26 @@ def _accepts(fn, name: str) -> bool:
     return False
 
 
+_METRIC_ORDER = ("loss_after", "accuracy_after", "loss_before",
+                 "accuracy_before", "meta_loss")
+
+
+def _metric_key(name: str):
+  """Progress lines list the metrics in :data:`_METRIC_ORDER`, then the
+  others by name, whatever order a step returned them in."""
+  known = name in _METRIC_ORDER
+  return (0, _METRIC_ORDER.index(name), "") if known else (1, 0, name)
+
+
 def _window_means(pending) -> Dict[str, float]:
-  """Means of ``[(metrics, steps)]``, weighted by steps, per metric key."""
+  """Means of ``[(metrics, steps)]``, weighted by steps, per metric key
+  (in the order of :func:`_metric_key`)."""
   sums, counts = {}, {}
   for metrics, n in pending:
     for k, v in metrics.items():
       sums[k] = sums.get(k, 0.0) + float(v.numpy()) * n
       counts[k] = counts.get(k, 0) + n
-  return {k: sums[k] / counts[k] for k in sums}
+  return {k: sums[k] / counts[k] for k in sorted(sums, key=_metric_key)}
 
 
 class JsonlLog:

@@ -185,6 +185,30 @@ def test_progress_names_compilation_and_times_only_what_follows(tmp_path):
   assert all(r["iterations_per_second"] > 0 for r in records[1:])
 
 
+class _ShuffledMetrics(_InterruptAfterUpdate):
+  """A learner whose steps return their metrics in changing key orders (as
+  a compiled and an eager call did)."""
+
+  def __init__(self, maml):
+    super().__init__(maml, stop_at=-1)
+
+  def train_step_tensors(self, batch, pre_update_metrics=True):
+    out = self.maml.train_step_tensors(batch, pre_update_metrics)
+    self.calls += 1
+    keys = sorted(out, reverse=self.calls % 2 == 0)
+    return {k: out[k] for k in keys}
+
+
+def test_progress_lines_list_metrics_in_one_order(tmp_path):
+  lines = []
+  loop.meta_train(_ShuffledMetrics(_maml()), _batch, 6, str(tmp_path),
+                  log_every=1, checkpoint_every=6, log=lines.append)
+  names = [re.findall(r"([a-z_]+) [-\d.e]+", l.split("|")[0])
+           for l in lines if l.startswith("step ")]
+  assert len(names) == 6
+  assert all(n == ["step", "loss_after", "loss_before"] for n in names), names
+
+
 def test_maml_plus_plus_order_switch_is_a_traced_call_left_out_of_timing(
     tmp_path):
   """Steps 1-3 first order, then second order (``first_order_until=3``):
