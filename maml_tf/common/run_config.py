@@ -24,13 +24,14 @@ from before this check (checkpoints, no ``config.json``) records the
 current config and goes on.
 """
 
+import contextlib
 import dataclasses
 import glob
 import json
 import os
 import shutil
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from maml_tf.common.interrupts import UserFacingError
 from maml_tf.common.results import write_json
@@ -223,3 +224,27 @@ def check_resume(config, workdir: str, log: Callable[[str], None] = print,
                     "fields": {k: list(d) for k, d in diff.items()}})
   write_json(path, {"kind": kind, "config": current, "changes": changes})
   return changes
+
+
+def _only_config(workdir: str) -> bool:
+  """Does ``workdir`` hold nothing but ``config.json`` and empty folders?"""
+  for root, _, files in os.walk(workdir):
+    if any(not (root == workdir and f == CONFIG_FILE) for f in files):
+      return False
+  return True
+
+
+@contextlib.contextmanager
+def removed_if_start_fails(workdir: str) -> Iterator[None]:
+  """A start that fails before writing more than ``config.json`` (missing
+  data, a bad flag found late, Ctrl-C while loading) removes the run
+  directory it created, so that no empty run is left behind. A directory
+  that existed before, or holds anything else (a checkpoint, a log), is
+  kept."""
+  existed = os.path.exists(workdir)
+  try:
+    yield
+  except BaseException:
+    if not existed and os.path.isdir(workdir) and _only_config(workdir):
+      shutil.rmtree(workdir, ignore_errors=True)
+    raise

@@ -29,6 +29,7 @@ import sys
 from absl import flags
 from absl import logging
 
+from maml_tf.common import run_config
 from maml_tf.training import loop
 from maml_tf.training import classification
 
@@ -67,7 +68,8 @@ def main(argv):
       config_flags.config_for, cls, logdir, given,
       lambda: classification.make_config(_PRESET.value, **given),
       ["preset"] if _PRESET.present and _LOGDIR.present else [])
-  loop.exit_if_interrupted(classification.train_and_evaluate, config, logdir)
+  with run_config.removed_if_start_fails(logdir):
+    loop.exit_if_interrupted(classification.train_and_evaluate, config, logdir)
 
 
 def run():

@@ -101,6 +101,7 @@ except Exception as e:  # pylint: disable=broad-except
   if not isinstance(e, gymnasium.error.DependencyNotInstalled):   # no MuJoCo
     raise
   raise _missing_extra(str(e).splitlines()[0]) from None
+from maml_tf.common import run_config  # pylint: disable=g-bad-import-order
 from maml_tf.launch import config_flags  # pylint: disable=g-bad-import-order
 
 # The fields without a hand-written flag above (gamma, hidden_sizes, ...).
@@ -133,7 +134,8 @@ def main(argv):
         lambda: rl.RLConfig(**{"env": FLAGS.env, **given}))
   config = config_flags.config_or_exit(make_config)
   from maml_tf.common import interrupts  # pylint: disable=g-import-not-at-top
-  interrupts.exit_if_interrupted(rl.train_and_evaluate, config, logdir)
+  with run_config.removed_if_start_fails(logdir):
+    interrupts.exit_if_interrupted(rl.train_and_evaluate, config, logdir)
 
 
 def run():

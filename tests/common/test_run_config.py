@@ -195,3 +195,34 @@ def test_a_cosine_schedule_fixes_the_iteration_count():
     assert config_lib.fixed_on_resume(
         experiment.make_config("smoke", **overrides)) == ("iterations",
                                                           "pretrained")
+
+
+def test_a_failed_start_removes_only_the_folder_it_created_empty(tmp_path):
+  created, kept = tmp_path / "created", tmp_path / "kept"
+  with pytest.raises(SystemExit):
+    with run_config.removed_if_start_fails(str(created)):
+      created.mkdir()
+      (created / run_config.CONFIG_FILE).write_text("{}")
+      (created / "tensorboard").mkdir()
+      raise SystemExit("error: no data")
+  assert not created.exists()
+  # A folder that existed before, or one a start wrote more into, stays.
+  kept.mkdir()
+  (kept / run_config.CONFIG_FILE).write_text("{}")
+  with pytest.raises(KeyboardInterrupt):
+    with run_config.removed_if_start_fails(str(kept)):
+      raise KeyboardInterrupt
+  assert kept.exists()
+  logged = tmp_path / "logged"
+  with pytest.raises(ValueError):
+    with run_config.removed_if_start_fails(str(logged)):
+      logged.mkdir()
+      (logged / "train_log.jsonl").write_text("{}\n")
+      raise ValueError("NaN")
+  assert (logged / "train_log.jsonl").exists()
+  # A start that succeeds keeps its folder as it is.
+  done = tmp_path / "done"
+  with run_config.removed_if_start_fails(str(done)):
+    done.mkdir()
+    (done / run_config.CONFIG_FILE).write_text("{}")
+  assert done.exists()

@@ -174,3 +174,13 @@ def test_rl_launcher_without_mujoco_and_with_a_mismatched_network(tmp_path):
       "error: the shipped weights 'navigation' do not fit this network"), (
           out.stderr)
   assert "Traceback" not in out.stderr and "UserWarning" not in out.stderr
+
+
+def test_a_start_that_fails_on_missing_data_leaves_no_run_folder(tmp_path):
+  # Before, the failed start left a folder holding only config.json.
+  run = tmp_path / "run"
+  out = _launch("classification", "--preset=omniglot_5w1s", "--iterations=1",
+                f"--data_dir={tmp_path}/missing", f"--logdir={run}")
+  assert out.returncode == 1
+  assert "Omniglot folder not found" in out.stderr.splitlines()[-1]
+  assert not run.exists()
