@@ -168,7 +168,9 @@ class MAML:
       outputs = model.outputs
     except (AttributeError, ValueError):    # subclassed: no graph
       outputs = None
-    count = len(outputs) if outputs else _traced_output_count(model)
+    if not outputs:
+      outputs = _traced_outputs(model)
+    count = len(outputs) if outputs else 1
     if count > 1:
       raise ValueError(
           f"model {model.name!r} has {count} outputs; MAML adapts "
@@ -857,13 +859,13 @@ def _why_not_vectorizable(model: keras.Model, has_conv: bool
   return None
 
 
-def _traced_output_count(model) -> int:
-  """How many tensors a subclassed model returns for its build shape (1
-  where its call cannot be traced)."""
+def _traced_outputs(model) -> Optional[list]:
+  """The symbolic outputs of a subclassed model's call on its build shape
+  (``None`` where its call cannot be traced)."""
   try:
-    return len(functional.traced_call(model, False).outputs)
+    return list(functional.traced_call(model, False).outputs)
   except Exception:  # pylint: disable=broad-except
-    return 1
+    return None
 
 
 def _single_input_shape(model) -> Optional[Tuple]:

@@ -312,3 +312,28 @@ def test_adapt_returns_what_the_adapted_weights_compute(build):
   np.testing.assert_allclose(np.asarray(adapted(qx, training=False)),
                              np.asarray(want), rtol=1e-5, atol=1e-6)
   assert not np.allclose(np.asarray(want), np.asarray(model(qx)), atol=1e-4)
+
+
+class _Classifier(keras.Model):
+  """A subclassed classifier with 4 classes and no graph outputs."""
+
+  def __init__(self):
+    super().__init__()
+    self.hidden = keras.layers.Dense(8, activation="tanh")
+    self.out = keras.layers.Dense(4)
+
+  def call(self, x):
+    return self.out(self.hidden(x))
+
+
+def test_subclassed_classifiers_name_labels_outside_their_outputs():
+  # Before, a subclassed model had no known class count, and a label of 4
+  # reached TensorFlow's raw sparse cross-entropy error.
+  model = _Classifier()
+  model(np.zeros((1, 3), np.float32))
+  maml = MAML(model, keras.losses.SparseCategoricalCrossentropy(
+      from_logits=True), inner_lr=0.1)
+  batch = _classes_batch((3,), tasks=2, support=4, query=4)
+  maml.train_step(batch)
+  with pytest.raises(ValueError, match="outside the model's 4 outputs"):
+    maml.train_step(batch._replace(query_y=np.asarray(batch.query_y) + 4))
