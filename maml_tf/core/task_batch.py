@@ -2,6 +2,7 @@
 
 from typing import NamedTuple
 
+import numpy as np
 import tensorflow as tf
 
 
@@ -86,6 +87,8 @@ def validate_task_batch(batch: TaskBatch) -> TaskBatch:
       raise TypeError(f"expected a maml_tf.TaskBatch, got {type(batch).__name__}")
 
   names = ("support_x", "support_y", "query_x", "query_y")
+  for name in names:
+    _check_not_numbers_in_lists(name, getattr(batch, name))
   for name in ("support_x", "query_x"):
     _check_leaves(name, getattr(batch, name))
   for name in ("support_y", "query_y"):
@@ -148,6 +151,18 @@ def _paths(x):
   if isinstance(x, dict):
     return [f"[{k!r}]" for k in sorted(x)]
   return [f"[{i}]" for i in range(len(tf.nest.flatten(x)))]
+
+
+def _check_not_numbers_in_lists(name, x):
+  """A list or tuple stands for several inputs: nested Python lists of
+  numbers (an array written as lists) are refused, naming the fix."""
+  if isinstance(x, (list, tuple)) and any(
+      isinstance(leaf, (int, float, bool, np.generic))
+      for leaf in tf.nest.flatten(x)):
+    raise ValueError(
+        f"TaskBatch.{name} is a Python {type(x).__name__} of numbers; pass "
+        f"it as one array or tensor, e.g. np.asarray({name}) (a list or "
+        "tuple in a TaskBatch holds a model's several inputs)")
 
 
 def _check_leaves(name, x):

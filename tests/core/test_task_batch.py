@@ -40,6 +40,18 @@ def test_nested_inputs_that_disagree_are_refused(change, message):
     prepare_batch(batch, "float32")
 
 
+@pytest.mark.parametrize("field", ["support_x", "query_y"])
+def test_arrays_written_as_python_lists_are_named(field):
+  # Before: "support_x[0] must have a task axis ... got shape ()", as the
+  # list was read as several inputs of one number each.
+  rng = np.random.default_rng(0)
+  batch = TaskBatch(*_pair(2, 4, rng), *_pair(2, 6, rng))
+  batch = batch._replace(**{field: getattr(batch, field).tolist()})
+  with pytest.raises(ValueError, match=f"TaskBatch.{field} is a Python list "
+                     f"of numbers; pass it as one array"):
+    prepare_batch(batch, "float32")
+
+
 def test_a_dict_input_model_meta_trains_adapts_and_exports(tmp_path):
   from maml_tf.export import export_adapted  # pylint: disable=g-import-not-at-top
   a, b = keras.Input((3,), name="a"), keras.Input((2,), name="b")
