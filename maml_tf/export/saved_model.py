@@ -13,6 +13,7 @@ adapted network did during adaptation.
 """
 
 import os
+import re
 from typing import Optional, Sequence
 
 import keras
@@ -44,12 +45,32 @@ def check_portable(concrete_function, what: str) -> None:
         "TensorFlow ops")
 
 
+def _input_names(model: keras.Model, inputs) -> list:
+  """The serving signature's argument names: ``x`` for one input; the dict
+  keys of a dict-input model, else the ``keras.Input`` names, where they
+  are distinct; else ``x0``, ``x1``, ..."""
+  if len(inputs) == 1:
+    return ["x"]
+  try:
+    structure = model.input
+  except (AttributeError, ValueError):
+    structure = None
+  if isinstance(structure, dict):
+    names = [str(k) for k in sorted(structure)]   # tf.nest.flatten's order
+  else:
+    names = [getattr(i, "name", None) or "" for i in inputs]
+  names = [re.sub(r"[^A-Za-z0-9_.]", "_", n) for n in names]
+  if len(set(names)) != len(names) or not all(
+      re.match(r"[A-Za-z]", n) for n in names):
+    names = [f"x{j}" for j in range(len(inputs))]
+  return names
+
+
 def _default_signature(model: keras.Model):
   inputs = getattr(model, "inputs", None)
   if inputs:
-    return [tf.TensorSpec((None,) + tuple(i.shape[1:]), i.dtype,
-                          name=f"x{j}" if len(inputs) > 1 else "x")
-            for j, i in enumerate(inputs)]
+    return [tf.TensorSpec((None,) + tuple(i.shape[1:]), i.dtype, name=name)
+            for i, name in zip(inputs, _input_names(model, inputs))]
   shape = cloning.example_input_shape(model)
   if shape is None or not all(d is None or isinstance(d, int)
                               for d in shape):   # (several inputs: nested)

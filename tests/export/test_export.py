@@ -48,6 +48,26 @@ def test_a_one_input_dict_model_exports_with_its_input_structure(tmp_path):
   np.testing.assert_allclose(got, model({"a": x}), atol=1e-6)
 
 
+@pytest.mark.parametrize("as_dict", [True, False], ids=["dict", "list"])
+def test_several_inputs_are_served_under_their_own_names(as_dict, tmp_path):
+  # Before, the serving signature named them x0 and x1.
+  ia, ib = keras.Input((3,), name="image"), keras.Input((2,), name="meta")
+  out = keras.layers.Dense(2)(keras.layers.Concatenate()([ia, ib]))
+  model = keras.Model({"pixels": ia, "extra": ib} if as_dict else [ia, ib],
+                      out)
+  rng = np.random.default_rng(2)
+  xa, xb = (rng.normal(size=(4, n)).astype("float32") for n in (3, 2))
+  given = {"pixels": xa, "extra": xb} if as_dict else [xa, xb]
+  path = export_adapted(model, str(tmp_path / "m"), verify_with=given)
+  serve = tf.saved_model.load(path).signatures["serve"]
+  names = ({"pixels": "pixels", "extra": "extra"} if as_dict
+           else {"pixels": "image", "extra": "meta"})
+  assert set(serve.structured_input_signature[1]) == set(names.values())
+  got = serve(**{names["pixels"]: tf.constant(xa),
+                 names["extra"]: tf.constant(xb)})
+  np.testing.assert_allclose(list(got.values())[0], model(given), atol=1e-6)
+
+
 def test_saved_model_with_batchnorm_loads_without_maml_tf(tmp_path):
   maml = MAML(_bn_classifier(), keras.losses.SparseCategoricalCrossentropy(
       from_logits=True), inner_lr=0.2)
