@@ -149,6 +149,14 @@ class JsonlLog:
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
 
+  def has(self, step: int, kind: str) -> bool:
+    """Is there a record of ``kind`` at ``step``?"""
+    if not os.path.exists(self.path):
+      return False
+    with open(self.path) as f:
+      return any(r.get("step") == step and r.get("kind") == kind
+                 for r in (json.loads(l) for l in f if l.strip()))
+
   def drop_after(self, step: int) -> int:
     """Removes the records of steps after ``step`` (written after the
     checkpoint a run resumes from, by the run that was killed); returns how
@@ -261,8 +269,29 @@ def meta_train(learner, batch_for_step: Callable[[int], object],
   # of call (traced anew).
   inner = getattr(learner, "maml", learner)   # DistributedMAML's learner
   anneals_order = getattr(inner, "first_order_until", 0) > 0
+
+  def evaluate(at: int) -> None:
+    t_eval = time.perf_counter()
+    scores = eval_fn(at)
+    eval_seconds = time.perf_counter() - t_eval
+    timing["eval_seconds"] += eval_seconds
+    log(f"eval @ {at}: "
+        + " ".join(f"{k} {v:.4g}" for k, v in scores.items()))
+    with writer.as_default(step=at):
+      for k, v in scores.items():
+        tf.summary.scalar(f"eval/{k}", v)
+    jsonl.write({"step": at, "kind": "eval", **scores,
+                 "seconds": eval_seconds})
+
   with interrupts.StopRequest() as stop:
     try:
+      if (eval_fn is not None and eval_every and start
+          and start % eval_every == 0 and not jsonl.has(start, "eval")):
+        # An evaluation due at the checkpoint was interrupted, or the run
+        # starts from given weights: evaluate them before going on.
+        log(f"evaluating the weights of step {start} first (the log has "
+            "no evaluation of them)")
+        evaluate(start)
       while it < iterations:
         t_call = time.perf_counter()
         order = inner.first_order_now() if anneals_order else None
@@ -328,17 +357,7 @@ def meta_train(learner, batch_for_step: Callable[[int], object],
                        **({"iterations_per_second": rate} if timed else {})})
         if eval_fn is not None and eval_every and (
             it % eval_every == 0 or last):
-          t_eval = time.perf_counter()
-          scores = eval_fn(it)
-          eval_seconds = time.perf_counter() - t_eval
-          timing["eval_seconds"] += eval_seconds
-          log(f"eval @ {it}: "
-              + " ".join(f"{k} {v:.4g}" for k, v in scores.items()))
-          with writer.as_default(step=it):
-            for k, v in scores.items():
-              tf.summary.scalar(f"eval/{k}", v)
-          jsonl.write({"step": it, "kind": "eval", **scores,
-                       "seconds": eval_seconds})
+          evaluate(it)
           t_window = time.perf_counter()    # rates leave evaluation out
         if it % checkpoint_every == 0 or last:
           manager.save(checkpoint_number=it)

@@ -245,3 +245,29 @@ def test_run_summary_writes_test_metrics_config_text_and_hparams(tmp_path):
   assert any(t.startswith("config") for t in tags)
   assert "_hparams_/session_start_info" in tags
   assert dataclasses.asdict(config)
+
+
+def test_an_evaluation_interrupted_by_ctrl_c_runs_again_on_resume(tmp_path):
+  # Before, the checkpoint of step 4 was saved and the resumed run went on
+  # to step 6: the validation record of step 4 was lost.
+  calls = []
+
+  def eval_fn(it):
+    calls.append(it)
+    if len(calls) == 2:             # Ctrl-C during the evaluation at 4
+      raise KeyboardInterrupt
+    return {"val_loss": float(it)}
+
+  with pytest.raises(loop.Interrupted):
+    loop.meta_train(_maml(), _batch, 6, str(tmp_path), log_every=2,
+                    checkpoint_every=2, eval_fn=eval_fn, eval_every=2,
+                    log=lambda _: None)
+  lines = []
+  loop.meta_train(_maml(), _batch, 6, str(tmp_path), log_every=2,
+                  checkpoint_every=2, eval_fn=eval_fn, eval_every=2,
+                  log=lines.append)
+  assert calls == [2, 4, 4, 6]
+  assert any("evaluating the weights of step 4 first" in l for l in lines)
+  with open(tmp_path / "train_log.jsonl") as f:
+    evals = [r["step"] for r in map(json.loads, f) if r["kind"] == "eval"]
+  assert evals == [2, 4, 6]
