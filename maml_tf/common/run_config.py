@@ -174,11 +174,15 @@ def check_resume(config, workdir: str, log: Callable[[str], None] = print,
     ConfigMismatchError: (a ``ValueError``) the stored config differs in a
       field outside :data:`SAFE_TO_CHANGE`; the message lists every such
       field.
+    RunDirectoryError: an evaluation of shipped weights (``pretrained``
+      with ``eval_only``) given a run's directory (:func:`check_not_a_run`).
   """
   path = os.path.join(workdir, CONFIG_FILE)
   current = _plain(dataclasses.asdict(config))
   kind = type(config).__name__
   eval_only = getattr(config, "eval_only", False)
+  if eval_only and getattr(config, "pretrained", False):
+    check_not_a_run(workdir)     # before anything is said of the folder
   if eval_only:
     # An evaluation never defines a run: nothing is written, and a folder
     # without a run is left for the caller to report.

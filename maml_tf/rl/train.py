@@ -439,7 +439,6 @@ def train_and_evaluate(config: RLConfig, workdir: str) -> Dict:
       _start_from_shipped(config, learner, manager, step, shipped)
     if config.pretrained and config.eval_only:
       from maml_tf.models import pretrained  # pylint: disable=g-import-not-at-top
-      run_config.check_not_a_run(workdir)
       name = envs.short_name(config.env)
       pretrained.load_into(learner, name)
       step.assign(int(pretrained.card(name)["iterations"]))

@@ -724,8 +724,6 @@ def train_and_evaluate(config: ClassificationConfig, workdir: str,
                                      config_lib.fixed_on_resume(config))
   if config.pretrained:   # before the data: a shipped setting must match
     _name_of_preset(config)
-    if config.eval_only:
-      run_config.check_not_a_run(workdir)
   t0 = time.perf_counter()
   log(f"loading {config.dataset} ...")
   splits = to_cpu_variables(load_splits(config))

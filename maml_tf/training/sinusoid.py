@@ -290,7 +290,6 @@ def train_and_evaluate(config: SinusoidConfig, workdir: str,
 
   timing = {}
   if config.pretrained:
-    run_config.check_not_a_run(workdir)
     from maml_tf.models import pretrained  # pylint: disable=g-import-not-at-top
     pretrained.load_into(learner, "sinusoid")
     done = int(pretrained.card("sinusoid")["iterations"])

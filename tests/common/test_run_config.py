@@ -226,3 +226,26 @@ def test_a_failed_start_removes_only_the_folder_it_created_empty(tmp_path):
     done.mkdir()
     (done / run_config.CONFIG_FILE).write_text("{}")
   assert done.exists()
+
+
+@dataclasses.dataclass
+class _PretrainedConfig(_Config):
+  pretrained: bool = False
+
+
+def test_a_shipped_evaluation_into_a_run_folder_is_refused_first(tmp_path):
+  # Before, the refusal came after a line listing the config differences.
+  workdir = str(tmp_path)
+  run_config.check_resume(_PretrainedConfig(), workdir)
+  _fake_checkpoint(workdir)
+  lines = []
+  with pytest.raises(run_config.RunDirectoryError,
+                     match="holds a run's checkpoints"):
+    run_config.check_resume(
+        _PretrainedConfig(inner_lr=0.5, eval_only=True, pretrained=True),
+        workdir, lines.append)
+  assert lines == []
+  # An empty folder takes the evaluation.
+  assert run_config.check_resume(
+      _PretrainedConfig(eval_only=True, pretrained=True),
+      str(tmp_path / "fresh")) == []
