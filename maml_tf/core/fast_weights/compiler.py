@@ -551,7 +551,8 @@ _PER_EXAMPLE = (
     keras.layers.ZeroPadding3D, keras.layers.Cropping1D,
     keras.layers.Cropping3D, keras.layers.RepeatVector,
     keras.layers.UnitNormalization, keras.layers.UpSampling1D,
-    keras.layers.UpSampling3D)
+    keras.layers.UpSampling3D, keras.layers.MaxPooling3D,
+    keras.layers.AveragePooling3D)
 # Random layers: noise per task from each task's seed stream.
 _SPATIAL_DROPOUT = (keras.layers.SpatialDropout1D,
                     keras.layers.SpatialDropout2D,
