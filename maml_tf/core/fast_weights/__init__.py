@@ -62,7 +62,7 @@ task axis and every layer is one task-batched kernel:
 * Conv3D, Conv1D/2D/3DTranspose: Keras' ``conv`` / ``conv_transpose``
   once per task.
 * SeparableConv2D: that depthwise convolution, then the pointwise kernel
-  as one batched matmul over pixels.
+  as one batched matmul over pixels; SeparableConv1D: the same at height 1.
 * Conv1D: a Conv2D of height 1 on the same kernels. A grouped convolution
   (``groups > 1``): one convolution per group of channels, concatenated.
   DepthwiseConv2D: the tasks' channels side by side in one depthwise

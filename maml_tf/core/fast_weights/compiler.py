@@ -276,6 +276,30 @@ class _SeparableConv2D(_DepthwiseConv2D):
                                 batched_dense(y, pointwise, per_task))
 
 
+class _SeparableConv1D(_SeparableConv2D):
+  """SeparableConv1D as a SeparableConv2D of height 1: ``[T, N, L, C]``
+  inputs get a unit axis, the ``[k, C, M]`` depthwise kernel a unit row
+  (the same numbers, derivatives of every order included)."""
+
+  def __init__(self, layer, kernel_ref, pointwise_ref, bias_ref):
+    super().__init__(layer, kernel_ref, pointwise_ref, bias_ref)
+    self.strides = [1, 1, int(layer.strides[0]), 1]
+    self.rates = [1, int(layer.dilation_rate[0])]
+
+  def __call__(self, ctx, inputs):
+    x = _static_inputs(self.layer, inputs[0], "L, C")
+    kernel, per_task = ctx.read(self.kernel_ref)
+    y = self.apply_kernel(tf.expand_dims(x, 2),
+                          tf.expand_dims(kernel, 1 if per_task else 0),
+                          per_task)                  # [T, N, 1, L', C*M]
+    y = tf.squeeze(y, 2)
+    pointwise, per_task = ctx.read(self.pointwise_ref)  # [(T,) 1, CM, F]
+    lead = _dims(pointwise)[:1] if per_task else []
+    pointwise = tf.reshape(pointwise, lead + _dims(pointwise)[-2:])
+    return _bias_and_activation(ctx, self,
+                                batched_dense(y, pointwise, per_task))
+
+
 class _PerTaskConv(_Op):
   """Conv3D, Conv1DTranspose, Conv2DTranspose, Conv3DTranspose: Keras' own
   ``ops.conv`` / ``ops.conv_transpose`` once per task
@@ -588,7 +612,7 @@ def _dropout_noise_shape(layer):
 
 _SUPPORTED = (
     "InputLayer, Dense, EinsumDense, MultiHeadAttention, Embedding, Conv1D, "
-    "Conv2D, Conv3D, DepthwiseConv2D, SeparableConv2D, "
+    "Conv2D, Conv3D, DepthwiseConv2D, SeparableConv1D, SeparableConv2D, "
     "Conv1D/2D/3DTranspose, "
     "SimpleRNN, GRU, LSTM, RNN over their cells or a stack of them, "
     "Bidirectional over them, TimeDistributed, "
@@ -716,11 +740,13 @@ class _Compiler:
           raise _unsupported(layer, f"groups={layer.groups} (3-D)")
       return _PerTaskConv(layer, self.ref(layer, layer.kernel),
                           self.ref(layer, layer.bias))
-    if kind is keras.layers.SeparableConv2D:
+    if kind in (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D):
       self.check_convolution(layer)
-      return _SeparableConv2D(layer, self.ref(layer, layer.depthwise_kernel),
-                              self.ref(layer, layer.pointwise_kernel),
-                              self.ref(layer, layer.bias))
+      op = (_SeparableConv1D if kind is keras.layers.SeparableConv1D
+            else _SeparableConv2D)
+      return op(layer, self.ref(layer, layer.depthwise_kernel),
+                self.ref(layer, layer.pointwise_kernel),
+                self.ref(layer, layer.bias))
     if kind is keras.layers.BatchNormalization:
       rank = keras_compat.batchnorm_rank(layer)
       if layer.axis not in (-1, rank - 1):
@@ -1367,8 +1393,8 @@ def compile_batched(model: keras.Model, conv_impl: str = "auto",
       one attention of a model, ``attention_mask``, ``use_causal_mask``;
       no returned scores),
       Embedding, Conv1D, Conv2D
-      (any ``groups``), DepthwiseConv2D and SeparableConv2D
-      (channels_last, 'same' or 'valid'), Conv3D, Conv1D/2D/3DTranspose,
+      (any ``groups``), DepthwiseConv2D, SeparableConv1D and
+      SeparableConv2D (channels_last, 'same' or 'valid'), Conv3D, Conv1D/2D/3DTranspose,
       SimpleRNN, GRU, LSTM and RNN over their cells or a stack of them
       (no dropout inside the cell, not stateful, no returned states), Bidirectional over
       them, TimeDistributed over a supported layer (no

@@ -103,12 +103,17 @@ def _odd_fold(dtype):
 
 
 def _conv1d(dtype):
-  """Conv1D ('same' strided, 'valid' without bias), LayerNorm, BatchNorm on
-  sequences, global pooling."""
+  """Conv1D ('same' strided, 'valid' without bias), SeparableConv1D
+  ('same' with a depth multiplier, 'valid' dilated without bias),
+  LayerNorm, BatchNorm on sequences, global pooling."""
   return keras.Sequential([
       keras.Input((9, 2), dtype=dtype),
       L.Conv1D(3, 3, strides=2, padding="same", activation="tanh",
                dtype=dtype),
+      L.SeparableConv1D(3, 3, padding="same", depth_multiplier=2,
+                        activation="tanh", dtype=dtype),
+      L.SeparableConv1D(3, 2, padding="valid", dilation_rate=2,
+                        use_bias=False, dtype=dtype),
       L.LayerNormalization(dtype=dtype),
       L.Conv1D(4, 2, padding="valid", use_bias=False, dtype=dtype),
       L.BatchNormalization(dtype=dtype),
