@@ -47,8 +47,8 @@ INNER_LR_MODES = inner_loop_lib.INNER_LR_MODES
 MANY_SAMPLERS = 8
 EXECUTIONS = plan_lib.EXECUTIONS
 _CONV_LAYERS = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D,
-                keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D,
-                keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose,
+                keras.layers.DepthwiseConv2D, keras.layers.SeparableConv1D,
+                keras.layers.SeparableConv2D, keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose,
                 keras.layers.Conv3DTranspose)
 
 
@@ -94,9 +94,10 @@ class MAML:
       ``"map_fn"``), one of those three, or ``True``/``False``
       (``"vectorized_map"``/``"map_fn"``). All give the same numbers.
     conv_impl: the batched path's convolution kernel: ``"auto"``,
-      ``"patches"``, ``"grouped"`` or ``"map"``. ``"grouped"`` needs a
-      visible GPU (TensorFlow's CPU kernels have no gradient for grouped
-      convolutions) and is refused without one.
+      ``"patches"``, ``"grouped"`` or ``"map"``. ``"grouped"`` is refused
+      for a convolutional model where TensorFlow has no gradient for it
+      (:func:`maml_tf.core.fast_weights.grouped_gradient_missing`: without
+      a GPU, outside oneDNN's float32 and bfloat16).
     learn_inner_lr: meta-learn the inner step sizes: ``None`` (fixed),
       ``"scalar"``, ``"per_parameter"`` (Meta-SGD) or
       ``"per_layer_per_step"`` (MAML++ LSLR).
@@ -194,11 +195,6 @@ class MAML:
     if conv_impl not in fast_weights.CONV_IMPLS:
       raise ValueError(f"conv_impl must be one of {fast_weights.CONV_IMPLS}, "
                        f"got {conv_impl!r}")
-    if conv_impl == "grouped" and not tf.config.list_physical_devices("GPU"):
-      raise ValueError(
-          "conv_impl='grouped' needs a GPU, and none is visible: TensorFlow's "
-          "CPU kernels have no gradient for grouped convolutions, which every "
-          "inner step takes; use 'auto', 'map' or 'patches' on a CPU")
     if jit_compile not in (None, True, False):
       raise ValueError(f"jit_compile must be None, True or False, got "
                        f"{jit_compile!r}")
@@ -220,6 +216,18 @@ class MAML:
                                                       self.meta_variables)
     self._batched_models = {}
     self._conv_impl = conv_impl
+    if conv_impl == "grouped":
+      for layer in keras_compat.flatten_layers(self.model):
+        # The convolutions the kernel choice applies to.
+        missing = isinstance(layer, (keras.layers.Conv1D,
+                                     keras.layers.Conv2D)) and (
+            fast_weights.grouped_gradient_missing(
+                layer.dtype_policy.compute_dtype))
+        if missing:
+          raise ValueError(
+              f"conv_impl='grouped' cannot train {self.model.name!r} here: "
+              f"{missing} (layer {layer.name!r}), and every inner step takes "
+              "that gradient; use 'auto', 'map' or 'patches'")
     batched_error = None
     if vectorize in ("auto", "batched"):
       try:

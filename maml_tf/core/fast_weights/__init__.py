@@ -25,10 +25,12 @@ task axis and every layer is one task-batched kernel:
   - ``'grouped'`` (GPU default): fold the tasks into channels, input
     ``[N, H, W, T*C]`` and filter ``[kh, kw, C, T*F]``, so that
     ``tf.nn.conv2d`` runs one grouped convolution with T groups (cuDNN).
-    TF's CPU kernels run the forward pass (tested) but have NO gradient for
-    grouped convolutions ("Gradients for grouped convolutions are not
-    supported on CPU"), so on CPU it serves inference only; its first and
-    second order gradients are tested where a GPU is visible.
+    TF's CPU kernels run the forward pass (tested) but differentiate
+    grouped convolutions only through oneDNN (float32 and bfloat16 on
+    x86-64, :func:`grouped_gradient_missing`); elsewhere on CPU ("Gradients
+    for grouped convolutions are not supported on CPU") a learner refuses
+    it. Its float64 first and second order gradients are tested where a GPU
+    is visible.
   - ``'auto'``: ``'grouped'`` when a GPU is visible, else ``'map'``; the
     learner's execution plan (:mod:`maml_tf.core.plan`) refines this on CPU
     by the size of one task.
@@ -103,11 +105,12 @@ from maml_tf.core.fast_weights.base import Unsupported
 from maml_tf.core.fast_weights.compiler import BatchedModel, compile_batched
 from maml_tf.core.fast_weights.kernels import (
     CONV_IMPLS, batched_dense, conv2d_grouped, conv2d_map, conv2d_patches,
-    conv2d_slices, resolve_conv_impl)
+    conv2d_slices, grouped_gradient_missing, resolve_conv_impl)
 from maml_tf.core.fast_weights.normalization import normalize_with_moments
 
 __all__ = [
     "BatchedModel", "CONV_IMPLS", "Unsupported", "batched_dense",
     "compile_batched", "conv2d_grouped", "conv2d_map", "conv2d_patches",
-    "conv2d_slices", "normalize_with_moments", "resolve_conv_impl",
+    "conv2d_slices", "grouped_gradient_missing", "normalize_with_moments",
+    "resolve_conv_impl",
 ]

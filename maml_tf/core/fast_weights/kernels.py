@@ -8,7 +8,9 @@ TF op. Conv2D has several implementations (``conv_impl``, see
 :func:`conv2d_slices`; :func:`resolve_conv_impl` maps ``'auto'`` to one.
 """
 
-from typing import Tuple
+import os
+import platform
+from typing import Optional, Tuple
 
 import tensorflow as tf
 
@@ -267,6 +269,30 @@ def map_tasks(fn, x, kernel):
 
 _CONV_KERNELS = {"patches": conv2d_patches, "grouped": conv2d_grouped,
                  "map": conv2d_map}
+
+
+def grouped_gradient_missing(dtype: str, gpu=None) -> Optional[str]:
+  """Why TensorFlow cannot differentiate a grouped convolution computed in
+  ``dtype`` on this machine, or ``None`` where it can.
+
+  A GPU has the gradient. Without one, only oneDNN's CPU kernels have it:
+  float32 and bfloat16 on x86-64, unless ``TF_ENABLE_ONEDNN_OPTS=0``
+  turned them off. ``gpu``: default whether one is visible.
+  """
+  if gpu is None:
+    gpu = bool(tf.config.list_physical_devices("GPU"))
+  if gpu:
+    return None
+  if os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1").lower() in ("0", "false"):
+    return ("TensorFlow's CPU kernels differentiate grouped convolutions "
+            "through oneDNN only, which TF_ENABLE_ONEDNN_OPTS=0 turned off")
+  if platform.machine().lower() not in ("x86_64", "amd64"):
+    return (f"TensorFlow's CPU kernels differentiate grouped convolutions "
+            f"through oneDNN on x86-64 only, not on {platform.machine()}")
+  if str(dtype) not in ("float32", "bfloat16"):
+    return (f"TensorFlow's CPU kernels differentiate grouped convolutions "
+            f"in float32 and bfloat16 only, not in {dtype}")
+  return None
 
 
 def resolve_conv_impl(conv_impl: str, gpu=None) -> str:
