@@ -283,7 +283,8 @@ class _SeparableConv1D(_SeparableConv2D):
 
   def __init__(self, layer, kernel_ref, pointwise_ref, bias_ref):
     super().__init__(layer, kernel_ref, pointwise_ref, bias_ref)
-    self.strides = [1, 1, int(layer.strides[0]), 1]
+    stride = int(layer.strides[0])
+    self.strides = [1, stride, stride, 1]     # as Keras: equal strides
     self.rates = [1, int(layer.dilation_rate[0])]
 
   def __call__(self, ctx, inputs):
@@ -667,11 +668,16 @@ class _Compiler:
                          "'channels_last' is supported")
 
   def check_convolution(self, layer):
-    """'same' or 'valid' padding ('causal' too for Conv1D)."""
+    """'same' or 'valid' padding ('causal' too for Conv1D); not strides and
+    dilation both above 1 (Keras computes that combination, which only
+    depthwise and separable layers accept, by a decomposition of its own)."""
     causal = isinstance(layer, keras.layers.Conv1D)
     if layer.padding not in ("same", "valid") + (("causal",) if causal
                                                   else ()):
       raise _unsupported(layer, f"padding={layer.padding!r}")
+    if max(layer.strides) > 1 and max(layer.dilation_rate) > 1:
+      raise _unsupported(layer, f"strides={tuple(layer.strides)} with "
+                         f"dilation_rate={tuple(layer.dilation_rate)}")
 
   def compile_layer(self, layer, node=None) -> _Op:
     """``layer``'s op (``node``: its call site in a functional graph)."""

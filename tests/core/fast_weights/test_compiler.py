@@ -105,7 +105,8 @@ def _odd_fold(dtype):
 
 def _conv1d(dtype):
   """Conv1D ('same' strided, 'valid' without bias), SeparableConv1D
-  ('same' with a depth multiplier, 'valid' dilated without bias),
+  ('same' with a depth multiplier, 'valid' dilated without bias, 'same'
+  strided),
   LayerNorm, BatchNorm on sequences, global pooling."""
   return keras.Sequential([
       keras.Input((9, 2), dtype=dtype),
@@ -115,6 +116,7 @@ def _conv1d(dtype):
                         activation="tanh", dtype=dtype),
       L.SeparableConv1D(3, 2, padding="valid", dilation_rate=2,
                         use_bias=False, dtype=dtype),
+      L.SeparableConv1D(3, 2, strides=2, padding="same", dtype=dtype),
       L.LayerNormalization(dtype=dtype),
       L.Conv1D(4, 2, padding="valid", use_bias=False, dtype=dtype),
       L.BatchNormalization(dtype=dtype),
@@ -710,6 +712,15 @@ def test_several_inputs_match_the_per_task_loop(as_dict):
         2, data_format="channels_first", name="cf")]), "cf", "channels_last"),
     (lambda: keras.Sequential([keras.Input((4, 3)), L.BatchNormalization(
         axis=1, name="bn1")]), "bn1", "axis"),
+    # Keras decomposes strides and dilation above 1 together; before, the
+    # batched op gave other numbers.
+    (lambda: keras.Sequential([keras.Input((9, 9, 2)), L.SeparableConv2D(
+        2, 2, strides=2, dilation_rate=2, name="sd2")]), "sd2",
+     r"strides=\(2, 2\) with dilation_rate=\(2, 2\)"),
+    (lambda: keras.Sequential([keras.Input((9, 2)), L.SeparableConv1D(
+        2, 2, strides=2, dilation_rate=2, name="sd1")]), "sd1", "dilation"),
+    (lambda: keras.Sequential([keras.Input((9, 9, 2)), L.DepthwiseConv2D(
+        2, strides=2, dilation_rate=2, name="dd")]), "dd", "dilation"),
 ])
 def test_unsupported_layers_are_named(make, name, why):
   with pytest.raises(Unsupported, match=why) as info:
