@@ -245,6 +245,34 @@ def meta_train(learner, batch_for_step: Callable[[int], object],
     counter = step if optimizer is None else optimizer.iterations
     return int(counter.numpy())
   optimizer_steps_at_start = optimizer_steps()
+  timing = {} if timing is None else timing
+  timing.update(compile_seconds=0.0, eval_seconds=0.0, train_seconds=0.0,
+                timed_steps=0)
+
+  def evaluate(at: int, timed: bool = True) -> None:
+    t_eval = time.perf_counter()
+    scores = eval_fn(at)
+    eval_seconds = time.perf_counter() - t_eval
+    if timed:
+      timing["eval_seconds"] += eval_seconds
+    log(f"eval @ {at}: "
+        + " ".join(f"{k} {v:.4g}" for k, v in scores.items()))
+    with writer.as_default(step=at):
+      for k, v in scores.items():
+        tf.summary.scalar(f"eval/{k}", v)
+    jsonl.write({"step": at, "kind": "eval", **scores,
+                 "seconds": eval_seconds})
+
+  if (eval_fn is not None and eval_every and start and (
+      start % eval_every == 0 or start == iterations)
+      and not jsonl.has(start, "eval")):
+    # An evaluation due at the checkpoint was interrupted (the checkpoint
+    # was saved first), or the run starts from given weights: evaluate
+    # them before going on, outside the timing of the steps.
+    log(f"evaluating the weights of step {start} first (the log has no "
+        "evaluation of them)")
+    evaluate(start, timed=False)
+    writer.flush()
   if start >= iterations:
     log(f"already trained {start} >= {iterations} iterations: nothing to "
         "train (a larger --iterations goes on where the run's schedule "
@@ -259,9 +287,6 @@ def meta_train(learner, batch_for_step: Callable[[int], object],
   it = start           # meta-steps done
   compiling = True
   log("compiling the meta-step (its first call traces it) ...")
-  timing = {} if timing is None else timing
-  timing.update(compile_seconds=0.0, eval_seconds=0.0, train_seconds=0.0,
-                timed_steps=0)
   t_timed = None                   # the clock of the steps after compiling
   first_steps = 0
   traced = set()                   # kinds of call made (each traces once)
@@ -270,28 +295,8 @@ def meta_train(learner, batch_for_step: Callable[[int], object],
   inner = getattr(learner, "maml", learner)   # DistributedMAML's learner
   anneals_order = getattr(inner, "first_order_until", 0) > 0
 
-  def evaluate(at: int) -> None:
-    t_eval = time.perf_counter()
-    scores = eval_fn(at)
-    eval_seconds = time.perf_counter() - t_eval
-    timing["eval_seconds"] += eval_seconds
-    log(f"eval @ {at}: "
-        + " ".join(f"{k} {v:.4g}" for k, v in scores.items()))
-    with writer.as_default(step=at):
-      for k, v in scores.items():
-        tf.summary.scalar(f"eval/{k}", v)
-    jsonl.write({"step": at, "kind": "eval", **scores,
-                 "seconds": eval_seconds})
-
   with interrupts.StopRequest() as stop:
     try:
-      if (eval_fn is not None and eval_every and start
-          and start % eval_every == 0 and not jsonl.has(start, "eval")):
-        # An evaluation due at the checkpoint was interrupted, or the run
-        # starts from given weights: evaluate them before going on.
-        log(f"evaluating the weights of step {start} first (the log has "
-            "no evaluation of them)")
-        evaluate(start)
       while it < iterations:
         t_call = time.perf_counter()
         order = inner.first_order_now() if anneals_order else None

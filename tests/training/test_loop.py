@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import time
 
 import keras
 import numpy as np
@@ -271,3 +272,29 @@ def test_an_evaluation_interrupted_by_ctrl_c_runs_again_on_resume(tmp_path):
   with open(tmp_path / "train_log.jsonl") as f:
     evals = [r["step"] for r in map(json.loads, f) if r["kind"] == "eval"]
   assert evals == [2, 4, 6]
+
+
+def test_an_interrupted_final_evaluation_runs_on_resume_outside_timing(
+    tmp_path):
+  calls = []
+
+  def eval_fn(it):
+    calls.append(it)
+    if len(calls) == 2:             # Ctrl-C during the last evaluation, at 5
+      raise KeyboardInterrupt
+    time.sleep(0.3)
+    return {"val_loss": float(it)}
+
+  with pytest.raises(loop.Interrupted):
+    loop.meta_train(_maml(), _batch, 5, str(tmp_path), log_every=2,
+                    checkpoint_every=2, eval_fn=eval_fn, eval_every=3,
+                    log=lambda _: None)
+  timing = {}
+  assert loop.meta_train(_maml(), _batch, 5, str(tmp_path), eval_fn=eval_fn,
+                         eval_every=3, log=lambda _: None,
+                         timing=timing) == 5
+  assert calls == [3, 5, 5]
+  assert timing["eval_seconds"] == 0 and timing["train_seconds"] >= 0
+  with open(tmp_path / "train_log.jsonl") as f:
+    evals = [r["step"] for r in map(json.loads, f) if r["kind"] == "eval"]
+  assert evals == [3, 5]
