@@ -45,22 +45,48 @@ def check_portable(concrete_function, what: str) -> None:
         "TensorFlow ops")
 
 
+def _leaf_paths(structure, prefix: str = "") -> list:
+  """``"a_b"``-style paths of the leaves of nested dicts and sequences, in
+  ``tf.nest.flatten``'s order (dict keys sorted)."""
+  if isinstance(structure, dict):
+    items = [(str(k), structure[k]) for k in sorted(structure)]
+  elif isinstance(structure, (list, tuple)):
+    items = [(str(i), v) for i, v in enumerate(structure)]
+  else:
+    return [prefix]
+  return [path for key, value in items
+          for path in _leaf_paths(value, f"{prefix}_{key}" if prefix else key)]
+
+
+_AUTOMATIC_NAME = re.compile(r"(keras_tensor|input_layer)(_\d+)?$")
+
+
 def _input_names(model: keras.Model, inputs) -> list:
-  """The serving signature's argument names: ``x`` for one input; the dict
-  keys of a dict-input model, else the ``keras.Input`` names, where they
-  are distinct; else ``x0``, ``x1``, ..."""
+  """The serving signature's argument names: ``x`` for one input; for a
+  model whose inputs are a dict, its keys (nested ones joined by ``_``);
+  else the names given to its ``keras.Input``s; else, or where those are
+  not distinct, ``x0``, ``x1``, ... Characters other than letters, digits
+  and ``_`` become ``_``."""
   if len(inputs) == 1:
     return ["x"]
   try:
     structure = model.input
   except (AttributeError, ValueError):
     structure = None
+  names = None
   if isinstance(structure, dict):
-    names = [str(k) for k in sorted(structure)]   # tf.nest.flatten's order
-  else:
+    paths = _leaf_paths(structure)
+    flat = tf.nest.flatten(structure)
+    # Only where the graph's input order is the flattened dict's.
+    if len(paths) == len(inputs) and all(
+        a is b for a, b in zip(flat, inputs)):
+      names = paths
+  elif not any(_AUTOMATIC_NAME.match(getattr(i, "name", "") or "")
+               for i in inputs):
     names = [getattr(i, "name", None) or "" for i in inputs]
-  names = [re.sub(r"[^A-Za-z0-9_.]", "_", n) for n in names]
-  if len(set(names)) != len(names) or not all(
+  if names is not None:
+    names = [re.sub(r"[^A-Za-z0-9_]", "_", n) for n in names]
+  if names is None or len(set(names)) != len(names) or not all(
       re.match(r"[A-Za-z]", n) for n in names):
     names = [f"x{j}" for j in range(len(inputs))]
   return names

@@ -179,3 +179,22 @@ def test_a_model_that_calls_python_is_not_exported(tmp_path):
   with pytest.raises(ValueError, match="calls Python"):
     export_adaptable(maml, str(tmp_path / "b"), x, x)
   assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_unnamed_or_nested_inputs_get_stable_names(tmp_path):
+  # Keras names unnamed inputs from a process-wide counter; nested dicts
+  # have more inputs than top-level keys (before, the export failed).
+  ia, ib = keras.Input((3,)), keras.Input((2,))
+  out = keras.layers.Dense(2)(keras.layers.Concatenate()([ia, ib]))
+  path = export_adapted(keras.Model([ia, ib], out), str(tmp_path / "plain"))
+  serve = tf.saved_model.load(path).signatures["serve"]
+  assert set(serve.structured_input_signature[1]) == {"x0", "x1"}
+  ic = keras.Input((1,), name="c")
+  nested = keras.Model({"z": {"p": ia, "q": ib}, "y": ic},
+                       keras.layers.Concatenate()([out, ic]))
+  rng = np.random.default_rng(3)
+  given = {"z": {"p": rng.normal(size=(2, 3)), "q": rng.normal(size=(2, 2))},
+           "y": rng.normal(size=(2, 1))}
+  path = export_adapted(nested, str(tmp_path / "nested"), verify_with=given)
+  serve = tf.saved_model.load(path).signatures["serve"]
+  assert set(serve.structured_input_signature[1]) == {"y", "z_p", "z_q"}
