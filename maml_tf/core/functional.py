@@ -86,15 +86,17 @@ def call_takes_training(model: keras.Model) -> bool:
              for p in parameters)
 
 
-_WARNED_LOSSES = weakref.WeakSet()
+_WARNED_LOSSES = weakref.WeakKeyDictionary()   # model -> kinds warned of
 
 
-def warn_dropped_losses(model, what: str) -> None:
-  """A :class:`maml_tf.PlanWarning` (once per model) that ``what`` (losses
-  a forward pass of ``model`` adds) is left out of MAML's objective."""
-  if model in _WARNED_LOSSES:
+def warn_dropped_losses(model, what: str, kind: str) -> None:
+  """A :class:`maml_tf.PlanWarning` (once per model and ``kind``) that
+  ``what`` (losses a forward pass of ``model`` adds) is left out of MAML's
+  objective."""
+  kinds = _WARNED_LOSSES.setdefault(model, set())
+  if kind in kinds:
     return
-  _WARNED_LOSSES.add(model)
+  kinds.add(kind)
   from maml_tf.core.plan import PlanWarning  # pylint: disable=g-import-not-at-top
   warnings.warn(
       f"maml_tf: {what} are not part of the meta-objective or the inner "
@@ -104,9 +106,21 @@ def warn_dropped_losses(model, what: str) -> None:
 
 
 def _warn_about_dropped_losses(model, call_losses) -> None:
-  if call_losses:
+  """Warns of losses a call added beyond one per activity regularizer
+  (named when the learner is built)."""
+  if not call_losses:
+    return
+  regularized = sum(
+      1 for layer in keras_compat.flatten_layers(model)
+      if getattr(layer, "activity_regularizer", None) is not None)
+  if len(call_losses) > regularized:
     warn_dropped_losses(model, f"the {len(call_losses)} loss term(s) that "
-                        f"{model.name!r} adds in its call (Layer.add_loss)")
+                        f"{model.name!r} adds in its call (Layer.add_loss or "
+                        "activity regularizers)", "call")
+
+
+class CallAddsLosses(ValueError):
+  """A call traced by :func:`traced_call` adds losses (``add_loss``)."""
 
 
 def traced_call(model: keras.layers.Layer, training: bool,
@@ -119,6 +133,8 @@ def traced_call(model: keras.layers.Layer, training: bool,
   Raises:
     ValueError: no single input shape to trace on; else what the call
       raises on symbolic inputs (TensorFlow ops, Python on values).
+    CallAddsLosses: (a ``ValueError``) the call adds losses with
+      ``add_loss`` (they are removed from its layers again).
   """
   if shape is None:
     shape = keras_compat.build_input_shape(model)
@@ -128,9 +144,15 @@ def traced_call(model: keras.layers.Layer, training: bool,
                      f"shape (built with {shape!r})")
   inputs = keras.Input(tuple(shape)[1:],
                        dtype=model.dtype_policy.compute_dtype)
-  with keras_compat.call_context(model, training):
-    outputs = (model.call(inputs, training=training)
-               if call_takes_training(model) else model.call(inputs))
+  with keras_compat.eager_losses_undone(model) as added:
+    with keras_compat.call_context(model, training):
+      outputs = (model.call(inputs, training=training)
+                 if call_takes_training(model) else model.call(inputs))
+  if added[0]:
+    raise CallAddsLosses(
+        f"the call of {model.name!r} adds {added[0]} loss term(s) "
+        "(Layer.add_loss), which a functional model of its layers would "
+        "leave out")
   return keras.Model(inputs, outputs, name=f"{model.name}_traced")
 
 

@@ -74,6 +74,28 @@ def keras_mask(tensor):
   return getattr(tensor, "_keras_mask", None)
 
 
+@contextlib.contextmanager
+def eager_losses_undone(model: keras.layers.Layer) -> Iterator[list]:
+  """Losses that ``model``'s layers add outside a stateless scope within
+  the block (``add_loss`` of a tensor computed from variables while a call
+  is traced on symbolic inputs) are removed again at its end; the yielded
+  list then holds their count."""
+  layers = [model] + flatten_layers(model)
+  before = [len(l._losses) for l in layers]  # pylint: disable=protected-access
+  count = []
+  try:
+    yield count
+  finally:
+    added = 0
+    for layer, n in zip(layers, before):
+      extra = layer._losses[n:]  # pylint: disable=protected-access
+      added += len(extra)
+      for x in extra:
+        layer._loss_ids.discard(id(x))  # pylint: disable=protected-access
+      del layer._losses[n:]  # pylint: disable=protected-access
+    count.append(added)
+
+
 def added_losses(model: keras.Model, losses: list) -> list:
   """The losses of ``model.stateless_call(..., return_losses=True)`` that its
   call added (``add_loss``, activity regularizers), without the weight

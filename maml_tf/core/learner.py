@@ -848,8 +848,8 @@ def _warn_about_call_losses(model: keras.Model) -> None:
   names = [layer.name for layer in keras_compat.flatten_layers(model)
            if getattr(layer, "activity_regularizer", None) is not None]
   if names:
-    functional.warn_dropped_losses(model,
-                                   f"the activity regularizers of {names}")
+    functional.warn_dropped_losses(
+        model, f"the activity regularizers of {names}", "activity")
 
 
 def _why_not_vectorizable(model: keras.Model, has_conv: bool

@@ -79,6 +79,25 @@ class _SubclassedAddsLoss(keras.Model):
     return self.out(self.penalty(self.hidden(x)))
 
 
+class _PenalizesItsKernel(keras.layers.Layer):
+  """A block whose call penalizes its sublayer's kernel with ``add_loss``:
+  traceable on symbolic inputs, so it reached the task-batched path."""
+
+  def __init__(self, **kwargs):
+    super().__init__(**kwargs)
+    self.dense = keras.layers.Dense(8, activation="tanh")
+
+  def call(self, x):
+    y = self.dense(x)
+    self.add_loss(0.1 * keras.ops.sum(self.dense.kernel ** 2))
+    return y
+
+
+def _functional_penalizes_kernel():
+  inp = keras.Input((1,))
+  return keras.Model(inp, keras.layers.Dense(1)(_PenalizesItsKernel()(inp)))
+
+
 def _functional_adds_loss():
   inp = keras.Input((1,))
   h = _AddsLoss()(keras.layers.Dense(8, activation="tanh")(inp))
@@ -92,7 +111,8 @@ def _subclassed_adds_loss():
 
 
 @pytest.mark.parametrize("build", [_functional_adds_loss,
-                                   _subclassed_adds_loss])
+                                   _subclassed_adds_loss,
+                                   _functional_penalizes_kernel])
 def test_losses_added_in_call_are_named_as_left_out_once(build):
   # Before, add_loss inside a layer was dropped from the objective silently.
   batch = sinusoid.sample_batch(4, 5, 5, np.random.default_rng(3))[0]
@@ -103,6 +123,8 @@ def test_losses_added_in_call_are_named_as_left_out_once(build):
   dropped = [w for w in record if "loss term" in str(w.message)]
   assert len(dropped) == 1, [str(w.message) for w in record]
   assert "not part of the meta-objective" in str(dropped[0].message)
+  # Tracing the call left no stale losses on the layers.
+  assert len(maml.model.losses) <= len(build().losses)
 
 
 def test_weight_regularizers_alone_do_not_warn(recwarn):
@@ -122,3 +144,17 @@ class _WithRegularizedWeight(keras.layers.Layer):
 
   def call(self, x):
     return keras.ops.tanh(x @ self.kernel)
+
+
+def test_an_activity_regularizer_and_an_add_loss_are_both_named():
+  # Before, the activity regularizer's warning hid the add_loss one.
+  batch = sinusoid.sample_batch(4, 5, 5, np.random.default_rng(3))[0]
+  inp = keras.Input((1,))
+  h = keras.layers.Dense(8, activation="tanh", name="reg",
+                         activity_regularizer=keras.regularizers.L2(0.1))(inp)
+  model = keras.Model(inp, keras.layers.Dense(1)(_AddsLoss()(h)))
+  with pytest.warns(PlanWarning) as record:
+    MAML(model, "mse", inner_lr=0.05).train_step(batch)
+  messages = [str(w.message) for w in record]
+  assert any("activity regularizers of ['reg']" in m for m in messages)
+  assert any("2 loss term(s)" in m for m in messages), messages

@@ -1169,6 +1169,10 @@ def _trace_modes(model, shape, name) -> list:
     try:
       # (Its layers take the mode where not given one, as in its __call__.)
       graph = functional.traced_call(model, mode, shape)
+    except functional.CallAddsLosses:
+      raise Unsupported(f"{name}: its call adds losses (Layer.add_loss), "
+                        "which the task-batched path would leave out "
+                        "silently") from None
     except Exception as e:  # pylint: disable=broad-except
       first = (str(e).splitlines() or [""])[0][:200]
       raise Unsupported(
