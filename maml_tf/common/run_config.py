@@ -193,6 +193,8 @@ def check_resume(config, workdir: str, log: Callable[[str], None] = print,
   resuming = eval_only or (getattr(config, "resume", True)
                            and has_checkpoints(workdir))
   if not resuming or not os.path.exists(path):
+    if not os.path.exists(path):
+      _CREATED.add(os.path.abspath(path))
     write_json(path, {"kind": kind, "config": current, "changes": []})
     return []
   stored = _read(path)
@@ -230,6 +232,11 @@ def check_resume(config, workdir: str, log: Callable[[str], None] = print,
   return changes
 
 
+# config.json files this process created (removed_if_start_fails removes
+# no folder whose config another process wrote).
+_CREATED = set()
+
+
 def _only_config(workdir: str) -> bool:
   """Does ``workdir`` hold nothing but ``config.json`` and empty folders?"""
   for root, _, files in os.walk(workdir):
@@ -243,12 +250,15 @@ def removed_if_start_fails(workdir: str) -> Iterator[None]:
   """A start that fails before writing more than ``config.json`` (missing
   data, a bad flag found late, Ctrl-C while loading) removes the run
   directory it created, so that no empty run is left behind. A directory
-  that existed before, or holds anything else (a checkpoint, a log), is
-  kept."""
+  that existed before, one whose ``config.json`` another process wrote (a
+  chief beside a failed worker), or one holding anything else (a
+  checkpoint, a log) is kept."""
   existed = os.path.exists(workdir)
   try:
     yield
   except BaseException:
-    if not existed and os.path.isdir(workdir) and _only_config(workdir):
+    config = os.path.abspath(os.path.join(workdir, CONFIG_FILE))
+    if (not existed and config in _CREATED and os.path.isdir(workdir)
+        and _only_config(workdir)):
       shutil.rmtree(workdir, ignore_errors=True)
     raise

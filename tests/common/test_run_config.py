@@ -201,11 +201,19 @@ def test_a_failed_start_removes_only_the_folder_it_created_empty(tmp_path):
   created, kept = tmp_path / "created", tmp_path / "kept"
   with pytest.raises(SystemExit):
     with run_config.removed_if_start_fails(str(created)):
-      created.mkdir()
-      (created / run_config.CONFIG_FILE).write_text("{}")
+      run_config.check_resume(_Config(), str(created))
       (created / "tensorboard").mkdir()
       raise SystemExit("error: no data")
   assert not created.exists()
+  # A folder whose config.json another process wrote (a chief, while this
+  # worker failed) stays.
+  shared = tmp_path / "shared"
+  with pytest.raises(SystemExit):
+    with run_config.removed_if_start_fails(str(shared)):
+      shared.mkdir()
+      (shared / run_config.CONFIG_FILE).write_text("{}")
+      raise SystemExit("error: no data")
+  assert shared.exists()
   # A folder that existed before, or one a start wrote more into, stays.
   kept.mkdir()
   (kept / run_config.CONFIG_FILE).write_text("{}")
@@ -216,15 +224,14 @@ def test_a_failed_start_removes_only_the_folder_it_created_empty(tmp_path):
   logged = tmp_path / "logged"
   with pytest.raises(ValueError):
     with run_config.removed_if_start_fails(str(logged)):
-      logged.mkdir()
+      run_config.check_resume(_Config(), str(logged))
       (logged / "train_log.jsonl").write_text("{}\n")
       raise ValueError("NaN")
   assert (logged / "train_log.jsonl").exists()
   # A start that succeeds keeps its folder as it is.
   done = tmp_path / "done"
   with run_config.removed_if_start_fails(str(done)):
-    done.mkdir()
-    (done / run_config.CONFIG_FILE).write_text("{}")
+    run_config.check_resume(_Config(), str(done))
   assert done.exists()
 
 
