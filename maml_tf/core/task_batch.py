@@ -154,15 +154,16 @@ def _paths(x):
 
 
 def _check_not_numbers_in_lists(name, x):
-  """A list or tuple stands for several inputs: nested Python lists of
-  numbers (an array written as lists) are refused, naming the fix."""
-  if isinstance(x, (list, tuple)) and any(
+  """Lists, tuples and dicts stand for several inputs: Python numbers
+  inside them (an array written as lists) are refused, naming the fix."""
+  if isinstance(x, (list, tuple, dict)) and any(
       isinstance(leaf, (int, float, bool, np.generic))
       for leaf in tf.nest.flatten(x)):
     raise ValueError(
-        f"TaskBatch.{name} is a Python {type(x).__name__} of numbers; pass "
-        f"it as one array or tensor, e.g. np.asarray({name}) (a list or "
-        "tuple in a TaskBatch holds a model's several inputs)")
+        f"TaskBatch.{name} is a Python {type(x).__name__} holding numbers; "
+        "give each input as one array or tensor (np.asarray of its nested "
+        "lists): a list, tuple or dict in a TaskBatch holds a model's "
+        "several inputs")
 
 
 def _check_leaves(name, x):

@@ -48,8 +48,13 @@ def test_arrays_written_as_python_lists_are_named(field):
   batch = TaskBatch(*_pair(2, 4, rng), *_pair(2, 6, rng))
   batch = batch._replace(**{field: getattr(batch, field).tolist()})
   with pytest.raises(ValueError, match=f"TaskBatch.{field} is a Python list "
-                     f"of numbers; pass it as one array"):
+                     "holding numbers; give each input as one array"):
     prepare_batch(batch, "float32")
+  # A dict input written as lists too.
+  sx = {"a": batch.support_x, "b": np.asarray(batch.support_x).tolist()}
+  if field == "support_x":
+    with pytest.raises(ValueError, match="is a Python dict holding numbers"):
+      prepare_batch(batch._replace(support_x=sx), "float32")
 
 
 def test_a_dict_input_model_meta_trains_adapts_and_exports(tmp_path):
