@@ -173,8 +173,33 @@ class _DirectionTaskMixin:
     return np.asarray([task["direction"]], np.float32)
 
 
+def _quiet_asset_deprecations() -> None:
+  """Drops MuJoCo's warning that gymnasium's own ``half_cheetah.xml`` uses
+  the deprecated ``settotalmass`` (printed by every process that loads it;
+  nothing a user can act on); other MuJoCo warnings are printed as before."""
+  import mujoco  # pylint: disable=g-import-not-at-top
+  previous = mujoco.get_mju_user_warning()
+  if getattr(previous, "maml_tf_quiet", False):
+    return
+
+  def warning(message):
+    if "settotalmass" in message:
+      return
+    if previous is not None:
+      previous(message)
+    else:
+      print(f"MuJoCo warning: {message}", flush=True)
+  warning.maml_tf_quiet = True
+  mujoco.set_mju_user_warning(warning)
+
+
 class _ClippedMujocoMixin:
-  """Clips actions to the action space before simulating and costing them."""
+  """Clips actions to the action space before simulating and costing them
+  (and quiets MuJoCo's deprecation warning of gymnasium's asset)."""
+
+  def __init__(self, *args, **kwargs):
+    _quiet_asset_deprecations()
+    super().__init__(*args, **kwargs)
 
   def step(self, action):
     action = np.clip(action, self.action_space.low, self.action_space.high)

@@ -230,3 +230,15 @@ def test_a_batch_of_env_copies_prints_mujocos_warnings_once(capfd):
   # gymnasium's half_cheetah.xml uses a deprecated compiler attribute: the
   # warning of five compilations is shown at most once per process.
   assert (out.out + out.err).count("settotalmass") <= 1
+
+
+def test_making_a_cheetah_prints_no_deprecation_of_gymnasiums_asset(capfd):
+  # Every process that loaded half_cheetah.xml printed MuJoCo's warning
+  # about its deprecated settotalmass: three lines per RL start.
+  import mujoco  # pylint: disable=g-import-not-at-top
+  mujoco.set_mju_user_warning(None)          # as in a fresh process
+  env = gymnasium.make("maml_tf/HalfCheetahVel-v0")
+  env.reset(seed=0)
+  captured = capfd.readouterr()
+  assert "settotalmass" not in captured.out + captured.err
+  env.close()
