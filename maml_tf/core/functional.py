@@ -119,6 +119,11 @@ def _warn_about_dropped_losses(model, call_losses) -> None:
                         "activity regularizers)", "call")
 
 
+class NoInputShape(ValueError):
+  """:func:`traced_call` has no single input shape of known rank to trace
+  a model on."""
+
+
 class CallAddsLosses(ValueError):
   """A call traced by :func:`traced_call` adds losses (``add_loss``)."""
 
@@ -131,8 +136,9 @@ def traced_call(model: keras.layers.Layer, training: bool,
   variables.
 
   Raises:
-    ValueError: no single input shape to trace on; else what the call
-      raises on symbolic inputs (TensorFlow ops, Python on values).
+    NoInputShape: (a ``ValueError``) no single input shape to trace on.
+    ValueError: what the call raises on symbolic inputs (TensorFlow ops,
+      Python on values).
     CallAddsLosses: (a ``ValueError``) the call adds losses with
       ``add_loss`` (they are removed from its layers again).
   """
@@ -140,7 +146,7 @@ def traced_call(model: keras.layers.Layer, training: bool,
     shape = keras_compat.build_input_shape(model)
   if not isinstance(shape, (tuple, list)) or len(shape) < 2 or not all(
       d is None or isinstance(d, int) for d in shape):
-    raise ValueError(f"{model.name!r} was not built on one input of known "
+    raise NoInputShape(f"{model.name!r} was not built on one input of known "
                      f"shape (built with {shape!r})")
   inputs = keras.Input(tuple(shape)[1:],
                        dtype=model.dtype_policy.compute_dtype)

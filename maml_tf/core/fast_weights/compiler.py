@@ -1136,13 +1136,6 @@ def _traced(model: keras.layers.Layer, shape=None) -> keras.Model:
   what = "model" if isinstance(model, keras.Model) else "layer"
   name = f"maml_tf.fast_weights cannot batch {what} {model.name!r} " + (
       f"({type(model).__name__})")
-  if shape is None:
-    shape = keras_compat.build_input_shape(model)
-  if not isinstance(shape, (tuple, list)) or not all(
-      d is None or isinstance(d, int) for d in shape) or len(shape) < 2:
-    raise Unsupported(f"{name}: a subclassed {what} must be built on one "
-                      f"input of known shape to be traced (built with "
-                      f"{shape!r})")
   with tf.init_scope():   # eagerly, even when compiled inside a step
     before = [(v, v.numpy()) for v in model.weights]
     try:
@@ -1169,6 +1162,9 @@ def _trace_modes(model, shape, name) -> list:
     try:
       # (Its layers take the mode where not given one, as in its __call__.)
       graph = functional.traced_call(model, mode, shape)
+    except functional.NoInputShape as e:
+      raise Unsupported(f"{name}: to be traced, it must be built on one "
+                        f"input of known shape ({e})") from None
     except functional.CallAddsLosses:
       raise Unsupported(f"{name}: its call adds losses (Layer.add_loss), "
                         "which the task-batched path would leave out "
