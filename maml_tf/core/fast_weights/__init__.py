@@ -52,7 +52,9 @@ task axis and every layer is one task-batched kernel:
   MultiHeadAttention (no masks other than ``use_causal_mask``): its
   projections as EinsumDense; the attention, which has no weights, on the
   task and example axes merged as the layer computes it; an attention
-  dropout draws each task's mask from its seed state.
+  dropout draws each task's mask from its seed state. Attention and
+  AdditiveAttention (no masks, no dropout): the layer's scores with each
+  task's scale weights, then the softmax-weighted values.
 * SimpleRNN, GRU, LSTM (:mod:`~maml_tf.core.fast_weights.recurrent`): the
   input projections of all time steps as one batched matmul, then one
   ``tf.scan`` over time of the cell's recurrence on ``[T, N, U]`` states

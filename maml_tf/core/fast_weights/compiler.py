@@ -351,6 +351,48 @@ class _Embedding(_Op):
     return tf.gather(table, ids)
 
 
+class _ScoredAttention(_Op):
+  """Attention (``score_mode`` "dot" or "concat") and AdditiveAttention
+  without masks or dropout: the layer's scores (``_calculate_scores``)
+  with each task's ``scale`` (and ``concat_score_weight``), a softmax over
+  the values, their weighted sum. Inputs: query, value[, key]."""
+
+  def __init__(self, layer, scale_ref, concat_ref):
+    super().__init__(layer)
+    self.scale_ref, self.concat_ref = scale_ref, concat_ref
+
+  def _weight(self, ctx, ref, rank: int):
+    """A weight read for ``rank``-D scores-shaped tensors (None: none)."""
+    if ref is None:
+      return None
+    w, per_task = ctx.read(ref)
+    if not per_task:
+      return w
+    trailing = w.shape.rank - 1         # () for scale, (d,) for Additive's
+    return tf.reshape(w, _dims(w)[:1] + [1] * (rank - 1 - trailing)
+                      + _dims(w)[1:])
+
+  def __call__(self, ctx, inputs):
+    query, value = inputs[0], inputs[1]
+    key = inputs[2] if len(inputs) > 2 else value
+    additive = isinstance(self.layer, keras.layers.AdditiveAttention)
+    if additive or self.layer.score_mode == "concat":
+      pairs = tf.expand_dims(query, -2) + tf.expand_dims(key, -3)
+      scale = self._weight(ctx, self.scale_ref, 5)   # [T, N, Tq, Tv, d]
+      if additive:
+        terms = tf.tanh(pairs)
+        scores = tf.reduce_sum(terms if scale is None else scale * terms, -1)
+      else:
+        scores = tf.reduce_sum(tf.tanh(
+            pairs if scale is None else scale * pairs), -1)
+        scores = self._weight(ctx, self.concat_ref, 4) * scores
+    else:
+      scores = tf.matmul(query, key, transpose_b=True)   # [T, N, Tq, Tv]
+      scale = self._weight(ctx, self.scale_ref, 4)
+      scores = scores if scale is None else scores * scale
+    return tf.matmul(tf.nn.softmax(scores, axis=-1), value)
+
+
 class _Pool2D(_Op):
 
   def __call__(self, ctx, inputs):
@@ -555,6 +597,8 @@ class _Program(_Op):
 # ---------------------------------------------------------------- compiler
 # Ops that read no weights through the context (a layer of these kinds with
 # trainable weights is refused).
+# Call arguments that change nothing when given as False.
+_OFF_BY_DEFAULT = ("use_causal_mask", "return_attention_scores")
 _WEIGHTLESS = (_Identity, _Elementwise, _PerExample, _Pool2D, _Flatten,
                _Random, _Add, _Concatenate)
 
@@ -612,7 +656,8 @@ def _dropout_noise_shape(layer):
 
 
 _SUPPORTED = (
-    "InputLayer, Dense, EinsumDense, MultiHeadAttention, Embedding, Conv1D, "
+    "InputLayer, Dense, EinsumDense, MultiHeadAttention, Attention and "
+    "AdditiveAttention (no masks, no dropout), Embedding, Conv1D, "
     "Conv2D, Conv3D, DepthwiseConv2D, SeparableConv1D, SeparableConv2D, "
     "Conv1D/2D/3DTranspose, "
     "SimpleRNN, GRU, LSTM, RNN over their cells or a stack of them, "
@@ -782,6 +827,13 @@ class _Compiler:
                            "(channel) axis is supported")
       return _GroupNorm(layer, self.ref(layer, layer.gamma),
                         self.ref(layer, layer.beta))
+    if kind in (keras.layers.Attention, keras.layers.AdditiveAttention):
+      if layer.dropout:
+        raise _unsupported(layer, f"dropout={layer.dropout}")
+      ref = lambda v: None if v is None else self.ref(layer, v)
+      return _ScoredAttention(layer, ref(layer.scale),
+                              ref(getattr(layer, "concat_score_weight",
+                                          None)))
     if kind in (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D):
       if layer.padding not in ("same", "valid"):
         raise _unsupported(layer, f"padding={layer.padding!r}")
@@ -1081,7 +1133,8 @@ class _Compiler:
       # (A nested model called on several inputs records mask=[None,
       # ...]: no mask.)
       kwargs = {k: v for k, v in node.arguments.kwargs.items()
-                if k not in ("training", "mask") and _given(v)}
+                if k not in ("training", "mask") and _given(v)
+                and not (k in _OFF_BY_DEFAULT and v is False)}
       if kwargs:
         raise _unsupported(op, f"called with keyword arguments "
                            f"{sorted(kwargs)} (only the input is "
@@ -1397,7 +1450,8 @@ def compile_batched(model: keras.Model, conv_impl: str = "auto",
       layers:
       InputLayer, Dense, EinsumDense, MultiHeadAttention (Keras masks in
       one attention of a model, ``attention_mask``, ``use_causal_mask``;
-      no returned scores),
+      no returned scores), Attention and AdditiveAttention (no masks, no
+      dropout),
       Embedding, Conv1D, Conv2D
       (any ``groups``), DepthwiseConv2D, SeparableConv1D and
       SeparableConv2D (channels_last, 'same' or 'valid'), Conv3D, Conv1D/2D/3DTranspose,

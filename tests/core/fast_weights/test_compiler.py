@@ -226,6 +226,23 @@ def _attention(dtype):
                      name="attention")
 
 
+def _scored_attention(dtype):
+  """Attention (dot with and without a learned scale, concat scores with
+  its own key) and AdditiveAttention with a learned scale."""
+  inp = keras.Input((5, 4), dtype=dtype)
+  h = L.Dense(6, activation="tanh", dtype=dtype)(inp)
+  a = L.Attention(use_scale=True, dtype=dtype)([h, h])
+  b = L.Attention(dtype=dtype)([h[:, :3], h], use_causal_mask=False)
+  k = L.Dense(6, dtype=dtype)(h)
+  c = L.Attention(use_scale=True, score_mode="concat", dtype=dtype)(
+      [h[:, :2], h, k])
+  d = L.AdditiveAttention(dtype=dtype)([h, a])
+  e = L.AdditiveAttention(use_scale=False, dtype=dtype)([a, h])
+  out = L.Concatenate(axis=1, dtype=dtype)([a, b, c, d, e])
+  return keras.Model(inp, L.Dense(3, dtype=dtype)(L.Flatten(dtype=dtype)(out)),
+                     name="scored_attention")
+
+
 def _recurrent(dtype):
   """LSTM, GRU (both reset modes, backwards), SimpleRNN, RNN over a cell and
   over stacked cells, Bidirectional (concat and sum) and TimeDistributed."""
@@ -316,7 +333,8 @@ MODELS = {"sequence": _sequence, "omniglot": _omniglot, "miniimagenet": _miniima
           "omniglot_fold": _omniglot_fold, "odd_fold": _odd_fold,
           "preprocessed": _preprocessed, "conv1d": _conv1d,
           "depthwise": _depthwise, "text": _text, "operations": _operations,
-          "attention": _attention, "dilated": _dilated,
+          "attention": _attention, "scored_attention": _scored_attention,
+          "dilated": _dilated,
           "recurrent": _recurrent, "grouped": _grouped,
           "resampled": _resampled, "transposed": _transposed}
 CONV_MODELS = ("omniglot", "miniimagenet", "skip", "odd", "omniglot_fold",
@@ -548,7 +566,8 @@ def test_3d_pooling_matches_the_per_task_loop_to_second_order():
     ("skip", "patches"), ("odd", "map"), ("preprocessed", "patches"),
     ("conv1d", "patches"), ("conv1d", "map"), ("depthwise", "map"),
     ("text", "patches"), ("operations", "patches"),
-    ("attention", "patches"), ("dilated", "patches"), ("dilated", "map"),
+    ("attention", "patches"), ("scored_attention", "patches"),
+    ("dilated", "patches"), ("dilated", "map"),
     ("recurrent", "patches"), ("grouped", "patches"), ("grouped", "map"),
     ("resampled", "patches"), ("transposed", "patches")])
 def test_second_order_gradients(name, impl):
@@ -564,6 +583,7 @@ def test_second_order_gradients(name, impl):
   batched = compile_batched(model, conv_impl=impl)
   with_fd = name in ("omniglot", "skip", "omniglot_fold", "conv1d",
                      "depthwise", "text", "operations", "attention",
+                     "scored_attention",
                      "dilated", "recurrent", "grouped", "resampled",
                      "transposed")
   _check_second_order(model, batched, state, sx, sy, qx, qy, rng,
@@ -667,6 +687,11 @@ def test_several_inputs_match_the_per_task_loop(as_dict):
 
 
 # ---------------------------------------------------------- 3. unsupported
+def _one_attention(layer, **kwargs):
+  inp = keras.Input((4, 3))
+  return keras.Model(inp, layer([inp, inp], **kwargs))
+
+
 @pytest.mark.parametrize("make,name,why", [
     (lambda: keras.Sequential([keras.Input((4, 2)),
                                L.LSTM(3, dropout=0.1, name="rnn")]),
@@ -721,6 +746,10 @@ def test_several_inputs_match_the_per_task_loop(as_dict):
         2, 2, strides=2, dilation_rate=2, name="sd1")]), "sd1", "dilation"),
     (lambda: keras.Sequential([keras.Input((9, 9, 2)), L.DepthwiseConv2D(
         2, strides=2, dilation_rate=2, name="dd")]), "dd", "dilation"),
+    (lambda: _one_attention(L.Attention(dropout=0.1, name="ad")), "ad",
+     r"dropout=0\.1"),
+    (lambda: _one_attention(L.Attention(name="ac"), use_causal_mask=True),
+     "ac", "use_causal_mask"),
 ])
 def test_unsupported_layers_are_named(make, name, why):
   with pytest.raises(Unsupported, match=why) as info:
