@@ -87,8 +87,10 @@ class MAML:
     inner_steps: inner gradient steps during meta-training (>= 1).
     first_order: drop the second-order terms of the meta-gradient (FOMAML).
     meta_optimizer: a Keras optimizer for the outer step; default Adam(1e-3).
-    accuracy: report accuracy; ``None`` (auto) does so when labels are
-      integers (classification with logits).
+    accuracy: report accuracy (argmax against integer labels); ``None``
+      (auto) does so when labels are integers, the model has more than one
+      output unit and the loss is not one of Keras' regression or binary
+      losses. ``True`` needs more than one output unit.
     vectorize: ``"auto"`` (default: ``"batched"`` task-batched kernels
       where the model's layers allow, else ``"vectorized_map"``, else
       ``"map_fn"``), one of those three, or ``True``/``False``
@@ -178,6 +180,11 @@ class MAML:
           "models with one output (several inputs are supported): combine "
           "the outputs into one tensor, or meta-train a model per output")
     self._num_classes = outputs[0].shape[-1] if outputs else None
+    if accuracy and self._num_classes == 1:
+      raise ValueError(
+          f"accuracy=True scores the argmax of the outputs, but model "
+          f"{model.name!r} has one output unit; leave accuracy=None (a "
+          "binary model's accuracy is not computed)")
     self._input_shape = _single_input_shape(model)
     if not isinstance(inner_steps, (int, np.integer)) or inner_steps < 1:
       raise ValueError(f"inner_steps must be an integer >= 1, got {inner_steps!r}")
@@ -261,7 +268,8 @@ class MAML:
         has_conv=has_conv,
         closed_form=self._chain is not None,
         fused_update=self._fused_update is not None,
-        not_batched=batched_error, not_vectorizable=not_vectorizable)
+        not_batched=batched_error, not_vectorizable=not_vectorizable,
+        scores_classes=losses.scores_classes(loss, self._num_classes))
     self._device = plan_lib.Device.local()
     self._runner = runner_lib.Runner(self.model.name)
     self._plans = {}         # (batch shape, order, distributed, fallbacks) -> plan

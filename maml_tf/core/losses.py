@@ -12,6 +12,7 @@
   (MAML++'s annealed multi-step loss, else the last step's loss).
 """
 
+import re
 from typing import Callable, Optional, Tuple
 
 import keras
@@ -49,7 +50,8 @@ def task_axis_mean(values):
 
 
 def correct(y_true, y_pred):
-  """1.0 where the argmax prediction equals the integer label, else 0.0.
+  """1.0 where the argmax prediction equals the integer label, else 0.0
+  (NaN where the prediction holds a NaN).
 
   Labels may carry a trailing axis of 1 (``[N, 1]``), as Keras' sparse
   losses allow.
@@ -58,7 +60,11 @@ def correct(y_true, y_pred):
   y_true = tf.cast(y_true, tf.int64)
   if y_true.shape.rank == y_pred.shape.rank and y_true.shape[-1] == 1:
     y_true = tf.squeeze(y_true, -1)
-  return tf.cast(tf.equal(pred, y_true), tf.float32)
+  hit = tf.cast(tf.equal(pred, y_true), tf.float32)
+  # An output holding a NaN scores NaN, not a hit or miss of the argmax
+  # that TensorFlow picks among NaNs.
+  nan = tf.reduce_any(tf.math.is_nan(y_pred), axis=-1)
+  return tf.where(nan, tf.constant(float("nan"), tf.float32), hit)
 
 
 def sparse_accuracy(y_true, y_pred):
@@ -106,6 +112,35 @@ def per_task_loss_fn(loss) -> Optional[Callable]:
   if any(loss is fn for fn in PER_EXAMPLE_LOSSES):
     return lambda y, pred: task_axis_mean(loss(y, pred))
   return None
+
+
+# Keras losses whose labels are targets or 0/1 values, never class indices.
+_NOT_CLASS_INDICES = frozenset((
+    "mean_squared_error", "mean_absolute_error",
+    "mean_absolute_percentage_error", "mean_squared_logarithmic_error",
+    "binary_crossentropy", "binary_focal_crossentropy", "huber", "log_cosh",
+    "hinge", "squared_hinge", "poisson", "cosine_similarity",
+    "kl_divergence", "categorical_hinge", "mse", "mae", "mape", "msle"))
+
+
+def scores_classes(loss, num_classes) -> bool:
+  """Can integer labels be scored by argmax under ``loss``? Not for a
+  model with one output unit (``num_classes`` 1) nor for Keras' regression
+  and binary losses (Keras' own names, functions or ``Loss`` objects)."""
+  if num_classes == 1:
+    return False
+  name = loss if isinstance(loss, str) else getattr(
+      loss, "fn", loss)
+  name = name if isinstance(name, str) else getattr(name, "__name__", "")
+  return keras_name(name) not in _NOT_CLASS_INDICES
+
+
+def keras_name(name: str) -> str:
+  """``"MeanSquaredError"`` -> ``"mean_squared_error"`` (function names
+  as they are)."""
+  if not name or name.islower():
+    return name
+  return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
 
 
 def takes_class_indices(loss) -> bool:

@@ -35,7 +35,8 @@ every compiled step is keyed by its plan. The rules:
   checkpointed query chunk (:func:`query_chunk_size` of the tasks of one
   task chunk, or of the meta-batch).
 * closed_form: the written-out meta-gradient of Dense/MSE chains when the
-  learner found one and the batch has no accuracy to report.
+  learner found one and the batch has float labels and no accuracy to
+  report.
 * xla: ``train_step`` and ``train_steps`` compile with XLA when
   ``jit_compile`` is True, or is None and the closed form runs; never under
   ``tf.distribute``.
@@ -81,7 +82,8 @@ class ExecutionPlan:
     xla: ``train_step`` and ``train_steps`` compile with XLA.
     fused_update: the fused Adam outer step.
     first_order: this step's derivative order.
-    accuracy: the step reports accuracy (integer labels, or forced).
+    accuracy: the step reports accuracy (integer labels of a model that
+      scores classes, or forced).
     num_tasks: the meta-batch size the plan was made for.
     reasons: ``(field, why)`` pairs for the choices "auto" made.
   """
@@ -154,6 +156,9 @@ class ModelFacts:
       or was not asked to).
     not_vectorizable: why ``tf.vectorized_map`` cannot run the model
       (``None``: it can).
+    scores_classes: integer labels can be scored by argmax (more than one
+      output unit, a loss that is not one of Keras' regression or binary
+      losses: :func:`maml_tf.core.losses.scores_classes`).
   """
   execution: str
   has_conv: bool = False
@@ -161,6 +166,7 @@ class ModelFacts:
   fused_update: bool = False
   not_batched: Optional[str] = None
   not_vectorizable: Optional[str] = None
+  scores_classes: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -368,9 +374,9 @@ def resolve_plan(options: Options, facts: ModelFacts, shape: BatchShape,
   else:
     chunk = None
   recompute = options.recompute and not first_order
-  accuracy = (shape.integer_labels if options.accuracy is None
-              else bool(options.accuracy))
-  closed_form = facts.closed_form and not accuracy
+  accuracy = (shape.integer_labels and facts.scores_classes
+              if options.accuracy is None else bool(options.accuracy))
+  closed_form = facts.closed_form and not accuracy and not shape.integer_labels
   if closed_form:
     reasons.append(("closed_form", "a chain of Dense layers under mean "
                     "squared error with every weight adapted"))

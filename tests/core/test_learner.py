@@ -407,3 +407,25 @@ def test_a_frozen_model_is_named_frozen_not_unbuilt():
     MAML(model, "mse")
   with pytest.raises(ValueError, match="no trainable weights yet: build it first"):
     MAML(keras.Sequential([keras.layers.Dense(3)]), "mse")
+
+
+def test_accuracy_is_reported_only_where_argmax_scores_classes():
+  # Before, integer labels switched accuracy on for any loss: a binary
+  # classifier's "accuracy" was the share of label 0 (argmax of one unit),
+  # and integer regression targets got one too.
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(2, 6, 3)).astype("f4")
+  y = rng.integers(0, 2, size=(2, 6, 1)).astype("i4")
+  batch = TaskBatch(x, y, x, y)
+  for loss in (keras.losses.BinaryCrossentropy(from_logits=True), "mse"):
+    metrics = MAML(mlp(3, 1, hidden=(4,)), loss, inner_lr=0.1).train_step(
+        batch)
+    assert set(metrics) == {"loss_before", "loss_after"}, (loss, metrics)
+  with pytest.raises(ValueError, match="has one output unit"):
+    MAML(mlp(3, 1, hidden=(4,)), "mse", accuracy=True)
+  # Several classes: accuracy as before, also for a user's own loss.
+  sparse = lambda a, b: keras.losses.sparse_categorical_crossentropy(
+      a, b, from_logits=True)
+  metrics = MAML(mlp(3, 2, hidden=(4,)), sparse, inner_lr=0.1).train_step(
+      TaskBatch(x, y[..., 0], x, y[..., 0]))
+  assert 0 <= metrics["accuracy_after"] <= 1

@@ -78,3 +78,12 @@ def test_a_cross_entropy_that_does_not_fit_the_output_layer_is_named():
   got = warned(probs, keras.losses.CategoricalCrossentropy(from_logits=True))
   assert len(got) == 1 and "'probs'" in got[0] and "probabilities" in got[0]
   assert not warned(logits, "mse")
+
+
+def test_nan_outputs_score_nan_accuracy():
+  # Before, the argmax of NaN logits (class 0) counted as a prediction.
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from maml_tf.core import losses  # pylint: disable=g-import-not-at-top
+  pred = tf.constant([[0.1, 2.0], [float("nan"), 1.0], [3.0, float("inf")]])
+  got = losses.correct(tf.constant([1, 0, 1]), pred).numpy()
+  assert got[0] == 1.0 and np.isnan(got[1]) and got[2] == 1.0
