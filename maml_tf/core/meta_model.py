@@ -61,6 +61,7 @@ from maml_tf.core import family
 from maml_tf.core import keras_compat
 from maml_tf.core import losses
 from maml_tf.core import numerics
+from maml_tf.core import strategies
 from maml_tf.core.task_batch import TaskBatch
 
 
@@ -251,6 +252,10 @@ class MetaModel(keras.Model):
     first_order = options.pop("first_order", False)
     learning_rate = float(keras.ops.convert_to_numpy(
         getattr(optimizer, "learning_rate", 1e-3)))
+    # A second compile keeps what was learned, as Keras keeps the weights:
+    # the learned step sizes too.
+    learned = [v.numpy() for v in getattr(self.learner, "inner_lr_variables",
+                                          None) or ()]
     with strategy.scope():   # learned step sizes and optimizer slots
       self.learner = family.make_learner(
           algorithm, self.net, loss, inner_lr=inner_lr,
@@ -261,8 +266,12 @@ class MetaModel(keras.Model):
       distribute.check_variables(self.learner, strategy, hint=(
           "Build the model, the MetaModel and its optimizer under "
           "`with strategy.scope():` and compile there."))
+    now = list(self.learner.inner_lr_variables)
+    if learned and [v.shape for v in learned] == [tuple(v.shape) for v in now]:
+      for variable, value in zip(now, learned):
+        variable.assign(value)
     # Tracked, so that weights files and checkpoints hold them.
-    self.inner_lrs = list(self.learner.inner_lr_variables)
+    self.inner_lrs = now
     accuracy = self.learner.accuracy
     if accuracy is None:
       accuracy = losses.takes_class_indices(loss)
@@ -452,7 +461,8 @@ class MetaModel(keras.Model):
           f"{replicas}")
 
   def test_step(self, data):
-    """Query metrics after ``inner_steps`` steps of adaptation."""
+    """Query metrics after ``inner_steps`` steps of adaptation (and before
+    adaptation, ``*_before``, with ``pre_update_metrics``)."""
     batch = self._prepared(data)
     # No meta-gradient: first order (as MAML.evaluate; MAML++'s annealed
     # order is not decided eagerly in Keras' compiled step).
@@ -461,14 +471,21 @@ class MetaModel(keras.Model):
     if self._replicated():
       # Random layers draw what these tasks draw on one device.
       first_task, _, tasks = distribute.replica_tasks(batch)
+    steps = ((0,) if self.pre_update_metrics else ()) + (
+        self.learner.inner_steps,)
     with keras_compat.unscaled_keras_losses():   # per-task means, unscaled
-      out = self.learner.task_metrics(batch, plan, first_task=first_task)
+      out = self.learner.task_metrics(
+          batch, plan, strategies.TaskPass(steps, None, True),
+          first_task=first_task)
     if tasks is None:
       tasks = tf.shape(out["loss"])[0]
+    values = {k: tf.reduce_mean(v[:, -1]) for k, v in out.items()}
+    if self.pre_update_metrics:   # as train_step logs them
+      values.update({f"{k}_before": tf.reduce_mean(v[:, 0])
+                     for k, v in out.items()})
     # Weighed by tasks: replicas (and meta-batches) of unequal sizes average
     # to the mean over every task.
-    return self._update({k: tf.reduce_mean(v[:, -1]) for k, v in out.items()},
-                        weight=tasks)
+    return self._update(values, weight=tasks)
 
   def predict_step(self, data):
     x = data[0] if isinstance(data, tuple) and len(data) == 1 else data

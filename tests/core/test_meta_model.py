@@ -142,6 +142,13 @@ def test_evaluate_callbacks_and_classification_metrics(tmp_path):
       np.mean([w["loss"][0] for w in want]), rel=1e-5)
   assert got["accuracy"] == pytest.approx(
       np.mean([w["accuracy"][0] for w in want]), rel=1e-5)
+  # And the metrics before adaptation (before: reported as 0.0).
+  before = [meta.learner.evaluate(TaskBatch(*b), steps=(0,)) for b in test]
+  assert got["loss_before"] == pytest.approx(
+      np.mean([w["loss"][0] for w in before]), rel=1e-5)
+  assert got["accuracy_before"] == pytest.approx(
+      np.mean([w["accuracy"][0] for w in before]), rel=1e-5)
+  assert h["val_loss_before"][-1] > h["val_loss"][-1] > 0
   adapted = meta.adapt(test[0][0][0], test[0][1][0])
   assert adapted(test[0][2][0]).shape == (20, 5)
 
@@ -342,3 +349,16 @@ def test_arrays_and_single_batches_as_keras_takes_them():
   with pytest.raises(ValueError, match="train_on_batch takes no y"):
     meta.train_on_batch(batches[0], np.zeros(4))
   assert int(meta.optimizer.iterations.numpy()) == 3   # nothing ran
+
+
+def test_a_second_compile_keeps_the_learned_step_sizes():
+  # Before, compile made a new learner whose step sizes were the initial
+  # inner_lr again (Keras keeps the weights when a model is recompiled).
+  meta = MetaModel(_net(), "mse", algorithm="metasgd", inner_lr=0.1)
+  meta.compile(optimizer=keras.optimizers.Adam(0.05))
+  meta.fit(_dataset(_batches(1, 3)), epochs=1, verbose=0)
+  learned = [v.numpy().copy() for v in meta.inner_lrs]
+  assert max(np.abs(l - 0.1).max() for l in learned) > 1e-3
+  meta.compile(optimizer=keras.optimizers.Adam(1e-3))
+  for a, b in zip(learned, meta.inner_lrs):
+    np.testing.assert_array_equal(a, b.numpy())
