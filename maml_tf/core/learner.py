@@ -164,6 +164,7 @@ class MAML:
     self.model = functional.ensure_built(model)
     self.loss_fn = losses.as_loss_fn(loss)
     self._class_indices = losses.takes_class_indices(loss)
+    self._ignore_class = getattr(loss, "ignore_class", None)
     mismatch = losses.logits_mismatch(loss, self.model)
     if mismatch:
       warnings.warn(mismatch, UserWarning, stacklevel=2)
@@ -444,7 +445,7 @@ class MAML:
     if self._class_indices:
       for name in ("support_y", "query_y"):
         losses.check_class_labels(name, getattr(batch, name),
-                                  self._num_classes)
+                                  self._num_classes, self._ignore_class)
 
   # --------------------------------------------------- the meta-step pieces
   def training_pass(self, plan: plan_lib.ExecutionPlan,
@@ -833,7 +834,12 @@ class MAML:
     if steps < 0:
       raise ValueError(f"steps must be >= 0, got {steps}")
     dtype = self.model.trainable_variables[0].dtype
+    if isinstance(support_y, (list, tuple)):   # labels are one tensor
+      support_y = np.asarray(support_y)
     x, y = as_tensors(support_x, dtype), as_tensors(support_y, dtype)
+    if self._class_indices:     # as a batch's labels are checked
+      losses.check_class_labels("support_y", y, self._num_classes,
+                                self._ignore_class, what="adapt's")
     for leaf in tf.nest.flatten(x):
       if leaf.shape[0] != y.shape[0]:
         raise ValueError(

@@ -228,27 +228,36 @@ def logits_mismatch(loss, model) -> Optional[str]:
   return None
 
 
-def check_class_labels(name: str, labels, num_classes) -> None:
+def check_class_labels(name: str, labels, num_classes,
+                       ignore_class: Optional[int] = None,
+                       what: str = "TaskBatch.") -> None:
   """Raises ``ValueError`` naming ``name`` unless its labels are class indices.
 
   Float labels are refused (a sparse loss would silently truncate them);
   eager integer labels must lie in ``[0, num_classes)`` when
-  ``num_classes`` is known. Symbolic labels are checked for dtype only.
+  ``num_classes`` is known, or equal ``ignore_class`` (the loss's, which
+  Keras leaves out). Symbolic labels are checked for dtype only. ``what``
+  prefixes ``name`` in the message.
   """
+  what = what if what.endswith(".") else what + " "
   dtype = tf.as_dtype(labels.dtype)
   if not dtype.is_integer:
     raise ValueError(
-        f"TaskBatch.{name} is {dtype.name}, but the loss takes integer class "
+        f"{what}{name} is {dtype.name}, but the loss takes integer class "
         "indices (sparse categorical cross-entropy): cast the labels to "
         "int32, or use CategoricalCrossentropy for one-hot or soft labels")
   if not num_classes or not tf.executing_eagerly() or not hasattr(
       labels, "numpy"):
     return
   values = labels.numpy()
+  if ignore_class is not None:
+    values = values[values != ignore_class]
   if values.size and (values.min() < 0 or values.max() >= num_classes):
     raise ValueError(
-        f"TaskBatch.{name} holds labels {int(values.min())}..{int(values.max())}"
-        f", outside the model's {num_classes} outputs (0..{num_classes - 1})")
+        f"{what}{name} holds labels {int(values.min())}..{int(values.max())}"
+        f", outside the model's {num_classes} outputs (0..{num_classes - 1})"
+        + (f" (ignore_class {ignore_class} aside)"
+           if ignore_class is not None else ""))
 
 
 def multi_step_loss_weights(iteration, num_steps: int, anneal_iterations: int):

@@ -429,3 +429,31 @@ def test_accuracy_is_reported_only_where_argmax_scores_classes():
   metrics = MAML(mlp(3, 2, hidden=(4,)), sparse, inner_lr=0.1).train_step(
       TaskBatch(x, y[..., 0], x, y[..., 0]))
   assert 0 <= metrics["accuracy_after"] <= 1
+
+
+def test_adapt_checks_labels_as_batches_are_checked():
+  # Before, adapt truncated float labels silently, crashed on a list and
+  # left out-of-range labels to TensorFlow's raw error.
+  loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+  maml = MAML(mlp(3, 4, hidden=(8,)), loss, inner_lr=0.1)
+  x = np.random.default_rng(2).normal(size=(6, 3)).astype("f4")
+  y = np.array([0, 1, 2, 3, 0, 1], "i4")
+  with pytest.raises(ValueError, match="adapt's support_y is float32"):
+    maml.adapt(x, y + 0.7)
+  with pytest.raises(ValueError, match="outside the model's 4 outputs"):
+    maml.adapt(x, y + 2)
+  from_list = maml.adapt(x, y.tolist())
+  np.testing.assert_allclose(from_list(x), maml.adapt(x, y)(x), atol=1e-6)
+
+
+def test_labels_of_the_loss_ignore_class_are_accepted():
+  loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True,
+                                                    ignore_class=-1)
+  maml = MAML(mlp(3, 4, hidden=(8,)), loss, inner_lr=0.1)
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(2, 6, 3)).astype("f4")
+  y = rng.integers(0, 4, size=(2, 6)).astype("i4")
+  y[:, -1] = -1
+  assert np.isfinite(maml.train_step(TaskBatch(x, y, x, y))["loss_after"])
+  with pytest.raises(ValueError, match="ignore_class -1 aside"):
+    maml.train_step(TaskBatch(x, y, x, np.where(y == 0, 7, y)))
