@@ -202,7 +202,10 @@ class MetaModel(keras.Model):
         raise ValueError(
             f"MetaModel cannot be saved whole: its {what} ({value!r:.80}) is "
             f"not serialisable by Keras ({type(e).__name__}: {first:.200}). "
-            + ("Give its class a get_config" if what == "model" else
+            + ("Register its class with "
+               "@keras.saving.register_keras_serializable() and give it a "
+               "get_config (and from_config) taking its constructor's "
+               "arguments" if what == "model" else
                "Use a keras.losses object or a function registered with "
                "keras.saving.register_keras_serializable")
             + ", or keep the weights only with save_weights.") from e
