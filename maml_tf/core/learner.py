@@ -162,6 +162,7 @@ class MAML:
                closed_form: Union[str, bool] = "auto",
                jit_compile: Optional[bool] = None):
     self.model = functional.ensure_built(model)
+    self._trainable = list(self.model.trainable_variables)   # as built
     self.loss_fn = losses.as_loss_fn(loss)
     self._class_indices = losses.takes_class_indices(loss)
     self._ignore_class = getattr(loss, "ignore_class", None)
@@ -413,10 +414,30 @@ class MAML:
   # ------------------------------------------------------------------ inputs
   def prepare(self, batch) -> TaskBatch:
     """``batch`` validated, as tensors, floats cast to the model's dtype."""
+    self._check_trainable_unchanged()
     batch = prepare_batch(batch, self.model.trainable_variables[0].dtype)
     self._check_inputs(batch)
     self._check_labels(batch)
     return batch
+
+  def _check_trainable_unchanged(self) -> None:
+    """The model's trainable weights must be those the learner was built
+    with (its meta-parameters, adapt mask and optimizer are fixed then)."""
+    now = self.model.trainable_variables
+    if len(now) == len(self._trainable) and all(
+        a is b for a, b in zip(now, self._trainable)):
+      return
+    now_ids, ids = {id(v) for v in now}, {id(v) for v in self._trainable}
+    frozen = [v.path for v in self._trainable if id(v) not in now_ids]
+    unfrozen = [v.path for v in now if id(v) not in ids]
+    raise ValueError(
+        f"the trainable weights of model {self.model.name!r} changed after "
+        "the learner was built ("
+        + "; ".join(part for part in (
+            f"frozen since: {frozen}" if frozen else "",
+            f"trainable since: {unfrozen}" if unfrozen else "") if part)
+        + "); a learner keeps the weights it was built with: build a new "
+        "MAML (or compile the MetaModel again) after changing `trainable`")
 
   def _check_inputs(self, batch: TaskBatch) -> None:
     """Inputs must have the per-example shape of a one-input model's
@@ -833,6 +854,7 @@ class MAML:
     steps = self.inner_steps if steps is None else int(steps)
     if steps < 0:
       raise ValueError(f"steps must be >= 0, got {steps}")
+    self._check_trainable_unchanged()
     dtype = self.model.trainable_variables[0].dtype
     if isinstance(support_y, (list, tuple)):   # labels are one tensor
       support_y = np.asarray(support_y)

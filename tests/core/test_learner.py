@@ -457,3 +457,21 @@ def test_labels_of_the_loss_ignore_class_are_accepted():
   assert np.isfinite(maml.train_step(TaskBatch(x, y, x, y))["loss_after"])
   with pytest.raises(ValueError, match="ignore_class -1 aside"):
     maml.train_step(TaskBatch(x, y, x, np.where(y == 0, 7, y)))
+
+
+def test_freezing_a_layer_after_the_learner_is_built_is_named():
+  # Before: adapt raised an empty StopIteration and evaluate "expected 4
+  # params ... got 2".
+  model = mlp(1, 1, hidden=(8,))
+  maml = MAML(model, "mse", inner_lr=0.05)
+  batch = _batch()
+  maml.train_step(batch)
+  model.layers[0].trainable = False
+  for call in (lambda: maml.evaluate(batch, steps=(1,)),
+               lambda: maml.adapt(batch.support_x[0], batch.support_y[0]),
+               lambda: maml.train_step(_batch(tasks=3))):
+    with pytest.raises(ValueError, match=r"changed after the learner was "
+                       r"built \(frozen since: \['mlp/dense_0/kernel.*build a new MAML"):
+      call()
+  model.layers[0].trainable = True
+  assert np.isfinite(maml.evaluate(batch, steps=(1,))["loss"][0])
