@@ -63,6 +63,31 @@ def uses_iterations(algorithm: str, meta_lr_schedule: str = "auto") -> bool:
           == "cosine")
 
 
+# The learner options each algorithm sets itself.
+_SETS = {"maml": (), "fomaml": ("first_order",),
+         "metasgd": ("learn_inner_lr",), "anil": ("adapt",),
+         "mamlpp": ("learn_inner_lr", "multi_step_loss_iterations",
+                    "first_order_until"),
+         "reptile": ()}
+
+
+def check_options(algorithm: str, options: dict) -> None:
+  """Raises ``ValueError`` for an unknown ``algorithm`` or learner options
+  it sets itself (``first_order`` beyond maml/fomaml, ``learn_inner_lr``
+  with metasgd, ``adapt`` with anil, ...)."""
+  if algorithm not in ALGORITHMS:
+    raise ValueError(f"unknown algorithm {algorithm!r}; choose one of "
+                     f"{ALGORITHMS}")
+  if options.get("first_order") and algorithm not in ("maml", "fomaml"):
+    raise ValueError(f"first_order applies to maml/fomaml, not {algorithm}")
+  clash = sorted(set(options) & set(_SETS[algorithm]) - {"first_order"})
+  if clash:
+    raise ValueError(
+        f"algorithm {algorithm!r} sets {clash} itself; leave "
+        f"{'it' if len(clash) == 1 else 'them'} out, or give "
+        f"algorithm='maml' with {'it' if len(clash) == 1 else 'them'}")
+
+
 def make_learner(algorithm: str, model: keras.Model, loss, *,
                  inner_lr: float, inner_steps: int, meta_lr: float,
                  iterations: int, first_order: bool = False,
@@ -92,11 +117,7 @@ def make_learner(algorithm: str, model: keras.Model, loss, *,
     >>> learner = make_learner("anil", model, "mse", inner_lr=0.1,
     ...                        inner_steps=1, meta_lr=1e-3, iterations=1000)
   """
-  if algorithm not in ALGORITHMS:
-    raise ValueError(f"unknown algorithm {algorithm!r}; choose one of "
-                     f"{ALGORITHMS}")
-  if first_order and algorithm not in ("maml", "fomaml"):
-    raise ValueError(f"first_order applies to maml/fomaml, not {algorithm}")
+  check_options(algorithm, dict(kwargs, first_order=first_order))
   schedule = resolve_meta_lr_schedule(meta_lr_schedule, algorithm)
   common = dict(inner_lr=inner_lr, inner_steps=inner_steps, **kwargs)
   if algorithm == "reptile":

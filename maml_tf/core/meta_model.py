@@ -176,6 +176,8 @@ class MetaModel(keras.Model):
                iterations: int = 10_000, pre_update_metrics: bool = False,
                **options):
     super().__init__(name=f"meta_{model.name}")
+    family.check_options(algorithm, options)      # here, not at compile
+    losses.as_loss_fn(loss)                       # an unknown loss name
     self.net = model
     self._learner_args = (algorithm, loss, int(iterations), dict(options))
     self.pre_update_metrics = bool(pre_update_metrics)

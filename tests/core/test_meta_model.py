@@ -363,3 +363,19 @@ def test_a_second_compile_keeps_the_learned_step_sizes():
   meta.compile(optimizer=keras.optimizers.Adam(1e-3))
   for a, b in zip(learned, meta.inner_lrs):
     np.testing.assert_array_equal(a, b.numpy())
+
+
+@pytest.mark.parametrize("args, kwargs, match", [
+    (("mse",), {"algorithm": "metasgd", "learn_inner_lr": "scalar"},
+     r"'metasgd' sets \['learn_inner_lr'\] itself"),
+    (("mse",), {"algorithm": "anil", "adapt": ["dense"]},
+     r"'anil' sets \['adapt'\] itself"),
+    (("nope",), {}, "nope"),
+    (("mse",), {"algorithm": "maml2"}, "unknown algorithm"),
+])
+def test_bad_meta_model_arguments_are_refused_when_it_is_made(args, kwargs,
+                                                              match):
+  # Before: a TypeError of duplicate keyword arguments, or any error only at
+  # compile.
+  with pytest.raises(ValueError, match=match):
+    MetaModel(_net(), *args, **kwargs)
