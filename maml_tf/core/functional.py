@@ -129,7 +129,7 @@ class CallAddsLosses(ValueError):
 
 
 def traced_call(model: keras.layers.Layer, training: bool,
-                shape=None) -> keras.Model:
+                shape=None, refuse_losses: bool = False) -> keras.Model:
   """``model.call`` run on a symbolic input of ``shape`` (default the shape
   it was built on) inside Keras' call context of ``training`` (also passed
   to a call that takes it), as a functional model of the same layers and
@@ -139,8 +139,9 @@ def traced_call(model: keras.layers.Layer, training: bool,
     NoInputShape: (a ``ValueError``) no single input shape to trace on.
     ValueError: what the call raises on symbolic inputs (TensorFlow ops,
       Python on values).
-    CallAddsLosses: (a ``ValueError``) the call adds losses with
-      ``add_loss`` (they are removed from its layers again).
+    CallAddsLosses: (a ``ValueError``) with ``refuse_losses``, the call
+      adds losses with ``add_loss`` (removed from its layers again either
+      way: a functional model of its layers leaves them out).
   """
   if shape is None:
     shape = keras_compat.build_input_shape(model)
@@ -150,11 +151,12 @@ def traced_call(model: keras.layers.Layer, training: bool,
                      f"shape (built with {shape!r})")
   inputs = keras.Input(tuple(shape)[1:],
                        dtype=model.dtype_policy.compute_dtype)
-  with keras_compat.eager_losses_undone(model) as added:
+  with keras_compat.eager_losses_undone(model) as added, (
+      keras_compat.name_scopes_restored_on_error()):
     with keras_compat.call_context(model, training):
       outputs = (model.call(inputs, training=training)
                  if call_takes_training(model) else model.call(inputs))
-  if added[0]:
+  if added[0] and refuse_losses:
     raise CallAddsLosses(
         f"the call of {model.name!r} adds {added[0]} loss term(s) "
         "(Layer.add_loss), which a functional model of its layers would "

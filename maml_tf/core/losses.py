@@ -125,14 +125,18 @@ _NOT_CLASS_INDICES = frozenset((
 
 def scores_classes(loss, num_classes) -> bool:
   """Can integer labels be scored by argmax under ``loss``? Not for a
-  model with one output unit (``num_classes`` 1) nor for Keras' regression
-  and binary losses (Keras' own names, functions or ``Loss`` objects)."""
-  if num_classes == 1:
-    return False
-  name = loss if isinstance(loss, str) else getattr(
-      loss, "fn", loss)
-  name = name if isinstance(name, str) else getattr(name, "__name__", "")
-  return keras_name(name) not in _NOT_CLASS_INDICES
+  model with one output unit (``num_classes`` 1), Keras' regression and
+  binary losses (names and aliases, functions or ``Loss`` objects) nor a
+  loss with an ``ignore_class``."""
+  if num_classes == 1 or getattr(loss, "ignore_class", None) is not None:
+    return False         # (ignored labels would count as misses)
+  if isinstance(loss, str):
+    try:
+      loss = keras.losses.get(loss)       # Keras' aliases: "MSE", "bce"
+    except ValueError:
+      return True
+  fn = getattr(loss, "fn", loss)
+  return keras_name(getattr(fn, "__name__", "")) not in _NOT_CLASS_INDICES
 
 
 def keras_name(name: str) -> str:

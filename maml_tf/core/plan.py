@@ -191,6 +191,7 @@ class BatchShape:
   query: Optional[int]
   example_values: int
   integer_labels: bool
+  index_shaped_labels: bool = True    # [T, N] or [T, N, 1]
 
   @classmethod
   def of(cls, batch) -> "BatchShape":
@@ -204,7 +205,11 @@ class BatchShape:
     else:
       integer = dtype is not None and bool(np.issubdtype(dtype, np.integer))
     values = sum(math.prod(d or 1 for d in x.shape[2:]) for x in inputs)
-    return cls(sx.shape[0], sx.shape[1], qx.shape[1], values, integer)
+    label_shape = tuple(sy.shape)
+    index_shaped = len(label_shape) == 2 or (len(label_shape) == 3
+                                             and label_shape[2] == 1)
+    return cls(sx.shape[0], sx.shape[1], qx.shape[1], values, integer,
+               index_shaped)
 
   @property
   def small_support(self) -> bool:
@@ -374,7 +379,8 @@ def resolve_plan(options: Options, facts: ModelFacts, shape: BatchShape,
   else:
     chunk = None
   recompute = options.recompute and not first_order
-  accuracy = (shape.integer_labels and facts.scores_classes
+  accuracy = (shape.integer_labels and shape.index_shaped_labels
+              and facts.scores_classes
               if options.accuracy is None else bool(options.accuracy))
   closed_form = facts.closed_form and not accuracy and not shape.integer_labels
   if closed_form:

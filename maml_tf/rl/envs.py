@@ -43,6 +43,7 @@ Example:
 """
 
 import math
+import sys
 from typing import Dict, List, Optional
 
 import gymnasium
@@ -176,7 +177,8 @@ class _DirectionTaskMixin:
 def _quiet_asset_deprecations() -> None:
   """Drops MuJoCo's warning that gymnasium's own ``half_cheetah.xml`` uses
   the deprecated ``settotalmass`` (printed by every process that loads it;
-  nothing a user can act on); other MuJoCo warnings are printed as before."""
+  nothing a user can act on); other MuJoCo warnings go to the handler set
+  before, else to stderr."""
   import mujoco  # pylint: disable=g-import-not-at-top
   previous = mujoco.get_mju_user_warning()
   if getattr(previous, "maml_tf_quiet", False):
@@ -188,7 +190,7 @@ def _quiet_asset_deprecations() -> None:
     if previous is not None:
       previous(message)
     else:
-      print(f"MuJoCo warning: {message}", flush=True)
+      print(f"MuJoCo warning: {message}", file=sys.stderr, flush=True)
   warning.maml_tf_quiet = True
   mujoco.set_mju_user_warning(warning)
 

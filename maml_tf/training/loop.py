@@ -266,13 +266,25 @@ def meta_train(learner, batch_for_step: Callable[[int], object],
   if (eval_fn is not None and eval_every and start and (
       start % eval_every == 0 or start == iterations)
       and not jsonl.has(start, "eval")):
-    # An evaluation due at the checkpoint was interrupted (the checkpoint
-    # was saved first), or the run starts from given weights: evaluate
-    # them before going on, outside the timing of the steps.
+    # An evaluation due at the checkpoint was interrupted (the interrupt
+    # saved the checkpoint), or the run starts from given weights: evaluate
+    # them before going on, outside the timing of the steps; stopped as the
+    # steps are (SIGTERM waits for it, Ctrl-C keeps the checkpoint).
     log(f"evaluating the weights of step {start} first (the log has no "
         "evaluation of them)")
-    evaluate(start, timed=False)
-    writer.flush()
+    with interrupts.StopRequest() as stop:
+      try:
+        evaluate(start, timed=False)
+      except KeyboardInterrupt:
+        log(f"interrupted: the checkpoint of step {start} is kept")
+        raise Interrupted(start) from None
+      except FloatingPointError as e:
+        raise FloatingPointError(f"at iteration {start}: {e}") from e
+      finally:
+        writer.flush()
+      if stop.requested:
+        log(f"SIGTERM: stopped at step {start}, whose checkpoint is kept")
+        raise Interrupted(start)
   if start >= iterations:
     log(f"already trained {start} >= {iterations} iterations: nothing to "
         "train (a larger --iterations goes on where the run's schedule "

@@ -597,7 +597,8 @@ class _Program(_Op):
 # ---------------------------------------------------------------- compiler
 # Ops that read no weights through the context (a layer of these kinds with
 # trainable weights is refused).
-# Call arguments that change nothing when given as False.
+# Call arguments of Attention and AdditiveAttention that change nothing when
+# given as False.
 _OFF_BY_DEFAULT = ("use_causal_mask", "return_attention_scores")
 _WEIGHTLESS = (_Identity, _Elementwise, _PerExample, _Pool2D, _Flatten,
                _Random, _Add, _Concatenate)
@@ -830,6 +831,9 @@ class _Compiler:
     if kind in (keras.layers.Attention, keras.layers.AdditiveAttention):
       if layer.dropout:
         raise _unsupported(layer, f"dropout={layer.dropout}")
+      if node is None or any(len(t.shape) != 3 for t in node.input_tensors):
+        raise _unsupported(layer, "needs query, value (and key) of shape "
+                           "[batch, length, features]")
       ref = lambda v: None if v is None else self.ref(layer, v)
       return _ScoredAttention(layer, ref(layer.scale),
                               ref(getattr(layer, "concat_score_weight",
@@ -1134,7 +1138,9 @@ class _Compiler:
       # ...]: no mask.)
       kwargs = {k: v for k, v in node.arguments.kwargs.items()
                 if k not in ("training", "mask") and _given(v)
-                and not (k in _OFF_BY_DEFAULT and v is False)}
+                and not (k in _OFF_BY_DEFAULT and v is False and type(op)
+                         in (keras.layers.Attention,
+                             keras.layers.AdditiveAttention))}
       if kwargs:
         raise _unsupported(op, f"called with keyword arguments "
                            f"{sorted(kwargs)} (only the input is "
@@ -1214,7 +1220,7 @@ def _trace_modes(model, shape, name) -> list:
   for mode in (True, False):
     try:
       # (Its layers take the mode where not given one, as in its __call__.)
-      graph = functional.traced_call(model, mode, shape)
+      graph = functional.traced_call(model, mode, shape, refuse_losses=True)
     except functional.NoInputShape as e:
       raise Unsupported(f"{name}: to be traced, it must be built on one "
                         f"input of known shape ({e})") from None

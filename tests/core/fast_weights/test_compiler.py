@@ -687,9 +687,20 @@ def test_several_inputs_match_the_per_task_loop(as_dict):
 
 
 # ---------------------------------------------------------- 3. unsupported
-def _one_attention(layer, **kwargs):
-  inp = keras.Input((4, 3))
+def _one_attention(layer, shape=(4, 3), **kwargs):
+  inp = keras.Input(shape)
   return keras.Model(inp, layer([inp, inp], **kwargs))
+
+
+class _Flagged(keras.layers.Layer):
+
+  def call(self, x, use_causal_mask=True):
+    return -x if use_causal_mask else x
+
+
+def _one_flag(layer):
+  inp = keras.Input((4,))
+  return keras.Model(inp, layer(inp, use_causal_mask=False))
 
 
 @pytest.mark.parametrize("make,name,why", [
@@ -750,6 +761,11 @@ def _one_attention(layer, **kwargs):
      r"dropout=0\.1"),
     (lambda: _one_attention(L.Attention(name="ac"), use_causal_mask=True),
      "ac", "use_causal_mask"),
+    (lambda: _one_attention(L.Attention(use_scale=True, name="a4"),
+                            shape=(2, 4, 3)), "a4", r"\[batch, length"),
+    # Only Attention's own False arguments are dropped: a user's layer
+    # called with use_causal_mask=False is traced with its call's default.
+    (lambda: _one_flag(_Flagged(name="uf")), "uf", "keyword arguments"),
 ])
 def test_unsupported_layers_are_named(make, name, why):
   with pytest.raises(Unsupported, match=why) as info:
