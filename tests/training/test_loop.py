@@ -248,17 +248,24 @@ def test_run_summary_writes_test_metrics_config_text_and_hparams(tmp_path):
   assert dataclasses.asdict(config)
 
 
+def _eval_interrupted_once(calls, seconds):
+  """An evaluation that records its steps in ``calls``, is interrupted
+  (Ctrl-C) on its second call and otherwise takes ``seconds``."""
+
+  def eval_fn(it):
+    calls.append(it)
+    if len(calls) == 2:
+      raise KeyboardInterrupt
+    time.sleep(seconds)
+    return {"val_loss": float(it)}
+  return eval_fn
+
+
 def test_an_evaluation_interrupted_by_ctrl_c_runs_again_on_resume(tmp_path):
   # Before, the checkpoint of step 4 was saved and the resumed run went on
   # to step 6: the validation record of step 4 was lost.
   calls = []
-
-  def eval_fn(it):
-    calls.append(it)
-    if len(calls) == 2:             # Ctrl-C during the evaluation at 4
-      raise KeyboardInterrupt
-    time.sleep(0.5)
-    return {"val_loss": float(it)}
+  eval_fn = _eval_interrupted_once(calls, 0.5)   # Ctrl-C during the one at 4
 
   with pytest.raises(loop.Interrupted):
     loop.meta_train(_maml(), _batch, 6, str(tmp_path), log_every=2,
@@ -283,13 +290,7 @@ def test_an_evaluation_interrupted_by_ctrl_c_runs_again_on_resume(tmp_path):
 def test_an_interrupted_final_evaluation_runs_on_resume_outside_timing(
     tmp_path):
   calls = []
-
-  def eval_fn(it):
-    calls.append(it)
-    if len(calls) == 2:             # Ctrl-C during the last evaluation, at 5
-      raise KeyboardInterrupt
-    time.sleep(0.3)
-    return {"val_loss": float(it)}
+  eval_fn = _eval_interrupted_once(calls, 0.3)   # Ctrl-C during the last, at 5
 
   with pytest.raises(loop.Interrupted):
     loop.meta_train(_maml(), _batch, 5, str(tmp_path), log_every=2,

@@ -483,6 +483,21 @@ def _meta_loss_batched(batched, theta, state, sx, sy, qx, qy, alpha=0.5):
   return tf.reduce_sum(_ce(qy, pred))
 
 
+def _batched_and_loop_meta_gradients(model, batched, theta, state, sx, sy,
+                                     qx, qy):
+  """The meta-gradients of :func:`_meta_loss_batched` and
+  :func:`_meta_loss_loop` at ``theta``."""
+  grads = []
+  for loss in (lambda th: _meta_loss_batched(batched, th, state, sx, sy, qx,
+                                             qy),
+               lambda th: _meta_loss_loop(model, th, state, sx, sy, qx, qy)):
+    with tf.GradientTape() as tape:
+      tape.watch(theta)
+      value = loss(theta)
+    grads.append(tape.gradient(value, theta))
+  return grads
+
+
 def _meta_loss_loop(model, theta, state, sx, sy, qx, qy, alpha=0.5):
   total = 0.0
   for t in range(T):
@@ -546,14 +561,8 @@ def test_3d_pooling_matches_the_per_task_loop_to_second_order():
   sy = tf.constant(rng.integers(0, 3, size=(T, 5)))
   qy = tf.constant(rng.integers(0, 3, size=(T, 6)))
   theta = [tf.constant(v.numpy()) for v in model.trainable_variables]
-  grads = []
-  for loss in (lambda th: _meta_loss_batched(batched, th, state, sx, sy, qx,
-                                             qy),
-               lambda th: _meta_loss_loop(model, th, state, sx, sy, qx, qy)):
-    with tf.GradientTape() as tape:
-      tape.watch(theta)
-      value = loss(theta)
-    grads.append(tape.gradient(value, theta))
+  grads = _batched_and_loop_meta_gradients(model, batched, theta, state,
+                                           sx, sy, qx, qy)
   for a, b in zip(*grads):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
   assert max(float(tf.reduce_max(tf.abs(g))) for g in grads[0]) > 1e-3
@@ -1294,14 +1303,8 @@ def test_a_subclassed_model_is_traced_into_its_layers(make):
   sx, qx = x, tf.constant(rng.normal(size=(T, 6, 5, 5, 2)), "float32")
   sy = tf.constant(rng.integers(0, 3, size=(T, 4)))
   qy = tf.constant(rng.integers(0, 3, size=(T, 6)))
-  grads = []
-  for loss in (lambda th: _meta_loss_batched(batched, th, state, sx, sy, qx,
-                                             qy),
-               lambda th: _meta_loss_loop(model, th, state, sx, sy, qx, qy)):
-    with tf.GradientTape() as tape:
-      tape.watch(theta)
-      value = loss(theta)
-    grads.append(tape.gradient(value, theta))
+  grads = _batched_and_loop_meta_gradients(model, batched, theta, state,
+                                           sx, sy, qx, qy)
   for a, b in zip(*grads):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
