@@ -415,7 +415,7 @@ class MAML:
   def prepare(self, batch) -> TaskBatch:
     """``batch`` validated, as tensors, floats cast to the model's dtype."""
     self._check_trainable_unchanged()
-    batch = prepare_batch(batch, self.model.trainable_variables[0].dtype)
+    batch = prepare_batch(batch, self._trainable[0].dtype)
     self._check_inputs(batch)
     self._check_labels(batch)
     return batch
@@ -855,7 +855,7 @@ class MAML:
     if steps < 0:
       raise ValueError(f"steps must be >= 0, got {steps}")
     self._check_trainable_unchanged()
-    dtype = self.model.trainable_variables[0].dtype
+    dtype = self._trainable[0].dtype
     if isinstance(support_y, (list, tuple)):   # labels are one tensor
       support_y = np.asarray(support_y)
     x, y = as_tensors(support_x, dtype), as_tensors(support_y, dtype)

@@ -12,7 +12,6 @@
   (MAML++'s annealed multi-step loss, else the last step's loss).
 """
 
-import re
 from typing import Callable, Optional, Tuple
 
 import keras
@@ -135,16 +134,8 @@ def scores_classes(loss, num_classes) -> bool:
       loss = keras.losses.get(loss)       # Keras' aliases: "MSE", "bce"
     except ValueError:
       return True
-  fn = getattr(loss, "fn", loss)
-  return keras_name(getattr(fn, "__name__", "")) not in _NOT_CLASS_INDICES
-
-
-def keras_name(name: str) -> str:
-  """``"MeanSquaredError"`` -> ``"mean_squared_error"`` (function names
-  as they are)."""
-  if not name or name.islower():
-    return name
-  return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+  fn = getattr(loss, "fn", loss)     # a Keras Loss object's function
+  return getattr(fn, "__name__", "") not in _NOT_CLASS_INDICES
 
 
 def takes_class_indices(loss) -> bool:

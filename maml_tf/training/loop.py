@@ -263,52 +263,42 @@ def meta_train(learner, batch_for_step: Callable[[int], object],
     jsonl.write({"step": at, "kind": "eval", **scores,
                  "seconds": eval_seconds})
 
-  if (eval_fn is not None and eval_every and start and (
+  due = (eval_fn is not None and eval_every and start and (
       start % eval_every == 0 or start == iterations)
-      and not jsonl.has(start, "eval")):
-    # An evaluation due at the checkpoint was interrupted (the interrupt
-    # saved the checkpoint), or the run starts from given weights: evaluate
-    # them before going on, outside the timing of the steps; stopped as the
-    # steps are (SIGTERM waits for it, Ctrl-C keeps the checkpoint).
-    log(f"evaluating the weights of step {start} first (the log has no "
-        "evaluation of them)")
-    with interrupts.StopRequest() as stop:
-      try:
-        evaluate(start, timed=False)
-      except KeyboardInterrupt:
-        log(f"interrupted: the checkpoint of step {start} is kept")
-        raise Interrupted(start) from None
-      except FloatingPointError as e:
-        raise FloatingPointError(f"at iteration {start}: {e}") from e
-      finally:
-        writer.flush()
-      if stop.requested:
-        log(f"SIGTERM: stopped at step {start}, whose checkpoint is kept")
-        raise Interrupted(start)
-  if start >= iterations:
-    log(f"already trained {start} >= {iterations} iterations: nothing to "
-        "train (a larger --iterations goes on where the run's schedule "
-        "allows it)")
-    return start
-  replicas = int(getattr(learner, "num_replicas", 1))
-  log(f"meta-training iterations {start} -> {iterations}"
-      + (f" on {replicas} replicas" if replicas > 1 else ""))
-  pending = []
-  t_window, done_window = time.perf_counter(), 0
-  t_start = time.perf_counter()
+      and not jsonl.has(start, "eval"))
   it = start           # meta-steps done
-  compiling = True
-  log("compiling the meta-step (its first call traces it) ...")
   t_timed = None                   # the clock of the steps after compiling
-  first_steps = 0
-  traced = set()                   # kinds of call made (each traces once)
-  # MAML++'s derivative-order switch makes the steps after it another kind
-  # of call (traced anew).
-  inner = getattr(learner, "maml", learner)   # DistributedMAML's learner
-  anneals_order = getattr(inner, "first_order_until", 0) > 0
-
   with interrupts.StopRequest() as stop:
     try:
+      if due:
+        # An evaluation due at the checkpoint was interrupted (the interrupt
+        # saved the checkpoint), or the run starts from given weights:
+        # evaluate them before going on, outside the timing of the steps.
+        log(f"evaluating the weights of step {start} first (the log has no "
+            "evaluation of them)")
+        evaluate(start, timed=False)
+        if stop.requested:
+          log(f"SIGTERM: stopped at step {start}, whose checkpoint is kept")
+          raise Interrupted(start)
+      if start >= iterations:
+        log(f"already trained {start} >= {iterations} iterations: nothing "
+            "to train (a larger --iterations goes on where the run's "
+            "schedule allows it)")
+        return start
+      replicas = int(getattr(learner, "num_replicas", 1))
+      log(f"meta-training iterations {start} -> {iterations}"
+          + (f" on {replicas} replicas" if replicas > 1 else ""))
+      pending = []
+      t_window, done_window = time.perf_counter(), 0
+      t_start = time.perf_counter()
+      compiling = True
+      log("compiling the meta-step (its first call traces it) ...")
+      first_steps = 0
+      traced = set()               # kinds of call made (each traces once)
+      # MAML++'s derivative-order switch makes the steps after it another
+      # kind of call (traced anew).
+      inner = getattr(learner, "maml", learner)   # DistributedMAML's learner
+      anneals_order = getattr(inner, "first_order_until", 0) > 0
       while it < iterations:
         t_call = time.perf_counter()
         order = inner.first_order_now() if anneals_order else None
