@@ -17,6 +17,7 @@ RSS just before the first meta-step (graph building included);
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 
@@ -45,7 +46,10 @@ def main():
         cmd += ["--meta_batch", str(args.meta_batch)]
       if args.query:
         cmd += ["--query", str(args.query)]
-      out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+      # TensorFlow keeps allocator statistics only with its BFC allocator.
+      env = dict(os.environ, TF_CPU_ALLOCATOR_USE_BFC="true")
+      out = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                           env=env)
       if out.returncode != 0:
         tail = out.stderr.strip().splitlines()[-5:]
         raise SystemExit(f"{' '.join(cmd)} failed (exit {out.returncode}):\n"

@@ -13,7 +13,10 @@ meta-iterations per second, peak RSS, GFLOP per iteration (counted by TF's
 profiler on the compiled step's graph), achieved GFLOP/s, the machine's matmul
 GFLOP/s measured in the same run, and their ratio. Batches are random tensors
 of the workload's shapes (the input pipeline is measured separately), built
-once so that the timing is of the meta-step alone.
+once so that the timing is of the meta-step alone. Steps run with
+TensorFlow's default CPU allocator, as a user's do; ``tensor_peak_mb`` (the
+allocator's peak) needs its BFC allocator, which ``benchmarks.memory`` turns on
+for its runs (``TF_CPU_ALLOCATOR_USE_BFC=true``), and is NaN without it.
 
 One meta-iteration is the meta-update only, as the peers compute it
 (``pre_update_metrics=False``; ``--pre_update_metrics`` adds the query
@@ -35,9 +38,6 @@ import statistics
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# TensorFlow keeps CPU allocator statistics (tensor_peak_mb) only with its
-# BFC allocator; set before TensorFlow is imported.
-os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
 
 import keras  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
@@ -306,6 +306,7 @@ def run(workload: str, iters: int, warmup: int, first_order: bool = False,
       "matmul_gflops": mm, "ratio_to_matmul": achieved / mm,
       "iters": iters, "machine": f"{platform.machine()} {os.cpu_count()} cpus",
       "tensorflow": tf.__version__, "keras": keras.__version__,
+      "onednn": keras_compat.onednn_enabled(),
       "date": time.strftime("%Y-%m-%d"),
   }
 

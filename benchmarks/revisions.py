@@ -10,8 +10,8 @@ with ``PYTHONPATH`` set to its tree), so that both see the same machine
 state; prints one JSON line per run and a markdown table of the medians
 (seconds per meta-iteration, first call, allocator peak, peak RSS). Both
 trees use the same interpreter and TensorFlow settings
-(``TF_CPU_ALLOCATOR_USE_BFC=true``, which older benchmark scripts did not set
-themselves). ``--cpus 1`` pins every run to one CPU.
+(``TF_CPU_ALLOCATOR_USE_BFC=true`` for the allocator peak, and oneDNN, which
+older benchmark scripts did not set themselves). ``--cpus 1`` pins every run to one CPU.
 """
 
 import argparse
@@ -44,6 +44,7 @@ def _run(tree: str, workload: str, extra, cpus) -> dict:
     cmd = ["taskset", "-c", ",".join(str(c) for c in range(cpus))] + cmd
   env = dict(os.environ, PYTHONPATH=tree, TF_CPU_ALLOCATOR_USE_BFC="true",
              TF_CPP_MIN_LOG_LEVEL="2")
+  env.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")   # as benchmarks/__init__.py
   if cpus:
     env.update(OMP_NUM_THREADS=str(cpus), TF_NUM_INTRAOP_THREADS=str(cpus),
                TF_NUM_INTEROP_THREADS=str(cpus))

@@ -541,6 +541,24 @@ def can_call_directly() -> bool:
 
 
 try:
+  from tensorflow.python.util import _pywrap_util_port as _util_port  # pylint: disable=g-import-not-at-top,g-direct-tensorflow-import
+  _mkl_enabled = _util_port.IsMklEnabled
+except (ImportError, AttributeError):
+  _mkl_enabled = None
+
+
+def onednn_enabled() -> Optional[bool]:
+  """Whether TensorFlow runs its oneDNN CPU kernels in this process.
+
+  TensorFlow decides once per process: ``TF_ENABLE_ONEDNN_OPTS`` when set,
+  else on for x86-64 CPUs with AVX512_VNNI, AVX512_BF16, AVX_VNNI or AMX and
+  off on others (plain AVX2 CPUs among them). Needs TF's
+  ``_pywrap_util_port.IsMklEnabled``; ``None`` when a future version moves it.
+  """
+  return None if _mkl_enabled is None else bool(_mkl_enabled())
+
+
+try:
   from tensorflow.python.ops import control_flow_util as _control_flow_util  # pylint: disable=g-import-not-at-top,g-direct-tensorflow-import
   _in_xla = _control_flow_util.GraphOrParentsInXlaContext
 except (ImportError, AttributeError):

@@ -99,7 +99,8 @@ class MAML:
       ``"patches"``, ``"grouped"`` or ``"map"``. ``"grouped"`` is refused
       for a convolutional model where TensorFlow has no gradient for it
       (:func:`maml_tf.core.fast_weights.grouped_gradient_missing`: without
-      a GPU, outside oneDNN's float32 and bfloat16).
+      a GPU, outside oneDNN's float32 and bfloat16, or where TensorFlow
+      left oneDNN off).
     learn_inner_lr: meta-learn the inner step sizes: ``None`` (fixed),
       ``"scalar"``, ``"per_parameter"`` (Meta-SGD) or
       ``"per_layer_per_step"`` (MAML++ LSLR).

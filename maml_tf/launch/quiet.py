@@ -1,14 +1,21 @@
-"""Imported first by every launcher: a quiet console by default.
+"""Imported first by every launcher: a quiet console by default, and oneDNN.
 
 TensorFlow's C++ start-up lines (absl's pre-init warning, the CPU feature
 guard, XLA's info lines) are hidden unless ``--verbose`` is given; it must
 happen before TensorFlow is imported, hence this module. Errors still show.
+oneDNN's CPU kernels are asked for on every x86-64 CPU
+(:func:`maml_tf.common.cpu.prefer_onednn`; ``TF_ENABLE_ONEDNN_OPTS=0`` keeps
+them off).
 """
 
 import os
 import sys
 
 from absl import flags
+
+from maml_tf.common import cpu
+
+cpu.prefer_onednn()
 
 VERBOSE = flags.DEFINE_bool(
     "verbose", False, "Show TensorFlow's C++ log lines (hidden by default).")

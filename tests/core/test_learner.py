@@ -1,5 +1,10 @@
 """The public MAML API: updates, adapt, evaluate, vectorisation, bad input."""
 
+import os
+import re
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -172,16 +177,70 @@ def _small_conv_net(dtype):
       keras.layers.Dense(3, dtype=dtype)])
 
 
+def _grouped_conv_gradient_runs(dtype) -> bool:
+  """Whether TensorFlow here differentiates a grouped convolution."""
+  x = tf.ones([1, 4, 4, 2], dtype)
+  w = tf.ones([3, 3, 1, 2], dtype)
+  try:
+    with tf.GradientTape() as tape:
+      tape.watch(w)
+      y = tf.function(tf.nn.conv2d)(x, w, 1, "SAME")
+    tf.function(lambda: tape.gradient(y, w))()
+    return True
+  except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError):
+    return False
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_grouped_gradient_missing_agrees_with_tensorflow(dtype):
+  # It said "trains" wherever x86-64 had oneDNN's kernels, but TensorFlow
+  # leaves oneDNN off on plain AVX2 CPUs: 'grouped' was accepted there and
+  # the first inner step crashed inside TensorFlow.
+  from maml_tf.core import fast_weights  # pylint: disable=g-import-not-at-top
+  missing = fast_weights.grouped_gradient_missing(dtype)
+  assert (missing is None) == _grouped_conv_gradient_runs(dtype), missing
+  assert fast_weights.grouped_gradient_missing(dtype, gpu=True) is None
+
+
+_AGREEMENT = """
+import tensorflow as tf
+from maml_tf.core import fast_weights
+x, w = tf.ones([1, 4, 4, 2]), tf.ones([3, 3, 1, 2])
+try:
+  with tf.GradientTape() as tape:
+    tape.watch(w)
+    y = tf.function(tf.nn.conv2d)(x, w, 1, "SAME")
+  tf.function(lambda: tape.gradient(y, w))()
+  runs = True
+except tf.errors.InvalidArgumentError:
+  runs = False
+print(runs, fast_weights.grouped_gradient_missing("float32") is None)
+"""
+
+
+@pytest.mark.parametrize("onednn", ["0", "1"])
+def test_grouped_gradient_missing_follows_tf_enable_onednn_opts(onednn):
+  """TensorFlow reads TF_ENABLE_ONEDNN_OPTS once, when it starts: a fresh
+  process each, so both states are checked on every machine."""
+  env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS=onednn, TF_CPP_MIN_LOG_LEVEL="3")
+  out = subprocess.run([sys.executable, "-c", _AGREEMENT], env=env,
+                       capture_output=True, text=True, timeout=300, check=True)
+  runs, accepted = out.stdout.split()
+  assert runs == accepted
+  if onednn == "0":
+    assert runs == "False"
+
+
 def test_grouped_convolutions_are_refused_where_tf_has_no_gradient():
   # TF's CPU kernels run a float64 grouped convolution but have no gradient
   # for it: accepted, the first inner step crashed inside TensorFlow.
   from maml_tf.core import fast_weights  # pylint: disable=g-import-not-at-top
   loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-  if fast_weights.grouped_gradient_missing("float64"):
-    with pytest.raises(ValueError, match="'grouped' cannot train .* float32 "
-                       "and bfloat16 only, not in float64"):
+  missing = fast_weights.grouped_gradient_missing("float64")
+  if missing:
+    with pytest.raises(ValueError, match="'grouped' cannot train .*: "
+                       + re.escape(missing)):
       MAML(_small_conv_net("float64"), loss, conv_impl="grouped")
-  assert fast_weights.grouped_gradient_missing("float64", gpu=True) is None
   if not fast_weights.grouped_gradient_missing("float32"):   # oneDNN: trains
     maml = MAML(_small_conv_net("float32"), loss, conv_impl="grouped")
     rng = np.random.default_rng(0)

@@ -14,6 +14,8 @@ from typing import Optional, Tuple
 
 import tensorflow as tf
 
+from maml_tf.core import keras_compat
+
 CONV_IMPLS = ("auto", "patches", "grouped", "map")
 
 
@@ -275,20 +277,25 @@ def grouped_gradient_missing(dtype: str, gpu=None) -> Optional[str]:
   """Why TensorFlow cannot differentiate a grouped convolution computed in
   ``dtype`` on this machine, or ``None`` where it can.
 
-  A GPU has the gradient. Without one, only oneDNN's CPU kernels have it:
-  float32 and bfloat16 on x86-64, unless ``TF_ENABLE_ONEDNN_OPTS=0``
-  turned them off. ``gpu``: default whether one is visible.
+  A GPU has the gradient. Without one, only oneDNN's CPU kernels have it,
+  in float32 and bfloat16, and only where TensorFlow turned oneDNN on
+  (:func:`maml_tf.core.keras_compat.onednn_enabled`: by default not on
+  plain AVX2 CPUs; ``TF_ENABLE_ONEDNN_OPTS=1`` before TensorFlow starts
+  turns it on). ``gpu``: default whether one is visible.
   """
   if gpu is None:
     gpu = bool(tf.config.list_physical_devices("GPU"))
   if gpu:
     return None
-  if os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1").lower() in ("0", "false"):
+  onednn = keras_compat.onednn_enabled()
+  if onednn is None:      # unknown: what TensorFlow decides where it is asked
+    onednn = os.environ.get("TF_ENABLE_ONEDNN_OPTS", "").lower() in (
+        "1", "true")
+  if not onednn or platform.machine().lower() not in ("x86_64", "amd64"):
     return ("TensorFlow's CPU kernels differentiate grouped convolutions "
-            "through oneDNN only, which TF_ENABLE_ONEDNN_OPTS=0 turned off")
-  if platform.machine().lower() not in ("x86_64", "amd64"):
-    return (f"TensorFlow's CPU kernels differentiate grouped convolutions "
-            f"through oneDNN on x86-64 only, not on {platform.machine()}")
+            "through oneDNN only, which is off in this process (on x86-64, "
+            "TF_ENABLE_ONEDNN_OPTS=1 set before TensorFlow starts turns it "
+            "on)")
   if str(dtype) not in ("float32", "bfloat16"):
     return (f"TensorFlow's CPU kernels differentiate grouped convolutions "
             f"in float32 and bfloat16 only, not in {dtype}")
