@@ -90,7 +90,8 @@ class MAML:
     accuracy: report accuracy (argmax against integer labels); ``None``
       (auto) does so when labels are integers, the model has more than one
       output unit and the loss is not one of Keras' regression or binary
-      losses. ``True`` needs more than one output unit.
+      losses. ``True`` needs more than one output unit. Labels equal to
+      the loss's ``ignore_class`` are left out, as the loss leaves them.
     vectorize: ``"auto"`` (default: ``"batched"`` task-batched kernels
       where the model's layers allow, else ``"vectorized_map"``, else
       ``"map_fn"``), one of those three, or ``True``/``False``
@@ -290,7 +291,8 @@ class MAML:
         task_loss=task_losses or (lambda y, pred: tf.vectorized_map(
             lambda a: self.loss_fn(a[0], a[1]), (y, pred))),
         batched=self._batched_model, objective=self._objective,
-        chain=self._chain, loss_scale=self._loss_scale())
+        chain=self._chain, loss_scale=self._loss_scale(),
+        accuracy=losses.task_accuracy(self._ignore_class))
     self.objective = objective_lib.Objective(
         self.inner_steps, self.multi_step_loss_iterations, self.state_kinds,
         objective_lib.weight_penalties(self.model))

@@ -71,9 +71,29 @@ def sparse_accuracy(y_true, y_pred):
   return tf.reduce_mean(correct(y_true, y_pred))
 
 
-def sparse_accuracy_per_task(y_true, y_pred):
-  """:func:`sparse_accuracy` of each task: ``[T, N]`` labels -> ``[T]``."""
-  return task_axis_mean(correct(y_true, y_pred))
+def sparse_accuracy_per_task(y_true, y_pred, ignore_class=None):
+  """:func:`sparse_accuracy` of each task: ``[T, N]`` labels -> ``[T]``.
+
+  With ``ignore_class`` (a sparse loss's), labels equal to it are left out
+  of each task's fraction, as the loss leaves them out; a task with no other
+  label scores NaN.
+  """
+  hit = correct(y_true, y_pred)
+  if ignore_class is None:
+    return task_axis_mean(hit)
+  y_true = tf.cast(y_true, tf.int64)
+  if y_true.shape.rank == y_pred.shape.rank and y_true.shape[-1] == 1:
+    y_true = tf.squeeze(y_true, -1)
+  keep = tf.not_equal(y_true, tf.cast(ignore_class, tf.int64))
+  axes = list(range(1, hit.shape.rank))
+  hits = tf.reduce_sum(tf.where(keep, hit, 0.0), axis=axes)
+  return hits / tf.reduce_sum(tf.cast(keep, tf.float32), axis=axes)
+
+
+def task_accuracy(ignore_class=None) -> Callable:
+  """``(y [T, N], pred) -> [T]``: :func:`sparse_accuracy_per_task` with the
+  loss's ``ignore_class``."""
+  return lambda y, pred: sparse_accuracy_per_task(y, pred, ignore_class)
 
 
 # Keras loss functions whose value is the mean of per-example terms.
@@ -124,11 +144,12 @@ _NOT_CLASS_INDICES = frozenset((
 
 def scores_classes(loss, num_classes) -> bool:
   """Can integer labels be scored by argmax under ``loss``? Not for a
-  model with one output unit (``num_classes`` 1), Keras' regression and
-  binary losses (names and aliases, functions or ``Loss`` objects) nor a
-  loss with an ``ignore_class``."""
-  if num_classes == 1 or getattr(loss, "ignore_class", None) is not None:
-    return False         # (ignored labels would count as misses)
+  model with one output unit (``num_classes`` 1), nor Keras' regression and
+  binary losses (names and aliases, functions or ``Loss`` objects). (A
+  loss's ``ignore_class`` labels are left out of the score:
+  :func:`sparse_accuracy_per_task`.)"""
+  if num_classes == 1:
+    return False
   if isinstance(loss, str):
     try:
       loss = keras.losses.get(loss)       # Keras' aliases: "MSE", "bce"

@@ -17,8 +17,9 @@ tasks are cut into meta-batches of ``batch_size`` tasks, and
 ``sample_weight`` and ``class_weight`` are refused. Each ``fit`` step is
 :meth:`maml_tf.MAML.meta_step` on one element, so it runs every execution
 path and family member with :class:`maml_tf.MAML`'s numbers. The logs hold
-``loss`` (the query loss after adaptation) and, for classification,
-``accuracy``. With ``pre_update_metrics=True`` they also hold
+``loss`` (the query loss after adaptation) and ``accuracy`` where the
+learner scores it (:class:`maml_tf.MAML`'s ``accuracy`` rule; a metric a
+step does not produce is left out of the logs). With ``pre_update_metrics=True`` they also hold
 ``loss_before``/``accuracy_before``.
 
 ``compile`` makes the learner. The rules:
@@ -277,10 +278,11 @@ class MetaModel(keras.Model):
         variable.assign(value)
     # Tracked, so that weights files and checkpoints hold them.
     self.inner_lrs = now
-    accuracy = self.learner.accuracy
-    if accuracy is None:
-      accuracy = losses.takes_class_indices(loss)
-    names = ["loss"] + (["accuracy"] if accuracy else [])
+    # An accuracy tracker unless switched off; the steps report it where
+    # the learner's plan scores accuracy (its rule, one place), and only
+    # the metrics a step produced reach the logs.
+    names = ["loss"] + (["accuracy"] if self.learner.accuracy is not False
+                        else [])
     if self.pre_update_metrics:
       names += [f"{n}_before" for n in names]
     self.trackers = [keras.metrics.Mean(name=n) for n in names]
@@ -314,7 +316,7 @@ class MetaModel(keras.Model):
         value = values[tracker.name]
         tracker.update_state(value, sample_weight=None if weight is None
                              else tf.cast(weight, value.dtype))
-    return {t.name: t.result() for t in self.trackers}
+    return {t.name: t.result() for t in self.trackers if t.name in values}
 
   def _check_compiled(self):
     if self.learner is None:

@@ -518,6 +518,31 @@ def test_labels_of_the_loss_ignore_class_are_accepted():
     maml.train_step(TaskBatch(x, y, x, np.where(y == 0, 7, y)))
 
 
+@pytest.mark.parametrize("options", [
+    {"vectorize": "batched"}, {"vectorize": "map_fn"},
+    {"vectorize": "batched", "task_chunk": 1}])
+def test_accuracy_leaves_out_the_loss_ignore_class(options):
+  # Before, a loss with an ignore_class turned accuracy off (ignored labels
+  # would have counted as misses).
+  loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True,
+                                                    ignore_class=-1)
+  maml = MAML(mlp(3, 4, hidden=(8,)), loss, inner_lr=0.5, **options)
+  rng = np.random.default_rng(4)
+  x = rng.normal(size=(2, 8, 3)).astype("f4")
+  y = rng.integers(0, 4, size=(2, 8)).astype("i4")
+  y[:, ::2] = -1
+  got = maml.evaluate(TaskBatch(x, y, x, y), steps=(1,),
+                       per_task=True)["accuracy"][0]
+  want = []
+  for t in range(2):
+    pred = np.argmax(maml.adapt(x[t], y[t])(x[t]), -1)
+    keep = y[t] != -1
+    want.append(np.mean(pred[keep] == y[t][keep]))
+  np.testing.assert_allclose(got, want, atol=1e-6)
+  assert len(set(want)) == 2 or 0 < want[0] < 1   # not all hits or misses
+  assert 0 <= maml.train_step(TaskBatch(x, y, x, y))["accuracy_after"] <= 1
+
+
 def test_freezing_a_layer_after_the_learner_is_built_is_named():
   # Before: adapt raised an empty StopIteration and evaluate "expected 4
   # params ... got 2".

@@ -87,3 +87,15 @@ def test_nan_outputs_score_nan_accuracy():
   pred = tf.constant([[0.1, 2.0], [float("nan"), 1.0], [3.0, float("inf")]])
   got = losses.correct(tf.constant([1, 0, 1]), pred).numpy()
   assert got[0] == 1.0 and np.isnan(got[1]) and got[2] == 1.0
+
+
+def test_accuracy_leaves_out_ignored_labels():
+  logits = tf.constant([[[2., 0.], [0., 2.], [2., 0.], [0., 2.]],
+                        [[2., 0.], [2., 0.], [2., 0.], [2., 0.]]])
+  y = tf.constant([[0, 0, 9, 9], [9, 9, 9, 9]])
+  got = losses.sparse_accuracy_per_task(y, logits, ignore_class=9).numpy()
+  assert got[0] == 0.5 and np.isnan(got[1])   # a task of ignored labels only
+  np.testing.assert_allclose(   # labels with a trailing axis of 1 likewise
+      losses.task_accuracy(9)(y[..., None], logits).numpy()[0], 0.5)
+  np.testing.assert_allclose(
+      losses.sparse_accuracy_per_task(y, logits).numpy(), [0.25, 0.0])

@@ -379,3 +379,37 @@ def test_bad_meta_model_arguments_are_refused_when_it_is_made(args, kwargs,
   # compile.
   with pytest.raises(ValueError, match=match):
     MetaModel(_net(), *args, **kwargs)
+
+
+def _classes_dataset(num_classes, tasks=4, shots=6, seed=0):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(2 * tasks, shots, 3)).astype(np.float32)
+  y = rng.integers(0, num_classes, size=(2 * tasks, shots)).astype(np.int32)
+  return tf.data.Dataset.from_tensor_slices((x, y, x, y)).batch(tasks)
+
+
+def _classifier(units):
+  keras.utils.set_random_seed(0)
+  return keras.Sequential([keras.Input((3,)), keras.layers.Dense(8, "tanh"),
+                           keras.layers.Dense(units)])
+
+
+def test_logs_hold_the_metrics_the_learner_scores():
+  # The trackers followed "is the loss Keras' sparse cross-entropy", not the
+  # learner's accuracy rule: a custom sparse loss function logged no
+  # accuracy, though the learner scored it.
+  def sparse_ce(y, logits):
+    return keras.losses.sparse_categorical_crossentropy(y, logits,
+                                                        from_logits=True)
+  meta = MetaModel(_classifier(3), sparse_ce, inner_lr=0.1)
+  meta.compile(optimizer=keras.optimizers.Adam(1e-3))
+  history = meta.fit(_classes_dataset(3), epochs=1, verbose=0)
+  assert set(history.history) == {"loss", "accuracy"}
+  assert 0.0 < history.history["accuracy"][0] < 1.0
+  scores = meta.evaluate(_classes_dataset(3, seed=1), verbose=0,
+                         return_dict=True)
+  assert set(scores) == {"loss", "accuracy"}
+  off = MetaModel(_classifier(3), sparse_ce, inner_lr=0.1, accuracy=False)
+  off.compile(optimizer=keras.optimizers.Adam(1e-3))
+  assert set(off.fit(_classes_dataset(3), epochs=1, verbose=0).history) == {
+      "loss"}

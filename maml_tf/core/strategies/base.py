@@ -15,6 +15,7 @@ import keras
 import tensorflow as tf
 
 from maml_tf.core import inner_loop as inner_loop_lib
+from maml_tf.core import losses
 from maml_tf.core import numerics
 from maml_tf.core.plan import ExecutionPlan
 
@@ -49,6 +50,8 @@ class Context:
     batched: ``conv_impl -> BatchedModel`` (the task-batched kernels).
     objective: ``(losses [T, S], task_pass) -> scalar`` meta-loss.
     chain: the model's closed-form :class:`DenseChain`, or ``None``.
+    accuracy: ``(y [T, N], pred) -> [T]`` of a meta-batch (the loss's
+      ``ignore_class`` left out).
     loss_scale: ``() -> scalar`` or ``None``: the meta-loss is scaled by it
       before its gradient (which is unscaled again), mixed float16.
   """
@@ -60,6 +63,7 @@ class Context:
   objective: Callable
   chain: Optional[object] = None
   loss_scale: Optional[Callable] = None
+  accuracy: Callable = losses.sparse_accuracy_per_task
 
   @property
   def adapt_mask(self) -> Tuple[bool, ...]:

@@ -6,10 +6,11 @@ stay shared. With ``plan.query_chunk`` (``recompute=True``) the query pass is
 checkpointed too and recomputed chunk by chunk in the backward pass.
 """
 
+from typing import Callable, Optional
+
 import tensorflow as tf
 
 from maml_tf.core import inner_loop
-from maml_tf.core import losses
 from maml_tf.core.strategies import base
 
 
@@ -66,12 +67,13 @@ class Batched(base.Strategy):
         st = ctx.inner.query_state(st, step)
         if step != 0 and chunk is not None:
           task_losses[step], accs[step] = recomputed_query(
-              batched, ctx.task_loss, fast, st, qx, qy, chunk, with_acc)
+              batched, ctx.task_loss, fast, st, qx, qy, chunk,
+              ctx.accuracy if with_acc else None)
           return
         pred, _ = batched(fast, st, qx, training=True)
         task_losses[step] = ctx.task_loss(qy, pred)
         if with_acc:
-          accs[step] = losses.sparse_accuracy_per_task(qy, pred)
+          accs[step] = ctx.accuracy(qy, pred)
 
     score(0, params, state)          # shared weights: plain kernels
     # Adapted weights get a task axis; the others stay shared (cheaper).
@@ -94,7 +96,7 @@ class Batched(base.Strategy):
 
 
 def recomputed_query(batched, task_loss, fast, state, qx, qy, chunk: int,
-                     with_acc: bool):
+                     accuracy: Optional[Callable]):
   """The task-batched query pass with gradient checkpointing, task-chunked.
 
   ``batched(params, state, x, training)`` runs tasks independently, so the
@@ -141,11 +143,11 @@ def recomputed_query(batched, task_loss, fast, state, qx, qy, chunk: int,
         part = chunk_of([tf.identity(v) for v in args], a, b)
       loss, pred = run(part, a, b)
       task_losses.append(loss)
-      if with_acc:
-        accs.append(losses.sparse_accuracy_per_task(qy[a:b], pred))
+      if accuracy is not None:
+        accs.append(accuracy(qy[a:b], pred))
       prev = [loss]
     loss = tf.concat(task_losses, 0)
-    acc = tf.concat(accs, 0) if with_acc else tf.zeros_like(loss)
+    acc = tf.concat(accs, 0) if accs else tf.zeros_like(loss)
 
     def grad(dloss, dacc, variables=None):
       del dacc                     # accuracy is a metric
@@ -173,4 +175,4 @@ def recomputed_query(batched, task_loss, fast, state, qx, qy, chunk: int,
     return (loss, acc), grad
 
   loss, acc = checkpointed(*fast, *[state[i] for i in floats])
-  return loss, (acc if with_acc else None)
+  return loss, (acc if accuracy is not None else None)

@@ -14,7 +14,6 @@ same numbers with one chunk's activations alive. Two forms:
 import tensorflow as tf
 
 from maml_tf.core import inner_loop
-from maml_tf.core import losses
 from maml_tf.core import numerics
 from maml_tf.core.strategies import base
 from maml_tf.core.strategies import batched as batched_lib
@@ -119,14 +118,14 @@ class SplitGradients(batched_lib.Batched):
       grads = qtape.gradient(total, fast_c + local_shared,
                              unconnected_gradients=tf.UnconnectedGradients.ZERO)
       rows = [task_losses]
-      accs = [losses.sparse_accuracy_per_task(qy_c, pred)] if with_acc else []
+      accs = [ctx.accuracy(qy_c, pred)] if with_acc else []
       if task_pass.scored_before:   # a metric at theta: shared weights, state
         pred0, _ = model([tf.identity(p) for p in params],
                          ctx.inner.query_state(list(start_c), 0), qx_c,
                          training=True)
         rows.insert(0, ctx.task_loss(qy_c, pred0))
         if with_acc:
-          accs.insert(0, losses.sparse_accuracy_per_task(qy_c, pred0))
+          accs.insert(0, ctx.accuracy(qy_c, pred0))
       out = {"loss": tf.cast(tf.stack(rows, axis=1), dtype)}
       if with_acc:
         out["accuracy"] = tf.cast(tf.stack(accs, axis=1), tf.float32)

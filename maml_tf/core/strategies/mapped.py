@@ -12,7 +12,6 @@ import tensorflow as tf
 
 from maml_tf.core import functional
 from maml_tf.core import inner_loop
-from maml_tf.core import losses
 from maml_tf.core.strategies import base
 
 
@@ -36,7 +35,7 @@ class Mapped(base.Strategy):
               ctx.model, fast, ctx.inner.query_state(st, step), qx, True)
           task_losses[step] = ctx.loss_fn(qy, pred)
           if with_acc:
-            accs[step] = losses.sparse_accuracy(qy, pred)
+            accs[step] = ctx.accuracy(qy[None], pred[None])[0]
 
       score(0, params, task_state)
       fast, final_state = ctx.inner.adapt(
