@@ -5,7 +5,7 @@
   python -m benchmarks.op_profile --workload omniglot_20w1s --top 20
 
 Builds the workload of :mod:`benchmarks.meta_step` (same model, batch and
-learner), runs ``--warmup`` steps, then traces ``--steps`` steps with
+learner; the meta-update without pre-update metrics, as it times), runs ``--warmup`` steps, then traces ``--steps`` steps with
 ``tf.profiler.experimental`` and reads the trace (the ``.xplane.pb`` protobuf
 TensorFlow writes; no TensorBoard plugin needed). It prints a Markdown table of
 op time per meta-step by op type (oneDNN's ``_MklNative``/``_Mkl`` prefixes
@@ -90,7 +90,7 @@ def profile(workload: str, steps: int = 3, warmup: int = 2,
   batch = learner.prepare(batch)
   plan = learner.plan(batch)
   for _ in range(warmup + 1):
-    float(learner.train_step(batch)["loss_after"])
+    float(learner.train_step(batch, False)["loss_after"])
   walls = []
   with tempfile.TemporaryDirectory() as logdir:
     tf.profiler.experimental.start(
@@ -99,7 +99,7 @@ def profile(workload: str, steps: int = 3, warmup: int = 2,
     try:
       for _ in range(steps):
         t = time.perf_counter()
-        float(learner.train_step(batch)["loss_after"])
+        float(learner.train_step(batch, False)["loss_after"])
         walls.append(time.perf_counter() - t)
     finally:
       tf.profiler.experimental.stop()

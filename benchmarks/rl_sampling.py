@@ -25,6 +25,10 @@ import time
 import gymnasium
 import numpy as np
 
+from maml_tf.common import cpu
+
+cpu.prefer_onednn()   # as benchmarks/__init__.py, for a run as a script
+
 import maml_tf.rl  # noqa: F401  pylint: disable=unused-import
 from maml_tf.rl import envs
 from maml_tf.rl.sampler import NavigationSampler, VectorEnvSampler

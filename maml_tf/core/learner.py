@@ -144,6 +144,13 @@ class MAML:
   inner_lr = _fixed("inner_lr")
   inner_steps = _fixed("inner_steps")
   accuracy = _fixed("accuracy")
+
+  @property
+  def scores_classes(self) -> bool:
+    """Whether ``accuracy=None`` scores integer labels: the model has more
+    than one output unit and its loss is none of Keras' regression or
+    binary losses (:func:`maml_tf.core.losses.scores_classes`)."""
+    return self._facts.scores_classes
   learn_inner_lr = _fixed("learn_inner_lr")
   multi_step_loss_iterations = _fixed("multi_step_loss_iterations")
   recompute = _fixed("recompute")
@@ -167,7 +174,7 @@ class MAML:
     self._trainable = list(self.model.trainable_variables)   # as built
     self.loss_fn = losses.as_loss_fn(loss)
     self._class_indices = losses.takes_class_indices(loss)
-    self._ignore_class = getattr(loss, "ignore_class", None)
+    self._ignore_class = losses.ignore_class_of(loss)
     mismatch = losses.logits_mismatch(loss, self.model)
     if mismatch:
       warnings.warn(mismatch, UserWarning, stacklevel=2)

@@ -12,6 +12,7 @@
   (MAML++'s annealed multi-step loss, else the last step's loss).
 """
 
+import functools
 from typing import Callable, Optional, Tuple
 
 import keras
@@ -90,6 +91,19 @@ def sparse_accuracy_per_task(y_true, y_pred, ignore_class=None):
   return hits / tf.reduce_sum(tf.cast(keep, tf.float32), axis=axes)
 
 
+def ignore_class_of(loss) -> Optional[int]:
+  """The label ``loss`` leaves out (Keras' sparse losses' ``ignore_class``):
+  read from a ``Loss`` object, a ``LossFunctionWrapper``'s function
+  arguments or a ``functools.partial``; ``None`` where there is none."""
+  value = getattr(loss, "ignore_class", None)
+  if value is None and isinstance(loss, keras.losses.Loss):
+    parts = keras_compat.loss_function_parts(loss)
+    value = parts[1].get("ignore_class") if parts else None
+  if value is None and isinstance(loss, functools.partial):
+    value = loss.keywords.get("ignore_class")
+  return value
+
+
 def task_accuracy(ignore_class=None) -> Callable:
   """``(y [T, N], pred) -> [T]``: :func:`sparse_accuracy_per_task` with the
   loss's ``ignore_class``."""
@@ -123,7 +137,7 @@ def per_task_loss_fn(loss) -> Optional[Callable]:
     if (parts is None or parts[0] not in PER_EXAMPLE_LOSSES
         or loss.reduction != "sum_over_batch_size"
         # ignored labels are masked, and the mean is over the others
-        or parts[1].get("ignore_class") is not None):
+        or ignore_class_of(loss) is not None):
       return None
     cast = lambda t: keras.ops.convert_to_tensor(t, dtype=loss.dtype)
     return lambda y, pred: task_axis_mean(loss.call(cast(y), cast(pred)))

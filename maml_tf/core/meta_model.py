@@ -278,11 +278,13 @@ class MetaModel(keras.Model):
         variable.assign(value)
     # Tracked, so that weights files and checkpoints hold them.
     self.inner_lrs = now
-    # An accuracy tracker unless switched off; the steps report it where
-    # the learner's plan scores accuracy (its rule, one place), and only
-    # the metrics a step produced reach the logs.
-    names = ["loss"] + (["accuracy"] if self.learner.accuracy is not False
-                        else [])
+    # The trackers are the metrics the steps produce (the learner's rule):
+    # Keras reads epoch logs and evaluate's results from them when their
+    # names match the steps' logs.
+    accuracy = self.learner.accuracy
+    if accuracy is None:
+      accuracy = self.learner.scores_classes
+    names = ["loss"] + (["accuracy"] if accuracy else [])
     if self.pre_update_metrics:
       names += [f"{n}_before" for n in names]
     self.trackers = [keras.metrics.Mean(name=n) for n in names]

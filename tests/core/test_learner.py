@@ -222,7 +222,8 @@ print(runs, fast_weights.grouped_gradient_missing("float32") is None)
 def test_grouped_gradient_missing_follows_tf_enable_onednn_opts(onednn):
   """TensorFlow reads TF_ENABLE_ONEDNN_OPTS once, when it starts: a fresh
   process each, so both states are checked on every machine."""
-  env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS=onednn, TF_CPP_MIN_LOG_LEVEL="3")
+  env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS=onednn, TF_CPP_MIN_LOG_LEVEL="3",
+             CUDA_VISIBLE_DEVICES="-1")     # the CPU kernels
   out = subprocess.run([sys.executable, "-c", _AGREEMENT], env=env,
                        capture_output=True, text=True, timeout=300, check=True)
   runs, accepted = out.stdout.split()

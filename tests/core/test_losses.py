@@ -99,3 +99,13 @@ def test_accuracy_leaves_out_ignored_labels():
       losses.task_accuracy(9)(y[..., None], logits).numpy()[0], 0.5)
   np.testing.assert_allclose(
       losses.sparse_accuracy_per_task(y, logits).numpy(), [0.25, 0.0])
+
+
+def test_ignore_class_is_read_from_every_form_of_a_sparse_loss():
+  import functools  # pylint: disable=g-import-not-at-top
+  fn = keras.losses.sparse_categorical_crossentropy
+  for loss in (keras.losses.SparseCategoricalCrossentropy(ignore_class=-1),
+               functools.partial(fn, ignore_class=-1)):
+    assert losses.ignore_class_of(loss) == -1, loss
+  assert losses.ignore_class_of(fn) is None
+  assert losses.ignore_class_of("sparse_categorical_crossentropy") is None

@@ -409,6 +409,12 @@ def test_logs_hold_the_metrics_the_learner_scores():
   scores = meta.evaluate(_classes_dataset(3, seed=1), verbose=0,
                          return_dict=True)
   assert set(scores) == {"loss", "accuracy"}
+  # A regressor's trackers are its steps' metrics: Keras reads epoch logs
+  # and evaluate's results from the trackers only when the names match.
+  regressor = MetaModel(_net(), "mse", inner_lr=0.02)
+  regressor.compile(optimizer=keras.optimizers.Adam(1e-3))
+  regressor.fit(_dataset(_batches(3, 2)), epochs=1, verbose=0)
+  assert set(regressor.get_metrics_result()) == {"loss"}
   off = MetaModel(_classifier(3), sparse_ce, inner_lr=0.1, accuracy=False)
   off.compile(optimizer=keras.optimizers.Adam(1e-3))
   assert set(off.fit(_classes_dataset(3), epochs=1, verbose=0).history) == {

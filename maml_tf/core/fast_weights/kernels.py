@@ -287,14 +287,17 @@ def grouped_gradient_missing(dtype: str, gpu=None) -> Optional[str]:
     gpu = bool(tf.config.list_physical_devices("GPU"))
   if gpu:
     return None
+  if platform.machine().lower() not in ("x86_64", "amd64"):
+    return (f"TensorFlow's CPU kernels differentiate grouped convolutions "
+            f"through oneDNN on x86-64 only, not on {platform.machine()}")
   onednn = keras_compat.onednn_enabled()
   if onednn is None:      # unknown: what TensorFlow decides where it is asked
     onednn = os.environ.get("TF_ENABLE_ONEDNN_OPTS", "").lower() in (
         "1", "true")
-  if not onednn or platform.machine().lower() not in ("x86_64", "amd64"):
+  if not onednn:
     return ("TensorFlow's CPU kernels differentiate grouped convolutions "
-            "through oneDNN only, which is off in this process (on x86-64, "
-            "TF_ENABLE_ONEDNN_OPTS=1 set before TensorFlow starts turns it "
+            "through oneDNN only, which is off in this process "
+            "(TF_ENABLE_ONEDNN_OPTS=1 set before TensorFlow starts turns it "
             "on)")
   if str(dtype) not in ("float32", "bfloat16"):
     return (f"TensorFlow's CPU kernels differentiate grouped convolutions "
