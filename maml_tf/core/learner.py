@@ -144,6 +144,10 @@ class MAML:
   inner_lr = _fixed("inner_lr")
   inner_steps = _fixed("inner_steps")
   accuracy = _fixed("accuracy")
+  learn_inner_lr = _fixed("learn_inner_lr")
+  multi_step_loss_iterations = _fixed("multi_step_loss_iterations")
+  recompute = _fixed("recompute")
+  task_chunk = _fixed("task_chunk")
 
   @property
   def scores_classes(self) -> bool:
@@ -151,10 +155,6 @@ class MAML:
     than one output unit and its loss is none of Keras' regression or
     binary losses (:func:`maml_tf.core.losses.scores_classes`)."""
     return self._facts.scores_classes
-  learn_inner_lr = _fixed("learn_inner_lr")
-  multi_step_loss_iterations = _fixed("multi_step_loss_iterations")
-  recompute = _fixed("recompute")
-  task_chunk = _fixed("task_chunk")
 
   def __init__(self, model: keras.Model, loss, inner_lr: float = 0.01,
                inner_steps: int = 1, first_order: bool = False,

@@ -49,6 +49,15 @@ def task_axis_mean(values):
   return tf.reduce_mean(values, axis=list(range(1, values.shape.rank)))
 
 
+def _class_labels(y_true, y_pred):
+  """Integer labels as int64, a trailing axis of 1 (``[N, 1]``, as Keras'
+  sparse losses allow) dropped."""
+  y_true = tf.cast(y_true, tf.int64)
+  if y_true.shape.rank == y_pred.shape.rank and y_true.shape[-1] == 1:
+    y_true = tf.squeeze(y_true, -1)
+  return y_true
+
+
 def correct(y_true, y_pred):
   """1.0 where the argmax prediction equals the integer label, else 0.0
   (NaN where the prediction holds a NaN).
@@ -57,10 +66,7 @@ def correct(y_true, y_pred):
   losses allow.
   """
   pred = tf.argmax(y_pred, axis=-1, output_type=tf.int64)
-  y_true = tf.cast(y_true, tf.int64)
-  if y_true.shape.rank == y_pred.shape.rank and y_true.shape[-1] == 1:
-    y_true = tf.squeeze(y_true, -1)
-  hit = tf.cast(tf.equal(pred, y_true), tf.float32)
+  hit = tf.cast(tf.equal(pred, _class_labels(y_true, y_pred)), tf.float32)
   # An output holding a NaN scores NaN, not a hit or miss of the argmax
   # that TensorFlow picks among NaNs.
   nan = tf.reduce_any(tf.math.is_nan(y_pred), axis=-1)
@@ -82,10 +88,8 @@ def sparse_accuracy_per_task(y_true, y_pred, ignore_class=None):
   hit = correct(y_true, y_pred)
   if ignore_class is None:
     return task_axis_mean(hit)
-  y_true = tf.cast(y_true, tf.int64)
-  if y_true.shape.rank == y_pred.shape.rank and y_true.shape[-1] == 1:
-    y_true = tf.squeeze(y_true, -1)
-  keep = tf.not_equal(y_true, tf.cast(ignore_class, tf.int64))
+  keep = tf.not_equal(_class_labels(y_true, y_pred),
+                      tf.cast(ignore_class, tf.int64))
   axes = list(range(1, hit.shape.rank))
   hits = tf.reduce_sum(tf.where(keep, hit, 0.0), axis=axes)
   return hits / tf.reduce_sum(tf.cast(keep, tf.float32), axis=axes)

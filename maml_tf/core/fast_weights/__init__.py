@@ -29,8 +29,8 @@ task axis and every layer is one task-batched kernel:
     grouped convolutions only through oneDNN (float32 and bfloat16 on
     x86-64 where TensorFlow turned oneDNN on, which by default it does not
     on plain AVX2 CPUs; :func:`grouped_gradient_missing`); elsewhere on CPU
-    a learner refuses it. Its float64 first and second order gradients are tested where a GPU
-    is visible.
+    a learner refuses it. Its float64 first and second order gradients are
+    tested where a GPU is visible.
   - ``'auto'``: ``'grouped'`` when a GPU is visible, else ``'map'``; the
     learner's execution plan (:mod:`maml_tf.core.plan`) refines this on CPU
     by the size of one task.
