@@ -11,7 +11,8 @@ state; prints one JSON line per run and a markdown table of the medians
 (seconds per meta-iteration, first call, allocator peak, peak RSS). Both
 trees use the same interpreter and TensorFlow settings
 (``TF_CPU_ALLOCATOR_USE_BFC=true`` for the allocator peak, and oneDNN, which
-older benchmark scripts did not set themselves). ``--cpus 1`` pins every run to one CPU.
+older benchmark scripts did not set themselves). ``--cpus 1`` pins every run
+to one CPU.
 """
 
 import argparse

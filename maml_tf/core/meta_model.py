@@ -19,8 +19,8 @@ tasks are cut into meta-batches of ``batch_size`` tasks, and
 path and family member with :class:`maml_tf.MAML`'s numbers. The logs hold
 ``loss`` (the query loss after adaptation) and ``accuracy`` where the
 learner scores it (:class:`maml_tf.MAML`'s ``accuracy`` rule; a metric a
-step does not produce is left out of the logs). With ``pre_update_metrics=True`` they also hold
-``loss_before``/``accuracy_before``.
+step does not produce is left out of the logs). With
+``pre_update_metrics=True`` they also hold ``loss_before``/``accuracy_before``.
 
 ``compile`` makes the learner. The rules:
 
